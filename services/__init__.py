@@ -1,0 +1,1 @@
+"""Bastion's services: one package each, started as ``python -m services.<name>``."""

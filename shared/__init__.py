@@ -1,0 +1,1 @@
+"""The library every Bastion service uses: bus, codec, config, clock, locks, portfolio, brokers, logging."""

@@ -1,0 +1,219 @@
+"""Validated settings for every service, read once at start-up and passed in.
+
+Values come, highest priority first, from keyword arguments, environment variables
+(prefix ``BASTION_``, nested sections joined with ``__``: ``BASTION_RISK__MAX_RISK_FRACTION``),
+the TOML file named by ``BASTION_CONFIG_FILE``, then the defaults below. ``REDIS_URL`` is read
+without a prefix. Unknown keys are an error (a misspelt setting must not be silently dropped).
+
+An invalid value raises :class:`~shared.errors.ConfigError` naming every bad field;
+:func:`settings_or_exit` turns that into a message on stderr and exit status 2. Secrets are
+``SecretStr``: they print as ``**********`` and never reach a log line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from shared.errors import ConfigError
+
+__all__ = [
+    "BrokerSettings",
+    "BusSettings",
+    "EmbeddedRedisSettings",
+    "LockSettings",
+    "LogSettings",
+    "PaperExchangeSettings",
+    "PortfolioSettings",
+    "RiskSettings",
+    "Settings",
+    "load_settings",
+    "settings_or_exit",
+]
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveDecimal = Annotated[Decimal, Field(gt=0)]
+NonNegativeDecimal = Annotated[Decimal, Field(ge=0)]
+Fraction = Annotated[Decimal, Field(gt=0, le=1)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EmbeddedRedisSettings(_Section):
+    """The private redis-server started when no ``REDIS_URL`` is given."""
+
+    port: Annotated[int, Field(gt=0, lt=65536)] = 6390
+    data_dir: Path = Path("var/redis")
+
+
+class BusSettings(_Section):
+    """Consumer-group behaviour shared by every stream consumer."""
+
+    block_ms: PositiveInt = 1000
+    batch: PositiveInt = 64
+    claim_idle_ms: PositiveInt = 10_000
+    claim_interval_ms: PositiveInt = 2_000
+    max_deliveries: PositiveInt = 5
+    maxlen: PositiveInt = 100_000
+    trim_every: PositiveInt = 500
+    grace_seconds: Annotated[float, Field(gt=0)] = 10.0
+    idempotency_ttl_s: PositiveInt = 7 * 24 * 3600
+
+
+class LogSettings(_Section):
+    """structlog output."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class LockSettings(_Section):
+    """Distributed-lock leases and waits."""
+
+    lease_ms: PositiveInt = 5_000
+    wait_ms: PositiveInt = 10_000
+
+
+class PortfolioSettings(_Section):
+    """The account the portfolio service keeps."""
+
+    account: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")] = "paper"
+    starting_cash: NonNegativeDecimal = Decimal("100000")
+    fee_buffer_bps: NonNegativeDecimal = Decimal("10")
+    allow_short: bool = False
+
+
+class RiskSettings(_Section):
+    """Basic pre-trade limits (the protections layer adds the rest)."""
+
+    max_risk_fraction: Fraction = Decimal("0.02")
+    max_position_fraction: Fraction = Decimal("0.25")
+    max_order_notional: PositiveDecimal = Decimal("50000")
+    min_order_notional: NonNegativeDecimal = Decimal("1")
+
+
+class BrokerSettings(_Section):
+    """Where orders go: the embedded paper exchange (default) or Alpaca."""
+
+    kind: Literal["paper", "alpaca"] = "paper"
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    secret_key: SecretStr | None = None
+    live: bool = False
+    timeout_s: Annotated[float, Field(gt=0)] = 10.0
+
+    @model_validator(mode="after")
+    def _alpaca_needs_keys(self) -> BrokerSettings:
+        if self.kind == "alpaca":
+            missing = [name for name in ("api_key", "secret_key") if getattr(self, name) is None]
+            if missing:
+                raise ValueError(f"broker.kind is 'alpaca' but {', '.join(missing)} is not set")
+        return self
+
+
+class PaperExchangeSettings(_Section):
+    """The embedded, Alpaca-compatible paper exchange."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(gt=0, lt=65536)] = 8790
+    commission_per_share: NonNegativeDecimal = Decimal("0")
+    slippage_bps: NonNegativeDecimal = Decimal("0")
+
+
+class Settings(BaseSettings):
+    """Everything a Bastion process can be configured with."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BASTION_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        populate_by_name=True,
+    )
+
+    config_file: Path | None = None
+    redis_url: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("REDIS_URL", "BASTION_REDIS_URL", "redis_url")
+    )
+    key_prefix: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")] = "bastion"
+    embedded_redis: EmbeddedRedisSettings = EmbeddedRedisSettings()
+    bus: BusSettings = BusSettings()
+    log: LogSettings = LogSettings()
+    lock: LockSettings = LockSettings()
+    portfolio: PortfolioSettings = PortfolioSettings()
+    risk: RiskSettings = RiskSettings()
+    broker: BrokerSettings = BrokerSettings()
+    paper_exchange: PaperExchangeSettings = PaperExchangeSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = os.environ.get("BASTION_CONFIG_FILE")
+        if path:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(path)))
+        return tuple(sources)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read and validate settings; raise ConfigError naming every bad field."""
+    problems = _unknown_environment_keys()
+    path = os.environ.get("BASTION_CONFIG_FILE")
+    if path and not Path(path).is_file():
+        raise ConfigError([*problems, ("config_file", f"BASTION_CONFIG_FILE={path} does not exist")])
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        problems.extend(_problems(exc))
+    except ValueError as exc:  # a TOML syntax error or an unreadable file
+        problems.append(("config_file", str(exc)))
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def settings_or_exit(**overrides: Any) -> Settings:
+    """Load settings for a service's start-up: on error print every bad field and exit 2."""
+    try:
+        return load_settings(**overrides)
+    except ConfigError as exc:
+        print(f"bastion: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _unknown_environment_keys() -> list[tuple[str, str]]:
+    """``BASTION_*`` variables that name no setting (pydantic-settings would ignore them)."""
+    known = {name.upper() for name in Settings.model_fields}
+    problems = []
+    for variable in sorted(os.environ):
+        if variable.startswith("BASTION_"):
+            head = variable.removeprefix("BASTION_").split("__", 1)[0]
+            if head not in known:
+                problems.append((variable, "not a Bastion setting (misspelt?)"))
+    return problems
+
+
+def _problems(exc: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False):
+        field = ".".join(str(part) for part in error["loc"]) or "settings"
+        problems.append((field, error["msg"]))
+    return problems

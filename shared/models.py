@@ -1,0 +1,296 @@
+"""The messages Bastion's pipeline carries, as validated pydantic models.
+
+Money and quantities are ``Decimal`` (never float, exact on the wire through :mod:`shared.codec`);
+times are aware UTC datetimes from the injected Clock. Every message has a ``TYPE`` and a schema
+``VERSION``; bump the version when a change is not backward compatible, and teach the codec to
+read the old one.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from shared.clock import utc
+
+__all__ = [
+    "Alert",
+    "AlertSeverity",
+    "Bar",
+    "Fill",
+    "Intent",
+    "IntentRejected",
+    "Message",
+    "Money",
+    "Order",
+    "OrderEvent",
+    "OrderStatus",
+    "OrderType",
+    "Quantity",
+    "Side",
+    "TimeInForce",
+    "new_id",
+]
+
+
+def new_id() -> str:
+    """A fresh message id (uuid4, hex)."""
+    return uuid.uuid4().hex
+
+
+def _finite(value: Decimal) -> Decimal:
+    if not value.is_finite():
+        raise ValueError("must be a finite number")
+    return value
+
+
+Money = Annotated[Decimal, AfterValidator(_finite)]
+Price = Annotated[Decimal, AfterValidator(_finite), Field(gt=0)]
+Quantity = Annotated[Decimal, AfterValidator(_finite), Field(gt=0)]
+NonNegative = Annotated[Decimal, AfterValidator(_finite), Field(ge=0)]
+Symbol = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[A-Z0-9./-]+$")]
+
+
+class Side(StrEnum):
+    BUY = "buy"
+    SELL = "sell"
+
+
+class OrderType(StrEnum):
+    MARKET = "market"
+    LIMIT = "limit"
+    STOP = "stop"
+    STOP_LIMIT = "stop_limit"
+
+
+class TimeInForce(StrEnum):
+    DAY = "day"
+    GTC = "gtc"
+    IOC = "ioc"
+    FOK = "fok"
+
+
+class OrderStatus(StrEnum):
+    """Our order states; Alpaca's statuses map onto these."""
+
+    PENDING_SUBMIT = "pending_submit"  # recorded, not yet acknowledged by the broker
+    NEW = "new"
+    PARTIALLY_FILLED = "partially_filled"
+    FILLED = "filled"
+    PENDING_CANCEL = "pending_cancel"
+    CANCELED = "canceled"
+    EXPIRED = "expired"
+    REJECTED = "rejected"
+    REPLACED = "replaced"
+    PENDING_REPLACE = "pending_replace"
+    UNKNOWN = "unknown"  # ambiguous submit, being resolved by client_order_id
+
+    @property
+    def is_terminal(self) -> bool:
+        """No further fill can arrive for an order in this state."""
+        return self in {OrderStatus.FILLED, OrderStatus.CANCELED, OrderStatus.EXPIRED,
+                        OrderStatus.REJECTED, OrderStatus.REPLACED}
+
+
+class AlertSeverity(StrEnum):
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+class Message(BaseModel):
+    """Base of every message: an id, a time, and the type and version the codec writes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    TYPE: ClassVar[str] = ""
+    VERSION: ClassVar[int] = 1
+
+    id: str = Field(default_factory=new_id, min_length=1)
+    time: datetime
+
+    @field_validator("time")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        return utc(value)
+
+    @property
+    def symbol_field(self) -> str | None:
+        """The symbol this message concerns, if any (an envelope field)."""
+        value = getattr(self, "symbol", None)
+        return value if isinstance(value, str) else None
+
+    @property
+    def correlation_id(self) -> str | None:
+        """The id that ties this message to one trade across services."""
+        return None
+
+
+class Bar(Message):
+    """One OHLCV bar for a symbol; ``time`` is the bar's start."""
+
+    TYPE: ClassVar[str] = "bar"
+
+    symbol: Symbol
+    open: Price
+    high: Price
+    low: Price
+    close: Price
+    volume: NonNegative
+    vwap: Price | None = None
+    trade_count: Annotated[int, Field(ge=0)] | None = None
+
+    @model_validator(mode="after")
+    def _ohlc(self) -> Bar:
+        if self.low > min(self.open, self.close) or self.high < max(self.open, self.close):
+            raise ValueError(f"inconsistent bar: low={self.low} high={self.high} "
+                             f"open={self.open} close={self.close}")
+        return self
+
+
+class Intent(Message):
+    """A wish to trade, from a strategy or a manual ``bastion order``; ``id`` is the intent id."""
+
+    TYPE: ClassVar[str] = "intent"
+
+    source: str = Field(min_length=1)
+    symbol: Symbol
+    side: Side
+    quantity: Quantity | None = None
+    notional: Annotated[Decimal, AfterValidator(_finite), Field(gt=0)] | None = None
+    order_type: OrderType = OrderType.MARKET
+    limit_price: Price | None = None
+    stop_price: Price | None = None
+    time_in_force: TimeInForce = TimeInForce.DAY
+    reason: str = ""
+
+    @model_validator(mode="after")
+    def _shape(self) -> Intent:
+        if (self.quantity is None) == (self.notional is None):
+            raise ValueError("exactly one of quantity and notional must be given")
+        _check_prices(self.order_type, self.limit_price, self.stop_price)
+        return self
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self.id
+
+
+class IntentRejected(Message):
+    """Risk refused an intent; ``reason`` says why."""
+
+    TYPE: ClassVar[str] = "intent_rejected"
+
+    intent_id: str
+    symbol: Symbol
+    reason: str
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self.intent_id
+
+
+class Order(Message):
+    """An order approved by risk, with the reservation that pays for it."""
+
+    TYPE: ClassVar[str] = "order"
+
+    intent_id: str = Field(min_length=1)
+    client_order_id: str = Field(min_length=1, max_length=128)
+    account: str
+    symbol: Symbol
+    side: Side
+    quantity: Quantity
+    order_type: OrderType = OrderType.MARKET
+    limit_price: Price | None = None
+    stop_price: Price | None = None
+    time_in_force: TimeInForce = TimeInForce.DAY
+    reservation_id: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _shape(self) -> Order:
+        _check_prices(self.order_type, self.limit_price, self.stop_price)
+        return self
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self.intent_id
+
+
+class Fill(BaseModel):
+    """One execution: ``fill_id`` is unique per broker, so a repeat is recognised and ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fill_id: str = Field(min_length=1)
+    quantity: Quantity
+    price: Price
+    fee: NonNegative = Decimal("0")
+    time: datetime
+
+    @field_validator("time")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        return utc(value)
+
+
+class OrderEvent(Message):
+    """A change in an order's life (new, partial fill, fill, cancel...), with the fill if any."""
+
+    TYPE: ClassVar[str] = "order_event"
+
+    client_order_id: str = Field(min_length=1)
+    intent_id: str | None = None
+    broker_order_id: str | None = None
+    symbol: Symbol
+    side: Side
+    status: OrderStatus
+    filled_quantity: NonNegative = Decimal("0")
+    filled_avg_price: Price | None = None
+    fill: Fill | None = None
+    reason: str = ""
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self.client_order_id
+
+
+class Alert(Message):
+    """Something a human should know about."""
+
+    TYPE: ClassVar[str] = "alert"
+
+    severity: AlertSeverity
+    source: str
+    kind: str
+    text: str
+    details: dict[str, str] = Field(default_factory=dict)
+
+
+def _check_prices(order_type: OrderType, limit: Decimal | None, stop: Decimal | None) -> None:
+    needs_limit = order_type in (OrderType.LIMIT, OrderType.STOP_LIMIT)
+    needs_stop = order_type in (OrderType.STOP, OrderType.STOP_LIMIT)
+    if needs_limit != (limit is not None):
+        raise ValueError(f"{order_type} order {'needs' if needs_limit else 'takes no'} limit_price")
+    if needs_stop != (stop is not None):
+        raise ValueError(f"{order_type} order {'needs' if needs_stop else 'takes no'} stop_price")
+
+
+MESSAGE_TYPES: tuple[type[Message], ...] = (Bar, Intent, IntentRejected, Order, OrderEvent, Alert)
+
+
+def model_fields_for_log(message: Message) -> dict[str, Any]:
+    """The correlation fields of ``message`` worth binding to log lines."""
+    fields: dict[str, Any] = {"message_type": message.TYPE, "message_id": message.id}
+    for name in ("intent_id", "client_order_id", "symbol"):
+        value = getattr(message, name, None)
+        if value is not None:
+            fields[name] = value
+    if isinstance(message, Intent):
+        fields["intent_id"] = message.id
+    return fields

@@ -1,0 +1,58 @@
+"""Helpers for tests that run real OS processes: spawn a module, wait on a condition."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def spawn(module: str, *args: str, env: dict[str, str] | None = None,
+          stdout: int | None = subprocess.PIPE) -> subprocess.Popen[bytes]:
+    """Start ``python -m module args...`` from the repository root."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=full_env,
+        stdout=stdout, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    )
+
+
+def wait_for(condition: Callable[[], T], *, timeout: float = 30.0, interval: float = 0.02,
+             message: str = "condition") -> T:
+    """Poll ``condition`` until it returns something truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {message}")
+        time.sleep(interval)
+
+
+def stop_all(processes: Sequence[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
+    """Terminate every process still running, killing any that outlives ``timeout``."""
+    for proc in processes:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in processes:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
