@@ -1,0 +1,48 @@
+"""The ``bastion`` command: one subcommand per module in this package.
+
+Each public module here defines ``register(subparsers)``, which adds its subcommand and sets
+``func`` -- a callable taking the parsed arguments and returning the exit status. Exit
+statuses: 0 success, 1 a check failed or the request was refused, 2 bad usage or
+configuration, 3 Redis unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from collections.abc import Sequence
+
+from shared.errors import ConfigError, RedisUnavailable
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(prog="bastion", description="Watch and steer a Bastion deployment.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if not module_info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{module_info.name}").register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``bastion`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"bastion: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except RedisUnavailable as exc:
+        print(f"bastion: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
