@@ -23,7 +23,10 @@ def utc(value: datetime) -> datetime:
     """Return ``value`` as an aware UTC datetime; a naive value is refused."""
     if value.tzinfo is None:
         raise ValueError(f"naive datetime {value!r}: Bastion only handles aware UTC times")
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # year 1 at +01:00, year 9999 at -01:00: no such UTC datetime
+        raise ValueError(f"datetime {value!r} is out of range in UTC") from None
 
 
 @runtime_checkable

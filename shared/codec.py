@@ -87,6 +87,8 @@ def encode(message: Message) -> dict[str, str | bytes]:
 
 def decode(fields: Mapping[bytes, bytes] | Mapping[str, Any]) -> Message:
     """Turn a stream entry's fields back into its message; raise CodecError if it can't."""
+    if not isinstance(fields, Mapping):
+        raise CodecError(f"entry fields are a {type(fields).__name__}, not a map")
     get = _getter(fields)
     type_name, version, body = get("type"), get("v"), get("body")
     if type_name is None or version is None or body is None:
