@@ -1,0 +1,64 @@
+"""The portfolio's one write script (see :mod:`shared.portfolio` for the protocol).
+
+It runs on real Redis and on fakeredis's Lua: refusals are ``redis.error_reply`` (fakeredis drops
+the connection on ``error()``), it returns one table, and it uses no cmsgpack/bit/struct. Money
+arrives as decimal strings computed in Python; the script compares integers only.
+"""
+
+from __future__ import annotations
+
+__all__ = ["CONFLICT", "STALE_FENCE", "WRITE_SCRIPT"]
+
+STALE_FENCE = "STALE_FENCE"
+CONFLICT = "CONFLICT"
+
+# KEYS[1] = state hash         keys.portfolio(account)
+# KEYS[2] = positions hash     keys.portfolio_part(account, "positions")
+# KEYS[3] = reservations hash  keys.portfolio_part(account, "reservations")
+# KEYS[4] = closed hash        keys.portfolio_part(account, "closed")
+# KEYS[5] = fills hash         keys.portfolio_part(account, "fills")
+# KEYS[6] = ledger stream      keys.ledger(account)
+# KEYS[7] = fence counter      keys.fence("portfolio:{account}")
+# ARGV[1] = the writer's fencing token
+# ARGV[2] = the state version the writer read ("0" for an account never written)
+# ARGV[3] = the operation id (a retry of an applied operation is answered "dup", not re-applied)
+# ARGV[4..] = for each of KEYS[1..5] in turn: n, then n field/value pairs to HSET, m, then m
+#             fields to HDEL; then k, then k field/value pairs of the ledger entry
+# returns {"ok", new version, ledger entry id} once written, or {"dup", version, ""} when this
+#         operation id was the last one applied; refuses, changing nothing, with an error reply
+#         "STALE_FENCE <token> <newest>" (token below the newest accepted or the fence counter)
+#         or "CONFLICT <expected> <actual>" (the version moved since the read)
+WRITE_SCRIPT = """
+local unpack = unpack or table.unpack
+local state = KEYS[1]
+local version = tonumber(redis.call('hget', state, 'version') or '0')
+if redis.call('hget', state, 'last_op') == ARGV[3] then
+    return {'dup', version, ''}
+end
+local token = tonumber(ARGV[1])
+local newest = math.max(tonumber(redis.call('hget', state, 'fence') or '0'),
+                        tonumber(redis.call('get', KEYS[7]) or '0'))
+if token < newest then
+    return redis.error_reply('STALE_FENCE ' .. ARGV[1] .. ' ' .. newest)
+end
+if version ~= tonumber(ARGV[2]) then
+    return redis.error_reply('CONFLICT ' .. ARGV[2] .. ' ' .. version)
+end
+local i = 4
+local function take(count)
+    local out = {}
+    for j = 1, count do out[j] = ARGV[i + j - 1] end
+    i = i + count
+    return out
+end
+for k = 1, 5 do
+    local n = tonumber(ARGV[i]); i = i + 1
+    if n > 0 then redis.call('hset', KEYS[k], unpack(take(2 * n))) end
+    local m = tonumber(ARGV[i]); i = i + 1
+    if m > 0 then redis.call('hdel', KEYS[k], unpack(take(m))) end
+end
+local n = tonumber(ARGV[i]); i = i + 1
+local id = redis.call('xadd', KEYS[6], '*', unpack(take(2 * n)))
+redis.call('hset', state, 'version', version + 1, 'fence', ARGV[1], 'last_op', ARGV[3])
+return {'ok', version + 1, id}
+"""

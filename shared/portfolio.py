@@ -1,0 +1,422 @@
+"""An account's cash, reservations and positions, kept in Redis and changed only under its lock.
+
+Guarantee: every mutation (``open``, ``reserve``, ``release``, ``apply_fill``) is
+**lock -> read fresh -> decide -> one atomic write**:
+
+1. take the account's :class:`~shared.locks.FencedLock` (resource ``portfolio:{<account>}``),
+   which hands out a fencing token;
+2. read the state from Redis *after* the lock is held -- a :class:`Portfolio` object keeps no copy,
+   so nothing loaded before the lock can be decided on;
+3. decide in Python with ``Decimal`` (:mod:`shared._portfolio_state`), refusing with a typed
+   :class:`~shared.errors.PortfolioError` before anything is written;
+4. run :data:`~shared._portfolio_scripts.WRITE_SCRIPT`, which refuses a token below the newest
+   accepted or below the fence counter (a holder that stalled past its lease:
+   :class:`~shared.errors.StaleFencingToken`) or a moved version
+   (:class:`~shared.errors.PortfolioConflict`), and otherwise writes the new values *and* appends
+   the ledger entry in one step.
+
+A refusal changes nothing, in Redis or in any object the caller holds. Every operation is
+idempotent, so after :class:`~shared.errors.RedisUnavailable` (a dropped connection: the write may
+or may not have landed) the caller retries *the same call*: a reservation id already open with the
+same terms is returned as it is, a fill id already applied is ignored, a closed reservation's
+release is a no-op. Left to the caller: choose unique reservation and fill ids, and retry.
+
+Keys (all share the hash tag ``{<account>}``; ``redis-cli`` reads them as they are)::
+
+    <prefix>:portfolio:{acct}                 cash reserved realized_pnl fees version fence last_op
+    <prefix>:portfolio:{acct}:positions       <SYM>:qty <SYM>:avg_cost <SYM>:reserved (sell qty held)
+    <prefix>:portfolio:{acct}:reservations    <rid> -> "side=buy symbol=AAPL qty=40 price=150 held=6006
+                                              filled=0" (open reservations only)
+    <prefix>:portfolio:{acct}:closed          <rid> -> why it closed (filled, canceled...)
+    <prefix>:portfolio:{acct}:fills           <fill_id> -> <rid> (applied fills: a repeat is ignored)
+    <prefix>:portfolio:{acct}:marks           <SYM> -> last price (for equity; not ledgered)
+    <prefix>:ledger:{acct}                    one entry per mutation, never trimmed
+    <prefix>:lock:portfolio:{acct}            the lock's owner token, expires with the lease
+    <prefix>:fence:portfolio:{acct}           the fencing counter
+
+A ledger entry holds the operation's inputs (enough to replay it) and, for a reader, its result::
+
+    op=reserve account=paper op_id=... rid=r1 side=buy symbol=AAPL qty=40 price=150
+    buffer_bps=10 v=2 fence=2 at=2026-01-02T14:30:00+00:00 amount=6006.000
+    cash_after=10000 reserved_after=6006.000
+
+``op`` is ``open`` (``cash``), ``reserve`` (``rid side symbol qty price buffer_bps``), ``release``
+(``rid reason``) or ``fill`` (``rid fill_id qty price fee``). :func:`verify` replays them.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import redis
+
+from shared._portfolio_scripts import CONFLICT, STALE_FENCE, WRITE_SCRIPT
+from shared._portfolio_state import (
+    Outcome,
+    Position,
+    Reservation,
+    State,
+    apply_entry,
+    dec,
+    fmt,
+    invariant_violations,
+)
+from shared.clock import Clock, LiveClock
+from shared.config import LockSettings, PortfolioSettings
+from shared.errors import (
+    LockError,
+    PortfolioConflict,
+    PortfolioError,
+    RedisUnavailable,
+    StaleFencingToken,
+)
+from shared.keys import Keys
+from shared.locks import FencedLock
+from shared.logging import get_logger
+from shared.models import Fill, Side
+
+__all__ = [
+    "Outcome",
+    "Portfolio",
+    "Position",
+    "Reservation",
+    "Snapshot",
+    "VerifyReport",
+    "lock_resource",
+    "read_ledger",
+    "read_state",
+    "verify",
+]
+
+log = get_logger(module="portfolio")
+_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+_PARTS = ("positions", "reservations", "closed", "fills")
+
+
+def lock_resource(account: str) -> str:
+    """The lock resource of ``account`` (its hash tag keeps it on the account's cluster slot)."""
+    return f"portfolio:{{{account}}}"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A consistent read of one account (read in one MULTI, without the lock)."""
+
+    account: str
+    opened: bool
+    cash: Decimal
+    reserved: Decimal
+    realized_pnl: Decimal
+    fees: Decimal
+    version: int
+    fence: int
+    positions: dict[str, Position] = field(default_factory=dict)
+    reservations: dict[str, Reservation] = field(default_factory=dict)
+
+    @property
+    def buying_power(self) -> Decimal:
+        """Cash not held by a reservation."""
+        return self.cash - self.reserved
+
+    def equity(self, marks: Mapping[str, Decimal]) -> Decimal:
+        """Cash plus positions at ``marks`` (a symbol without a mark counts at its average cost)."""
+        return self.cash + sum((p.qty * marks.get(s, p.avg_cost) for s, p in self.positions.items()),
+                               Decimal(0))
+
+
+class Portfolio:
+    """A handle on one account. It holds no state: constructing it early is harmless."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        account: str,
+        *,
+        settings: PortfolioSettings | None = None,
+        lock_settings: LockSettings | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.redis = client
+        self.keys = keys
+        self.account = account
+        self.settings = settings or PortfolioSettings(account=account)
+        self.lock_settings = lock_settings or LockSettings()
+        self.clock = clock or LiveClock()
+        self._write = client.register_script(WRITE_SCRIPT)
+        self._keys = [keys.portfolio(account), *(keys.portfolio_part(account, p) for p in _PARTS),
+                      keys.ledger(account), keys.fence(lock_resource(account))]
+
+    # -- mutations ------------------------------------------------------------------------------
+
+    def open(self, cash: Decimal | None = None) -> Outcome:
+        """Open the account with ``cash`` (default: settings' starting cash); a no-op if it is open."""
+        amount = self.settings.starting_cash if cash is None else _positive(cash, "cash", allow_zero=True)
+        return self._mutate({"op": "open", "cash": fmt(amount)},
+                            precheck=lambda s: Outcome(changed=False, duplicate=True) if s.opened else None)
+
+    def reserve(self, reservation_id: str, symbol: str, side: Side | str, quantity: Decimal,
+                price: Decimal) -> Outcome:
+        """Hold cash for a buy (quantity x price + the fee buffer) or quantity for a sell.
+
+        ``outcome.amount`` is what is held. InsufficientFunds / InsufficientPosition when it cannot
+        be covered. Reserving an id again with the same terms returns the open reservation.
+        """
+        side = Side(side)
+        entry = {"op": "reserve", "rid": _id(reservation_id), "side": side.value, "symbol": symbol,
+                 "qty": fmt(_positive(quantity, "quantity")), "price": fmt(_positive(price, "price")),
+                 "buffer_bps": fmt(self.settings.fee_buffer_bps)}
+
+        def already(state: State) -> Outcome | None:
+            existing = state.reservations.get(reservation_id)
+            if existing is None:
+                return None
+            same = (existing.side, existing.symbol, existing.qty, existing.price) == (
+                side.value, symbol, quantity, price)
+            if not same:
+                raise PortfolioError(self.account, f"reservation id {reservation_id!r} is already used")
+            return Outcome(changed=False, symbol=symbol, reservation_id=reservation_id,
+                           amount=existing.held, duplicate=True)
+
+        return self._mutate(entry, rid=reservation_id, precheck=already)
+
+    def release(self, reservation_id: str, reason: str = "released") -> Outcome:
+        """Give back what a reservation still holds (cancel, reject, expiry); ``outcome.amount``."""
+        return self._mutate({"op": "release", "rid": _id(reservation_id), "reason": reason or "released"},
+                            rid=reservation_id)
+
+    def apply_fill(self, reservation_id: str, fill: Fill) -> Outcome:
+        """Apply one execution of the reservation's order; a fill id seen before changes nothing.
+
+        Returns the realized PnL and, when the order is complete, the unused part of the
+        reservation given back (``outcome.amount``). UnknownReservation for an unknown or closed
+        reservation; FillRefused (alert-worthy) for an over-fill or a cost nothing can pay.
+        """
+        entry = {"op": "fill", "rid": _id(reservation_id), "fill_id": _id(fill.fill_id),
+                 "qty": fmt(fill.quantity), "price": fmt(fill.price), "fee": fmt(fill.fee)}
+        return self._mutate(entry, rid=reservation_id, fill_id=fill.fill_id)
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """The account as it is now (a consistent read; decide nothing on it outside the lock)."""
+        state = self.read(full=False)
+        return Snapshot(account=self.account, opened=state.opened, cash=state.cash, reserved=state.reserved,
+                        realized_pnl=state.realized_pnl, fees=state.fees, version=state.version,
+                        fence=state.fence, positions=state.positions, reservations=state.reservations)
+
+    def read(self, *, full: bool = True) -> State:
+        """The whole state, including every closed reservation and applied fill id when ``full``."""
+        return read_state(self.redis, self.keys, self.account, full=full)
+
+    def marks(self) -> dict[str, Decimal]:
+        """Last prices by symbol (for equity)."""
+        raw = _call(lambda: self.redis.hgetall(self.keys.portfolio_part(self.account, "marks")))
+        return {k.decode(): dec(v) for k, v in raw.items()}
+
+    def set_mark(self, symbol: str, price: Decimal) -> None:
+        """Record ``symbol``'s last price (not portfolio state: no lock, no ledger entry)."""
+        _call(lambda: self.redis.hset(self.keys.portfolio_part(self.account, "marks"), symbol,
+                                      fmt(_positive(price, "price"))))
+
+    # -- the protocol -------------------------------------------------------------------------
+
+    def _mutate(self, entry: dict[str, str], *, rid: str | None = None, fill_id: str | None = None,
+                precheck: Any = None) -> Outcome:
+        entry = {**entry, "account": self.account, "op_id": uuid.uuid4().hex}
+        lock = FencedLock.from_settings(self.redis, self.keys, lock_resource(self.account),
+                                        self.lock_settings, self.clock)
+        token = lock.acquire()
+        try:
+            state = read_state(self.redis, self.keys, self.account, rid=rid, fill_id=fill_id)
+            outcome = precheck(state) if precheck is not None else None
+            if outcome is None:
+                outcome = apply_entry(state, entry, allow_short=self.settings.allow_short)
+                if outcome.changed:
+                    self._commit(token, state, entry, outcome)
+        finally:
+            try:
+                lock.release()
+            except (LockError, RedisUnavailable) as exc:  # the write (if any) was fenced: harmless
+                log.warning("portfolio.lock_release_failed", account=self.account, error=str(exc))
+        return outcome
+
+    def _commit(self, token: int, state: State, entry: dict[str, str], outcome: Outcome) -> None:
+        """Write ``state``'s changed parts and ``entry`` atomically, under ``token``."""
+        args: list[Any] = [token, state.version, entry["op_id"]]
+        args += _group([("cash", fmt(state.cash)), ("reserved", fmt(state.reserved)),
+                        ("realized_pnl", fmt(state.realized_pnl)), ("fees", fmt(state.fees))], [])
+        symbol, rid = outcome.symbol, outcome.reservation_id
+        fields = [f"{symbol}:qty", f"{symbol}:avg_cost", f"{symbol}:reserved"] if symbol else []
+        position = state.positions.get(symbol) if symbol else None
+        if position is not None:
+            values = [fmt(position.qty), fmt(position.avg_cost), fmt(position.reserved)]
+            args += _group(list(zip(fields, values, strict=True)), [])
+        else:
+            args += _group([], fields)
+        reservation = state.reservations.get(rid) if rid else None
+        args += _group([(rid, reservation.encode())] if rid and reservation else [],
+                       [rid] if rid and reservation is None else [])
+        args += _group([(rid, state.closed[rid])] if rid and outcome.completed else [], [])
+        args += _group([(outcome.fill_id, rid)] if outcome.fill_id and rid else [], [])
+        ledger = {**entry, "v": str(state.version + 1), "fence": str(token),
+                  "at": self.clock.now().isoformat(), "amount": fmt(outcome.amount),
+                  "cash_after": fmt(state.cash), "reserved_after": fmt(state.reserved)}
+        if outcome.fill_id:
+            ledger["realized"] = fmt(outcome.realized)
+        args += [len(ledger), *(x for pair in ledger.items() for x in pair)]
+        try:
+            self._write(keys=self._keys, args=args, client=self.redis)
+        except redis.ResponseError as exc:
+            raise self._refusal(exc, token) from exc
+        except _REDIS_DOWN as exc:
+            raise RedisUnavailable(f"portfolio {self.account!r}: write of {entry['op']} failed, it may or "
+                                   f"may not have been applied; retry the same call: {exc}") from exc
+
+    def _refusal(self, exc: redis.ResponseError, token: int) -> PortfolioError:
+        words = str(exc).split()
+        if words and words[0] == STALE_FENCE:
+            log.warning("portfolio.stale_fence_refused", account=self.account, token=token, newest=words[2])
+            return StaleFencingToken(self.account, token, int(words[2]))
+        if words and words[0] == CONFLICT:
+            return PortfolioConflict(self.account, f"state version moved from {words[1]} to {words[2]} "
+                                                   "between read and write")
+        return PortfolioError(self.account, f"write refused: {exc}")
+
+
+def read_state(client: redis.Redis, keys: Keys, account: str, *, rid: str | None = None,
+               fill_id: str | None = None, full: bool = False) -> State:
+    """Read ``account`` from Redis in one MULTI; ``closed``/``fills`` hold every id when ``full``,
+    else only ``rid``/``fill_id`` if they are there."""
+    part = {name: keys.portfolio_part(account, name) for name in _PARTS}
+    pipe = client.pipeline(transaction=True)
+    pipe.hgetall(keys.portfolio(account))
+    pipe.hgetall(part["positions"])
+    pipe.hgetall(part["reservations"])
+    if full:
+        pipe.hgetall(part["closed"])
+        pipe.hgetall(part["fills"])
+    else:
+        pipe.hget(part["closed"], rid or "")
+        pipe.hget(part["fills"], fill_id or "")
+    head, positions, reservations, closed, fills = _call(pipe.execute)
+    state = State(opened=b"cash" in head, cash=dec(head.get(b"cash")), reserved=dec(head.get(b"reserved")),
+                  realized_pnl=dec(head.get(b"realized_pnl")), fees=dec(head.get(b"fees")),
+                  version=int(head.get(b"version", 0)), fence=int(head.get(b"fence", 0)))
+    for key, value in positions.items():
+        symbol, _, attr = key.decode().rpartition(":")
+        setattr(state.position(symbol), attr, dec(value))
+    state.reservations = {k.decode(): Reservation.decode(v) for k, v in reservations.items()}
+    if full:
+        state.closed = {k.decode(): v.decode() for k, v in closed.items()}
+        state.fills = {k.decode(): v.decode() for k, v in fills.items()}
+    else:
+        if closed is not None and rid is not None:
+            state.closed[rid] = closed.decode()
+        if fills is not None and fill_id is not None:
+            state.fills[fill_id] = fills.decode()
+    return state
+
+
+def read_ledger(client: redis.Redis, keys: Keys, account: str, batch: int = 1000) -> Iterator[dict[str, str]]:
+    """Every ledger entry of ``account``, oldest first, with its stream id under ``id``."""
+    start = "-"
+    while True:
+        chunk = _call(lambda s=start: client.xrange(keys.ledger(account), s, "+", count=batch))
+        for entry_id, fields in chunk:
+            yield {"id": entry_id.decode(), **{k.decode(): v.decode() for k, v in fields.items()}}
+        if len(chunk) < batch:
+            return
+        start = "(" + chunk[-1][0].decode()
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify` found: ``problems`` is empty when the ledger and the state agree."""
+
+    entries: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(client: redis.Redis, keys: Keys, account: str, *, allow_short: bool) -> VerifyReport:
+    """Replay ``account``'s ledger from zero, checking the invariants after every entry, and
+    compare the result with the state in Redis. Stops at the first difference."""
+    report = VerifyReport()
+    replayed = State()
+    for entry in read_ledger(client, keys, account):
+        report.entries += 1
+        where = f"ledger entry {report.entries} ({entry['id']}, op={entry.get('op')})"
+        try:
+            outcome = apply_entry(replayed, entry, allow_short=allow_short)
+        except (PortfolioError, ValueError, KeyError) as exc:
+            report.problems.append(f"{where}: cannot be replayed: {exc}")
+            return report
+        replayed.version += 1
+        replayed.fence = max(replayed.fence, int(entry.get("fence", "0")))
+        recorded = (entry.get("v"), entry.get("cash_after"), entry.get("reserved_after"))
+        if not outcome.changed or recorded[0] != str(replayed.version) or \
+                dec(recorded[1]) != replayed.cash or dec(recorded[2]) != replayed.reserved:
+            report.problems.append(f"{where}: recorded v={recorded[0]} cash={recorded[1]} reserved="
+                                   f"{recorded[2]}, replay gives v={replayed.version} cash="
+                                   f"{fmt(replayed.cash)} reserved={fmt(replayed.reserved)}")
+            return report
+        broken = invariant_violations(replayed, allow_short=allow_short)
+        if broken:
+            report.problems.append(f"{where}: invariant broken: {broken[0]}")
+            return report
+    current = read_state(client, keys, account, full=True)
+    difference = first_difference(replayed, current)
+    if difference:
+        report.problems.append(f"replayed ledger != state in Redis: {difference}")
+    else:
+        broken = invariant_violations(current, allow_short=allow_short)
+        if broken:
+            report.problems.append(f"state in Redis: invariant broken: {broken[0]}")
+    return report
+
+
+def first_difference(replayed: State, current: State) -> str | None:
+    """The first field where two states differ, as ``name: replay X, redis Y`` (None if equal)."""
+    for name in ("opened", "cash", "reserved", "realized_pnl", "fees", "version", "fence"):
+        a, b = getattr(replayed, name), getattr(current, name)
+        if a != b:
+            return f"{name}: replay {a}, redis {b}"
+    for name in ("positions", "reservations", "closed", "fills"):
+        a, b = getattr(replayed, name), getattr(current, name)
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return f"{name}[{key}]: replay {a.get(key)}, redis {b.get(key)}"
+    return None
+
+
+def _group(sets: list[tuple[str, str]], deletes: list[str]) -> list[Any]:
+    return [len(sets), *(x for pair in sets for x in pair), len(deletes), *deletes]
+
+
+def _call(fn: Any) -> Any:
+    try:
+        return fn()
+    except _REDIS_DOWN as exc:
+        raise RedisUnavailable(f"portfolio read failed: {exc}") from exc
+
+
+def _positive(value: Decimal, name: str, *, allow_zero: bool = False) -> Decimal:
+    if not isinstance(value, Decimal) or not value.is_finite() or value < 0\
+            or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a finite {'non-negative' if allow_zero else 'positive'} "
+                         f"Decimal, got {value!r}")
+    return value
+
+
+def _id(value: str) -> str:
+    if not value or any(c.isspace() for c in value):
+        raise ValueError(f"ids must be non-empty and without spaces, got {value!r}")
+    return value
