@@ -23,6 +23,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -183,6 +184,8 @@ def load_settings(**overrides: Any) -> Settings:
         settings = Settings(**overrides)
     except ValidationError as exc:
         problems.extend(_problems(exc))
+    except SettingsError as exc:  # a whole section given as an environment variable that is not JSON
+        problems.append(("environment", str(exc)))
     except ValueError as exc:  # a TOML syntax error or an unreadable file
         problems.append(("config_file", str(exc)))
     if problems:
@@ -204,8 +207,8 @@ def _unknown_environment_keys() -> list[tuple[str, str]]:
     known = {name.upper() for name in Settings.model_fields}
     problems = []
     for variable in sorted(os.environ):
-        if variable.startswith("BASTION_"):
-            head = variable.removeprefix("BASTION_").split("__", 1)[0]
+        if variable.upper().startswith("BASTION_"):  # pydantic-settings ignores the case of names
+            head = variable[len("BASTION_"):].split("__", 1)[0].upper()
             if head not in known:
                 problems.append((variable, "not a Bastion setting (misspelt?)"))
     return problems
