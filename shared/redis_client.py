@@ -3,18 +3,28 @@
 :func:`connect` waits (with a deadline) for Redis to answer, so services started together
 with the embedded server under honcho or supervisor come up in any order. A connection that
 never answers raises :class:`~shared.errors.RedisUnavailable`.
+
+A command whose connection drops is retried on a new connection up to ``RECONNECT_RETRIES``
+times (redis-py's Retry). So a write whose reply was lost may have been applied once already
+when it is retried: writes must be idempotent (the bus dedups on message id; portfolio scripts
+check an operation id), and that is the caller's contract. fakeredis's TCP server closes the
+connection after every error reply; the retry also absorbs that.
 """
 
 from __future__ import annotations
 
 import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 
 from shared.clock import Clock, LiveClock
 from shared.config import Settings
 from shared.errors import RedisUnavailable
 from shared.redis_server import embedded_url
 
-__all__ = ["connect", "connect_url", "resolve_url"]
+__all__ = ["RECONNECT_RETRIES", "connect", "connect_url", "resolve_url"]
+
+RECONNECT_RETRIES = 3
 
 
 def resolve_url(settings: Settings) -> str:
@@ -28,7 +38,9 @@ def connect_url(url: str, *, wait_s: float = 30.0, clock: Clock | None = None) -
     """A client for ``url`` once the server answers PING; RedisUnavailable after ``wait_s``."""
     clock = clock or LiveClock()
     client = redis.Redis.from_url(
-        url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30, decode_responses=False
+        url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30, decode_responses=False,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.5), RECONNECT_RETRIES),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
     )
     deadline = clock.monotonic() + wait_s
     delay = 0.05

