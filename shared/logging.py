@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 from pydantic import SecretStr
+from structlog.tracebacks import ExceptionDictTransformer
 
 __all__ = ["bind_correlation", "configure_logging", "get_logger", "redact"]
 
@@ -53,7 +54,8 @@ def configure_logging(service: str, level: str = "INFO", stream: Any = None) -> 
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.dict_tracebacks,
+            # Frame locals would carry secrets (an HTTP client's headers) past the redactor.
+            structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False)),
             _redact_processor,
             structlog.processors.JSONRenderer(default=str),
         ],
