@@ -7,7 +7,7 @@ arrives as decimal strings computed in Python; the script compares integers only
 
 from __future__ import annotations
 
-__all__ = ["CONFLICT", "STALE_FENCE", "WRITE_SCRIPT"]
+__all__ = ["CONFLICT", "READ_SCRIPT", "STALE_FENCE", "WRITE_SCRIPT"]
 
 STALE_FENCE = "STALE_FENCE"
 CONFLICT = "CONFLICT"
@@ -61,4 +61,17 @@ local n = tonumber(ARGV[i]); i = i + 1
 local id = redis.call('xadd', KEYS[6], '*', unpack(take(2 * n)))
 redis.call('hset', state, 'version', version + 1, 'fence', ARGV[1], 'last_op', ARGV[3])
 return {'ok', version + 1, id}
+"""
+
+# KEYS[1..5] = state, positions, reservations, closed and fills hashes (as for WRITE_SCRIPT)
+# ARGV[1] = a reservation id ("" for none), ARGV[2] = a fill id ("" for none)
+# returns {state as a flat HGETALL, positions as a flat HGETALL, the reservation's value,
+#          the reservation's close reason, the fill's reservation id} ("" where absent)
+READ_SCRIPT = """
+local function field(key, name)
+    if name == '' then return '' end
+    return redis.call('hget', key, name) or ''
+end
+return {redis.call('hgetall', KEYS[1]), redis.call('hgetall', KEYS[2]), field(KEYS[3], ARGV[1]),
+        field(KEYS[4], ARGV[1]), field(KEYS[5], ARGV[2])}
 """

@@ -43,13 +43,14 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 import redis
-from redis.exceptions import LockNotOwnedError
+from redis.client import Pipeline
+from redis.exceptions import LockNotOwnedError, NoScriptError
 from redis.lock import Lock
 
 from shared.clock import Clock, LiveClock
@@ -75,6 +76,7 @@ return 0
 """
 
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+Queue: TypeAlias = Callable[[Pipeline], object]
 
 
 class FencedLock(Lock):
@@ -109,6 +111,7 @@ class FencedLock(Lock):
         self.clock = clock or LiveClock()
         self.backoff_ms = backoff_ms
         self.fencing_token: int | None = None
+        self.reads: list[Any] = []
 
     @classmethod
     def from_settings(
@@ -127,15 +130,29 @@ class FencedLock(Lock):
 
     def do_acquire(self, token: str | bytes) -> bool:
         """One attempt: SET NX PX and INCR of the fence counter, atomically."""
-        try:
-            fence = int(self.lua_acquire(keys=[self.name, self.fence_key], args=[token, self.lease_ms],
-                                         client=self.redis))
-        except _REDIS_DOWN as exc:
-            raise RedisUnavailable(f"acquiring lock {self.resource!r}: {exc}") from exc
-        if fence > 0:
-            self.fencing_token = fence
-            return True
-        return False
+        return self._attempt(token, None) > 0
+
+    def _attempt(self, owner: str | bytes, reads: Queue | None) -> int:
+        """One attempt, with ``reads`` queued behind it in the same round trip."""
+        for _ in range(2):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.evalsha(self.lua_acquire.sha, 2, self.name, self.fence_key, owner, self.lease_ms)
+            if reads is not None:
+                reads(pipe)
+            try:
+                results = pipe.execute(raise_on_error=False)
+            except _REDIS_DOWN as exc:
+                raise RedisUnavailable(f"acquiring lock {self.resource!r}: {exc}") from exc
+            if isinstance(results[0], NoScriptError):  # a restarted or flushed server
+                self.redis.script_load(ACQUIRE_SCRIPT)
+                continue
+            if isinstance(results[0], Exception):
+                raise LockError(self.resource, f"acquire failed: {results[0]}")
+            fence = int(results[0])
+            if fence > 0:
+                self.fencing_token, self.reads = fence, results[1:]
+            return fence
+        raise LockError(self.resource, "acquire script could not be loaded")
 
     def acquire(
         self,
@@ -143,11 +160,17 @@ class FencedLock(Lock):
         blocking: bool | None = None,
         blocking_timeout: float | None = None,
         token: str | None = None,
+        *,
+        reads: Queue | None = None,
     ) -> int:
         """Take the lock and return its fencing token; LockTimeout after the wait deadline.
 
         ``blocking=False`` makes one attempt. Between attempts the caller sleeps on the Clock
         with exponential backoff and jitter (``backoff_ms`` = first and largest delay).
+        ``reads`` queues commands on a pipeline right behind each attempt: Redis runs them after
+        the lock was taken, in the same round trip, and their results (exceptions as values)
+        are in ``lock.reads`` once acquired. They run on failed attempts too (and are dropped):
+        queue reads only.
         """
         if self.local.token is not None:
             raise LockError(self.resource, "already held by this FencedLock (it is not re-entrant)")
@@ -157,10 +180,10 @@ class FencedLock(Lock):
         deadline = self.clock.monotonic() + wait_s
         delay_ms, cap_ms = self.backoff_ms
         while True:
-            if self.do_acquire(owner):
+            fence = self._attempt(owner, reads)
+            if fence > 0:
                 self.local.token = owner
-                assert self.fencing_token is not None
-                return self.fencing_token
+                return fence
             remaining = deadline - self.clock.monotonic()
             if not blocking or remaining <= 0:
                 raise LockTimeout(self.resource, f"not acquired within {wait_s * 1000:g} ms")
@@ -172,6 +195,8 @@ class FencedLock(Lock):
     def release(self) -> None:
         """Give the lock up; LockNotOwned if its lease expired (someone else may hold it now)."""
         self.fencing_token = None
+        if self.local.token is None:
+            raise LockError(self.resource, "cannot release a lock that is not held")
         try:
             super().release()
         except LockNotOwnedError as exc:
@@ -195,6 +220,37 @@ class FencedLock(Lock):
             raise LockError(self.resource, str(exc)) from exc
         except _REDIS_DOWN as exc:
             raise RedisUnavailable(f"extending lock {self.resource!r}: {exc}") from exc
+
+    def release_after(self, queue: Queue) -> tuple[list[Any], bool]:
+        """Run the commands ``queue`` adds to a pipeline, then release, in one round trip.
+
+        Returns the commands' results (exceptions as values) and whether the lock was still this
+        holder's when released (False: its lease had expired -- a write queued here must then
+        have been fenced by the store). RedisUnavailable if the round trip failed: the queued
+        commands may or may not have run.
+        """
+        owner = self.local.token
+        if owner is None:
+            raise LockError(self.resource, "cannot release a lock that is not held")
+        self.local.token, self.fencing_token = None, None
+        pipe = self.redis.pipeline(transaction=False)
+        queue(pipe)
+        pipe.evalsha(getattr(self, "lua_release").sha, 1, self.name, owner)  # noqa: B009 (typed None upstream)
+        try:
+            results = pipe.execute(raise_on_error=False)
+        except _REDIS_DOWN as exc:
+            raise RedisUnavailable(f"releasing lock {self.resource!r}: {exc}") from exc
+        released = results.pop()
+        if isinstance(released, NoScriptError):
+            self.local.token = owner
+            try:
+                self.release()
+            except LockNotOwned:
+                return results, False
+            return results, True
+        if isinstance(released, Exception):
+            raise LockError(self.resource, f"release failed: {released}")
+        return results, bool(released)
 
     def owned(self) -> bool:
         """Whether Redis still holds this holder's owner token under the lock key."""

@@ -53,8 +53,9 @@ from decimal import Decimal
 from typing import Any
 
 import redis
+from redis.exceptions import NoScriptError
 
-from shared._portfolio_scripts import CONFLICT, STALE_FENCE, WRITE_SCRIPT
+from shared._portfolio_scripts import CONFLICT, READ_SCRIPT, STALE_FENCE, WRITE_SCRIPT
 from shared._portfolio_state import (
     Outcome,
     Position,
@@ -147,6 +148,7 @@ class Portfolio:
         self.settings = settings or PortfolioSettings(account=account)
         self.lock_settings = lock_settings or LockSettings()
         self.clock = clock or LiveClock()
+        self._read = client.register_script(READ_SCRIPT)
         self._write = client.register_script(WRITE_SCRIPT)
         self._keys = [keys.portfolio(account), *(keys.portfolio_part(account, p) for p in _PARTS),
                       keys.ledger(account), keys.fence(lock_resource(account))]
@@ -204,14 +206,14 @@ class Portfolio:
 
     def snapshot(self) -> Snapshot:
         """The account as it is now (a consistent read; decide nothing on it outside the lock)."""
-        state = self.read(full=False)
+        state = read_state(self.redis, self.keys, self.account, full=True)
         return Snapshot(account=self.account, opened=state.opened, cash=state.cash, reserved=state.reserved,
                         realized_pnl=state.realized_pnl, fees=state.fees, version=state.version,
                         fence=state.fence, positions=state.positions, reservations=state.reservations)
 
-    def read(self, *, full: bool = True) -> State:
-        """The whole state, including every closed reservation and applied fill id when ``full``."""
-        return read_state(self.redis, self.keys, self.account, full=full)
+    def read(self) -> State:
+        """The whole state, with every closed reservation and applied fill id."""
+        return read_state(self.redis, self.keys, self.account, full=True, history=True)
 
     def marks(self) -> dict[str, Decimal]:
         """Last prices by symbol (for equity)."""
@@ -228,25 +230,51 @@ class Portfolio:
     def _mutate(self, entry: dict[str, str], *, rid: str | None = None, fill_id: str | None = None,
                 precheck: Any = None) -> Outcome:
         entry = {**entry, "account": self.account, "op_id": uuid.uuid4().hex}
+        try:
+            return self._locked(entry, rid, fill_id, precheck)
+        except _ScriptMissing:  # a restarted or flushed server: nothing was written, load and redo
+            self._read.sha = self.redis.script_load(READ_SCRIPT)
+            self._write.sha = self.redis.script_load(WRITE_SCRIPT)
+            return self._locked(entry, rid, fill_id, precheck)
+
+    def _locked(self, entry: dict[str, str], rid: str | None, fill_id: str | None, precheck: Any) -> Outcome:
+        """Lock (reading the state in the same round trip, after the lock is taken), decide, write."""
         lock = FencedLock.from_settings(self.redis, self.keys, lock_resource(self.account),
                                         self.lock_settings, self.clock)
-        token = lock.acquire()
+        read_args = [*self._keys[:5], rid or "", fill_id or ""]
+        token = lock.acquire(reads=lambda pipe: pipe.evalsha(self._read.sha, 5, *read_args))
         try:
-            state = read_state(self.redis, self.keys, self.account, rid=rid, fill_id=fill_id)
+            raw = lock.reads[0]
+            if isinstance(raw, NoScriptError):
+                raise _ScriptMissing
+            if isinstance(raw, Exception):
+                raise PortfolioError(self.account, f"state read failed: {raw}")
+            state = _state_from_read(raw, rid, fill_id)
             outcome = precheck(state) if precheck is not None else None
             if outcome is None:
                 outcome = apply_entry(state, entry, allow_short=self.settings.allow_short)
-                if outcome.changed:
-                    self._commit(token, state, entry, outcome)
-        finally:
-            try:
-                lock.release()
-            except (LockError, RedisUnavailable) as exc:  # the write (if any) was fenced: harmless
-                log.warning("portfolio.lock_release_failed", account=self.account, error=str(exc))
+        except BaseException:
+            self._release_quietly(lock)
+            raise
+        if outcome.changed:
+            self._commit(lock, token, state, entry, outcome)
+        else:
+            self._release_quietly(lock)
         return outcome
 
-    def _commit(self, token: int, state: State, entry: dict[str, str], outcome: Outcome) -> None:
-        """Write ``state``'s changed parts and ``entry`` atomically, under ``token``."""
+    def _release_quietly(self, lock: FencedLock) -> None:
+        try:
+            lock.release()
+        except (LockError, RedisUnavailable) as exc:  # nothing was written under it
+            log.warning("portfolio.lock_release_failed", account=self.account, error=str(exc))
+
+    def _commit(self, lock: FencedLock, token: int, state: State, entry: dict[str, str],
+                outcome: Outcome) -> None:
+        """Write ``state``'s changed parts and ``entry`` atomically under ``token``, then release.
+
+        Raises StaleFencingToken / PortfolioConflict if the script refused (nothing written), or
+        RedisUnavailable if the round trip failed (the write may or may not have landed).
+        """
         args: list[Any] = [token, state.version, entry["op_id"]]
         args += _group([("cash", fmt(state.cash)), ("reserved", fmt(state.reserved)),
                         ("realized_pnl", fmt(state.realized_pnl)), ("fees", fmt(state.fees))], [])
@@ -270,12 +298,21 @@ class Portfolio:
             ledger["realized"] = fmt(outcome.realized)
         args += [len(ledger), *(x for pair in ledger.items() for x in pair)]
         try:
-            self._write(keys=self._keys, args=args, client=self.redis)
-        except redis.ResponseError as exc:
-            raise self._refusal(exc, token) from exc
-        except _REDIS_DOWN as exc:
+            results, owned = lock.release_after(
+                lambda pipe: pipe.evalsha(self._write.sha, len(self._keys), *self._keys, *args))
+        except RedisUnavailable as exc:
             raise RedisUnavailable(f"portfolio {self.account!r}: write of {entry['op']} failed, it may or "
                                    f"may not have been applied; retry the same call: {exc}") from exc
+        result = results[0]
+        if isinstance(result, NoScriptError):
+            raise _ScriptMissing
+        if isinstance(result, redis.ResponseError):
+            raise self._refusal(result, token)
+        if isinstance(result, Exception):
+            raise RedisUnavailable(f"portfolio {self.account!r}: write of {entry['op']} failed: "
+                                   f"{result}") from result
+        if not owned:  # accepted, so the fence counter had not moved: nobody else took the lock
+            log.warning("portfolio.lease_expired_during_write", account=self.account, token=token)
 
     def _refusal(self, exc: redis.ResponseError, token: int) -> PortfolioError:
         words = str(exc).split()
@@ -289,36 +326,67 @@ class Portfolio:
 
 
 def read_state(client: redis.Redis, keys: Keys, account: str, *, rid: str | None = None,
-               fill_id: str | None = None, full: bool = False) -> State:
-    """Read ``account`` from Redis in one MULTI; ``closed``/``fills`` hold every id when ``full``,
-    else only ``rid``/``fill_id`` if they are there."""
+               fill_id: str | None = None, full: bool = False, history: bool = False) -> State:
+    """Read ``account`` from Redis in one MULTI.
+
+    With ``full`` every open reservation is read, and with ``history`` too every closed
+    reservation and applied fill id; otherwise (what a mutation needs, O(1) however long the
+    account has lived) only reservation ``rid`` and fill ``fill_id``, if they exist, beside the
+    totals and the positions.
+    """
     part = {name: keys.portfolio_part(account, name) for name in _PARTS}
     pipe = client.pipeline(transaction=True)
     pipe.hgetall(keys.portfolio(account))
     pipe.hgetall(part["positions"])
-    pipe.hgetall(part["reservations"])
     if full:
-        pipe.hgetall(part["closed"])
-        pipe.hgetall(part["fills"])
+        pipe.hgetall(part["reservations"])
+        for name in ("closed", "fills"):
+            pipe.hgetall(part[name]) if history else pipe.hlen(part[name])
     else:
+        pipe.hget(part["reservations"], rid or "")
         pipe.hget(part["closed"], rid or "")
         pipe.hget(part["fills"], fill_id or "")
     head, positions, reservations, closed, fills = _call(pipe.execute)
+    state = _base_state(head, positions)
+    if full:
+        state.reservations = {k.decode(): Reservation.decode(v) for k, v in reservations.items()}
+        if history:
+            state.closed = {k.decode(): v.decode() for k, v in closed.items()}
+            state.fills = {k.decode(): v.decode() for k, v in fills.items()}
+        return state
+    if rid is not None and reservations is not None:
+        state.reservations[rid] = Reservation.decode(reservations)
+    if rid is not None and closed is not None:
+        state.closed[rid] = closed.decode()
+    if fill_id is not None and fills is not None:
+        state.fills[fill_id] = fills.decode()
+    return state
+
+
+def _base_state(head: Mapping[bytes, bytes], positions: Mapping[bytes, bytes]) -> State:
     state = State(opened=b"cash" in head, cash=dec(head.get(b"cash")), reserved=dec(head.get(b"reserved")),
                   realized_pnl=dec(head.get(b"realized_pnl")), fees=dec(head.get(b"fees")),
                   version=int(head.get(b"version", 0)), fence=int(head.get(b"fence", 0)))
     for key, value in positions.items():
         symbol, _, attr = key.decode().rpartition(":")
         setattr(state.position(symbol), attr, dec(value))
-    state.reservations = {k.decode(): Reservation.decode(v) for k, v in reservations.items()}
-    if full:
-        state.closed = {k.decode(): v.decode() for k, v in closed.items()}
-        state.fills = {k.decode(): v.decode() for k, v in fills.items()}
-    else:
-        if closed is not None and rid is not None:
-            state.closed[rid] = closed.decode()
-        if fills is not None and fill_id is not None:
-            state.fills[fill_id] = fills.decode()
+    return state
+
+
+def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _state_from_read(raw: list[Any], rid: str | None, fill_id: str | None) -> State:
+    """The state READ_SCRIPT returned (see its contract)."""
+    head, positions, reservation, closed, fill = raw
+    state = _base_state(_pairs(head), _pairs(positions))
+    if rid and reservation:
+        state.reservations[rid] = Reservation.decode(reservation)
+    if rid and closed:
+        state.closed[rid] = closed.decode()
+    if fill_id and fill:
+        state.fills[fill_id] = fill.decode()
     return state
 
 
@@ -372,7 +440,7 @@ def verify(client: redis.Redis, keys: Keys, account: str, *, allow_short: bool) 
         if broken:
             report.problems.append(f"{where}: invariant broken: {broken[0]}")
             return report
-    current = read_state(client, keys, account, full=True)
+    current = read_state(client, keys, account, full=True, history=True)
     difference = first_difference(replayed, current)
     if difference:
         report.problems.append(f"replayed ledger != state in Redis: {difference}")
@@ -395,6 +463,10 @@ def first_difference(replayed: State, current: State) -> str | None:
             if a.get(key) != b.get(key):
                 return f"{name}[{key}]: replay {a.get(key)}, redis {b.get(key)}"
     return None
+
+
+class _ScriptMissing(Exception):
+    """The server did not know a script (NOSCRIPT): nothing ran."""
 
 
 def _group(sets: list[tuple[str, str]], deletes: list[str]) -> list[Any]:
