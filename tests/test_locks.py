@@ -1,0 +1,106 @@
+"""Tests for shared.locks: fencing tokens, typed timeouts, owner-only release, extend."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from shared.clock import SimulatedClock
+from shared.errors import LockError, LockNotOwned, LockTimeout, RedisUnavailable
+from shared.keys import Keys
+from shared.locks import FencedLock
+from tests.support.processes import free_port
+
+
+def make(client: redis.Redis, keys: Keys, resource: str = "r", **kwargs: object) -> FencedLock:
+    options: dict[str, object] = {"lease_ms": 5000, "wait_ms": 200, "clock": SimulatedClock()}
+    options.update(kwargs)
+    return FencedLock(client, keys, resource, **options)  # type: ignore[arg-type]
+
+
+class TestFencedLock:
+    def test_every_acquire_gets_a_larger_fencing_token(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """Each successive holder of one resource gets a strictly larger token (the INCR counter)."""
+        tokens = []
+        for _ in range(3):
+            with make(redis_client, keys) as lock:
+                assert lock.fencing_token is not None
+                tokens.append(lock.fencing_token)
+        assert tokens == sorted(tokens) and len(set(tokens)) == 3
+        assert int(redis_client.get(keys.fence("r"))) == tokens[-1]
+
+    def test_second_acquirer_times_out_with_typed_error_and_no_token(
+            self, redis_client: redis.Redis, keys: Keys) -> None:
+        """While one holder has the lock, another waits to its deadline, gets LockTimeout, and burns no token."""
+        clock = SimulatedClock()
+        with make(redis_client, keys) as first:
+            second = make(redis_client, keys, clock=clock, wait_ms=300)
+            with pytest.raises(LockTimeout) as caught:
+                second.acquire()
+            assert caught.value.name == "r"
+            assert clock.monotonic() >= 0.3
+            assert int(redis_client.get(keys.fence("r"))) == first.fencing_token
+
+    def test_non_blocking_attempt_fails_at_once(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """``blocking=False`` makes one attempt and raises LockTimeout without sleeping."""
+        clock = SimulatedClock()
+        with make(redis_client, keys):
+            with pytest.raises(LockTimeout):
+                make(redis_client, keys, clock=clock).acquire(blocking=False)
+        assert clock.monotonic() == 0
+
+    def test_released_on_exception(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """An exception inside the block propagates and the lock key is deleted."""
+        with pytest.raises(RuntimeError), make(redis_client, keys):
+            assert redis_client.exists(keys.lock("r"))
+            raise RuntimeError("boom")
+        assert not redis_client.exists(keys.lock("r"))
+
+    def test_release_after_lease_lost_raises_lock_not_owned(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """A holder whose lease expired and was taken over cannot release the new holder's lock."""
+        lock = make(redis_client, keys)
+        lock.acquire()
+        redis_client.delete(keys.lock("r"))  # what the lease expiring does
+        other = make(redis_client, keys)
+        other_token = other.acquire()
+        with pytest.raises(LockNotOwned):
+            lock.release()
+        assert redis_client.exists(keys.lock("r"))
+        assert other.fencing_token == other_token
+        other.release()
+
+    def test_extend_prolongs_the_lease_and_fails_once_lost(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """extend() adds to the lease while held, and raises LockNotOwned after the lease is gone."""
+        lock = make(redis_client, keys, lease_ms=1000)
+        lock.acquire()
+        lock.extend(10)
+        assert redis_client.pttl(keys.lock("r")) > 5000
+        redis_client.delete(keys.lock("r"))
+        with pytest.raises(LockNotOwned):
+            lock.extend(1)
+
+    def test_not_reentrant(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """Acquiring a FencedLock object that is already held is refused rather than deadlocking."""
+        with make(redis_client, keys) as lock, pytest.raises(LockError):
+            lock.acquire()
+
+    def test_reads_run_after_the_lock_is_taken(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """Commands queued with ``reads`` see the lock already held (they run after the SET NX)."""
+        lock = make(redis_client, keys)
+        lock.acquire(reads=lambda pipe: pipe.get(keys.lock("r")))
+        assert lock.reads == [lock.local.token]
+        lock.release()
+
+    def test_release_after_runs_commands_then_releases(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """release_after runs the queued commands and releases in one round trip, reporting ownership."""
+        lock = make(redis_client, keys)
+        lock.acquire()
+        results, owned = lock.release_after(lambda pipe: pipe.incr(f"{keys.prefix}:n"))
+        assert (results, owned) == ([1], True)
+        assert not redis_client.exists(keys.lock("r"))
+
+    def test_redis_down_is_translated(self, keys: Keys) -> None:
+        """A refused connection surfaces as RedisUnavailable, not a redis-py error."""
+        client = redis.Redis(port=free_port(), socket_connect_timeout=1)
+        with pytest.raises(RedisUnavailable):
+            make(client, keys).acquire()
