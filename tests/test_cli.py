@@ -1,0 +1,143 @@
+"""Tests for shared.cli: the ``bastion`` command's parser, subcommand discovery and exit statuses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import shared.cli
+from shared.cli import EXIT_UNAVAILABLE, EXIT_USAGE, build_parser, main
+from tests.support.processes import REPO_ROOT
+
+FAKE_COMMANDS = {
+    "hello": """
+        from shared.cli._context import Context
+
+        def register(subparsers):
+            parser = subparsers.add_parser("hello", help="load settings and report the prefix")
+            parser.add_argument("--status", type=int, default=0)
+            parser.set_defaults(func=run)
+
+        def run(args):
+            context = Context.load()
+            print(f"prefix={context.settings.key_prefix}")
+            return args.status
+        """,
+    "down": """
+        from shared.errors import RedisUnavailable
+
+        def register(subparsers):
+            subparsers.add_parser("down").set_defaults(func=run)
+
+        def run(args):
+            raise RedisUnavailable("Redis did not answer within 5s")
+        """,
+    "_private": "raise RuntimeError('a _private module must not be imported as a subcommand')\n",
+}
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No REDIS_URL or BASTION_* variable of the outer environment reaches these tests."""
+    for name in list(os.environ):
+        if name.upper().startswith("BASTION_") or name.upper() == "REDIS_URL":
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def fake_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """shared.cli discovers its subcommands in a directory holding hello.py, down.py and _private.py."""
+    for name, source in FAKE_COMMANDS.items():
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+    monkeypatch.setattr(shared.cli, "__path__", [str(tmp_path)])
+    yield tmp_path
+    for name in FAKE_COMMANDS:
+        sys.modules.pop(f"shared.cli.{name}", None)
+
+
+def clean_env() -> dict[str, str]:
+    return {name: value for name, value in os.environ.items()
+            if not name.upper().startswith("BASTION_") and name.upper() != "REDIS_URL"}
+
+
+class TestUsage:
+    def test_no_arguments_exits_2_with_usage(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """main([]) exits with status 2 and prints the usage line naming the program."""
+        with pytest.raises(SystemExit) as info:
+            main([])
+        assert info.value.code == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert err.startswith("usage: bastion")
+        assert "COMMAND" in err
+
+    def test_console_script_without_arguments(self) -> None:
+        """The installed `bastion` command with no arguments exits 2 with usage on stderr."""
+        script = Path(sys.executable).parent / "bastion"
+        command = [str(script)] if script.exists() else [sys.executable, "-m", "shared.cli"]
+        result = subprocess.run(command, cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True,
+                                timeout=60, stdin=subprocess.DEVNULL)
+        assert result.returncode == 2
+        assert "usage: bastion" in result.stderr
+
+    def test_python_dash_m(self) -> None:
+        """`python -m shared.cli --help` prints the description and exits 0."""
+        result = subprocess.run([sys.executable, "-m", "shared.cli", "--help"], cwd=REPO_ROOT,
+                                env=clean_env(), capture_output=True, text=True, timeout=60,
+                                stdin=subprocess.DEVNULL)
+        assert result.returncode == 0
+        assert "Watch and steer a Bastion deployment." in result.stdout
+
+    def test_unknown_subcommand_exits_2(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """An unknown subcommand is a usage error (status 2) naming it."""
+        with pytest.raises(SystemExit) as info:
+            main(["no-such-command"])
+        assert info.value.code == EXIT_USAGE
+        assert "no-such-command" in capsys.readouterr().err
+
+
+class TestDiscovery:
+    def test_public_modules_become_subcommands(self, fake_commands: Path) -> None:
+        """Every public module of the package registers its subcommand; _private modules are skipped."""
+        parser = build_parser()
+        assert parser.prog == "bastion"
+        args = parser.parse_args(["hello", "--status", "1"])
+        assert args.command == "hello" and args.status == 1 and callable(args.func)
+        assert parser.parse_args(["down"]).command == "down"
+
+    def test_subcommand_status_returned(self, fake_commands: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+        """main returns the subcommand's status, and the subcommand sees valid settings."""
+        assert main(["hello"]) == 0
+        assert capsys.readouterr().out == "prefix=bastion\n"
+        assert main(["hello", "--status", "1"]) == 1
+
+
+class TestErrors:
+    def test_bad_setting_returns_2_naming_it(self, fake_commands: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+        """A bad BASTION_ setting makes main return 2 with a ConfigError naming the field, no traceback."""
+        monkeypatch.setenv("BASTION_BUS__BATCH", "-1")
+        assert main(["hello"]) == EXIT_USAGE
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert "invalid configuration" in captured.err and "bus.batch" in captured.err
+        assert "Traceback" not in captured.err
+
+    def test_unknown_setting_returns_2(self, fake_commands: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+        """A misspelt BASTION_ variable makes main return 2 naming the variable."""
+        monkeypatch.setenv("BASTION_KEYPREFIX", "x")
+        assert main(["hello"]) == EXIT_USAGE
+        assert "BASTION_KEYPREFIX" in capsys.readouterr().err
+
+    def test_redis_unavailable_returns_3(self, fake_commands: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+        """RedisUnavailable from a subcommand makes main return 3 with the reason on stderr."""
+        assert main(["down"]) == EXIT_UNAVAILABLE
+        assert "Redis did not answer" in capsys.readouterr().err
