@@ -141,3 +141,14 @@ class TestErrors:
         """RedisUnavailable from a subcommand makes main return 3 with the reason on stderr."""
         assert main(["down"]) == EXIT_UNAVAILABLE
         assert "Redis did not answer" in capsys.readouterr().err
+
+    def test_real_subcommand_with_bad_setting_exits_2(self) -> None:
+        """`bastion verify` with a bad BASTION_ value exits 2 naming the field, before touching Redis."""
+        script = Path(sys.executable).parent / "bastion"
+        command = [str(script)] if script.exists() else [sys.executable, "-m", "shared.cli"]
+        env = clean_env() | {"BASTION_BUS__BATCH": "-1", "REDIS_URL": "redis://127.0.0.1:1/0"}
+        result = subprocess.run([*command, "verify"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                                timeout=60, stdin=subprocess.DEVNULL)
+        assert result.returncode == EXIT_USAGE, result.stderr
+        assert "bus.batch" in result.stderr
+        assert "Traceback" not in result.stderr

@@ -141,8 +141,8 @@ class TestBadValues:
             with pytest.raises(ConfigError) as info:
                 load_settings()
         fields = [field for field, _ in info.value.problems]
-        assert sorted(fields) == sorted(["bus.batch", "risk.max_risk_fraction", "embedded_redis.port", "broker",
-                                         "BASTION_RISKK__MAX_RISK_FRACTION"])
+        assert sorted(fields) == sorted(["bus.batch", "risk.max_risk_fraction", "embedded_redis.port",
+                                         "broker", "BASTION_RISKK__MAX_RISK_FRACTION"])
         text = str(info.value)
         assert "5 problem(s)" in text
         assert all(f"  {field}: " in text for field in fields)
