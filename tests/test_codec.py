@@ -250,12 +250,18 @@ class TestEnvelope:
         assert set(encode(alert)) == {"type", "v", "id", "time", "body"}
 
 
+def body_bytes(fields: dict[str, str | bytes]) -> bytes:
+    body = fields["body"]
+    assert isinstance(body, bytes)
+    return body
+
+
 def _bad_body(fields: dict[str, Any], body: bytes) -> dict[str, Any]:
     return {**fields, "body": body}
 
 
 def _body_map(**changes: Any) -> dict[str, Any]:
-    body = unpack(encode(a_bar())["body"])
+    body = unpack(body_bytes(encode(a_bar())))
     assert isinstance(body, dict)
     return body | changes
 
@@ -300,7 +306,7 @@ class TestMalformed:
         """A valid body followed by extra bytes is refused, not silently truncated."""
         fields = encode(a_bar())
         with pytest.raises(CodecError, match="not valid msgpack"):
-            decode(_bad_body(fields, bytes(fields["body"]) + b"\x00"))
+            decode(_bad_body(fields, body_bytes(fields) + b"\x00"))
 
     @pytest.mark.parametrize("payload", [[1, 2], "bar", 7, None], ids=["list", "str", "int", "nil"])
     def test_body_not_a_map(self, payload: Any) -> None:

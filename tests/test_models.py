@@ -216,14 +216,14 @@ class TestOrderEvent:
     def test_fill_validated(self) -> None:
         """A fill with a negative fee or a naive time is refused inside an order event."""
         with pytest.raises(ValidationError, match="fee"):
-            Fill(fill_id="f", quantity="1", price="10", fee="-0.01", time=T0)  # type: ignore[arg-type]
+            Fill(fill_id="f", quantity="1", price="10", fee="-0.01", time=T0)
         with pytest.raises(ValidationError, match="naive"):
-            Fill(fill_id="f", quantity="1", price="10", time=datetime(2026, 1, 2))  # type: ignore[arg-type]  # noqa: DTZ001
+            Fill(fill_id="f", quantity="1", price="10", time=datetime(2026, 1, 2))  # noqa: DTZ001
 
     def test_unknown_status_refused(self) -> None:
         """A status outside our state set is refused."""
         with pytest.raises(ValidationError, match="status"):
-            OrderEvent(time=T0, client_order_id="c", symbol="AAPL", side=Side.BUY, status="done")  # type: ignore[arg-type]
+            OrderEvent(time=T0, client_order_id="c", symbol="AAPL", side=Side.BUY, status="done")
 
     def test_correlation_id_is_the_client_order_id(self) -> None:
         """An order event correlates by client order id."""
