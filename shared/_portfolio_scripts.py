@@ -19,21 +19,31 @@ CONFLICT = "CONFLICT"
 # KEYS[5] = fills hash         keys.portfolio_part(account, "fills")
 # KEYS[6] = ledger stream      keys.ledger(account)
 # KEYS[7] = fence counter      keys.fence("portfolio:{account}")
+# KEYS[8] = lock key           keys.lock("portfolio:{account}")
 # ARGV[1] = the writer's fencing token
 # ARGV[2] = the state version the writer read ("0" for an account never written)
 # ARGV[3] = the operation id (a retry of an applied operation is answered "dup", not re-applied)
-# ARGV[4..] = for each of KEYS[1..5] in turn: n, then n field/value pairs to HSET, m, then m
+# ARGV[4] = the writer's lock owner token: once written, the lock is released if still its own
+# ARGV[5..] = for each of KEYS[1..5] in turn: n, then n field/value pairs to HSET, m, then m
 #             fields to HDEL; then k, then k field/value pairs of the ledger entry
-# returns {"ok", new version, ledger entry id} once written, or {"dup", version, ""} when this
-#         operation id was the last one applied; refuses, changing nothing, with an error reply
-#         "STALE_FENCE <token> <newest>" (token below the newest accepted or the fence counter)
-#         or "CONFLICT <expected> <actual>" (the version moved since the read)
+# returns {"ok", new version, ledger entry id, released} once written, or {"dup", version, "",
+#         released} when this operation id was the last one applied (released: 1 if the lock was
+#         still the writer's and is now free, 0 if its lease had expired); refuses, changing
+#         nothing, with an error reply "STALE_FENCE <token> <newest>" (token below the newest
+#         accepted or the fence counter) or "CONFLICT <expected> <actual>" (the version moved since the read)
 WRITE_SCRIPT = """
 local unpack = unpack or table.unpack
 local state = KEYS[1]
 local version = tonumber(redis.call('hget', state, 'version') or '0')
+local function release()
+    if redis.call('get', KEYS[8]) == ARGV[4] then
+        redis.call('del', KEYS[8])
+        return 1
+    end
+    return 0
+end
 if redis.call('hget', state, 'last_op') == ARGV[3] then
-    return {'dup', version, ''}
+    return {'dup', version, '', release()}
 end
 local token = tonumber(ARGV[1])
 local newest = math.max(tonumber(redis.call('hget', state, 'fence') or '0'),
@@ -44,7 +54,7 @@ end
 if version ~= tonumber(ARGV[2]) then
     return redis.error_reply('CONFLICT ' .. ARGV[2] .. ' ' .. version)
 end
-local i = 4
+local i = 5
 local function take(count)
     local out = {}
     for j = 1, count do out[j] = ARGV[i + j - 1] end
@@ -60,7 +70,7 @@ end
 local n = tonumber(ARGV[i]); i = i + 1
 local id = redis.call('xadd', KEYS[6], '*', unpack(take(2 * n)))
 redis.call('hset', state, 'version', version + 1, 'fence', ARGV[1], 'last_op', ARGV[3])
-return {'ok', version + 1, id}
+return {'ok', version + 1, id, release()}
 """
 
 # KEYS[1..5] = state, positions, reservations, closed and fills hashes (as for WRITE_SCRIPT)

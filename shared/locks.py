@@ -50,7 +50,7 @@ from typing import Any, Literal, TypeAlias
 
 import redis
 from redis.client import Pipeline
-from redis.exceptions import LockNotOwnedError, NoScriptError
+from redis.exceptions import LockNotOwnedError
 from redis.lock import Lock
 
 from shared.clock import Clock, LiveClock
@@ -87,8 +87,6 @@ class FencedLock(Lock):
     block's exception propagates); a failed release after a clean block raises LockNotOwned.
     """
 
-    lua_acquire: Any = None
-
     def __init__(
         self,
         client: redis.Redis,
@@ -120,12 +118,6 @@ class FencedLock(Lock):
         """A lock with the lease and wait of ``settings``."""
         return cls(client, keys, resource, lease_ms=settings.lease_ms, wait_ms=settings.wait_ms, clock=clock)
 
-    def register_scripts(self) -> None:
-        super().register_scripts()
-        cls = type(self)
-        if cls.lua_acquire is None:
-            cls.lua_acquire = self.redis.register_script(ACQUIRE_SCRIPT)
-
     # -- acquiring ------------------------------------------------------------------------------
 
     def do_acquire(self, token: str | bytes) -> bool:
@@ -133,26 +125,25 @@ class FencedLock(Lock):
         return self._attempt(token, None) > 0
 
     def _attempt(self, owner: str | bytes, reads: Queue | None) -> int:
-        """One attempt, with ``reads`` queued behind it in the same round trip."""
-        for _ in range(2):
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.evalsha(self.lua_acquire.sha, 2, self.name, self.fence_key, owner, self.lease_ms)
-            if reads is not None:
-                reads(pipe)
-            try:
-                results = pipe.execute(raise_on_error=False)
-            except _REDIS_DOWN as exc:
-                raise RedisUnavailable(f"acquiring lock {self.resource!r}: {exc}") from exc
-            if isinstance(results[0], NoScriptError):  # a restarted or flushed server
-                self.redis.script_load(ACQUIRE_SCRIPT)
-                continue
-            if isinstance(results[0], Exception):
-                raise LockError(self.resource, f"acquire failed: {results[0]}")
-            fence = int(results[0])
-            if fence > 0:
-                self.fencing_token, self.reads = fence, results[1:]
-            return fence
-        raise LockError(self.resource, "acquire script could not be loaded")
+        """One attempt, with ``reads`` queued behind it in the same round trip.
+
+        Pipelines send the script text (EVAL), not its sha: a NOSCRIPT error in the middle of a
+        pipeline makes fakeredis's TCP server drop the connection, and EVAL cannot meet one.
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.eval(ACQUIRE_SCRIPT, 2, self.name, self.fence_key, owner, self.lease_ms)
+        if reads is not None:
+            reads(pipe)
+        try:
+            results = pipe.execute(raise_on_error=False)
+        except _REDIS_DOWN as exc:
+            raise RedisUnavailable(f"acquiring lock {self.resource!r}: {exc}") from exc
+        if isinstance(results[0], Exception):
+            raise LockError(self.resource, f"acquire failed: {results[0]}")
+        fence = int(results[0])
+        if fence > 0:
+            self.fencing_token, self.reads = fence, results[1:]
+        return fence
 
     def acquire(
         self,
@@ -221,36 +212,15 @@ class FencedLock(Lock):
         except _REDIS_DOWN as exc:
             raise RedisUnavailable(f"extending lock {self.resource!r}: {exc}") from exc
 
-    def release_after(self, queue: Queue) -> tuple[list[Any], bool]:
-        """Run the commands ``queue`` adds to a pipeline, then release, in one round trip.
+    @property
+    def owner_token(self) -> bytes | None:
+        """The random value this holder stored under the lock key (None when not held)."""
+        token = self.local.token
+        return None if token is None else bytes(token)
 
-        Returns the commands' results (exceptions as values) and whether the lock was still this
-        holder's when released (False: its lease had expired -- a write queued here must then
-        have been fenced by the store). RedisUnavailable if the round trip failed: the queued
-        commands may or may not have run.
-        """
-        owner = self.local.token
-        if owner is None:
-            raise LockError(self.resource, "cannot release a lock that is not held")
+    def released_by_store(self) -> None:
+        """Forget the hold: a store's script released the lock along with its fenced write."""
         self.local.token, self.fencing_token = None, None
-        pipe = self.redis.pipeline(transaction=False)
-        queue(pipe)
-        pipe.evalsha(getattr(self, "lua_release").sha, 1, self.name, owner)  # noqa: B009 (typed None upstream)
-        try:
-            results = pipe.execute(raise_on_error=False)
-        except _REDIS_DOWN as exc:
-            raise RedisUnavailable(f"releasing lock {self.resource!r}: {exc}") from exc
-        released = results.pop()
-        if isinstance(released, NoScriptError):
-            self.local.token = owner
-            try:
-                self.release()
-            except LockNotOwned:
-                return results, False
-            return results, True
-        if isinstance(released, Exception):
-            raise LockError(self.resource, f"release failed: {released}")
-        return results, bool(released)
 
     def owned(self) -> bool:
         """Whether Redis still holds this holder's owner token under the lock key."""

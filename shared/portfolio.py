@@ -53,7 +53,6 @@ from decimal import Decimal
 from typing import Any
 
 import redis
-from redis.exceptions import NoScriptError
 
 from shared._portfolio_scripts import CONFLICT, READ_SCRIPT, STALE_FENCE, WRITE_SCRIPT
 from shared._portfolio_state import (
@@ -148,10 +147,9 @@ class Portfolio:
         self.settings = settings or PortfolioSettings(account=account)
         self.lock_settings = lock_settings or LockSettings()
         self.clock = clock or LiveClock()
-        self._read = client.register_script(READ_SCRIPT)
-        self._write = client.register_script(WRITE_SCRIPT)
         self._keys = [keys.portfolio(account), *(keys.portfolio_part(account, p) for p in _PARTS),
-                      keys.ledger(account), keys.fence(lock_resource(account))]
+                      keys.ledger(account), keys.fence(lock_resource(account)),
+                      keys.lock(lock_resource(account))]
 
     # -- mutations ------------------------------------------------------------------------------
 
@@ -230,23 +228,16 @@ class Portfolio:
     def _mutate(self, entry: dict[str, str], *, rid: str | None = None, fill_id: str | None = None,
                 precheck: Any = None) -> Outcome:
         entry = {**entry, "account": self.account, "op_id": uuid.uuid4().hex}
-        try:
-            return self._locked(entry, rid, fill_id, precheck)
-        except _ScriptMissing:  # a restarted or flushed server: nothing was written, load and redo
-            self._read.sha = self.redis.script_load(READ_SCRIPT)
-            self._write.sha = self.redis.script_load(WRITE_SCRIPT)
-            return self._locked(entry, rid, fill_id, precheck)
+        return self._locked(entry, rid, fill_id, precheck)
 
     def _locked(self, entry: dict[str, str], rid: str | None, fill_id: str | None, precheck: Any) -> Outcome:
         """Lock (reading the state in the same round trip, after the lock is taken), decide, write."""
         lock = FencedLock.from_settings(self.redis, self.keys, lock_resource(self.account),
                                         self.lock_settings, self.clock)
         read_args = [*self._keys[:5], rid or "", fill_id or ""]
-        token = lock.acquire(reads=lambda pipe: pipe.evalsha(self._read.sha, 5, *read_args))
+        token = lock.acquire(reads=lambda pipe: pipe.eval(READ_SCRIPT, 5, *read_args))
         try:
             raw = lock.reads[0]
-            if isinstance(raw, NoScriptError):
-                raise _ScriptMissing
             if isinstance(raw, Exception):
                 raise PortfolioError(self.account, f"state read failed: {raw}")
             state = _state_from_read(raw, rid, fill_id)
@@ -256,10 +247,14 @@ class Portfolio:
         except BaseException:
             self._release_quietly(lock)
             raise
-        if outcome.changed:
-            self._commit(lock, token, state, entry, outcome)
-        else:
+        if not outcome.changed:
             self._release_quietly(lock)
+            return outcome
+        try:
+            self._commit(lock, token, state, entry, outcome)
+        except PortfolioError:  # refused: nothing was written and the lock is still held
+            self._release_quietly(lock)
+            raise
         return outcome
 
     def _release_quietly(self, lock: FencedLock) -> None:
@@ -270,12 +265,13 @@ class Portfolio:
 
     def _commit(self, lock: FencedLock, token: int, state: State, entry: dict[str, str],
                 outcome: Outcome) -> None:
-        """Write ``state``'s changed parts and ``entry`` atomically under ``token``, then release.
+        """Write ``state``'s changed parts and ``entry`` atomically under ``token``, releasing the lock.
 
-        Raises StaleFencingToken / PortfolioConflict if the script refused (nothing written), or
-        RedisUnavailable if the round trip failed (the write may or may not have landed).
+        Raises StaleFencingToken / PortfolioConflict if the script refused (nothing written, the
+        lock still held), or RedisUnavailable if the round trip failed (the write may or may not
+        have landed; the lock then expires with its lease if it was not released).
         """
-        args: list[Any] = [token, state.version, entry["op_id"]]
+        args: list[Any] = [token, state.version, entry["op_id"], lock.owner_token]
         args += _group([("cash", fmt(state.cash)), ("reserved", fmt(state.reserved)),
                         ("realized_pnl", fmt(state.realized_pnl)), ("fees", fmt(state.fees))], [])
         symbol, rid = outcome.symbol, outcome.reservation_id
@@ -298,23 +294,19 @@ class Portfolio:
             ledger["realized"] = fmt(outcome.realized)
         args += [len(ledger), *(x for pair in ledger.items() for x in pair)]
         try:
-            results, owned = lock.release_after(
-                lambda pipe: pipe.evalsha(self._write.sha, len(self._keys), *self._keys, *args))
-        except RedisUnavailable as exc:
+            result = self.redis.eval(WRITE_SCRIPT, len(self._keys), *self._keys, *args)
+        except redis.ResponseError as exc:
+            raise self._refusal(exc, token) from exc
+        except _REDIS_DOWN as exc:
+            lock.released_by_store()
             raise RedisUnavailable(f"portfolio {self.account!r}: write of {entry['op']} failed, it may or "
                                    f"may not have been applied; retry the same call: {exc}") from exc
-        result = results[0]
-        if isinstance(result, NoScriptError):
-            raise _ScriptMissing
-        if isinstance(result, redis.ResponseError):
-            raise self._refusal(result, token)
-        if isinstance(result, Exception):
-            raise RedisUnavailable(f"portfolio {self.account!r}: write of {entry['op']} failed: "
-                                   f"{result}") from result
-        if not owned:  # accepted, so the fence counter had not moved: nobody else took the lock
+        lock.released_by_store()
+        if not int(result[3]):  # accepted, so the fence counter had not moved: nobody took the lock
             log.warning("portfolio.lease_expired_during_write", account=self.account, token=token)
 
     def _refusal(self, exc: redis.ResponseError, token: int) -> PortfolioError:
+        """The typed error for the script's refusal (its error reply names the reason)."""
         words = str(exc).split()
         if words and words[0] == STALE_FENCE:
             log.warning("portfolio.stale_fence_refused", account=self.account, token=token, newest=words[2])
@@ -463,10 +455,6 @@ def first_difference(replayed: State, current: State) -> str | None:
             if a.get(key) != b.get(key):
                 return f"{name}[{key}]: replay {a.get(key)}, redis {b.get(key)}"
     return None
-
-
-class _ScriptMissing(Exception):
-    """The server did not know a script (NOSCRIPT): nothing ran."""
 
 
 def _group(sets: list[tuple[str, str]], deletes: list[str]) -> list[Any]:

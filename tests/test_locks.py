@@ -31,7 +31,7 @@ class TestFencedLock:
 
     def test_second_acquirer_times_out_with_typed_error_and_no_token(
             self, redis_client: redis.Redis, keys: Keys) -> None:
-        """While one holder has the lock, another waits to its deadline, gets LockTimeout, and burns no token."""
+        """While one holder has the lock, another waits out its deadline: LockTimeout, and no token burnt."""
         clock = SimulatedClock()
         with make(redis_client, keys) as first:
             second = make(redis_client, keys, clock=clock, wait_ms=300)
@@ -44,9 +44,8 @@ class TestFencedLock:
     def test_non_blocking_attempt_fails_at_once(self, redis_client: redis.Redis, keys: Keys) -> None:
         """``blocking=False`` makes one attempt and raises LockTimeout without sleeping."""
         clock = SimulatedClock()
-        with make(redis_client, keys):
-            with pytest.raises(LockTimeout):
-                make(redis_client, keys, clock=clock).acquire(blocking=False)
+        with make(redis_client, keys), pytest.raises(LockTimeout):
+            make(redis_client, keys, clock=clock).acquire(blocking=False)
         assert clock.monotonic() == 0
 
     def test_released_on_exception(self, redis_client: redis.Redis, keys: Keys) -> None:
@@ -56,7 +55,8 @@ class TestFencedLock:
             raise RuntimeError("boom")
         assert not redis_client.exists(keys.lock("r"))
 
-    def test_release_after_lease_lost_raises_lock_not_owned(self, redis_client: redis.Redis, keys: Keys) -> None:
+    def test_release_after_lease_lost_raises_lock_not_owned(self, redis_client: redis.Redis,
+                                                            keys: Keys) -> None:
         """A holder whose lease expired and was taken over cannot release the new holder's lock."""
         lock = make(redis_client, keys)
         lock.acquire()
@@ -69,7 +69,8 @@ class TestFencedLock:
         assert other.fencing_token == other_token
         other.release()
 
-    def test_extend_prolongs_the_lease_and_fails_once_lost(self, redis_client: redis.Redis, keys: Keys) -> None:
+    def test_extend_prolongs_the_lease_and_fails_once_lost(self, redis_client: redis.Redis,
+                                                           keys: Keys) -> None:
         """extend() adds to the lease while held, and raises LockNotOwned after the lease is gone."""
         lock = make(redis_client, keys, lease_ms=1000)
         lock.acquire()
@@ -91,13 +92,16 @@ class TestFencedLock:
         assert lock.reads == [lock.local.token]
         lock.release()
 
-    def test_release_after_runs_commands_then_releases(self, redis_client: redis.Redis, keys: Keys) -> None:
-        """release_after runs the queued commands and releases in one round trip, reporting ownership."""
+    def test_store_released_lock_is_forgotten(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """After a store's script deleted the key by owner token, the holder no longer claims the lock."""
         lock = make(redis_client, keys)
         lock.acquire()
-        results, owned = lock.release_after(lambda pipe: pipe.incr(f"{keys.prefix}:n"))
-        assert (results, owned) == ([1], True)
-        assert not redis_client.exists(keys.lock("r"))
+        assert redis_client.get(keys.lock("r")) == lock.owner_token
+        redis_client.delete(keys.lock("r"))
+        lock.released_by_store()
+        assert lock.owner_token is None and lock.fencing_token is None
+        with pytest.raises(LockError):
+            lock.release()
 
     def test_redis_down_is_translated(self, keys: Keys) -> None:
         """A refused connection surfaces as RedisUnavailable, not a redis-py error."""
