@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -288,8 +289,7 @@ class _Proxy:
                     server.sendall(data)
                     continue
                 self.tripped.set()
-                client.close()
-                server.close()
+                _hang_up(client, server)
                 return
             server.sendall(data)
 
@@ -297,13 +297,19 @@ class _Proxy:
         while data := _recv(server):
             if drop_reply.is_set():
                 self.tripped.set()
-                client.close()
-                server.close()
+                _hang_up(client, server)
                 return
             client.sendall(data)
 
     def close(self) -> None:
         self.listener.close()
+
+
+def _hang_up(*socks: socket.socket) -> None:
+    for sock in socks:  # shutdown first: a close alone waits for the other pump's blocked recv
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
 
 
 def _recv(sock: socket.socket) -> bytes:
