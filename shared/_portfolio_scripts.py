@@ -7,7 +7,7 @@ arrives as decimal strings computed in Python; the script compares integers only
 
 from __future__ import annotations
 
-__all__ = ["CONFLICT", "READ_SCRIPT", "STALE_FENCE", "WRITE_SCRIPT"]
+__all__ = ["CONFLICT", "FULL_READ_SCRIPT", "READ_SCRIPT", "STALE_FENCE", "WRITE_SCRIPT"]
 
 STALE_FENCE = "STALE_FENCE"
 CONFLICT = "CONFLICT"
@@ -73,6 +73,7 @@ redis.call('hset', state, 'version', version + 1, 'fence', ARGV[1], 'last_op', A
 return {'ok', version + 1, id, release()}
 """
 
+# The read a mutation makes, run by the lock's ACQUIRE_THEN_READ right after the lock is taken.
 # KEYS[1..5] = state, positions, reservations, closed and fills hashes (as for WRITE_SCRIPT)
 # ARGV[1] = a reservation id ("" for none), ARGV[2] = a fill id ("" for none)
 # returns {state as a flat HGETALL, positions as a flat HGETALL, the reservation's value,
@@ -84,4 +85,17 @@ local function field(key, name)
 end
 return {redis.call('hgetall', KEYS[1]), redis.call('hgetall', KEYS[2]), field(KEYS[3], ARGV[1]),
         field(KEYS[4], ARGV[1]), field(KEYS[5], ARGV[2])}
+"""
+
+# A consistent read of the whole account (snapshot, verify), one reply (no MULTI pipeline).
+# KEYS[1..5] = state, positions, reservations, closed and fills hashes (as for WRITE_SCRIPT)
+# ARGV[1] = "1" to return the closed and fills hashes too, "0" for their sizes only
+# returns {state, positions, reservations, closed or its HLEN, fills or its HLEN} (flat HGETALLs)
+FULL_READ_SCRIPT = """
+local function part(key)
+    if ARGV[1] == '1' then return redis.call('hgetall', key) end
+    return redis.call('hlen', key)
+end
+return {redis.call('hgetall', KEYS[1]), redis.call('hgetall', KEYS[2]), redis.call('hgetall', KEYS[3]),
+        part(KEYS[4]), part(KEYS[5])}
 """

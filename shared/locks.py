@@ -43,13 +43,13 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal
 
 import redis
-from redis.client import Pipeline
 from redis.exceptions import LockNotOwnedError
 from redis.lock import Lock
 
@@ -59,7 +59,7 @@ from shared.errors import LockError, LockNotOwned, LockTimeout, RedisUnavailable
 from shared.keys import Keys
 from shared.logging import get_logger
 
-__all__ = ["ACQUIRE_SCRIPT", "FencedLock", "fenced"]
+__all__ = ["ACQUIRE_SCRIPT", "ACQUIRE_THEN_READ", "FencedLock", "LockedRead", "fenced"]
 
 log = get_logger(module="locks")
 
@@ -75,8 +75,45 @@ end
 return 0
 """
 
+# KEYS[1], KEYS[2], ARGV[1], ARGV[2] as for ACQUIRE_SCRIPT; KEYS[3..] and ARGV[3..] are handed to
+# the read (a LockedRead's lua, pasted in for --READ--) as its own KEYS and ARGV
+# returns {0} if the lock is held, else {fencing token, whatever the read returns}
+ACQUIRE_THEN_READ = """
+local unpack = unpack or table.unpack
+if not redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    return {0}
+end
+local token = redis.call('incr', KEYS[2])
+local function read(KEYS, ARGV)
+--READ--
+end
+return {token, read({unpack(KEYS, 3)}, {unpack(ARGV, 3)})}
+"""
+
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
-Queue: TypeAlias = Callable[[Pipeline], object]
+_SCRIPTS: dict[str, Any] = {}
+
+
+def _script(client: redis.Redis, text: str) -> Any:
+    """A Script for ``text``, made once (called with an explicit client: EVALSHA, SCRIPT LOAD on
+    NOSCRIPT -- a lone command, so even fakeredis's TCP server keeps the connection)."""
+    script = _SCRIPTS.get(text)
+    if script is None:
+        script = _SCRIPTS[text] = client.register_script(text)
+    return script
+
+
+@dataclass(frozen=True)
+class LockedRead:
+    """Lua to run atomically right after the lock is taken (see ACQUIRE_THEN_READ).
+
+    ``lua`` is a function body that sees its own ``KEYS`` (``keys``) and ``ARGV`` (``args``) and
+    returns one value; it must only read, and must not call ``error()``.
+    """
+
+    lua: str
+    keys: list[Any] = field(default_factory=list)
+    args: list[Any] = field(default_factory=list)
 
 
 class FencedLock(Lock):
@@ -109,7 +146,7 @@ class FencedLock(Lock):
         self.clock = clock or LiveClock()
         self.backoff_ms = backoff_ms
         self.fencing_token: int | None = None
-        self.reads: list[Any] = []
+        self.reads: Any = None
 
     @classmethod
     def from_settings(
@@ -124,25 +161,26 @@ class FencedLock(Lock):
         """One attempt: SET NX PX and INCR of the fence counter, atomically."""
         return self._attempt(token, None) > 0
 
-    def _attempt(self, owner: str | bytes, reads: Queue | None) -> int:
-        """One attempt, with ``reads`` queued behind it in the same round trip.
-
-        Pipelines send the script text (EVAL), not its sha: a NOSCRIPT error in the middle of a
-        pipeline makes fakeredis's TCP server drop the connection, and EVAL cannot meet one.
-        """
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.eval(ACQUIRE_SCRIPT, 2, self.name, self.fence_key, owner, self.lease_ms)
-        if reads is not None:
-            reads(pipe)
+    def _attempt(self, owner: str | bytes, reads: LockedRead | None) -> int:
+        """One attempt; with ``reads``, their Lua runs in the same script once the lock is taken."""
+        keys: list[Any] = [self.name, self.fence_key]
+        args: list[Any] = [owner, self.lease_ms]
+        if reads is None:
+            script = _script(self.redis, ACQUIRE_SCRIPT)
+        else:
+            script = _script(self.redis, ACQUIRE_THEN_READ.replace("--READ--", reads.lua))
+            keys += reads.keys
+            args += reads.args
         try:
-            results = pipe.execute(raise_on_error=False)
+            result = script(keys=keys, args=args, client=self.redis)
         except _REDIS_DOWN as exc:
             raise RedisUnavailable(f"acquiring lock {self.resource!r}: {exc}") from exc
-        if isinstance(results[0], Exception):
-            raise LockError(self.resource, f"acquire failed: {results[0]}")
-        fence = int(results[0])
+        except redis.ResponseError as exc:
+            raise LockError(self.resource, f"acquire failed: {exc}") from exc
+        fence = int(result if reads is None else result[0])
         if fence > 0:
-            self.fencing_token, self.reads = fence, results[1:]
+            self.fencing_token = fence
+            self.reads = result[1] if reads is not None else None
         return fence
 
     def acquire(
@@ -152,16 +190,14 @@ class FencedLock(Lock):
         blocking_timeout: float | None = None,
         token: str | None = None,
         *,
-        reads: Queue | None = None,
+        reads: LockedRead | None = None,
     ) -> int:
         """Take the lock and return its fencing token; LockTimeout after the wait deadline.
 
         ``blocking=False`` makes one attempt. Between attempts the caller sleeps on the Clock
         with exponential backoff and jitter (``backoff_ms`` = first and largest delay).
-        ``reads`` queues commands on a pipeline right behind each attempt: Redis runs them after
-        the lock was taken, in the same round trip, and their results (exceptions as values)
-        are in ``lock.reads`` once acquired. They run on failed attempts too (and are dropped):
-        queue reads only.
+        ``reads`` is Lua run inside the acquire script once the lock is taken (read-after-lock in
+        the same atomic step and round trip); its return value is ``lock.reads``.
         """
         if self.local.token is not None:
             raise LockError(self.resource, "already held by this FencedLock (it is not re-entrant)")

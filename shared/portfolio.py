@@ -5,8 +5,9 @@ Guarantee: every mutation (``open``, ``reserve``, ``release``, ``apply_fill``) i
 
 1. take the account's :class:`~shared.locks.FencedLock` (resource ``portfolio:{<account>}``),
    which hands out a fencing token;
-2. read the state from Redis *after* the lock is held -- a :class:`Portfolio` object keeps no copy,
-   so nothing loaded before the lock can be decided on;
+2. read the state from Redis *after* the lock is held -- in the acquire script itself
+   (:class:`~shared.locks.LockedRead`), so the read is atomic with taking the lock; a
+   :class:`Portfolio` object keeps no copy, so nothing loaded before the lock is decided on;
 3. decide in Python with ``Decimal`` (:mod:`shared._portfolio_state`), refusing with a typed
    :class:`~shared.errors.PortfolioError` before anything is written;
 4. run :data:`~shared._portfolio_scripts.WRITE_SCRIPT`, which refuses a token below the newest
@@ -54,7 +55,7 @@ from typing import Any
 
 import redis
 
-from shared._portfolio_scripts import CONFLICT, READ_SCRIPT, STALE_FENCE, WRITE_SCRIPT
+from shared._portfolio_scripts import CONFLICT, FULL_READ_SCRIPT, READ_SCRIPT, STALE_FENCE, WRITE_SCRIPT
 from shared._portfolio_state import (
     Outcome,
     Position,
@@ -75,7 +76,7 @@ from shared.errors import (
     StaleFencingToken,
 )
 from shared.keys import Keys
-from shared.locks import FencedLock
+from shared.locks import FencedLock, LockedRead
 from shared.logging import get_logger
 from shared.models import Fill, Side
 
@@ -104,7 +105,7 @@ def lock_resource(account: str) -> str:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A consistent read of one account (read in one MULTI, without the lock)."""
+    """A consistent read of one account (one script, without the lock)."""
 
     account: str
     opened: bool
@@ -150,6 +151,7 @@ class Portfolio:
         self._keys = [keys.portfolio(account), *(keys.portfolio_part(account, p) for p in _PARTS),
                       keys.ledger(account), keys.fence(lock_resource(account)),
                       keys.lock(lock_resource(account))]
+        self._write = client.register_script(WRITE_SCRIPT)
 
     # -- mutations ------------------------------------------------------------------------------
 
@@ -204,14 +206,14 @@ class Portfolio:
 
     def snapshot(self) -> Snapshot:
         """The account as it is now (a consistent read; decide nothing on it outside the lock)."""
-        state = read_state(self.redis, self.keys, self.account, full=True)
+        state = read_state(self.redis, self.keys, self.account)
         return Snapshot(account=self.account, opened=state.opened, cash=state.cash, reserved=state.reserved,
                         realized_pnl=state.realized_pnl, fees=state.fees, version=state.version,
                         fence=state.fence, positions=state.positions, reservations=state.reservations)
 
     def read(self) -> State:
         """The whole state, with every closed reservation and applied fill id."""
-        return read_state(self.redis, self.keys, self.account, full=True, history=True)
+        return read_state(self.redis, self.keys, self.account, history=True)
 
     def marks(self) -> dict[str, Decimal]:
         """Last prices by symbol (for equity)."""
@@ -234,13 +236,9 @@ class Portfolio:
         """Lock (reading the state in the same round trip, after the lock is taken), decide, write."""
         lock = FencedLock.from_settings(self.redis, self.keys, lock_resource(self.account),
                                         self.lock_settings, self.clock)
-        read_args = [*self._keys[:5], rid or "", fill_id or ""]
-        token = lock.acquire(reads=lambda pipe: pipe.eval(READ_SCRIPT, 5, *read_args))
+        token = lock.acquire(reads=LockedRead(READ_SCRIPT, self._keys[:5], [rid or "", fill_id or ""]))
         try:
-            raw = lock.reads[0]
-            if isinstance(raw, Exception):
-                raise PortfolioError(self.account, f"state read failed: {raw}")
-            state = _state_from_read(raw, rid, fill_id)
+            state = _state_from_read(lock.reads, rid, fill_id)
             outcome = precheck(state) if precheck is not None else None
             if outcome is None:
                 outcome = apply_entry(state, entry, allow_short=self.settings.allow_short)
@@ -294,7 +292,7 @@ class Portfolio:
             ledger["realized"] = fmt(outcome.realized)
         args += [len(ledger), *(x for pair in ledger.items() for x in pair)]
         try:
-            result = self.redis.eval(WRITE_SCRIPT, len(self._keys), *self._keys, *args)
+            result = self._write(keys=self._keys, args=args, client=self.redis)
         except redis.ResponseError as exc:
             raise self._refusal(exc, token) from exc
         except _REDIS_DOWN as exc:
@@ -317,41 +315,20 @@ class Portfolio:
         return PortfolioError(self.account, f"write refused: {exc}")
 
 
-def read_state(client: redis.Redis, keys: Keys, account: str, *, rid: str | None = None,
-               fill_id: str | None = None, full: bool = False, history: bool = False) -> State:
-    """Read ``account`` from Redis in one MULTI.
+def read_state(client: redis.Redis, keys: Keys, account: str, *, history: bool = False) -> State:
+    """Read all of ``account`` in one script (a consistent view, taken without the lock).
 
-    With ``full`` every open reservation is read, and with ``history`` too every closed
-    reservation and applied fill id; otherwise (what a mutation needs, O(1) however long the
-    account has lived) only reservation ``rid`` and fill ``fill_id``, if they exist, beside the
-    totals and the positions.
+    With ``history`` also every closed reservation and applied fill id (for replay checks).
     """
-    part = {name: keys.portfolio_part(account, name) for name in _PARTS}
-    pipe = client.pipeline(transaction=True)
-    pipe.hgetall(keys.portfolio(account))
-    pipe.hgetall(part["positions"])
-    if full:
-        pipe.hgetall(part["reservations"])
-        for name in ("closed", "fills"):
-            pipe.hgetall(part[name]) if history else pipe.hlen(part[name])
-    else:
-        pipe.hget(part["reservations"], rid or "")
-        pipe.hget(part["closed"], rid or "")
-        pipe.hget(part["fills"], fill_id or "")
-    head, positions, reservations, closed, fills = _call(pipe.execute)
-    state = _base_state(head, positions)
-    if full:
-        state.reservations = {k.decode(): Reservation.decode(v) for k, v in reservations.items()}
-        if history:
-            state.closed = {k.decode(): v.decode() for k, v in closed.items()}
-            state.fills = {k.decode(): v.decode() for k, v in fills.items()}
-        return state
-    if rid is not None and reservations is not None:
-        state.reservations[rid] = Reservation.decode(reservations)
-    if rid is not None and closed is not None:
-        state.closed[rid] = closed.decode()
-    if fill_id is not None and fills is not None:
-        state.fills[fill_id] = fills.decode()
+    names = [keys.portfolio(account), *(keys.portfolio_part(account, name) for name in _PARTS)]
+    script = client.register_script(FULL_READ_SCRIPT)
+    raw = _call(lambda: script(keys=names, args=["1" if history else "0"], client=client))
+    head, positions, reservations, closed, fills = raw
+    state = _base_state(_pairs(head), _pairs(positions))
+    state.reservations = {k.decode(): Reservation.decode(v) for k, v in _pairs(reservations).items()}
+    if history:
+        state.closed = {k.decode(): v.decode() for k, v in _pairs(closed).items()}
+        state.fills = {k.decode(): v.decode() for k, v in _pairs(fills).items()}
     return state
 
 
@@ -432,7 +409,7 @@ def verify(client: redis.Redis, keys: Keys, account: str, *, allow_short: bool) 
         if broken:
             report.problems.append(f"{where}: invariant broken: {broken[0]}")
             return report
-    current = read_state(client, keys, account, full=True, history=True)
+    current = read_state(client, keys, account, history=True)
     difference = first_difference(replayed, current)
     if difference:
         report.problems.append(f"replayed ledger != state in Redis: {difference}")

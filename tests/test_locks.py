@@ -8,7 +8,7 @@ import redis
 from shared.clock import SimulatedClock
 from shared.errors import LockError, LockNotOwned, LockTimeout, RedisUnavailable
 from shared.keys import Keys
-from shared.locks import FencedLock
+from shared.locks import FencedLock, LockedRead
 from tests.support.processes import free_port
 
 
@@ -86,10 +86,11 @@ class TestFencedLock:
             lock.acquire()
 
     def test_reads_run_after_the_lock_is_taken(self, redis_client: redis.Redis, keys: Keys) -> None:
-        """Commands queued with ``reads`` see the lock already held (they run after the SET NX)."""
+        """The Lua of ``reads`` runs in the acquire script after the SET NX, so it sees the lock held."""
         lock = make(redis_client, keys)
-        lock.acquire(reads=lambda pipe: pipe.get(keys.lock("r")))
-        assert lock.reads == [lock.local.token]
+        lock.acquire(reads=LockedRead("return redis.call('get', KEYS[1]) .. ARGV[1]", [keys.lock("r")],
+                                      ["!"]))
+        assert lock.reads == lock.owner_token + b"!"
         lock.release()
 
     def test_store_released_lock_is_forgotten(self, redis_client: redis.Redis, keys: Keys) -> None:

@@ -334,7 +334,7 @@ class TestConnectionDrop:
         book = Portfolio(client, keys, "acct", settings=PortfolioSettings(account="acct"),
                          lock_settings=LockSettings(lease_ms=300, wait_ms=10_000), clock=LiveClock())
         book.open(D(10000))
-        proxy.trigger = b"STALE_FENCE"  # only the write script's text holds it
+        proxy.trigger = book._write.sha.encode()  # the EVALSHA of the write script
         return proxy, target, book
 
     def test_drop_before_write_changes_nothing_and_retry_succeeds(self, server_url: str, keys: Keys) -> None:
