@@ -119,7 +119,7 @@ class TestRandomContention:
 class TestStalledHolder:
     def test_holder_stopped_past_its_lease_cannot_write(self, server_url: str, client: redis.Redis,
                                                         keys: Keys) -> None:
-        """A holder SIGSTOPped after deciding, its lease expired while another wrote, is refused on SIGCONT."""
+        """A holder SIGSTOPped after deciding, its lease lost while another wrote, is refused on SIGCONT."""
         handle(client, keys, "acct").open(D(10000))
         stalled = worker(server_url, keys, "a", "stall", "--lease-ms", "300")
         try:
