@@ -178,4 +178,4 @@ class PortfolioMachine(RuleBasedStateMachine):
 PortfolioMachine.TestCase.settings = settings(
     max_examples=40, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TestPortfolioStateful = PortfolioMachine.TestCase
-TestPortfolioStateful.__doc__ = "Random operation sequences keep the portfolio equal to the model, replayable."
+TestPortfolioStateful.__doc__ = "Random operation sequences keep the portfolio equal to the model."
