@@ -114,6 +114,12 @@ class BrokerSettings(_Section):
     secret_key: SecretStr | None = None
     live: bool = False
     timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    stream_url: str | None = None  # trade_updates websocket; derived from base_url when unset
+    rate_limit_retries: Annotated[int, Field(ge=0)] = 5  # 429s waited out before RateLimited
+    max_rate_limit_wait_s: Annotated[float, Field(gt=0)] = 60.0
+    read_retries: Annotated[int, Field(ge=0)] = 2  # timeouts/5xx retried on reads (never on submit)
+    resolve_attempts: PositiveInt = 5  # look-ups by client_order_id after an ambiguous submit
+    resolve_interval_s: Annotated[float, Field(ge=0)] = 0.5
 
     @model_validator(mode="after")
     def _alpaca_needs_keys(self) -> BrokerSettings:
@@ -131,6 +137,14 @@ class PaperExchangeSettings(_Section):
     port: Annotated[int, Field(gt=0, lt=65536)] = 8790
     commission_per_share: NonNegativeDecimal = Decimal("0")
     slippage_bps: NonNegativeDecimal = Decimal("0")
+    api_key: SecretStr | None = None  # both unset: a pair is generated and kept in Redis
+    secret_key: SecretStr | None = None
+    starting_cash: NonNegativeDecimal = Decimal("100000")
+    max_volume_fraction: Fraction = Decimal("1")  # of a bar's volume one bar may fill
+    allow_short: bool = False
+    always_open: bool = True  # /v2/clock says open at any hour (bars drive the session)
+    consumer_group: Annotated[str, Field(min_length=1)] = "paper-exchange"
+    faults: str = ""  # a JSON fault plan (see docs/BROKERS.md); empty: no faults
 
 
 class Settings(BaseSettings):
