@@ -1,0 +1,286 @@
+"""The one Broker implementation: alpaca-py's TradingClient and TradingStream, with our policy.
+
+alpaca-py retries 429 and 504 on every request (POST /orders included: a blind resubmit) and
+sets no request timeout. This adapter turns both off on the client it owns and decides itself:
+
+* **Every request has a timeout** (``broker.timeout_s``).
+* **429** waits as the broker says (``Retry-After``, else ``X-Ratelimit-Reset``), up to
+  ``rate_limit_retries`` times, then raises RateLimited. A 429 placed nothing, so a submit is
+  retried too. After a reply with ``X-Ratelimit-Remaining: 0`` the next request waits for the reset.
+* **Reads** (and cancel) are retried ``read_retries`` times on a timeout, a dropped connection or a
+  5xx, then raise BrokerUnavailable.
+* **Submit is never sent twice.** A timeout, dropped connection or 5xx leaves the outcome unknown;
+  the adapter then looks the order up by client_order_id (``resolve_attempts`` times,
+  ``resolve_interval_s`` apart). Found: that is the answer. Not found after a 503 or a refused
+  connection: BrokerUnavailable (nothing was placed). Otherwise: AmbiguousSubmit, and the caller
+  keeps the order in flight and resolves it later by the same id.
+
+Why look up and not resend, as a timeline::
+
+    time 0   POST /v2/orders cid=abc; the broker places the order
+    time 1   the reply is lost (timeout); alpaca-py alone would POST again: a second order, or a 422
+    time 1   here: GET /v2/orders:by_client_order_id?client_order_id=abc -> the order, status new
+
+Left to the caller: an AmbiguousSubmit is not a failure; do not submit the same intent under a
+new client_order_id until the old one is known not to exist.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Mapping
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import requests
+from alpaca.common.exceptions import APIError
+from alpaca.trading.client import TradingClient
+
+from shared.brokers import _mapping as mapping
+from shared.brokers._stream import AlpacaTradeUpdates
+from shared.brokers._types import Account, BrokerOrder, OrderRequest, Position
+from shared.clock import Clock, LiveClock
+from shared.config import BrokerSettings
+from shared.errors import (
+    AmbiguousSubmit,
+    BrokerError,
+    BrokerUnavailable,
+    InsufficientBuyingPower,
+    OrderNotFound,
+    OrderRejected,
+    PatternDayTrading,
+    RateLimited,
+)
+from shared.logging import get_logger
+
+__all__ = ["AlpacaBroker"]
+
+log = get_logger(component="broker")
+
+
+class _Client(TradingClient):
+    """TradingClient with alpaca-py's retries off, a timeout on every request, headers kept."""
+
+    def __init__(self, api_key: str, secret_key: str, *, paper: bool, url: str | None,
+                 timeout: float) -> None:
+        super().__init__(api_key=api_key, secret_key=secret_key, paper=paper, raw_data=True,
+                         url_override=url)
+        self._retry = 0  # RESTClient's own loop: one attempt; the adapter decides about retries
+        self._retry_codes = []
+        self._timeout = timeout
+        self.last_headers: Mapping[str, str] = {}
+
+    def _one_request(self, method: str, url: str, opts: dict[str, Any], retry: int) -> Any:
+        response = self._session.request(method, url, timeout=self._timeout, **opts)
+        self.last_headers = response.headers
+        try:
+            response.raise_for_status()
+        except requests.HTTPError as http_error:
+            raise APIError(response.text, http_error) from None  # type: ignore[no-untyped-call]
+        return response.json() if response.text != "" else None
+
+
+class _Ambiguous(Exception):
+    """A submit whose outcome is unknown; ``placed_nothing`` when the failure says so (503, refused)."""
+
+    def __init__(self, detail: str, *, placed_nothing: bool) -> None:
+        self.detail = detail
+        self.placed_nothing = placed_nothing
+        super().__init__(detail)
+
+
+class AlpacaBroker:
+    """Broker over alpaca-py (the paper exchange or Alpaca). Thread-safe: calls are serialised."""
+
+    def __init__(self, settings: BrokerSettings, *, api_key: str, secret_key: str, base_url: str | None,
+                 stream_url: str | None, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.clock = clock or LiveClock()
+        self._client = _Client(api_key, secret_key, paper=not settings.live, url=base_url,
+                               timeout=settings.timeout_s)
+        self._stream_args = {"api_key": api_key, "secret_key": secret_key, "paper": not settings.live,
+                             "url": stream_url}
+        self._lock = threading.Lock()
+        self._not_before = 0.0  # monotonic time before which no request is sent (quota exhausted)
+
+    # -- the Broker interface -----------------------------------------------------------------
+
+    def submit(self, request: OrderRequest) -> BrokerOrder:
+        """Place ``request``; see the module docstring for every outcome."""
+        cid = request.client_order_id
+        body = mapping.order_body(request)
+        try:
+            raw = self._call("submit", lambda: self._client.post("/orders", body), cid=cid, submit=True)
+        except _Ambiguous as exc:
+            log.warning("broker.submit_ambiguous", client_order_id=cid, detail=exc.detail)
+            return self._resolve(cid, exc)
+        except OrderRejected as exc:
+            if "client_order_id must be unique" not in exc.reason:
+                raise
+            existing = self.get_order(cid)
+            if (existing.symbol, existing.side, existing.quantity) != (request.symbol, request.side,
+                                                                      request.quantity):
+                raise OrderRejected(f"client_order_id {cid!r} is already used by a different order "
+                                    f"({existing.side} {existing.quantity} {existing.symbol})",
+                                    client_order_id=cid) from exc
+            log.info("broker.submit_duplicate", client_order_id=cid, broker_order_id=existing.broker_order_id)
+            return existing
+        placed = mapping.order(raw)
+        log.info("broker.submitted", client_order_id=cid, broker_order_id=placed.broker_order_id,
+                 status=placed.status)
+        return placed
+
+    def cancel(self, client_order_id: str) -> None:
+        """Cancel the order; OrderNotFound if the broker has none, OrderRejected if it is done."""
+        found = self.get_order(client_order_id)
+        self._call("cancel", lambda: self._client.cancel_order_by_id(found.broker_order_id),
+                   cid=client_order_id)
+
+    def get_order(self, client_order_id: str) -> BrokerOrder:
+        """The order with ``client_order_id`` (OrderNotFound if none)."""
+        raw = self._call("get_order", lambda: self._client.get_order_by_client_id(client_order_id),
+                         cid=client_order_id)
+        return mapping.order(raw)
+
+    def open_orders(self) -> list[BrokerOrder]:
+        """Every open order (legs listed on their own)."""
+        raw = self._call("open_orders", lambda: self._client.get("/orders", {"status": "open", "limit": 500}))
+        return [mapping.order(item) for item in raw or []]
+
+    def positions(self) -> list[Position]:
+        """Every open position."""
+        raw = self._call("positions", self._client.get_all_positions)
+        return [mapping.position(item) for item in raw or []]
+
+    def account(self) -> Account:
+        """Balances and trading flags."""
+        return mapping.account(self._call("account", self._client.get_account))
+
+    def trade_updates(self) -> AlpacaTradeUpdates:
+        """Open the trade_updates stream (call ``wait_ready`` before relying on it)."""
+        return AlpacaTradeUpdates(**self._stream_args)  # type: ignore[arg-type]
+
+    # -- policy -------------------------------------------------------------------------------
+
+    def _resolve(self, cid: str, cause: _Ambiguous) -> BrokerOrder:
+        for attempt in range(self.settings.resolve_attempts):
+            if attempt:
+                self.clock.sleep(self.settings.resolve_interval_s)
+            try:
+                found = self.get_order(cid)
+            except (OrderNotFound, BrokerUnavailable, RateLimited) as exc:
+                log.info("broker.resolve_miss", client_order_id=cid, attempt=attempt + 1, error=str(exc))
+                continue
+            log.info("broker.resolved", client_order_id=cid, broker_order_id=found.broker_order_id,
+                     status=found.status)
+            return found
+        if cause.placed_nothing:
+            raise BrokerUnavailable(f"submit of {cid!r} failed before the broker took it ({cause.detail}); "
+                                    "not found by client_order_id", client_order_id=cid)
+        raise AmbiguousSubmit(f"submit of {cid!r} may have been placed ({cause.detail}); not found after "
+                              f"{self.settings.resolve_attempts} look-ups by client_order_id: "
+                              "resolve it later",
+                              client_order_id=cid)
+
+    def _call(self, op: str, fn: Callable[[], Any], *, cid: str | None = None, submit: bool = False) -> Any:
+        rate_limited = failures = 0
+        while True:
+            wait = self._not_before - self.clock.monotonic()
+            if wait > 0:
+                self.clock.sleep(wait)
+            try:
+                with self._lock:
+                    result = fn()
+                    headers = self._client.last_headers
+                self._note_quota(headers)
+                return result
+            except APIError as exc:
+                status = exc.status_code or 0
+                headers = exc.response.headers if exc.response is not None else {}
+                if status == 429:
+                    delay = self._rate_limit_delay(headers)
+                    rate_limited += 1
+                    limit = self.settings
+                    if rate_limited > limit.rate_limit_retries or delay > limit.max_rate_limit_wait_s:
+                        raise RateLimited(f"{op}: broker rate limit (429) persists; retry in {delay:.2f}s",
+                                          retry_after=delay, client_order_id=cid) from exc
+                    log.warning("broker.rate_limited", op=op, wait_s=round(delay, 3), attempt=rate_limited)
+                    self.clock.sleep(delay)
+                    continue
+                if status >= 500:
+                    if submit:
+                        raise _Ambiguous(f"HTTP {status}", placed_nothing=status == 503) from exc
+                    if failures < self.settings.read_retries:
+                        failures += 1
+                        self.clock.sleep(min(0.1 * 2 ** failures, 2.0))
+                        continue
+                raise _translate(op, status, exc, cid) from exc
+            except requests.RequestException as exc:
+                refused = _refused(exc)
+                if submit and not refused:
+                    raise _Ambiguous(f"{type(exc).__name__}: {exc}", placed_nothing=False) from exc
+                if not submit and failures < self.settings.read_retries:
+                    failures += 1
+                    self.clock.sleep(min(0.1 * 2 ** failures, 2.0))
+                    continue
+                what = "connection refused" if refused else f"{type(exc).__name__}"
+                raise BrokerUnavailable(f"{op}: broker unreachable ({what}): {exc}",
+                                        client_order_id=cid) from exc
+
+    def _rate_limit_delay(self, headers: Mapping[str, str]) -> float:
+        retry_after = headers.get("Retry-After")
+        if retry_after:
+            try:
+                return max(float(retry_after), 0.0)
+            except ValueError:
+                try:
+                    return max((parsedate_to_datetime(retry_after) - self.clock.now()).total_seconds(), 0.0)
+                except (TypeError, ValueError):
+                    pass
+        reset = headers.get("X-Ratelimit-Reset")
+        if reset:
+            try:
+                return max(float(reset) - self.clock.now().timestamp(), 0.0)
+            except ValueError:
+                pass
+        return 1.0
+
+    def _note_quota(self, headers: Mapping[str, str]) -> None:
+        if headers.get("X-Ratelimit-Remaining") == "0":
+            delay = min(self._rate_limit_delay({"X-Ratelimit-Reset": headers.get("X-Ratelimit-Reset", "")}),
+                        self.settings.max_rate_limit_wait_s)
+            self._not_before = self.clock.monotonic() + delay
+
+
+def _refused(exc: requests.RequestException) -> bool:
+    """True when nothing reached the broker (the TCP connection was never made)."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    text = repr(exc)
+    return isinstance(exc, requests.ConnectionError) and (
+        "NewConnectionError" in text or "Connection refused" in text or "Failed to establish" in text)
+
+
+def _message(exc: APIError) -> str:
+    try:
+        return str(json.loads(str(exc))["message"])
+    except (ValueError, KeyError, TypeError):
+        return str(exc)[:300]
+
+
+def _translate(op: str, status: int, exc: APIError, cid: str | None) -> BrokerError:
+    message = _message(exc)
+    lowered = message.lower()
+    if status == 404:
+        return OrderNotFound(f"{op}: broker has no such order ({message})", client_order_id=cid)
+    if status == 401:
+        return BrokerError(f"{op}: broker refused the API keys (401): check broker.api_key/secret_key",
+                           client_order_id=cid)
+    if status == 403 and "pattern day" in lowered:
+        return PatternDayTrading(message, client_order_id=cid)
+    if status == 403 and "buying power" in lowered:
+        return InsufficientBuyingPower(message, client_order_id=cid)
+    if status >= 500:
+        return BrokerUnavailable(f"{op}: broker failed (HTTP {status}): {message}", client_order_id=cid)
+    return OrderRejected(f"{message} (HTTP {status} on {op})", client_order_id=cid)
