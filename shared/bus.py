@@ -207,7 +207,9 @@ class Consumer:
     """Runs ``handler`` on every entry of one stream, as one consumer of one group.
 
     Concurrency model: one thread, one entry at a time. Scale by running more processes with
-    the same group and different names.
+    the same group and different names. When asked to stop, it finishes the entries the server
+    already delivered to it (at most ``batch``, plus any whose reply was lost), acknowledges
+    them and returns, so a clean stop leaves nothing pending; ``batch=1`` makes that one entry.
     """
 
     def __init__(self, client: redis.Redis, keys: Keys, *, stream: str, group: str, handler: Handler,
@@ -246,7 +248,7 @@ class Consumer:
             try:
                 if self.clock.monotonic() >= next_claim:
                     next_claim = self.clock.monotonic() + self.settings.claim_interval_ms / 1000
-                    if self._claim_idle(stop):
+                    if self._claim_idle():
                         continue
                 limit = self.settings.batch
                 if max_messages is not None:
@@ -255,9 +257,9 @@ class Consumer:
                 entries = self._read_new(limit, block=not burst)
                 if entries:
                     backoff = 0.0
-                    self._handle_all(entries, stop, fresh=True)
+                    self._handle_all(entries, fresh=True)
                     continue
-                if self._recover_lost_replies(stop):
+                if self._recover_lost_replies():
                     continue
                 if burst:
                     break
@@ -276,7 +278,17 @@ class Consumer:
                 backoff = min(max(backoff * 2, 0.1), 2.0)
                 self._log.error("bus.redis_error", error=str(exc), retry_in_s=backoff)
                 stop.wait(backoff)
+        if stop.is_set():
+            self._finish_in_hand()
         return self.processed - start_count
+
+    def _finish_in_hand(self) -> None:
+        """On stop, handle what the server already delivered to us, so nothing is left pending."""
+        try:
+            while self._recover_lost_replies():
+                pass
+        except redis.RedisError as exc:
+            self._log.warning("bus.stop_with_pending", error=str(exc))
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -311,9 +323,9 @@ class Consumer:
             entries = [e for e in own if _text(e[0]) not in self._failed]
             if not entries:
                 return
-            self._handle_all(entries, stop, fresh=False)
+            self._handle_all(entries, fresh=False)
 
-    def _recover_lost_replies(self, stop: threading.Event | StopSignal) -> bool:
+    def _recover_lost_replies(self) -> bool:
         """Handle entries in our pending list that we never received (the reply was lost)."""
         pending = self.client.xpending_range(self.stream_key, self.group, "-", "+", self.settings.batch,
                                              consumername=self.name)
@@ -323,10 +335,10 @@ class Consumer:
             return False
         self._log.info("bus.lost_reply_recovered", count=len(lost))
         entries = self.client.xclaim(self.stream_key, self.group, self.name, 0, lost)
-        self._handle_or_lose(lost, entries, stop)
+        self._handle_or_lose(lost, entries)
         return True
 
-    def _claim_idle(self, stop: threading.Event | StopSignal) -> bool:
+    def _claim_idle(self) -> bool:
         """XAUTOCLAIM entries idle past ``claim_idle_ms`` (a dead or failing consumer's)."""
         reply = self.client.xautoclaim(self.stream_key, self.group, self.name,
                                        self.settings.claim_idle_ms, "0-0", count=self.settings.batch)
@@ -339,30 +351,26 @@ class Consumer:
         for entry_id in deleted:
             self._dead_letter(entry_id, {}, "entry was trimmed or deleted while pending", 0)
         self._failed.difference_update(_text(e[0]) for e in entries)
-        self._handle_or_lose([_text(e[0]) for e in entries], entries, stop)
+        self._handle_or_lose([_text(e[0]) for e in entries], entries)
         if len(entries) < len(claimed):  # Redis 6.2: a deleted entry comes back as nil, id unknown
-            self._recover_lost_replies(stop)
+            self._recover_lost_replies()
         return True
 
-    def _handle_or_lose(self, ids: Sequence[str], entries: Sequence[Any], stop: threading.Event | StopSignal
-                        ) -> None:
+    def _handle_or_lose(self, ids: Sequence[str], entries: Sequence[Any]) -> None:
         by_id = {_text(e[0]): e for e in entries if e and e[0] is not None}
         present = [by_id[i] for i in ids if i in by_id]
         for entry_id in ids:
             if entry_id not in by_id:  # XCLAIM drops ids whose entry no longer exists
                 self._dead_letter(entry_id, {}, "entry was trimmed or deleted while pending", 0)
-        self._handle_all(present, stop, fresh=False)
+        self._handle_all(present, fresh=False)
 
     # -- handling -----------------------------------------------------------------------------
 
-    def _handle_all(self, entries: Sequence[tuple[Any, Any]], stop: threading.Event | StopSignal,
-                    *, fresh: bool) -> None:
+    def _handle_all(self, entries: Sequence[tuple[Any, Any]], *, fresh: bool) -> None:
         counts = {} if fresh else self._delivery_counts([_text(e[0]) for e in entries])
-        for raw_id, fields in entries:
+        for raw_id, fields in entries:  # all of them, even after a stop request: they are in hand
             entry_id = _text(raw_id)
             self._handle(entry_id, fields or {}, counts.get(entry_id, 1))
-            if stop.is_set():
-                return  # the rest stay pending for us: recovered on restart or by XAUTOCLAIM
 
     def _delivery_counts(self, ids: Sequence[str]) -> dict[str, int]:
         if not ids:

@@ -30,7 +30,7 @@ def main() -> int:
     parser.add_argument("--delay-ms", type=int, default=0)
     args = parser.parse_args()
     settings = settings_or_exit()
-    configure_logging(f"test-consumer-{args.name}", "WARNING")
+    configure_logging(f"test-consumer-{args.name}", settings.log.level)
     client = connect(settings)
     keys = Keys(settings.key_prefix)
     effects = f"{keys.prefix}:effects"

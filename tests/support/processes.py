@@ -23,9 +23,19 @@ def free_port() -> int:
 
 
 def spawn(module: str, *args: str, env: dict[str, str] | None = None,
-          stdout: int | None = subprocess.PIPE) -> subprocess.Popen[bytes]:
-    """Start ``python -m module args...`` from the repository root."""
+          stdout: int | None = subprocess.PIPE, log: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start ``python -m module args...`` from the repository root.
+
+    With ``log``, stdout and stderr both go to that file (a long-running process can never
+    block on a full pipe, and the test can wait for a line in it).
+    """
     full_env = {**os.environ, **(env or {})}
+    if log is not None:
+        with log.open("ab") as sink:
+            return subprocess.Popen(
+                [sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=full_env,
+                stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
     return subprocess.Popen(
         [sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=full_env,
         stdout=stdout, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,

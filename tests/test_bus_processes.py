@@ -1,0 +1,162 @@
+"""The bus with real OS processes sharing one server: fakeredis's TCP server and a real redis-server."""
+
+from __future__ import annotations
+
+import signal
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from shared.keys import BARS, Keys
+from shared.redis_client import connect_url
+from tests.conftest import SERVER_BACKENDS
+from tests.support.processes import spawn, stop_all, wait_for
+
+pytestmark = pytest.mark.multiprocess
+
+PRODUCERS = 4
+PER_PRODUCER = 2_500
+TOTAL = PRODUCERS * PER_PRODUCER
+
+
+def env_for(url: str, keys: Keys, **bus: int) -> dict[str, str]:
+    """Environment giving a test process the server, the key prefix and fast bus timings.
+
+    The stream is kept short (maxlen 500, trimmed every 100 publishes), so every test here also
+    checks that trimming under load never drops an entry a group still needs.
+    """
+    env = {"REDIS_URL": url, "BASTION_KEY_PREFIX": keys.prefix, "BASTION_BUS__BLOCK_MS": "200",
+           "BASTION_BUS__CLAIM_IDLE_MS": "1000", "BASTION_BUS__CLAIM_INTERVAL_MS": "250",
+           "BASTION_BUS__MAXLEN": "500", "BASTION_BUS__TRIM_EVERY": "100", "BASTION_LOG__LEVEL": "INFO"}
+    env.update({f"BASTION_BUS__{name.upper()}": str(value) for name, value in bus.items()})
+    return env
+
+
+def effects(client: redis.Redis, keys: Keys) -> list[str]:
+    """Every effect applied, in the order applied."""
+    return [item.decode() for item in client.lrange(f"{keys.prefix}:effects", 0, -1)]
+
+
+def pending(client: redis.Redis, keys: Keys, group: str = "effects") -> int:
+    """Entries delivered to the group and not acknowledged."""
+    return int(client.xpending(keys.stream(BARS), group)["pending"])
+
+
+@pytest.fixture
+def client(server_url: str, keys: Keys) -> Iterator[redis.Redis]:
+    """A client of the shared server, for the test's own checks."""
+    result = connect_url(server_url)
+    yield result
+    for key in result.scan_iter(match=keys.pattern(), count=1000):
+        result.delete(key)
+    result.close()
+
+
+@pytest.mark.parametrize("server_url", SERVER_BACKENDS, indirect=True)
+def test_exactly_once_effect_with_a_consumer_killed_mid_run(
+    server_url: str, client: redis.Redis, keys: Keys, tmp_path: Path
+) -> None:
+    """4 producers x 2,500 messages, 3 consumers, one SIGKILLed mid-run: every effect exactly once."""
+    env = env_for(server_url, keys)
+    consumers = [spawn("tests.procs.bus_consumer", "--name", f"c{i}", env=env, log=tmp_path / f"c{i}.log")
+                 for i in range(3)]
+    producers = [spawn("tests.procs.bus_producer", "--symbol", f"P{i}", "--count", str(PER_PRODUCER), env=env,
+                       log=tmp_path / f"p{i}.log") for i in range(PRODUCERS)]
+    try:
+        wait_for(lambda: int(client.get(f"{keys.prefix}:started:c0") or 0) >= 300, timeout=120,
+                 message="consumer c0 to be well into its work")
+        consumers[0].send_signal(signal.SIGKILL)
+        consumers[0].wait(10)
+        for proc in producers:
+            assert proc.wait(300) == 0
+        wait_for(lambda: client.llen(f"{keys.prefix}:effects") >= TOTAL, timeout=300,
+                 message=f"{TOTAL} effects")
+        wait_for(lambda: pending(client, keys) == 0, timeout=60, message="nothing pending")
+        applied = effects(client, keys)
+        assert len(applied) == TOTAL
+        assert len(set(applied)) == TOTAL, Counter(applied).most_common(3)
+        assert set(applied) == {f"P{p}:{seq}" for p in range(PRODUCERS) for seq in range(PER_PRODUCER)}
+        assert client.xlen(keys.stream(BARS)) <= 500 + PRODUCERS * 100  # trimmed as it went
+        for live in consumers[1:]:
+            live.send_signal(signal.SIGTERM)
+            assert live.wait(30) == 0
+    finally:
+        stop_all(consumers + producers)
+
+
+@pytest.mark.parametrize("server_url", SERVER_BACKENDS, indirect=True)
+def test_single_consumer_applies_in_publish_order(
+    server_url: str, client: redis.Redis, keys: Keys, tmp_path: Path
+) -> None:
+    """With one consumer, effects are applied in exactly the order the messages were published."""
+    env = env_for(server_url, keys)
+    producer = spawn("tests.procs.bus_producer", "--symbol", "FIFO", "--count", "1000", env=env,
+                     log=tmp_path / "producer.log")
+    consumer = spawn("tests.procs.bus_consumer", "--name", "solo", env=env, log=tmp_path / "consumer.log")
+    try:
+        assert producer.wait(120) == 0
+        wait_for(lambda: client.llen(f"{keys.prefix}:effects") >= 1000, timeout=120, message="1000 effects")
+        assert effects(client, keys) == [f"FIFO:{seq}" for seq in range(1000)]
+    finally:
+        stop_all([consumer, producer])
+
+
+@pytest.mark.parametrize("server_url", SERVER_BACKENDS, indirect=True)
+def test_sigterm_finishes_the_message_in_hand(
+    server_url: str, client: redis.Redis, keys: Keys, tmp_path: Path
+) -> None:
+    """SIGTERM mid-message: entries in hand are finished and acknowledged, and the process exits 0."""
+    env = env_for(server_url, keys, batch=4)
+    producer = spawn("tests.procs.bus_producer", "--symbol", "SLOW", "--count", "50", env=env)
+    assert producer.wait(60) == 0
+    consumer = spawn("tests.procs.bus_consumer", "--name", "slow", "--delay-ms", "300", env=env,
+                     log=tmp_path / "consumer.log")
+    try:
+        wait_for(lambda: int(client.get(f"{keys.prefix}:started:slow") or 0) >= 2, timeout=60,
+                 message="the consumer to be mid-message")
+        consumer.send_signal(signal.SIGTERM)
+        assert consumer.wait(30) == 0
+        started = int(client.get(f"{keys.prefix}:started:slow") or 0)
+        assert len(effects(client, keys)) == started  # what was in hand was finished
+        assert pending(client, keys) == 0  # and acknowledged
+        assert started < 50  # it stopped rather than draining the stream
+        assert client.xlen(keys.stream(BARS)) == 50
+    finally:
+        stop_all([consumer])
+
+
+@pytest.mark.parametrize("server_url", SERVER_BACKENDS, indirect=True)
+def test_second_sigterm_exits_at_once(
+    server_url: str, client: redis.Redis, keys: Keys, tmp_path: Path
+) -> None:
+    """A second SIGTERM ends a consumer stuck in a slow handler now; its entry stays pending."""
+    env = env_for(server_url, keys, grace_seconds=60)
+    producer = spawn("tests.procs.bus_producer", "--symbol", "STUCK", "--count", "3", env=env)
+    assert producer.wait(60) == 0
+    log = tmp_path / "consumer.log"
+    consumer = spawn("tests.procs.bus_consumer", "--name", "stuck", "--delay-ms", "120000", env=env, log=log)
+    try:
+        wait_for(lambda: int(client.get(f"{keys.prefix}:started:stuck") or 0) >= 1, timeout=60,
+                 message="the consumer to be mid-message")
+        consumer.send_signal(signal.SIGTERM)
+        wait_for(lambda: "stop.requested" in log.read_text(), timeout=30, message="the first SIGTERM seen")
+        consumer.send_signal(signal.SIGTERM)
+        assert consumer.wait(30) == 1
+        assert effects(client, keys) == []
+        assert pending(client, keys) >= 1
+    finally:
+        stop_all([consumer])
+
+
+def test_bad_setting_stops_start_up_naming_the_field(keys: Keys) -> None:
+    """A consumer process given an invalid bus setting exits 2 and names the field."""
+    proc = spawn("tests.procs.bus_consumer", "--name", "x",
+                 env={"REDIS_URL": "redis://127.0.0.1:1/0", "BASTION_BUS__MAX_DELIVERIES": "0"})
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert b"bus.max_deliveries" in err
+
+
