@@ -179,7 +179,7 @@ class Server:
     # -- admin --------------------------------------------------------------------------------
 
     async def _health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        return web.json_response({"status": "ok", "listeners": len(self._listeners)})
 
     async def _get_faults(self, request: web.Request) -> web.Response:
         return web.json_response(self.faults.plan.model_dump())
