@@ -33,12 +33,18 @@ __all__ = [
     "BrokerSettings",
     "BusSettings",
     "EmbeddedRedisSettings",
+    "ExecutorSettings",
+    "IngesterSettings",
     "LockSettings",
     "LogSettings",
+    "MonitorSettings",
     "PaperExchangeSettings",
     "PortfolioSettings",
+    "ReconcilerSettings",
     "RiskSettings",
+    "ServiceSettings",
     "Settings",
+    "StrategySettings",
     "load_settings",
     "settings_or_exit",
 ]
@@ -147,6 +153,63 @@ class PaperExchangeSettings(_Section):
     faults: str = ""  # a JSON fault plan (see docs/BROKERS.md); empty: no faults
 
 
+class ServiceSettings(_Section):
+    """What every service process shares: heartbeats."""
+
+    heartbeat_interval_s: Annotated[float, Field(gt=0)] = 2.0
+    heartbeat_ttl_s: Annotated[float, Field(gt=0)] = 6.0
+
+    @model_validator(mode="after")
+    def _ttl_outlives_interval(self) -> ServiceSettings:
+        if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
+            raise ValueError("heartbeat_ttl_s must be longer than heartbeat_interval_s")
+        return self
+
+
+class IngesterSettings(_Section):
+    """Market data in: where bars come from and when a symbol is stale."""
+
+    source: Literal["synthetic", "csv", "alpaca"] = "synthetic"
+    symbols: list[Annotated[str, Field(pattern=r"^[A-Z0-9./-]+$")]] = ["AAPL", "MSFT", "SPY"]
+    csv_path: Path | None = None
+    speed: Annotated[float, Field(gt=0)] = 60.0  # replay/synthetic bars per second of wall time, per symbol
+    seed: int = 7
+    stale_after_s: Annotated[float, Field(gt=0)] = 120.0
+    partitions: Annotated[int, Field(gt=0, le=256)] = 8
+
+
+class StrategySettings(_Section):
+    """Strategy workers: which strategy runs on which symbol, and partition leases."""
+
+    lease_ms: PositiveInt = 5_000
+    plugins: dict[str, str] = {"*": "sma_crossover"}  # symbol (or "*") -> strategy name
+    params: dict[str, dict[str, str]] = {}  # strategy name -> its parameters
+
+
+class ExecutorSettings(_Section):
+    """The order executor."""
+
+    consumer_group: Annotated[str, Field(min_length=1)] = "executor"
+
+
+class ReconcilerSettings(_Section):
+    """Broker truth against ours."""
+
+    interval_s: Annotated[float, Field(gt=0)] = 60.0
+    cash_tolerance: NonNegativeDecimal = Decimal("0.01")
+    quantity_tolerance: NonNegativeDecimal = Decimal("0")
+
+
+class MonitorSettings(_Section):
+    """The scheduler: heartbeats, lag, stale data, periodic rq jobs, alert delivery."""
+
+    interval_s: Annotated[float, Field(gt=0)] = 5.0
+    max_lag: PositiveInt = 1_000
+    webhook_url: str | None = None
+    webhook_retries: Annotated[int, Field(ge=0)] = 5
+    balance_refresh_s: Annotated[float, Field(gt=0)] = 300.0
+
+
 class Settings(BaseSettings):
     """Everything a Bastion process can be configured with."""
 
@@ -171,6 +234,12 @@ class Settings(BaseSettings):
     risk: RiskSettings = RiskSettings()
     broker: BrokerSettings = BrokerSettings()
     paper_exchange: PaperExchangeSettings = PaperExchangeSettings()
+    service: ServiceSettings = ServiceSettings()
+    ingester: IngesterSettings = IngesterSettings()
+    strategy: StrategySettings = StrategySettings()
+    executor: ExecutorSettings = ExecutorSettings()
+    reconciler: ReconcilerSettings = ReconcilerSettings()
+    monitor: MonitorSettings = MonitorSettings()
 
     @classmethod
     def settings_customise_sources(
