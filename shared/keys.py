@@ -16,6 +16,16 @@ Read this module to learn what to type into ``redis-cli``. With the default pref
 ``bastion:applied:<scope>:<id>``    idempotency marker: message ``id`` already applied by ``scope``
 ``bastion:heartbeat:<service>:<instance>``  expires when the process stops beating
 ``bastion:paper:*``                 the embedded paper exchange's own state
+``bastion:stream:bars:<n>``         bars of the symbols hashed to partition n, for strategy workers
+``bastion:lease:<resource>``        a worker's lease (a strategy partition), expires unless renewed
+``bastion:strategy:<name>:<SYM>``   a strategy's persisted per-symbol state
+``bastion:last-bar``                symbol -> time of its newest bar (staleness)
+``bastion:order:<client_order_id>`` an order the executor tracks (hash)
+``bastion:open-orders``             client_order_ids of orders not yet terminal (set)
+``bastion:trading-state``           ACTIVE / REDUCING / HALTED with who, why, when (hash)
+``bastion:protection-locks``        active protection locks with their expiry (hash)
+``bastion:ratelimit:<name>``        a shared token bucket
+``bastion:deferred``                intents waiting to be executed (hash, one per symbol and side)
 ==================================  ==========================================================
 
 Keys that one Lua script touches together share a hash tag (``{<account>}``) so they live on
@@ -90,6 +100,51 @@ class Keys:
     def paper(self, name: str) -> str:
         """A key of the embedded paper exchange."""
         return f"{self.prefix}:paper:{name}"
+
+    def bar_partition(self, partition: int) -> str:
+        """Stream name (for :meth:`stream`) of bar partition ``partition``."""
+        return f"{BARS}:{partition}"
+
+    def lease(self, resource: str) -> str:
+        """A worker's lease on ``resource``."""
+        return f"{self.prefix}:lease:{resource}"
+
+    def strategy_state(self, strategy: str, symbol: str) -> str:
+        """``strategy``'s persisted state for ``symbol``."""
+        return f"{self.prefix}:strategy:{strategy}:{symbol}"
+
+    @property
+    def last_bar(self) -> str:
+        """Hash: symbol -> ISO time of its newest bar."""
+        return f"{self.prefix}:last-bar"
+
+    def order(self, client_order_id: str) -> str:
+        """The executor's record of one order."""
+        return f"{self.prefix}:order:{client_order_id}"
+
+    @property
+    def open_orders(self) -> str:
+        """Set of client_order_ids not yet in a terminal state."""
+        return f"{self.prefix}:open-orders"
+
+    @property
+    def trading_state(self) -> str:
+        """The kill switch / trading state hash."""
+        return f"{self.prefix}:trading-state"
+
+    @property
+    def protection_locks(self) -> str:
+        """Active protection locks."""
+        return f"{self.prefix}:protection-locks"
+
+    def rate_limit(self, name: str) -> str:
+        """A shared token bucket."""
+        return f"{self.prefix}:ratelimit:{name}"
+
+    @property
+    def deferred(self) -> str:
+        """Deferred intents."""
+        return f"{self.prefix}:deferred"
 
     def pattern(self) -> str:
         """A SCAN pattern matching every key under this prefix."""
