@@ -8,6 +8,7 @@ Read this module to learn what to type into ``redis-cli``. With the default pref
 ``bastion:stream:orders``           orders approved by risk, consumed by the executor (bounded)
 ``bastion:stream:order-events``     order lifecycle and fills from the executor (bounded)
 ``bastion:stream:alerts``           alerts for the monitor to deliver (bounded)
+``bastion:stream:rejections``       intents refused by risk, with the reason (bounded)
 ``bastion:stream:dead-letter``      messages that could not be processed, with the reason (bounded)
 ``bastion:ledger:{<account>}``      every portfolio mutation, append-only, never trimmed
 ``bastion:portfolio:{<account>}``   the account's current state (a hash)
@@ -43,6 +44,7 @@ __all__ = [
     "INTENTS",
     "ORDERS",
     "ORDER_EVENTS",
+    "REJECTIONS",
     "Keys",
 ]
 
@@ -51,6 +53,7 @@ INTENTS = "intents"
 ORDERS = "orders"
 ORDER_EVENTS = "order-events"
 ALERTS = "alerts"
+REJECTIONS = "rejections"
 DEAD_LETTER = "dead-letter"
 
 

@@ -1,0 +1,1 @@
+"""The order executor: approved orders to the broker, broker events to the portfolio."""

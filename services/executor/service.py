@@ -1,0 +1,251 @@
+"""The executor: submits approved orders and turns the broker's events into portfolio changes.
+
+Orders (``orders``, group ``executor``): the order is recorded in ``order:<client_order_id>``
+with status ``pending_submit`` *before* the submit (claim before acting), then submitted through
+the broker adapter with the client_order_id risk derived from the intent id. A redelivered order
+whose record is past ``pending_submit`` is a duplicate and is skipped; one still
+``pending_submit`` (we died mid-submit) is submitted again, which the adapter resolves by
+client_order_id -- the broker never sees two orders. A broker rejection releases the
+reservation; an ambiguous or unavailable broker leaves the entry pending to be retried, and on
+the last delivery the order is given up: reservation released, alert raised.
+
+Fills (the broker's trade-update stream, and polls of open orders): each update carries the
+order's *cumulative* filled quantity. The executor applies only the increase over what it has
+applied, as a fill whose id is ``<client_order_id>:<cumulative qty>`` -- so a repeated update, an
+out-of-order one, and a poll that overlaps the stream all change nothing twice. A terminal order
+releases whatever its reservation still holds. Every change is published on ``order-events``.
+
+Concurrency model: two threads -- the order consumer, and the trade-update reader -- serialised
+on one lock around each order's record. Run one executor per account.
+"""
+
+from __future__ import annotations
+
+import threading
+from decimal import Decimal
+from typing import Any
+
+import redis
+
+from shared.brokers import Broker, BrokerOrder, OrderRequest, build_broker
+from shared.bus import Delivery, Publisher
+from shared.clock import Clock
+from shared.config import Settings
+from shared.errors import (
+    AmbiguousSubmit,
+    BrokerError,
+    BrokerUnavailable,
+    OrderNotFound,
+    OrderRejected,
+    PortfolioError,
+    RateLimited,
+)
+from shared.keys import ALERTS, ORDER_EVENTS, ORDERS, Keys
+from shared.logging import bind_correlation, get_logger
+from shared.models import Alert, AlertSeverity, Fill, Order, OrderEvent, OrderStatus
+from shared.portfolio import Portfolio
+from shared.service import ServiceContext
+
+__all__ = ["Executor", "main"]
+
+log = get_logger(component="executor")
+GROUP = "executor"
+PRICE_PLACES = Decimal("0.000001")
+
+
+class Executor:
+    """Submits orders and applies broker events; all state lives in Redis."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, settings: Settings, clock: Clock, broker: Broker,
+                 publisher: Publisher) -> None:
+        self.client = client
+        self.keys = keys
+        self.settings = settings
+        self.clock = clock
+        self.broker = broker
+        self.publisher = publisher
+        self.portfolio = Portfolio(client, keys, settings.portfolio.account, settings=settings.portfolio,
+                                   lock_settings=settings.lock, clock=clock)
+        self._lock = threading.Lock()
+
+    # -- orders -------------------------------------------------------------------------------
+
+    def handle_order(self, delivery: Delivery) -> None:
+        """Submit one approved order, exactly once at the broker (a bus handler)."""
+        order = delivery.message
+        if not isinstance(order, Order):
+            return
+        cid = order.client_order_id
+        with self._lock:
+            record = self._record(cid)
+            if record and record["status"] != OrderStatus.PENDING_SUBMIT:
+                log.info("executor.duplicate_order", status=record["status"])
+                return
+            if not record:
+                self._create_record(order)
+        request = OrderRequest.from_order(order)
+        try:
+            placed = self.broker.submit(request)
+        except OrderRejected as exc:
+            self._give_up(order, OrderStatus.REJECTED, exc.reason)
+            return
+        except (AmbiguousSubmit, BrokerUnavailable, RateLimited) as exc:
+            if delivery.deliveries >= self.settings.bus.max_deliveries:
+                self._give_up(order, OrderStatus.REJECTED, f"broker unavailable after "
+                                                           f"{delivery.deliveries} attempts: {exc}")
+                return
+            log.warning("executor.submit_retry_later", error=str(exc), deliveries=delivery.deliveries)
+            raise
+        log.info("executor.submitted", broker_order_id=placed.broker_order_id, status=placed.status.value)
+        self.apply_broker_order(placed)
+
+    def _create_record(self, order: Order) -> None:
+        fields: dict[str | bytes, str | bytes] = {
+            "status": OrderStatus.PENDING_SUBMIT.value, "intent_id": order.intent_id,
+            "reservation_id": order.reservation_id, "symbol": order.symbol, "side": order.side.value,
+            "quantity": str(order.quantity), "applied_qty": "0", "applied_cost": "0",
+            "created_at": self.clock.now().isoformat(),
+        }
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(self.keys.order(order.client_order_id), mapping=fields)  # type: ignore[arg-type]
+            pipe.sadd(self.keys.open_orders, order.client_order_id)
+            pipe.execute()
+
+    def _give_up(self, order: Order, status: OrderStatus, reason: str) -> None:
+        log.warning("executor.order_failed", status=status.value, reason=reason)
+        event = OrderEvent(time=self.clock.now(), client_order_id=order.client_order_id,
+                           intent_id=order.intent_id, symbol=order.symbol, side=order.side, status=status,
+                           reason=reason)
+        self.apply_event(event)
+        self.publisher.publish(ALERTS, Alert(time=self.clock.now(), severity=AlertSeverity.WARNING,
+                                             source="executor", kind="order_failed",
+                                             text=f"{order.side} {order.quantity} {order.symbol}: {reason}",
+                                             details={"client_order_id": order.client_order_id}))
+
+    # -- events -------------------------------------------------------------------------------
+
+    def apply_broker_order(self, placed: BrokerOrder) -> None:
+        """Apply an order as the broker reports it (a submit reply or a poll)."""
+        self.apply_event(OrderEvent(
+            time=self.clock.now(), client_order_id=placed.client_order_id,
+            broker_order_id=placed.broker_order_id, symbol=placed.symbol, side=placed.side,
+            status=placed.status, filled_quantity=placed.filled_quantity,
+            filled_avg_price=placed.filled_avg_price))
+
+    def apply_event(self, event: OrderEvent) -> None:
+        """Apply an order event: the fill increase (once), the status, the release when terminal."""
+        with self._lock, bind_correlation(client_order_id=event.client_order_id):
+            record = self._record(event.client_order_id)
+            if not record:
+                log.warning("executor.unknown_order_event", status=event.status.value)
+                return
+            changed = self._apply_fill_increase(event, record)
+            status = OrderStatus(record["status"])
+            new_status = event.status
+            if status.is_terminal or (new_status == OrderStatus.NEW and status != OrderStatus.PENDING_SUBMIT):
+                new_status = status  # never move back from a later state
+            if new_status != status:
+                self.client.hset(self.keys.order(event.client_order_id), "status", new_status.value)
+                changed = True
+            if event.broker_order_id and record.get("broker_order_id") != event.broker_order_id:
+                self.client.hset(self.keys.order(event.client_order_id), "broker_order_id",
+                                 event.broker_order_id)
+            if new_status.is_terminal:
+                self._close(event.client_order_id, record, new_status)
+            if changed:
+                self.publisher.publish(ORDER_EVENTS, event.model_copy(update={
+                    "status": new_status, "intent_id": record.get("intent_id"), "time": self.clock.now()}))
+
+    def _apply_fill_increase(self, event: OrderEvent, record: dict[str, str]) -> bool:
+        applied_qty = Decimal(record["applied_qty"])
+        applied_cost = Decimal(record["applied_cost"])
+        filled = event.filled_quantity
+        if event.fill is not None and filled < applied_qty + event.fill.quantity and filled <= applied_qty:
+            filled = applied_qty + event.fill.quantity  # a fill event without its cumulative quantity
+        if filled <= applied_qty:
+            return False
+        delta = filled - applied_qty
+        fee = Decimal(0)
+        if event.fill is not None and event.fill.quantity == delta:
+            price, fee = event.fill.price, event.fill.fee
+        elif event.filled_avg_price is not None:
+            price = ((event.filled_avg_price * filled - applied_cost) / delta).quantize(PRICE_PLACES)
+        else:
+            log.warning("executor.fill_without_price", filled=str(filled))
+            return False
+        fill = Fill(fill_id=f"{event.client_order_id}:{filled}", quantity=delta, price=price, fee=fee,
+                    time=event.fill.time if event.fill is not None else self.clock.now())
+        try:
+            self.portfolio.apply_fill(record["reservation_id"], fill)
+        except PortfolioError as exc:
+            log.error("executor.fill_refused", error=str(exc), fill_id=fill.fill_id)
+            self.publisher.publish(ALERTS, Alert(time=self.clock.now(), severity=AlertSeverity.CRITICAL,
+                                                 source="executor", kind="fill_refused", text=str(exc),
+                                                 details={"client_order_id": event.client_order_id}))
+            return False
+        self.client.hset(self.keys.order(event.client_order_id), mapping={
+            "applied_qty": str(filled), "applied_cost": str(applied_cost + delta * price)})
+        log.info("executor.fill_applied", fill_id=fill.fill_id, quantity=str(delta), price=str(price))
+        return True
+
+    def _close(self, cid: str, record: dict[str, str], status: OrderStatus) -> None:
+        try:
+            self.portfolio.release(record["reservation_id"], reason=status.value)
+        except PortfolioError as exc:
+            log.warning("executor.release_failed", error=str(exc))
+        self.client.srem(self.keys.open_orders, cid)
+
+    def _record(self, cid: str) -> dict[str, str]:
+        raw: Any = self.client.hgetall(self.keys.order(cid))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    # -- catching up --------------------------------------------------------------------------
+
+    def poll_open_orders(self) -> int:
+        """Ask the broker for every order we hold open (missed updates); returns how many changed."""
+        polled = 0
+        members: Any = self.client.smembers(self.keys.open_orders)
+        for raw in members:
+            cid = raw.decode()
+            record = self._record(cid)
+            if not record or record["status"] == OrderStatus.PENDING_SUBMIT:
+                continue  # the order consumer owns it until it is submitted
+            try:
+                self.apply_broker_order(self.broker.get_order(cid))
+                polled += 1
+            except OrderNotFound:
+                log.warning("executor.order_not_found_at_broker", client_order_id=cid)
+            except BrokerError as exc:
+                log.warning("executor.poll_failed", client_order_id=cid, error=str(exc))
+        return polled
+
+    def follow_trade_updates(self, stop: Any) -> None:
+        """Apply the broker's trade updates until ``stop``; re-poll open orders on reconnect."""
+        while not stop.is_set():
+            updates = self.broker.trade_updates()
+            try:
+                if not updates.wait_ready(10.0):
+                    log.warning("executor.trade_updates_not_ready")
+                    continue
+                self.poll_open_orders()  # anything missed while we were not listening
+                while not stop.is_set():
+                    event = updates.get(timeout=0.5)
+                    if event is not None:
+                        self.apply_event(event)
+            except BrokerError as exc:
+                log.warning("executor.trade_updates_lost", error=str(exc))
+            finally:
+                updates.close()
+            stop.wait(1.0)
+
+
+def main(ctx: ServiceContext) -> None:
+    """Run the executor until stopped."""
+    broker = build_broker(ctx.settings, client=ctx.redis, clock=ctx.clock)
+    executor = Executor(ctx.redis, ctx.keys, ctx.settings, ctx.clock, broker, ctx.publisher())
+    executor.portfolio.open()
+    follower = threading.Thread(target=executor.follow_trade_updates, args=(ctx.stop,), name="trade-updates",
+                                daemon=True)
+    follower.start()
+    ctx.consumer(ORDERS, GROUP, executor.handle_order).run(ctx.stop)
+    follower.join(ctx.settings.bus.grace_seconds)

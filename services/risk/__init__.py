@@ -1,0 +1,1 @@
+"""The risk service: intents in, approved orders or rejections out (``python -m services.risk``)."""
