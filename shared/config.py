@@ -35,11 +35,13 @@ __all__ = [
     "EmbeddedRedisSettings",
     "ExecutorSettings",
     "IngesterSettings",
+    "LimitSettings",
     "LockSettings",
     "LogSettings",
     "MonitorSettings",
     "PaperExchangeSettings",
     "PortfolioSettings",
+    "ProtectionSettings",
     "ReconcilerSettings",
     "RiskSettings",
     "ServiceSettings",
@@ -52,6 +54,7 @@ __all__ = [
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveDecimal = Annotated[Decimal, Field(gt=0)]
 NonNegativeDecimal = Annotated[Decimal, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Fraction = Annotated[Decimal, Field(gt=0, le=1)]
 
 
@@ -109,6 +112,70 @@ class RiskSettings(_Section):
     max_position_fraction: Fraction = Decimal("0.25")
     max_order_notional: PositiveDecimal = Decimal("50000")
     min_order_notional: NonNegativeDecimal = Decimal("1")
+
+
+class ProtectionSettings(_Section):
+    """Freqtrade-style protections (see docs/RISK.md); durations and lookbacks in seconds.
+
+    StoplossGuard locks after ``stoploss_guard_trade_limit`` stop-outs within its lookback,
+    globally, per symbol, per side, or per symbol and side. MaxDrawdown halts every entry when
+    account equity falls ``max_drawdown_fraction`` from its peak within the lookback. Cooldown
+    locks a symbol after each exit. LowProfitPairs locks a symbol whose realised PnL over the
+    lookback (at least ``low_profit_trade_limit`` trades) is below ``low_profit_required``.
+    """
+
+    stoploss_guard_enabled: bool = True
+    stoploss_guard_trade_limit: PositiveInt = 4
+    stoploss_guard_lookback_s: PositiveFloat = 3600.0
+    stoploss_guard_duration_s: PositiveFloat = 3600.0
+    stoploss_guard_per_symbol: bool = False
+    stoploss_guard_per_side: bool = False
+    max_drawdown_enabled: bool = True
+    max_drawdown_fraction: Fraction = Decimal("0.10")
+    max_drawdown_lookback_s: PositiveFloat = 86_400.0
+    max_drawdown_duration_s: PositiveFloat = 43_200.0
+    cooldown_enabled: bool = True
+    cooldown_duration_s: PositiveFloat = 300.0
+    low_profit_enabled: bool = True
+    low_profit_lookback_s: PositiveFloat = 86_400.0
+    low_profit_trade_limit: PositiveInt = 2
+    low_profit_required: Annotated[Decimal, Field(allow_inf_nan=False)] = Decimal("0")
+    low_profit_duration_s: PositiveFloat = 3600.0
+
+
+class LimitSettings(_Section):
+    """Pre-trade limits, PDT, staleness, shared API rate limits, deferred intents (docs/RISK.md).
+
+    ``None`` for ``max_position_quantity`` means no quantity cap (the equity fraction still
+    applies). ``max_gross_leverage`` is gross exposure over equity (above 1 only on margin).
+    ``endpoint_rate_limits`` maps an endpoint name to its own limit per ``api_rate_period_s``;
+    every endpoint also counts against the account-wide ``api_rate_limit``.
+    """
+
+    max_position_quantity: PositiveDecimal | None = None
+    max_position_fraction: Fraction = Decimal("0.25")
+    max_order_notional: PositiveDecimal = Decimal("50000")
+    min_order_notional: NonNegativeDecimal = Decimal("1")
+    max_gross_leverage: PositiveDecimal = Decimal("1")
+    max_open_orders: PositiveInt = 50
+    max_orders_per_minute: PositiveInt = 60
+    pdt_enabled: bool = True
+    pdt_equity_threshold: NonNegativeDecimal = Decimal("25000")
+    pdt_max_day_trades: PositiveInt = 3
+    pdt_window_business_days: PositiveInt = 5
+    stale_data_after_s: PositiveFloat = 120.0
+    balance_max_age_s: PositiveFloat = 300.0
+    balance_refresh_after_fills: PositiveInt = 10
+    api_rate_limit: PositiveInt = 200
+    api_rate_period_s: PositiveFloat = 60.0
+    endpoint_rate_limits: dict[Annotated[str, Field(pattern=r"^[a-z0-9_.-]+$")], PositiveInt] = {}
+    deferred_max_age_s: PositiveFloat = 900.0
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> LimitSettings:
+        if self.min_order_notional > self.max_order_notional:
+            raise ValueError("min_order_notional must not exceed max_order_notional")
+        return self
 
 
 class BrokerSettings(_Section):
@@ -176,6 +243,10 @@ class IngesterSettings(_Section):
     seed: int = 7
     stale_after_s: Annotated[float, Field(gt=0)] = 120.0
     partitions: Annotated[int, Field(gt=0, le=256)] = 8
+    paced: bool = True  # False: publish as fast as Redis takes them (replays, benchmarks)
+    max_bars: Annotated[int, Field(ge=0)] = 0  # read at most this many bars from the source, then exit; 0: no limit
+    batch: Annotated[int, Field(gt=0, le=10_000)] = 256  # bars per dedup check + publish round trip
+    alpaca_feed: Literal["iex", "sip", "delayed_sip"] = "iex"
 
 
 class StrategySettings(_Section):
@@ -183,7 +254,10 @@ class StrategySettings(_Section):
 
     lease_ms: PositiveInt = 5_000
     plugins: dict[str, str] = {"*": "sma_crossover"}  # symbol (or "*") -> strategy name
-    params: dict[str, dict[str, str]] = {}  # strategy name -> its parameters
+    params: dict[str, dict[str, str]] = {}  # strategy name (or "name:SYMBOL") -> its parameters
+    modules: list[str] = []  # modules imported at start-up that register more strategies
+    batch: Annotated[int, Field(gt=0, le=10_000)] = 128  # partition entries applied per transaction
+    idle_wait_ms: PositiveInt = 200  # longest wait for new bars before lease upkeep runs again
 
 
 class ExecutorSettings(_Section):
@@ -232,6 +306,8 @@ class Settings(BaseSettings):
     lock: LockSettings = LockSettings()
     portfolio: PortfolioSettings = PortfolioSettings()
     risk: RiskSettings = RiskSettings()
+    protections: ProtectionSettings = ProtectionSettings()
+    limits: LimitSettings = LimitSettings()
     broker: BrokerSettings = BrokerSettings()
     paper_exchange: PaperExchangeSettings = PaperExchangeSettings()
     service: ServiceSettings = ServiceSettings()

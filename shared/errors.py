@@ -22,6 +22,7 @@ that calls them -- the bus, the lock, the portfolio store, the broker adapter --
     │   ├── FillRefused             a fill that would corrupt state (over-fill, wrong side)
     │   ├── StaleFencingToken       a write under a token older than one already accepted
     │   └── PortfolioConflict       the state changed between read and write (version check)
+    ├── RateLimitTimeout            a shared rate limit did not grant a request before the deadline
     └── BrokerError
         ├── OrderRejected           the broker refused the order (reason attached)
         │   ├── InsufficientBuyingPower
@@ -57,6 +58,7 @@ __all__ = [
     "PatternDayTrading",
     "PortfolioConflict",
     "PortfolioError",
+    "RateLimitTimeout",
     "RateLimited",
     "RedisUnavailable",
     "StaleFencingToken",
@@ -173,6 +175,21 @@ class StaleFencingToken(PortfolioError):
 
 class PortfolioConflict(PortfolioError):
     """The state version changed between the read and the write."""
+
+
+class RateLimitTimeout(BastionError):
+    """The shared rate limit on ``endpoint`` did not grant ``weight`` before the caller's deadline.
+
+    ``retry_in`` is how many seconds the limiter last said to wait (Redis's clock).
+    """
+
+    def __init__(self, endpoint: str, weight: int, waited: float, retry_in: float) -> None:
+        self.endpoint = endpoint
+        self.weight = weight
+        self.waited = waited
+        self.retry_in = retry_in
+        super().__init__(f"rate limit {endpoint!r}: weight {weight} not granted after {waited:.3f}s "
+                         f"(next slot in {retry_in:.3f}s)")
 
 
 class BrokerError(BastionError):
