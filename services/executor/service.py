@@ -159,9 +159,7 @@ class Executor:
     def _apply_fill_increase(self, event: OrderEvent, record: dict[str, str]) -> bool:
         applied_qty = Decimal(record["applied_qty"])
         applied_cost = Decimal(record["applied_cost"])
-        filled = event.filled_quantity
-        if event.fill is not None and filled < applied_qty + event.fill.quantity and filled <= applied_qty:
-            filled = applied_qty + event.fill.quantity  # a fill event without its cumulative quantity
+        filled = event.filled_quantity  # cumulative: Alpaca's updates carry the order's filled_qty
         if filled <= applied_qty:
             return False
         delta = filled - applied_qty

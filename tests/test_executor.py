@@ -1,0 +1,185 @@
+"""The executor against a FakeBroker, with a real portfolio on in-process fakeredis."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import fakeredis
+import pytest
+import redis
+
+from services.executor.service import Executor
+from shared import codec
+from shared.brokers import BrokerCall, BrokerOrder, FakeBroker
+from shared.bus import Delivery, Publisher
+from shared.clock import SimulatedClock
+from shared.config import Settings
+from shared.errors import BrokerUnavailable, InsufficientBuyingPower, OrderNotFound
+from shared.keys import ALERTS, ORDER_EVENTS, ORDERS, Keys
+from shared.models import Fill, Order, OrderEvent, OrderStatus, OrderType, Side
+
+T0 = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)
+KEYS = Keys("t")
+
+
+def broker_order(order: Order, status: OrderStatus = OrderStatus.NEW, filled: str = "0",
+                 avg: str | None = None) -> BrokerOrder:
+    """The broker's view of ``order``."""
+    return BrokerOrder(broker_order_id="b-1", client_order_id=order.client_order_id, symbol=order.symbol,
+                       side=order.side, order_type=OrderType.MARKET, time_in_force="day",
+                       quantity=order.quantity, filled_quantity=Decimal(filled),
+                       filled_avg_price=Decimal(avg) if avg else None, limit_price=None, stop_price=None,
+                       status=status, broker_status=status.value, submitted_at=T0)
+
+
+class World:
+    """An executor, its fake broker and a $10,000 account with a reservation for 10 AAPL @ 150."""
+
+    def __init__(self, handler: object = None) -> None:
+        self.client: redis.Redis = fakeredis.FakeRedis()
+        settings = Settings(portfolio={"starting_cash": "10000"}, bus={"max_deliveries": 3})
+        self.calls: list[BrokerCall] = []
+        self.broker = FakeBroker(handler or self.accept)  # type: ignore[arg-type]
+        self.executor = Executor(self.client, KEYS, settings, SimulatedClock(T0), self.broker,
+                                 Publisher(self.client, KEYS, settings.bus))
+        self.executor.portfolio.open()
+        self.executor.portfolio.reserve("i1", "AAPL", Side.BUY, Decimal(10), Decimal(150))
+        self.order = Order(time=T0, intent_id="i1", client_order_id="bst-i1", account="paper", symbol="AAPL",
+                           side=Side.BUY, quantity=Decimal(10), reservation_id="i1")
+
+    def accept(self, call: BrokerCall) -> object:
+        if call.method in ("submit", "get_order"):
+            return broker_order(self.order)
+        return []
+
+    def deliver(self, deliveries: int = 1) -> None:
+        self.executor.handle_order(Delivery(ORDERS, "1-0", self.order, deliveries))
+
+    def event(self, status: OrderStatus, filled: str, avg: str | None = None,
+              fill: tuple[str, str, str] | None = None) -> OrderEvent:
+        execution = None
+        if fill is not None:
+            execution = Fill(fill_id=fill[0], quantity=Decimal(fill[1]), price=Decimal(fill[2]), time=T0)
+        return OrderEvent(time=T0, client_order_id="bst-i1", symbol="AAPL", side=Side.BUY, status=status,
+                          filled_quantity=Decimal(filled), filled_avg_price=Decimal(avg) if avg else None,
+                          fill=execution)
+
+    def stream(self, name: str) -> list[object]:
+        return [codec.decode(f) for _, f in self.client.xrange(KEYS.stream(name))]
+
+    def status(self) -> str:
+        return (self.client.hget(KEYS.order("bst-i1"), "status") or b"").decode()
+
+
+@pytest.fixture
+def world() -> World:
+    """A fresh executor world."""
+    return World()
+
+
+class TestSubmission:
+    def test_order_is_recorded_and_submitted_once(self, world: World) -> None:
+        """An order is submitted, recorded as new, and a redelivery does not submit it again."""
+        world.deliver()
+        world.deliver()
+        assert [c.method for c in world.broker.calls] == ["submit"]
+        assert world.status() == "new"
+        assert world.client.sismember(KEYS.open_orders, "bst-i1")
+
+    def test_order_left_pending_submit_is_submitted_again(self, world: World) -> None:
+        """A record still pending_submit (died mid-submit) is submitted again, by the same client_order_id."""
+        world.client.hset(KEYS.order("bst-i1"), mapping={"status": "pending_submit", "reservation_id": "i1",
+                                                         "intent_id": "i1", "applied_qty": "0",
+                                                         "applied_cost": "0"})
+        world.deliver()
+        [call] = world.broker.calls
+        assert call.method == "submit" and call.args[0].client_order_id == "bst-i1"
+        assert world.status() == "new"
+
+    def test_rejected_order_releases_its_reservation(self) -> None:
+        """A broker rejection closes the order, gives back the reserved cash and raises an alert."""
+        def reject(call: BrokerCall) -> object:
+            raise InsufficientBuyingPower("not enough", client_order_id="bst-i1")
+
+        world = World(reject)
+        world.deliver()
+        assert world.status() == "rejected"
+        assert world.executor.portfolio.snapshot().reserved == 0
+        assert not world.client.sismember(KEYS.open_orders, "bst-i1")
+        assert [type(m).__name__ for m in world.stream(ALERTS)] == ["Alert"]
+
+    def test_unavailable_broker_is_retried_then_given_up(self) -> None:
+        """BrokerUnavailable leaves the order to be retried; on the last delivery it is released."""
+        def down(call: BrokerCall) -> object:
+            raise BrokerUnavailable("503")
+
+        world = World(down)
+        with pytest.raises(BrokerUnavailable):
+            world.deliver(deliveries=1)
+        assert world.executor.portfolio.snapshot().reserved > 0
+        world.deliver(deliveries=3)
+        assert world.status() == "rejected"
+        assert world.executor.portfolio.snapshot().reserved == 0
+
+
+class TestFills:
+    def test_partial_then_full_fill(self, world: World) -> None:
+        """Fills move the position and cash; completion returns the unused reservation."""
+        world.deliver()
+        world.executor.apply_event(world.event(OrderStatus.PARTIALLY_FILLED, "4", "149", ("x1", "4", "149")))
+        world.executor.apply_event(world.event(OrderStatus.FILLED, "10", "149.4", ("x2", "6", "149.666667")))
+        snap = world.executor.portfolio.snapshot()
+        assert snap.positions["AAPL"].qty == Decimal(10)
+        assert snap.reserved == 0
+        assert snap.cash == Decimal(10000) - Decimal(4) * 149 - Decimal(6) * Decimal("149.666667")
+        assert world.status() == "filled"
+        assert not world.client.sismember(KEYS.open_orders, "bst-i1")
+
+    def test_repeated_and_out_of_order_updates_apply_once(self, world: World) -> None:
+        """A repeated update and an older one arriving late change nothing the second time."""
+        world.deliver()
+        first = world.event(OrderStatus.PARTIALLY_FILLED, "4", "150", ("x1", "4", "150"))
+        second = world.event(OrderStatus.PARTIALLY_FILLED, "7", "150", ("x2", "3", "150"))
+        for event in (first, second, second, first):
+            world.executor.apply_event(event)
+        snap = world.executor.portfolio.snapshot()
+        assert snap.positions["AAPL"].qty == Decimal(7)
+        assert snap.cash == Decimal(10000) - Decimal(7) * 150
+        assert world.status() == "partially_filled"
+
+    def test_cancel_after_partial_fill_releases_the_rest(self, world: World) -> None:
+        """A canceled order keeps its fills and gives back what the rest had reserved."""
+        world.deliver()
+        world.executor.apply_event(world.event(OrderStatus.PARTIALLY_FILLED, "4", "150", ("x1", "4", "150")))
+        world.executor.apply_event(world.event(OrderStatus.CANCELED, "4", "150"))
+        snap = world.executor.portfolio.snapshot()
+        assert (snap.positions["AAPL"].qty, snap.reserved, snap.cash) == (Decimal(4), 0, Decimal(9400))
+        assert world.status() == "canceled"
+
+    def test_poll_catches_a_missed_fill(self, world: World) -> None:
+        """Polling open orders applies a fill whose trade update was never received."""
+        world.deliver()
+        world.broker.handler = lambda call: broker_order(world.order, OrderStatus.FILLED, "10", "150")
+        assert world.executor.poll_open_orders() == 1
+        assert world.executor.portfolio.snapshot().positions["AAPL"].qty == Decimal(10)
+        assert world.status() == "filled"
+
+    def test_poll_of_an_order_the_broker_lost(self, world: World) -> None:
+        """An open order the broker does not know is logged and left open for the next poll."""
+        world.deliver()
+
+        def lost(call: BrokerCall) -> object:
+            raise OrderNotFound("no such order")
+
+        world.broker.handler = lost
+        assert world.executor.poll_open_orders() == 0
+        assert world.client.sismember(KEYS.open_orders, "bst-i1")
+
+    def test_events_are_published(self, world: World) -> None:
+        """Each change of an order is published on order-events with its intent id."""
+        world.deliver()
+        world.executor.apply_event(world.event(OrderStatus.FILLED, "10", "150", ("x1", "10", "150")))
+        events = world.stream(ORDER_EVENTS)
+        assert [e.status for e in events] == [OrderStatus.NEW, OrderStatus.FILLED]  # type: ignore[attr-defined]
+        assert {e.intent_id for e in events} == {"i1"}  # type: ignore[attr-defined]
