@@ -89,7 +89,8 @@ class TestOrders:
             symbol="MSFT", qty=5, side=OrderSide.BUY, time_in_force=TimeInForce.GTC, order_class="bracket",
             take_profit=TakeProfitRequest(limit_price=110), stop_loss=StopLossRequest(stop_price=90),
             client_order_id="brk"))
-        assert [leg.status for leg in parent.legs or []] == [OrderStatus.HELD, OrderStatus.HELD]  # type: ignore[union-attr]
+        legs = parent.legs or []  # type: ignore[union-attr]
+        assert [leg.status for leg in legs] == [OrderStatus.HELD, OrderStatus.HELD]
         exchange.bar("MSFT", "100", "101", "99", "100")
         wait_for(lambda: _status(client, "brk") == OrderStatus.FILLED, message="the entry to fill")
         legs = client.get_order_by_client_id("brk").legs or []  # type: ignore[union-attr]
@@ -98,10 +99,12 @@ class TestOrders:
 
         def exits() -> list[Any] | None:
             found = client.get_order_by_client_id("brk").legs or []  # type: ignore[union-attr]
-            return found if {leg.status for leg in found} == {OrderStatus.FILLED, OrderStatus.CANCELED} else None
+            done = {leg.status for leg in found} == {OrderStatus.FILLED, OrderStatus.CANCELED}
+            return found if done else None
 
         take_profit, stop_loss = wait_for(exits, message="the take-profit to fill")
-        assert (take_profit.type, take_profit.status, take_profit.filled_avg_price) == ("limit", "filled", "110")
+        assert (take_profit.type, take_profit.status, take_profit.filled_avg_price) == (
+            "limit", "filled", "110")
         assert stop_loss.status == OrderStatus.CANCELED
         assert client.get_all_positions() == []
 
@@ -137,7 +140,8 @@ class TestOrders:
         exchange.bar("IBM", "110", "110", "110", "110")
         wait_for(lambda: _status(client, "s") == OrderStatus.FILLED, message="the sell")
         position = client.get_open_position("IBM")
-        assert (position.qty, position.avg_entry_price, position.market_value) == ("6", "100", "660")  # type: ignore[union-attr]
+        held = (position.qty, position.avg_entry_price, position.market_value)  # type: ignore[union-attr]
+        assert held == ("6", "100", "660")
         account = client.get_account()
         assert (account.cash, account.equity) == ("99440", "100100")  # type: ignore[union-attr]
 
@@ -183,7 +187,7 @@ class TestTradeUpdates:
             thread.join(10)
 
     def test_stream_refuses_wrong_keys(self, exchange: PaperExchange) -> None:
-        """The websocket answers a bad authenticate with status unauthorized and never registers a listener."""
+        """A bad authenticate is answered "unauthorized" and no listener is registered."""
         with connect(exchange.stream_url) as ws:
             ws.send(json.dumps({"action": "authenticate", "data": {"key_id": KEY_ID, "secret_key": "no"}}))
             reply = json.loads(ws.recv(timeout=5))

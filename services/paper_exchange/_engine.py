@@ -372,7 +372,7 @@ class Exchange:
                     continue
                 if nested and record["parent_id"]:
                     continue
-                if record["id"] in self._hidden:
+                if self._hidden.get(record["id"], 0) > 0:
                     continue
                 chosen.append(record)
             chosen.sort(key=lambda r: r["seq"], reverse=(direction != "asc"))

@@ -124,6 +124,8 @@ class Server:
                                                       request.headers.get("APCA-API-SECRET-KEY")):
             return _error(401, 40110000, "request is not authorized")
         endpoint = f"{request.method} {path}"
+        if request.can_read_body:
+            await request.read()  # received in full before any fault: a slow server still has it
         fired = self.faults.draw(endpoint) if not path.startswith("/_paper") else []
         after: list[FaultRule] = []
         for rule in fired:

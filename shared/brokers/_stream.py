@@ -85,7 +85,7 @@ class AlpacaTradeUpdates:
                 continue
             if event is not None:
                 return event
-            log.info("broker.trade_update_skipped", event=data.get("event"),
+            log.info("broker.trade_update_skipped", update=data.get("event"),
                      execution_id=data.get("execution_id"))
 
     def close(self) -> None:
