@@ -1,0 +1,242 @@
+"""The ingester's process: read a source, admit bars through the gate, publish, watch staleness.
+
+Concurrency model: one thread (plus alpaca-py's own thread for the live source). The loop takes
+a batch from the source, runs it through :class:`~services.ingester._gate.BarGate` (one atomic
+script), publishes every accepted bar twice in one non-transactional pipeline -- to ``bars``
+for everyone and to ``bars:<n>`` (``n = crc32(symbol) % partitions``) for strategy workers --
+and then checks staleness. A stop request ends the loop after the batch in hand.
+
+Guarantees: per symbol, the bars published are strictly increasing in time, across any number
+of ingester instances (the gate is atomic). A bar reaches both streams or, if the process dies
+between the gate and the pipeline, neither (see the gate's docstring). Streams are trimmed to
+about ``bus.maxlen`` every ``bus.trim_every`` bars, never past an entry a group still needs.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import redis
+
+from services.ingester._gate import BarGate, Verdict
+from services.ingester._sources import AlpacaSource, BarSource, CsvSource, SyntheticSource, Waiter
+from shared import codec
+from shared.bus import publish, trim
+from shared.clock import Clock
+from shared.config import BusSettings, IngesterSettings, Settings
+from shared.errors import RedisUnavailable
+from shared.keys import ALERTS, BARS, Keys
+from shared.logging import get_logger
+from shared.models import Alert, AlertSeverity, Bar
+from shared.service import ServiceContext
+
+__all__ = ["Counts", "Ingester", "main", "make_source", "partition_of"]
+
+log = get_logger(component="ingester")
+
+
+def partition_of(symbol: str, partitions: int) -> int:
+    """The bar partition of ``symbol``: ``crc32(symbol) % partitions`` (stable across hosts)."""
+    return zlib.crc32(symbol.encode()) % partitions
+
+
+@dataclass
+class Counts:
+    """What the ingester did with the bars it read."""
+
+    read: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    out_of_order: int = 0
+
+
+@dataclass
+class _Watch:
+    last_arrival: float  # clock.monotonic() of the last accepted bar (or of the start)
+    last_bar: datetime | None = None
+    stale: bool = False
+
+
+@dataclass
+class Ingester:
+    """Admits, publishes and watches bars; drive it with :meth:`run` or :meth:`offer`."""
+
+    client: redis.Redis
+    keys: Keys
+    settings: IngesterSettings
+    bus: BusSettings
+    clock: Clock
+    watch: Sequence[str] = ()
+    counts: Counts = field(default_factory=Counts)
+    _watches: dict[str, _Watch] = field(default_factory=dict, init=False)
+    _since_trim: dict[str, int] = field(default_factory=dict, init=False)
+    _next_stale_check: float = field(default=0.0, init=False)
+
+    def __post_init__(self) -> None:
+        self.gate = BarGate(self.client, self.keys)
+        self._bars_key = self.keys.stream(BARS)
+        self._partition_keys = [self.keys.stream(self.keys.bar_partition(n))
+                                for n in range(self.settings.partitions)]
+        now = self.clock.monotonic()
+        for symbol in self.watch:
+            self._watches[symbol] = _Watch(now)
+
+    def offer(self, bars: Sequence[Bar]) -> list[Verdict]:
+        """Admit ``bars`` (in arrival order) and publish the accepted ones; one verdict per bar."""
+        verdicts = self.gate.admit(bars)
+        accepted: list[Bar] = []
+        for bar, verdict in zip(bars, verdicts, strict=True):
+            if verdict is Verdict.ACCEPTED:
+                accepted.append(bar)
+            elif verdict is Verdict.DUPLICATE:
+                self.counts.duplicates += 1
+                log.debug("ingester.bar_duplicate", symbol=bar.symbol, bar_time=bar.time.isoformat())
+            else:
+                self.counts.out_of_order += 1
+                log.warning("ingester.bar_out_of_order", symbol=bar.symbol, bar_time=bar.time.isoformat())
+        self.counts.read += len(bars)
+        if accepted:
+            self._publish(accepted)
+            self.counts.accepted += len(accepted)
+            now = self.clock.monotonic()
+            for bar in accepted:
+                self._arrived(bar, now)
+        return verdicts
+
+    def _publish(self, bars: Sequence[Bar]) -> None:
+        partitions = self.settings.partitions
+        touched: dict[str, int] = {}
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for bar in bars:
+                    fields: Any = codec.encode(bar)
+                    partition_key = self._partition_keys[partition_of(bar.symbol, partitions)]
+                    pipe.xadd(self._bars_key, fields)
+                    pipe.xadd(partition_key, fields)
+                    touched[partition_key] = touched.get(partition_key, 0) + 1
+                pipe.execute()
+            touched[self._bars_key] = len(bars)
+            for key, count in touched.items():
+                since = self._since_trim.get(key, 0) + count
+                if since >= self.bus.trim_every:
+                    trim(self.client, key, self.bus.maxlen)
+                    since = 0
+                self._since_trim[key] = since
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise RedisUnavailable(f"publishing {len(bars)} bars failed: {exc}") from exc
+
+    def _arrived(self, bar: Bar, now: float) -> None:
+        watch = self._watches.get(bar.symbol)
+        if watch is None:
+            self._watches[bar.symbol] = _Watch(now, bar.time)
+            return
+        watch.last_arrival = now
+        watch.last_bar = bar.time
+        if watch.stale:
+            watch.stale = False
+            log.info("ingester.symbol_fresh", symbol=bar.symbol, bar_time=bar.time.isoformat())
+            self._alert(AlertSeverity.INFO, "data_resumed", bar.symbol, f"bars for {bar.symbol} resumed",
+                        watch)
+
+    def check_stale(self) -> list[str]:
+        """Mark (log + alert) every symbol with no bar for ``stale_after_s``; return those newly stale."""
+        now = self.clock.monotonic()
+        newly: list[str] = []
+        for symbol, watch in self._watches.items():
+            age = now - watch.last_arrival
+            if watch.stale or age < self.settings.stale_after_s:
+                continue
+            watch.stale = True
+            newly.append(symbol)
+            log.warning("ingester.symbol_stale", symbol=symbol, seconds_without_bar=round(age, 3),
+                        stale_after_s=self.settings.stale_after_s,
+                        last_bar=watch.last_bar.isoformat() if watch.last_bar else None)
+            self._alert(AlertSeverity.WARNING, "stale_data", symbol,
+                        f"no bar for {symbol} in {age:.0f}s (stale after {self.settings.stale_after_s:g}s)",
+                        watch)
+        return newly
+
+    @property
+    def stale_symbols(self) -> list[str]:
+        """Symbols currently marked stale."""
+        return sorted(symbol for symbol, watch in self._watches.items() if watch.stale)
+
+    def _alert(self, severity: AlertSeverity, kind: str, symbol: str, text: str, watch: _Watch) -> None:
+        details = {"symbol": symbol, "stale_after_s": f"{self.settings.stale_after_s:g}",
+                   "last_bar": watch.last_bar.isoformat() if watch.last_bar else ""}
+        alert = Alert(time=self.clock.now(), severity=severity, source="ingester", kind=kind, text=text,
+                      details=details)
+        try:
+            publish(self.client, self.keys, ALERTS, alert)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise RedisUnavailable(f"publishing an alert failed: {exc}") from exc
+
+    def run(self, source: BarSource, stop: Waiter, max_bars: int = 0) -> Counts:
+        """Feed ``source`` through :meth:`offer` until it ends, ``stop`` is set, or ``max_bars`` were read."""
+        try:
+            for batch in source.batches(stop):
+                if max_bars:
+                    batch = batch[:max_bars - self.counts.read]
+                if batch:
+                    self.offer(batch)
+                now = self.clock.monotonic()
+                if now >= self._next_stale_check:
+                    self._next_stale_check = now + min(1.0, self.settings.stale_after_s / 4)
+                    self.check_stale()
+                if (max_bars and self.counts.read >= max_bars) or stop.is_set():
+                    break
+        finally:
+            source.close()
+        return self.counts
+
+
+def make_source(settings: Settings, client: redis.Redis, keys: Keys, clock: Clock) -> BarSource:
+    """The source the settings name (synthetic, csv or alpaca)."""
+    ingest = settings.ingester
+    if ingest.source == "csv":
+        if ingest.csv_path is None:
+            raise SystemExit("bastion: ingester.source is 'csv' but ingester.csv_path is not set")
+        default = ingest.symbols[0] if len(ingest.symbols) == 1 else None
+        return CsvSource(ingest.csv_path, clock, speed=ingest.speed, paced=ingest.paced, batch=ingest.batch,
+                         default_symbol=default)
+    if ingest.source == "alpaca":
+        broker = settings.broker
+        if broker.kind != "alpaca" or broker.api_key is None or broker.secret_key is None:
+            raise SystemExit("bastion: ingester.source is 'alpaca' but broker.kind is not 'alpaca' "
+                             "with api_key and secret_key set")
+        return AlpacaSource.from_keys(broker.api_key.get_secret_value(), broker.secret_key.get_secret_value(),
+                                      ingest.alpaca_feed, ingest.symbols, batch=ingest.batch)
+    return SyntheticSource(ingest.symbols, ingest.seed, synthetic_start(client, keys, clock, ingest.symbols),
+                           clock, speed=ingest.speed, paced=ingest.paced, batch=ingest.batch)
+
+
+def synthetic_start(client: redis.Redis, keys: Keys, clock: Clock, symbols: Sequence[str]) -> datetime:
+    """Where a synthetic market starts: this minute, or after the newest bar already accepted.
+
+    Simulated time runs ``speed`` times faster than the wall, so a restarted synthetic ingester
+    continues after its last bar instead of having every bar refused as out of order.
+    """
+    start = clock.now().replace(second=0, microsecond=0)
+    newest = BarGate(client, keys).newest()
+    for symbol in symbols:
+        if symbol in newest:
+            start = max(start, newest[symbol].replace(second=0, microsecond=0) + timedelta(minutes=1))
+    return start
+
+
+def main(ctx: ServiceContext, max_bars: int | None = None) -> None:
+    """The ingester service: ``max_bars`` (``--bars``) overrides ``ingester.max_bars``."""
+    ingest = ctx.settings.ingester
+    limit = ingest.max_bars if max_bars is None else max_bars
+    source = make_source(ctx.settings, ctx.redis, ctx.keys, ctx.clock)
+    watch = [] if ingest.source == "csv" else list(ingest.symbols)
+    ingester = Ingester(ctx.redis, ctx.keys, ingest, ctx.settings.bus, ctx.clock, watch=watch)
+    ctx.log.info("ingester.started", source=ingest.source, symbols=ingest.symbols if watch else None,
+                 partitions=ingest.partitions, paced=ingest.paced, max_bars=limit or None)
+    counts = ingester.run(source, ctx.stop, limit)
+    ctx.log.info("ingester.finished", read=counts.read, accepted=counts.accepted,
+                 duplicates=counts.duplicates, out_of_order=counts.out_of_order)
