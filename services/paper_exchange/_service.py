@@ -23,7 +23,7 @@ from collections.abc import Callable
 import redis
 
 from services.paper_exchange._engine import Exchange, credentials
-from services.paper_exchange._faults import Faults, parse_plan
+from services.paper_exchange._faults import FaultPlan, Faults, parse_plan
 from services.paper_exchange._server import Server
 from shared.clock import Clock, LiveClock
 from shared.config import Settings, settings_or_exit
@@ -58,10 +58,7 @@ def run(settings: Settings, client: redis.Redis, clock: Clock | None = None) -> 
     clock = clock or LiveClock()
     keys = Keys(settings.key_prefix)
     pe = settings.paper_exchange
-    try:
-        plan = parse_plan(pe.faults)
-    except ValueError as exc:
-        raise ConfigError([("paper_exchange.faults", str(exc))]) from None
+    plan = _plan(settings)
     key_id, secret = credentials(client, keys, pe)
     exchange = Exchange(client, keys, pe, clock)
     server = Server(exchange, key_id=key_id, secret_key=secret, faults=Faults(plan), clock=clock,
@@ -72,6 +69,13 @@ def run(settings: Settings, client: redis.Redis, clock: Clock | None = None) -> 
                                 args=(client, keys, settings, clock, instance, exchange.on_bar, stop))
     asyncio.run(_serve(server, client, keys, instance, stop, consumer, settings.bus.grace_seconds))
     return 0
+
+
+def _plan(settings: Settings) -> FaultPlan:
+    try:
+        return parse_plan(settings.paper_exchange.faults)
+    except ValueError as exc:
+        raise ConfigError([("paper_exchange.faults", str(exc))]) from None
 
 
 def _guard(target: Callable[..., None], stop: threading.Event) -> Callable[..., None]:
@@ -135,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         return _check(settings)
     try:
+        _plan(settings)  # a bad plan stops the service before it touches Redis
         return run(settings, connect(settings))
     except ConfigError as exc:
         print(f"bastion: {exc}", file=sys.stderr)

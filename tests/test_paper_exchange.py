@@ -1,0 +1,167 @@
+"""The paper exchange's book and matching, in process on fakeredis (bars handed in directly)."""
+
+from __future__ import annotations
+
+import subprocess
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+import fakeredis
+import pytest
+
+from services.paper_exchange import ApiError, Exchange, parse_plan
+from services.paper_exchange._matching import match, round_price
+from shared.clock import SimulatedClock
+from shared.config import PaperExchangeSettings
+from shared.keys import Keys
+from shared.models import Bar
+from tests.support.processes import spawn
+
+
+def make(**settings: Any) -> tuple[Exchange, SimulatedClock, list[dict[str, Any]]]:
+    clock = SimulatedClock()
+    events: list[dict[str, Any]] = []
+    exchange = Exchange(fakeredis.FakeRedis(server=fakeredis.FakeServer()), Keys("t"),
+                        PaperExchangeSettings(**settings), clock, publish=events.extend)
+    return exchange, clock, events
+
+
+def bar(clock: SimulatedClock, o: str, h: str, low: str, c: str, volume: str = "1000", *,
+        symbol: str = "AAPL", offset_s: float = 0.0, bar_id: str | None = None) -> Bar:
+    extra = {"id": bar_id} if bar_id else {}
+    return Bar(symbol=symbol, time=clock.now() + timedelta(seconds=offset_s), open=Decimal(o),
+               high=Decimal(h), low=Decimal(low), close=Decimal(c), volume=Decimal(volume), **extra)
+
+
+def order(qty: str = "10", side: str = "buy", type_: str = "market", **extra: Any) -> dict[str, Any]:
+    return {"symbol": "AAPL", "qty": qty, "side": side, "type": type_, "time_in_force": "gtc", **extra}
+
+
+class TestNoLookAhead:
+    def test_bar_before_acceptance_is_not_used(self) -> None:
+        """A bar that started before the order was accepted never fills it; one at acceptance does."""
+        exchange, clock, _ = make()
+        placed = exchange.submit(order())
+        assert exchange.on_bar(bar(clock, "90", "90", "90", "90", offset_s=-1)) == 0
+        assert exchange.get(placed["id"])["status"] == "new"
+        assert exchange.on_bar(bar(clock, "100", "100", "100", "100")) == 1
+        assert exchange.get(placed["id"])["filled_avg_price"] == "100"
+
+    def test_bracket_legs_wait_for_the_bar_after_the_entry(self) -> None:
+        """The exit legs cannot trade on the bar that filled their parent, even if it touched them."""
+        exchange, clock, _ = make()
+        parent = exchange.submit(order(order_class="bracket", take_profit={"limit_price": "105"},
+                                       stop_loss={"stop_price": "95"}))
+        exchange.on_bar(bar(clock, "100", "106", "94", "100"))
+        legs = exchange.get(parent["id"])["legs"]
+        assert [leg["status"] for leg in legs] == ["new", "new"]
+        clock.advance(timedelta(minutes=1))
+        exchange.on_bar(bar(clock, "100", "106", "99", "100"))
+        assert sorted(leg["status"] for leg in exchange.get(parent["id"])["legs"]) == ["canceled", "filled"]
+
+
+class TestFills:
+    def test_redelivered_bar_fills_nothing_twice(self) -> None:
+        """The same bar message delivered again (the bus is at-least-once) changes nothing."""
+        exchange, clock, _ = make()
+        exchange.submit(order("5"))
+        same = bar(clock, "100", "100", "100", "100", bar_id="bar-1")
+        assert exchange.on_bar(same) == 1
+        cash = exchange.account()["cash"]
+        assert exchange.on_bar(same) == 0
+        assert exchange.account()["cash"] == cash == "99500"
+        assert exchange.positions()[0]["qty"] == "5"
+
+    def test_fills_are_limited_by_volume(self) -> None:
+        """With half of each bar's volume available, 10 shares against 8-share bars fill 4, 4, then 2."""
+        exchange, clock, events = make(max_volume_fraction=Decimal("0.5"))
+        placed = exchange.submit(order("10"))
+        for _ in range(3):
+            exchange.on_bar(bar(clock, "10", "10", "10", "10", volume="8"))
+        fills = [(e["event"], e["qty"]) for e in events if "qty" in e]
+        assert fills == [("partial_fill", "4"), ("partial_fill", "4"), ("fill", "2")]
+        assert exchange.get(placed["id"])["status"] == "filled"
+
+    def test_slippage_and_commission(self) -> None:
+        """10 bps slippage moves a buy up (rounded against the buyer) and commission comes off cash."""
+        exchange, clock, _ = make(slippage_bps=Decimal("10"), commission_per_share=Decimal("0.01"))
+        placed = exchange.submit(order("10"))
+        exchange.on_bar(bar(clock, "100.01", "101", "100", "100.5"))
+        assert exchange.get(placed["id"])["filled_avg_price"] == "100.12"  # 100.110001 rounded up
+        assert exchange.account()["cash"] == str(Decimal("100000") - Decimal("1001.2") - Decimal("0.1"))
+
+    def test_day_order_expires_on_the_next_session(self) -> None:
+        """A day limit order left open expires on the first bar of a later New York date; gtc does not."""
+        exchange, clock, events = make()
+        day = exchange.submit({**order("1", type_="limit", limit_price="1"), "time_in_force": "day"})
+        gtc = exchange.submit(order("1", type_="limit", limit_price="1"))
+        clock.advance(timedelta(days=1))
+        exchange.on_bar(bar(clock, "10", "10", "10", "10"))
+        assert exchange.get(day["id"])["status"] == "expired"
+        assert exchange.get(gtc["id"])["status"] == "new"
+        assert events[-1]["event"] == "expired"
+
+    def test_sell_side_and_short_refusal(self) -> None:
+        """Selling more than held is refused (403); a held position sells at the bar's price."""
+        exchange, clock, _ = make()
+        with pytest.raises(ApiError) as refused:
+            exchange.submit(order("1", "sell"))
+        assert refused.value.status == 403
+        exchange.submit(order("3"))
+        exchange.on_bar(bar(clock, "10", "10", "10", "10"))
+        sell = exchange.submit(order("3", "sell", "limit", limit_price="11"))
+        clock.advance(timedelta(minutes=1))
+        exchange.on_bar(bar(clock, "10", "12", "10", "11"))
+        assert exchange.get(sell["id"])["filled_avg_price"] == "11"
+        assert exchange.positions() == []
+        assert exchange.account()["cash"] == "100003"
+
+    def test_validation_messages(self) -> None:
+        """Unsupported or malformed requests get 422 with a message naming the problem."""
+        exchange, _, _ = make()
+        for body, words in [
+            (order(type_="trailing_stop"), "not supported"),
+            ({**order(), "time_in_force": "ioc"}, "time_in_force"),
+            (order(type_="limit"), "limit_price is required"),
+            ({**order(), "qty": "-1"}, "qty must be a positive"),
+            (order(order_class="bracket", take_profit={"limit_price": "90"}, stop_loss={"stop_price": "95"}),
+             "take_profit.limit_price must be beyond"),
+        ]:
+            with pytest.raises(ApiError, match=words) as bad:
+                exchange.submit(body)
+            assert bad.value.status == 422
+
+
+class TestMatching:
+    def test_stop_limit_triggered_beyond_its_limit_rests(self) -> None:
+        """A buy stop-limit whose trigger price is above its limit does not fill on the trigger bar."""
+        clock = SimulatedClock()
+        result = match(order_type="stop_limit", buy=True, limit=Decimal("101"), stop=Decimal("100"),
+                       triggered=False, bar=bar(clock, "102", "103", "101.5", "102"), slippage_bps=Decimal(0))
+        assert (result.triggered, result.price) == (True, None)
+
+    def test_rounding_never_favours_the_trader(self) -> None:
+        """Buys round up and sells down to the cent (to 0.0001 below a dollar)."""
+        assert round_price(Decimal("10.001"), buy=True) == Decimal("10.01")
+        assert round_price(Decimal("10.009"), buy=False) == Decimal("10.00")
+        assert round_price(Decimal("0.12345"), buy=True) == Decimal("0.1235")
+
+
+class TestFaultPlan:
+    def test_bad_plan_is_refused_with_the_field(self) -> None:
+        """An unknown fault kind names the rule field that is wrong."""
+        with pytest.raises(ValueError, match=r"rules\.0\.kind"):
+            parse_plan('{"rules": [{"endpoint": "*", "kind": "gremlins"}]}')
+
+    def test_bad_plan_stops_the_service_with_exit_2(self) -> None:
+        """The service refuses to start on a bad fault plan, naming paper_exchange.faults."""
+        proc = spawn("services.paper_exchange", env={"BASTION_PAPER_EXCHANGE__FAULTS": "not json",
+                                                     "REDIS_URL": "redis://127.0.0.1:1/0"})
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        assert proc.returncode == 2, err.decode()
+        assert b"paper_exchange.faults" in err
