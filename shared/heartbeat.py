@@ -72,9 +72,11 @@ def alive_instances(client: redis.Redis, keys: Keys, service: str | None = None)
         raw = client.get(key)
         if raw is None:
             continue
-        name = key.decode() if isinstance(key, bytes) else str(key)
+        full = key.decode() if isinstance(key, bytes) else str(key)
+        name = full.removeprefix(f"{keys.prefix}:heartbeat:")
         try:
-            result[name.removeprefix(f"{keys.prefix}:heartbeat:")] = json.loads(raw)
+            status = json.loads(raw)
         except ValueError:
-            result[name.removeprefix(f"{keys.prefix}:heartbeat:")] = {"raw": str(raw)}
+            status = None
+        result[name] = status if isinstance(status, dict) else {"value": raw.decode(errors="replace")}
     return result
