@@ -69,7 +69,7 @@ def alive_instances(client: redis.Redis, keys: Keys, service: str | None = None)
     pattern = keys.heartbeat(service or "*", "*")
     result: dict[str, dict[str, Any]] = {}
     for key in client.scan_iter(match=pattern, count=500):
-        raw = client.get(key)
+        raw: Any = client.get(key)
         if raw is None:
             continue
         full = key.decode() if isinstance(key, bytes) else str(key)
