@@ -272,6 +272,10 @@ class ReconcilerSettings(_Section):
     interval_s: Annotated[float, Field(gt=0)] = 60.0
     cash_tolerance: NonNegativeDecimal = Decimal("0.01")
     quantity_tolerance: NonNegativeDecimal = Decimal("0")
+    recheck_delay_s: Annotated[float, Field(ge=0)] = 2.0  # a difference is confirmed by a second look
+    startup_retry_s: Annotated[float, Field(gt=0)] = 5.0  # retry while the start-up pass has not succeeded
+    hold_until_reconciled: bool = True  # HALTED from start until a pass succeeds (fail closed)
+    report_maxlen: PositiveInt = 1_000  # entries kept on the reconciliation stream
 
 
 class MonitorSettings(_Section):
@@ -282,6 +286,14 @@ class MonitorSettings(_Section):
     webhook_url: str | None = None
     webhook_retries: Annotated[int, Field(ge=0)] = 5
     balance_refresh_s: Annotated[float, Field(gt=0)] = 300.0
+    webhook_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    webhook_retry_intervals_s: list[Annotated[float, Field(ge=0)]] = [5.0, 30.0, 120.0, 600.0, 1800.0]
+    daily_summary_s: Annotated[float, Field(gt=0)] = 86_400.0
+    startup_grace_s: Annotated[float, Field(ge=0)] = 30.0  # no dead-service/stale alerts before this
+    expected_services: list[Annotated[str, Field(min_length=1)]] | None = None  # None: from the settings
+    queue: Annotated[str, Field(min_length=1)] | None = None  # rq queue name; None: the key prefix
+    require_worker: bool = True  # alert when no rq worker listens on the queue
+    failed_keep: PositiveInt = 1_000  # failed webhook deliveries kept in the list
 
 
 class Settings(BaseSettings):
