@@ -378,8 +378,11 @@ class Exchange:
             chosen.sort(key=lambda r: r["seq"], reverse=(direction != "asc"))
             return [self._render(r, nested=nested) for r in chosen[:limit]]
 
-    def cancel(self, order_id: str) -> None:
-        """Cancel an open order (and its legs); 404 if unknown, 422 if no longer cancelable."""
+    def cancel(self, order_id: str) -> list[str]:
+        """Cancel an open order with its legs (or its OCO sibling); return the ids canceled.
+
+        404 if unknown, 422 if no longer cancelable.
+        """
         with self._op():
             record = self._load(order_id)
             if record is None:
@@ -388,20 +391,22 @@ class Exchange:
                 raise ApiError(422, 42210000, f"order is not cancelable (status {record['status']})")
             change = self._change()
             self._close(record, "canceled", change)
-            for leg_id in record["legs"]:
-                leg = self._load(leg_id)
-                if leg is not None and leg["status"] in OPEN_STATUSES:
-                    self._close(leg, "canceled", change)
+            parent = self._load(record["parent_id"]) if record["parent_id"] else None
+            for other_id in [*record["legs"], *(parent or {}).get("legs", [])]:
+                other = self._load(other_id)
+                if other is not None and other["status"] in OPEN_STATUSES:
+                    self._close(other, "canceled", change)
             self._commit(change)
+            return list(change.orders)
 
     def cancel_all(self) -> list[dict[str, Any]]:
-        """Cancel every open top-level order; one ``{"id", "status"}`` per attempt."""
+        """Cancel every open order; one ``{"id", "status"}`` per order canceled."""
         with self._op():
             results = []
             for record in self._open_orders():
-                if record["parent_id"] is None:
-                    self.cancel(record["id"])
-                    results.append({"id": record["id"], "status": 200})
+                current = self._load(record["id"])
+                if current is not None and current["status"] in OPEN_STATUSES:
+                    results.extend({"id": closed, "status": 200} for closed in self.cancel(record["id"]))
             return results
 
     # -- positions ----------------------------------------------------------------------------

@@ -74,10 +74,7 @@ def order(record: dict[str, Any], legs: list[dict[str, Any]] | None) -> dict[str
         "status": record["status"],
         "extended_hours": False,
         "legs": legs,
-        "trail_percent": None,
-        "trail_price": None,
-        "hwm": None,
-    }
+    }  # trail_percent, trail_price, hwm: trailing stops only (the spec types them string, not null)
 
 
 def position(symbol: str, qty: Decimal, avg: Decimal, last: Decimal | None) -> dict[str, Any]:
