@@ -142,8 +142,8 @@ class SyntheticSource:
         trades = max(1, volume // rng.randint(80, 200))
         walk.price = close
         return Bar(id=bar_id(symbol, when), time=when, symbol=symbol, open=_cents(open_), high=_cents(high),
-                   low=_cents(low), close=_cents(close), volume=Decimal(volume), vwap=_cents((high + low + close) // 3),
-                   trade_count=trades)
+                   low=_cents(low), close=_cents(close), volume=Decimal(volume),
+                   vwap=_cents((high + low + close) // 3), trade_count=trades)
 
     def batches(self, stop: Waiter) -> Iterator[list[Bar]]:
         minute = 0
@@ -269,7 +269,8 @@ def bar_from_alpaca(raw: Any) -> Bar:
     trades = getattr(raw, "trade_count", None)
     vwap = getattr(raw, "vwap", None)
     return Bar(id=bar_id(raw.symbol, raw.timestamp), time=raw.timestamp, symbol=raw.symbol,
-               open=dec(raw.open), high=dec(raw.high), low=dec(raw.low), close=dec(raw.close), volume=dec(raw.volume),
+               open=dec(raw.open), high=dec(raw.high), low=dec(raw.low), close=dec(raw.close),
+               volume=dec(raw.volume),
                trade_count=int(trades) if trades is not None else None,
                vwap=dec(vwap) if vwap is not None else None)
 
