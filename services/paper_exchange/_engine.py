@@ -402,7 +402,7 @@ class Exchange:
     def cancel_all(self) -> list[dict[str, Any]]:
         """Cancel every open order; one ``{"id", "status"}`` per order canceled."""
         with self._op():
-            results = []
+            results: list[dict[str, Any]] = []
             for record in self._open_orders():
                 current = self._load(record["id"])
                 if current is not None and current["status"] in OPEN_STATUSES:
