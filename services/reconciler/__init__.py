@@ -1,0 +1,1 @@
+"""The reconciler service: broker truth against ours (see :mod:`services.reconciler.service`)."""
