@@ -1,0 +1,336 @@
+"""The ingester: sources, the per-symbol gate, publishing to bars and partitions, staleness."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+import fakeredis
+import pytest
+import redis
+from alpaca.data.models import Bar as AlpacaBar
+from structlog.testing import capture_logs
+
+from services.ingester import (
+    AlpacaSource,
+    BarGate,
+    CsvSource,
+    Ingester,
+    SyntheticSource,
+    Verdict,
+    bar_from_alpaca,
+    partition_of,
+)
+from shared import codec
+from shared.clock import LiveClock, SimulatedClock
+from shared.config import BusSettings, IngesterSettings
+from shared.keys import ALERTS, BARS, Keys
+from shared.models import Alert, Bar
+from tests.support.processes import wait_for
+
+T0 = datetime(2026, 3, 2, 14, 30, tzinfo=UTC)
+SYMBOLS = ["AAPL", "MSFT", "SPY"]
+
+
+def make_bar(symbol: str, minute: int, price: str = "100.00", seq: int = 0) -> Bar:
+    """A flat bar of ``symbol`` at T0 + ``minute``."""
+    value = Decimal(price)
+    return Bar(time=T0 + timedelta(minutes=minute), symbol=symbol, open=value, high=value, low=value,
+               close=value, volume=Decimal(100), trade_count=seq)
+
+
+def stream_bars(client: redis.Redis, key: str) -> list[Bar]:
+    """Every bar on a stream, decoded, in order."""
+    out = []
+    for _, fields in client.xrange(key):
+        message = codec.decode(fields)
+        assert isinstance(message, Bar)
+        out.append(message)
+    return out
+
+
+def take(source: SyntheticSource, count: int) -> list[Bar]:
+    """The first ``count`` bars of a synthetic source."""
+    return list(itertools.islice(source.bars(), count))
+
+
+@pytest.fixture
+def fake() -> Iterator[redis.Redis]:
+    """An in-process fakeredis client."""
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer(version=(7, 4)))
+    yield client
+    client.close()
+
+
+class TestSyntheticSource:
+    def test_same_seed_same_bars(self) -> None:
+        """Two sources with the same seed, symbols and start produce identical bars, ids included."""
+        first = SyntheticSource(SYMBOLS, 11, T0, LiveClock(), paced=False)
+        second = SyntheticSource(list(reversed(SYMBOLS)), 11, T0, LiveClock(), paced=False)
+        a, b = take(first, 300), take(second, 300)
+        assert sorted(a, key=lambda x: (x.time, x.symbol)) == sorted(b, key=lambda x: (x.time, x.symbol))
+
+    def test_other_seed_other_walk(self) -> None:
+        """A different seed gives a different price path."""
+        a = [b.close for b in take(SyntheticSource(["AAPL"], 1, T0, LiveClock()), 50)]
+        b = [b.close for b in take(SyntheticSource(["AAPL"], 2, T0, LiveClock()), 50)]
+        assert a != b
+
+    def test_bars_are_cent_priced_one_minute_apart(self) -> None:
+        """Prices are Decimals in whole cents, OHLC consistent, one bar per symbol per minute."""
+        bars = take(SyntheticSource(SYMBOLS, 3, T0, LiveClock()), 3 * 100)
+        for bar in bars:
+            for price in (bar.open, bar.high, bar.low, bar.close, bar.vwap):
+                assert isinstance(price, Decimal) and price == price.quantize(Decimal("0.01"))
+            assert bar.low <= min(bar.open, bar.close) <= max(bar.open, bar.close) <= bar.high
+        aapl = [bar.time for bar in bars if bar.symbol == "AAPL"]
+        assert aapl == [T0 + timedelta(minutes=i) for i in range(100)]
+
+    def test_volume_is_u_shaped_over_a_session(self) -> None:
+        """Volume at the open and the close of a session is well above midday volume."""
+        source = SyntheticSource(["SPY"], 5, T0, LiveClock())
+        volumes = [b.volume for b in take(source, 390)]
+        edges = mean([*volumes[:30], *volumes[-30:]])
+        midday = mean(volumes[180:210])
+        assert edges > 2 * midday
+
+    def test_unpaced_batches_hold_whole_ticks(self) -> None:
+        """Unpaced, batches carry whole ticks (one bar per symbol) of about ``batch`` bars."""
+        source = SyntheticSource(SYMBOLS, 3, T0, LiveClock(), paced=False, batch=30)
+        batch = next(source.batches(threading.Event()))
+        assert len(batch) == 30
+        assert [b.symbol for b in batch[:3]] == SYMBOLS
+
+
+def write_csv(path: Path, rows: list[str]) -> Path:
+    """A CSV of Alpaca's bar columns plus symbol."""
+    path.write_text("symbol,timestamp,open,high,low,close,volume,trade_count,vwap\n" + "\n".join(rows) + "\n")
+    return path
+
+
+class TestCsvSource:
+    def test_replays_rows_as_exact_decimal_bars(self, tmp_path: Path) -> None:
+        """Every row becomes a Bar with exact Decimal prices; trade_count and vwap may be empty."""
+        path = write_csv(tmp_path / "bars.csv", [
+            "AAPL,2024-01-02 14:30:00+00:00,187.15,188.44,187.10,188.05,1200,31,187.9",
+            "MSFT,2024-01-02 14:30:00+00:00,370.00,370.50,369.80,370.20,900,,",
+            "AAPL,2024-01-02T14:31:00Z,188.05,188.10,187.95,188.00,700,12,188.01",
+        ])
+        bars = list(CsvSource(path, LiveClock()).rows())
+        assert [(b.symbol, b.close) for b in bars] == [
+            ("AAPL", Decimal("188.05")), ("MSFT", Decimal("370.20")), ("AAPL", Decimal("188.00"))]
+        assert bars[1].trade_count is None and bars[1].vwap is None
+        assert bars[2].time == datetime(2024, 1, 2, 14, 31, tzinfo=UTC)
+
+    def test_bad_row_is_logged_and_skipped(self, tmp_path: Path) -> None:
+        """A row that cannot be a bar is logged with its line number and skipped."""
+        path = write_csv(tmp_path / "bars.csv", [
+            "AAPL,2024-01-02 14:30:00+00:00,187.15,188.44,187.10,188.05,1200,31,187.9",
+            "AAPL,2024-01-02 14:31:00+00:00,187.15,180.00,187.10,188.05,1200,31,187.9",
+            "AAPL,not-a-time,1,1,1,1,1,1,1",
+            "AAPL,2024-01-02 14:33:00+00:00,188.00,188.00,188.00,188.00,10,1,188",
+        ])
+        source = CsvSource(path, LiveClock())
+        with capture_logs() as logs:
+            bars = list(source.rows())
+        assert len(bars) == 2 and source.bad_rows == 2
+        assert [e["line"] for e in logs if e["event"] == "ingester.csv_bad_row"] == [3, 4]
+
+    def test_paced_replay_emits_one_timestamp_per_tick(self, tmp_path: Path) -> None:
+        """Paced, rows sharing a timestamp are emitted together, one tick at a time."""
+        path = write_csv(tmp_path / "bars.csv", [
+            f"{s},2024-01-02 14:3{m}:00+00:00,10,10,10,10,1,1,10" for m in range(3) for s in ("A", "B")
+        ])
+        ticks = list(CsvSource(path, LiveClock(), speed=1000.0).batches(threading.Event()))
+        assert [[b.symbol for b in t] for t in ticks] == [["A", "B"]] * 3
+        assert len({b.time for b in ticks[1]}) == 1
+
+    def test_missing_column_is_an_error(self, tmp_path: Path) -> None:
+        """A CSV without the required columns is refused, naming them."""
+        path = tmp_path / "bad.csv"
+        path.write_text("symbol,timestamp,close\nAAPL,2024-01-02 14:30:00+00:00,1\n")
+        with pytest.raises(ValueError, match="open, high, low, volume"):
+            list(CsvSource(path, LiveClock()).rows())
+
+
+class TestGate:
+    def test_accepts_new_drops_duplicates_refuses_older(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """Per symbol: newer bars accepted, the same time again a duplicate, older out of order."""
+        gate = BarGate(redis_client, keys)
+        verdicts = gate.admit([make_bar("AAPL", 1), make_bar("MSFT", 0), make_bar("AAPL", 1),
+                               make_bar("AAPL", 0), make_bar("AAPL", 2), make_bar("MSFT", 0)])
+        assert verdicts == [Verdict.ACCEPTED, Verdict.ACCEPTED, Verdict.DUPLICATE, Verdict.OUT_OF_ORDER,
+                            Verdict.ACCEPTED, Verdict.DUPLICATE]
+        assert gate.newest() == {"AAPL": T0 + timedelta(minutes=2), "MSFT": T0}
+
+    def test_two_instances_accept_each_bar_once(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """Two gates fed the same bars concurrently accept each bar exactly once between them."""
+        bars = [make_bar(s, m) for m in range(60) for s in ("AAPL", "MSFT")]
+        results: list[list[Verdict]] = [[], []]
+
+        def feed(index: int) -> None:
+            gate = BarGate(redis_client, keys)
+            for start in range(0, len(bars), 8):
+                results[index].extend(gate.admit(bars[start:start + 8]))
+
+        threads = [threading.Thread(target=feed, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        accepted = [a is Verdict.ACCEPTED or b is Verdict.ACCEPTED for a, b in zip(*results, strict=True)]
+        assert all(accepted)
+        assert sum(v is Verdict.ACCEPTED for r in results for v in r) == len(bars)
+
+
+def ingester(client: redis.Redis, keys: Keys, clock: Any = None, **settings: Any) -> Ingester:
+    """An Ingester with small partitions and frequent trimming."""
+    config = IngesterSettings(**{"partitions": 4, **settings})
+    return Ingester(client, keys, config, BusSettings(), clock or SimulatedClock(T0),
+                    watch=settings.get("symbols", ()))
+
+
+class TestIngester:
+    def test_accepted_bars_reach_bars_and_their_partition(self, fake: redis.Redis, keys: Keys) -> None:
+        """Each accepted bar is on ``bars`` and on ``bars:<crc32(symbol) % partitions>``, in order."""
+        ing = ingester(fake, keys)
+        bars = [make_bar(s, m) for m in range(5) for s in SYMBOLS]
+        ing.offer(bars)
+        assert stream_bars(fake, keys.stream(BARS)) == bars
+        for n in range(4):
+            expected = [b for b in bars if partition_of(b.symbol, 4) == n]
+            assert stream_bars(fake, keys.stream(keys.bar_partition(n))) == expected
+
+    def test_duplicate_dropped_and_out_of_order_refused_with_a_log_line(self, fake: redis.Redis,
+                                                                      keys: Keys) -> None:
+        """A repeated bar is dropped; an older one is refused and logged; neither is published."""
+        ing = ingester(fake, keys)
+        ing.offer([make_bar("AAPL", 5)])
+        with capture_logs() as logs:
+            verdicts = ing.offer([make_bar("AAPL", 5), make_bar("AAPL", 3), make_bar("AAPL", 6)])
+        assert verdicts == [Verdict.DUPLICATE, Verdict.OUT_OF_ORDER, Verdict.ACCEPTED]
+        refused = [e for e in logs if e["event"] == "ingester.bar_out_of_order"]
+        assert [(e["symbol"], e["bar_time"]) for e in refused] == [
+            ("AAPL", (T0 + timedelta(minutes=3)).isoformat())]
+        published = [b.time for b in stream_bars(fake, keys.stream(BARS))]
+        assert published == [T0 + timedelta(minutes=m) for m in (5, 6)]
+        assert (ing.counts.accepted, ing.counts.duplicates, ing.counts.out_of_order) == (2, 1, 1)
+
+    def test_stale_symbol_logged_and_alerted_once_then_fresh(self, fake: redis.Redis, keys: Keys) -> None:
+        """No bar for stale_after_s marks the symbol stale once (log + alert); a bar clears it."""
+        clock = SimulatedClock(T0)
+        ing = ingester(fake, keys, clock, symbols=["AAPL", "MSFT"], stale_after_s=60)
+        ing.offer([make_bar("AAPL", 0), make_bar("MSFT", 0)])
+        clock.advance(timedelta(seconds=30))
+        ing.offer([make_bar("AAPL", 1)])
+        assert ing.check_stale() == []
+        clock.advance(timedelta(seconds=31))
+        with capture_logs() as logs:
+            assert ing.check_stale() == ["MSFT"]
+            assert ing.check_stale() == []
+        assert [e["symbol"] for e in logs if e["event"] == "ingester.symbol_stale"] == ["MSFT"]
+        alerts = [codec.decode(f) for _, f in fake.xrange(keys.stream(ALERTS))]
+        assert len(alerts) == 1 and isinstance(alerts[0], Alert)
+        assert (alerts[0].kind, alerts[0].details["symbol"]) == ("stale_data", "MSFT")
+        ing.offer([make_bar("MSFT", 2)])
+        assert ing.stale_symbols == []
+        assert codec.decode(fake.xrange(keys.stream(ALERTS))[-1][1]).kind == "data_resumed"  # type: ignore[attr-defined]
+
+    def test_a_symbol_that_never_arrives_goes_stale(self, fake: redis.Redis, keys: Keys) -> None:
+        """A configured symbol with no bar at all since start is stale after stale_after_s."""
+        clock = SimulatedClock(T0)
+        ing = ingester(fake, keys, clock, symbols=["AAPL"], stale_after_s=10)
+        clock.advance(timedelta(seconds=11))
+        assert ing.check_stale() == ["AAPL"]
+
+    def test_run_reads_max_bars_from_a_csv_and_stops(self, fake: redis.Redis, keys: Keys,
+                                                     tmp_path: Path) -> None:
+        """run() with max_bars replays exactly that many rows of a CSV, then returns."""
+        path = write_csv(tmp_path / "bars.csv", [
+            f"{s},2024-01-02 14:{30 + m}:00+00:00,10,10,10,10,1,{m},10" for m in range(10) for s in ("A", "B")
+        ])
+        ing = ingester(fake, keys)
+        counts = ing.run(CsvSource(path, LiveClock(), paced=False, batch=7), threading.Event(), max_bars=15)
+        assert (counts.read, counts.accepted) == (15, 15)
+        assert fake.xlen(keys.stream(BARS)) == 15
+
+    def test_trims_streams_as_it_goes(self, fake: redis.Redis, keys: Keys) -> None:
+        """With no consumer group, bars and partition streams stay near bus.maxlen."""
+        ing = Ingester(fake, keys, IngesterSettings(partitions=2), BusSettings(maxlen=50, trim_every=20),
+                       SimulatedClock(T0))
+        for minute in range(100):
+            ing.offer([make_bar(s, minute) for s in SYMBOLS])
+        assert fake.xlen(keys.stream(BARS)) <= 50 + 20 + 3
+        assert all(fake.xlen(keys.stream(keys.bar_partition(n))) <= 50 + 20 + 3 for n in range(2))
+
+
+class FakeStockDataStream:
+    """Stands in for alpaca-py's StockDataStream: replays raw bars through the subscribed handler."""
+
+    def __init__(self, raw: list[dict[str, Any]]) -> None:
+        self.raw = raw
+        self.subscribed: tuple[str, ...] = ()
+        self.stopped = threading.Event()
+
+    def subscribe_bars(self, handler: Any, *symbols: str) -> None:
+        self.handler = handler
+        self.subscribed = symbols
+
+    def run(self) -> None:
+        import asyncio
+
+        async def go() -> None:
+            for item in self.raw:
+                await self.handler(AlpacaBar(item["S"], item))
+            await asyncio.get_running_loop().run_in_executor(None, self.stopped.wait)
+
+        asyncio.run(go())
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+class TestAlpacaSource:
+    def test_live_bars_flow_through_the_gate(self, fake: redis.Redis, keys: Keys) -> None:
+        """Bars from the (fake) Alpaca stream are converted exactly and published; a repeat is dropped."""
+        raw = [{"S": "AAPL", "t": "2024-01-02T14:30:00Z", "o": 187.15, "h": 188.44, "l": 187.1, "c": 188.05,
+                "v": 1200, "n": 31, "vw": 187.9},
+               {"S": "AAPL", "t": "2024-01-02T14:30:00Z", "o": 187.15, "h": 188.44, "l": 187.1, "c": 188.05,
+                "v": 1200, "n": 31, "vw": 187.9},
+               {"S": "MSFT", "t": "2024-01-02T14:30:00Z", "o": 370.0, "h": 370.5, "l": 369.8, "c": 370.2,
+                "v": 900, "n": 12, "vw": 370.1}]
+        stream = FakeStockDataStream(raw)
+        source = AlpacaSource(["AAPL", "MSFT"], lambda: stream, poll_s=0.05)
+        stop = threading.Event()
+        ing = ingester(fake, keys)
+
+        def runner() -> None:
+            ing.run(source, stop)
+
+        thread = threading.Thread(target=runner)
+        thread.start()
+        try:
+            wait_for(lambda: ing.counts.read >= 3, timeout=30, message="3 bars read")
+        finally:
+            stop.set()
+            thread.join(30)
+        assert stream.subscribed == ("AAPL", "MSFT")
+        assert stream.stopped.is_set()
+        bars = stream_bars(fake, keys.stream(BARS))
+        assert [(b.symbol, b.close, b.high) for b in bars] == [("AAPL", Decimal("188.05"), Decimal("188.44")),
+                                                               ("MSFT", Decimal("370.2"), Decimal("370.5"))]
+        assert ing.counts.duplicates == 1
+
+    def test_conversion_keeps_the_printed_value(self) -> None:
+        """alpaca-py's float prices become the Decimal of their shortest repr (0.1 stays 0.1)."""
+        raw = AlpacaBar("X", {"t": "2024-01-02T14:30:00Z", "o": 0.1, "h": 0.3, "l": 0.1, "c": 0.2, "v": 5.0,
+                              "n": 1, "vw": 0.15})
+        bar = bar_from_alpaca(raw)
+        assert (bar.open, bar.high, bar.close, bar.vwap) == (Decimal("0.1"), Decimal("0.3"), Decimal("0.2"),
+                                                             Decimal("0.15"))
