@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 ## run: start every service under honcho (embedded Redis and paper exchange unless REDIS_URL is set)
 run: $(STAMP)
-	$(BIN)/honcho start
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start
 
 ## test: lint, type-check and run the whole test suite
 test: $(STAMP) lint
@@ -26,7 +26,7 @@ lint: $(STAMP)
 
 ## bench: print benchmark figures as JSON lines, each beside a bare redis-py baseline
 bench: $(STAMP)
-	$(BIN)/python -m tests.bench
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m tests.bench
 
 ## lock: refresh constraints.txt from what is installed (after changing pyproject.toml)
 lock:

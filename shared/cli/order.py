@@ -52,19 +52,19 @@ def run(args: argparse.Namespace) -> int:
     intent = Intent(time=clock.now(), source="manual", symbol=args.symbol, side=Side(args.side),
                     quantity=args.quantity, order_type=OrderType.LIMIT if args.limit else OrderType.MARKET,
                     limit_price=args.limit, reason="bastion order")
+    # read decisions from the streams' current ends, taken before the intent exists: none is missed
+    cursors: Any = {}
+    for key in (ctx.keys.stream(ORDERS), ctx.keys.stream(REJECTIONS)):
+        newest: Any = ctx.redis.xrevrange(key, count=1)
+        cursors[key] = newest[0][0] if newest else "0-0"
     publish(ctx.redis, ctx.keys, INTENTS, intent)
     print(f"intent {intent.id}: {args.side} {args.quantity} {args.symbol}"
           + (f" limit {args.limit}" if args.limit else ""))
     if args.wait <= 0:
         return 0
     deadline = time.monotonic() + args.wait
-    cursors = {ctx.keys.stream(ORDERS): "$", ctx.keys.stream(REJECTIONS): "$"}
-    for key in cursors:  # decisions already published before we started reading
-        decision = _find(ctx.redis.xrevrange(key, count=500), intent.id)
-        if decision is not None:
-            return _report(decision)
     while time.monotonic() < deadline:
-        reply: Any = ctx.redis.xread(cursors, block=200, count=200)  # type: ignore[arg-type]
+        reply: Any = ctx.redis.xread(cursors, block=200, count=200)
         for key, batch in reply or []:
             cursors[key.decode()] = batch[-1][0]
             decision = _find(batch, intent.id)

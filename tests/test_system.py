@@ -1,0 +1,90 @@
+"""The trading desk as real OS processes: paper exchange, risk and executor on one shared server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import redis
+
+from shared.keys import Keys
+from shared.portfolio import Portfolio, verify
+from shared.redis_client import connect_url
+from tests.conftest import SERVER_BACKENDS
+from tests.support.paper import KEY_ID, SECRET, PaperExchange, running_exchange
+from tests.support.processes import REPO_ROOT, spawn, stop_all, wait_for
+
+pytestmark = pytest.mark.multiprocess
+CASH = "10000"
+
+
+def desk_env(url: str, keys: Keys, exchange: PaperExchange) -> dict[str, str]:
+    """Environment for a desk process: the server, prefix, exchange, a $10,000 account."""
+    return {"REDIS_URL": url, "BASTION_KEY_PREFIX": keys.prefix, "BASTION_BUS__BLOCK_MS": "100",
+            "BASTION_PAPER_EXCHANGE__PORT": str(exchange.port), "BASTION_PAPER_EXCHANGE__API_KEY": KEY_ID,
+            "BASTION_PAPER_EXCHANGE__SECRET_KEY": SECRET, "BASTION_PORTFOLIO__STARTING_CASH": CASH,
+            "BASTION_PAPER_EXCHANGE__STARTING_CASH": CASH, "BASTION_RISK__MAX_POSITION_FRACTION": "1",
+            "BASTION_LOG__LEVEL": "INFO"}
+
+
+@pytest.fixture
+def client(server_url: str, keys: Keys) -> Iterator[redis.Redis]:
+    """A client of the shared server for the test's own checks."""
+    result = connect_url(server_url)
+    yield result
+    for key in result.scan_iter(match=keys.pattern(), count=1000):
+        result.delete(key)
+    result.close()
+
+
+@pytest.mark.parametrize("server_url", SERVER_BACKENDS, indirect=True)
+def test_twenty_concurrent_orders_for_sixty_percent_of_cash(
+    server_url: str, client: redis.Redis, keys: Keys, tmp_path: Path
+) -> None:
+    """20 concurrent `bastion order buy`, each 60% of cash: exactly one fills and nothing overspends."""
+    with running_exchange(server_url, keys, tmp_path, BASTION_PAPER_EXCHANGE__STARTING_CASH=CASH) as exchange:
+        env = desk_env(server_url, keys, exchange)
+        services = [spawn(f"services.{name}", env=env, log=tmp_path / f"{name}.log")
+                    for name in ("risk", "executor")]
+        try:
+            exchange.bar("AAPL", "100", "100", "100", "100")
+            portfolio = Portfolio(client, keys, "paper")
+            wait_for(lambda: portfolio.marks().get("AAPL") == Decimal(100), timeout=30,
+                     message="risk to see AAPL")
+
+            def order() -> subprocess.CompletedProcess[str]:
+                command = [sys.executable, "-m", "shared.cli", "order", "buy", "AAPL", "60", "--wait", "60"]
+                return subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True,
+                                      timeout=120, cwd=REPO_ROOT)
+
+            with ThreadPoolExecutor(max_workers=20) as pool:
+                results = list(pool.map(lambda _: order(), range(20)))
+            codes = sorted(r.returncode for r in results)
+            assert codes == [0] + [1] * 19, [r.stdout + r.stderr for r in results]
+            assert all("insufficient funds" in r.stdout for r in results if r.returncode == 1)
+            exchange.bar("AAPL", "100", "100", "100", "100")
+            def filled() -> bool:
+                held = portfolio.snapshot().positions.get("AAPL")
+                return held is not None and held.qty == 60
+
+            wait_for(filled, timeout=60, message="the fill applied")
+            snap = portfolio.snapshot()
+            assert snap.cash == Decimal(4000) and snap.reserved == 0
+            positions = exchange.get("/v2/positions")
+            assert [(p["symbol"], p["qty"]) for p in positions] == [("AAPL", "60")]
+            assert Decimal(exchange.get("/v2/account")["cash"]) == Decimal(4000)
+            assert len(exchange.get("/v2/orders", status="all")) == 1
+            assert verify(client, keys, "paper", allow_short=False).ok
+            for proc in services:
+                proc.send_signal(signal.SIGTERM)
+            assert [proc.wait(30) for proc in services] == [0, 0]
+        finally:
+            stop_all(services)
+
