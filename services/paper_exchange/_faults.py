@@ -26,7 +26,7 @@ refuse              the listening socket closes for ``seconds``: new connections
 hide_new_orders     an order placed by this request is "not found" for its next ``lookups`` look-ups
 stale_positions     GET /v2/positions answers the list as it was when the rule first fired
 duplicate_updates   a trade update is sent twice
-reorder_updates     a trade update is held back and sent after the next one
+reorder_updates     a trade update is held back and sent after the next one (or after ``seconds``)
 partial_fills       each fill takes at most ``fraction`` of the order's remaining quantity
 ==================  =============================================================================
 """

@@ -326,11 +326,13 @@ class Server:
     def _fan_out(self, events: list[dict[str, Any]]) -> None:
         for event in events:
             out = [event]
-            fired = {rule.kind for rule in self.faults.draw("stream", _STREAM_FAULTS)}
+            rules = {rule.kind: rule for rule in self.faults.draw("stream", _STREAM_FAULTS)}
+            fired = set(rules)
             if "reorder_updates" in fired and not self._held:
                 self._held.append(event)
-                assert self.loop is not None
-                self.loop.call_later(0.5, self._flush_held)  # if no later update comes
+                if rules["reorder_updates"].seconds > 0:  # else held until the next update
+                    assert self.loop is not None
+                    self.loop.call_later(rules["reorder_updates"].seconds, self._flush_held)
                 continue
             if self._held:
                 out = [event, *self._held]

@@ -65,10 +65,11 @@ def run(settings: Settings, client: redis.Redis, clock: Clock | None = None) -> 
                     host=pe.host, port=pe.port, always_open=pe.always_open)
     instance = f"{socket.gethostname()}-{os.getpid()}"
     stop = threading.Event()
-    consumer = threading.Thread(target=_guard(consume_bars, stop), name="bars",
+    failed = threading.Event()
+    consumer = threading.Thread(target=_guard(consume_bars, stop, failed), name="bars",
                                 args=(client, keys, settings, clock, instance, exchange.on_bar, stop))
     asyncio.run(_serve(server, client, keys, instance, stop, consumer, settings.bus.grace_seconds))
-    return 0
+    return 1 if failed.is_set() else 0
 
 
 def _plan(settings: Settings) -> FaultPlan:
@@ -78,12 +79,15 @@ def _plan(settings: Settings) -> FaultPlan:
         raise ConfigError([("paper_exchange.faults", str(exc))]) from None
 
 
-def _guard(target: Callable[..., None], stop: threading.Event) -> Callable[..., None]:
+def _guard(target: Callable[..., None], stop: threading.Event, failed: threading.Event
+           ) -> Callable[..., None]:
+    """Run ``target``; if it dies, stop the whole process (exit 1) rather than serve stale prices."""
     def run(*args: object) -> None:
         try:
             target(*args)
         except Exception:
             log.exception("bars.consumer_failed")
+            failed.set()
             stop.set()
     return run
 
