@@ -244,7 +244,7 @@ class IngesterSettings(_Section):
     stale_after_s: Annotated[float, Field(gt=0)] = 120.0
     partitions: Annotated[int, Field(gt=0, le=256)] = 8
     paced: bool = True  # False: publish as fast as Redis takes them (replays, benchmarks)
-    max_bars: Annotated[int, Field(ge=0)] = 0  # read at most this many bars from the source, then exit; 0: no limit
+    max_bars: Annotated[int, Field(ge=0)] = 0  # read this many bars from the source, then exit; 0: all
     batch: Annotated[int, Field(gt=0, le=10_000)] = 256  # bars per dedup check + publish round trip
     alpaca_feed: Literal["iex", "sip", "delayed_sip"] = "iex"
 
@@ -287,7 +287,7 @@ class MonitorSettings(_Section):
     webhook_retries: Annotated[int, Field(ge=0)] = 5
     balance_refresh_s: Annotated[float, Field(gt=0)] = 300.0
     webhook_timeout_s: Annotated[float, Field(gt=0)] = 10.0
-    webhook_retry_intervals_s: list[Annotated[float, Field(ge=0)]] = [5.0, 30.0, 120.0, 600.0, 1800.0]
+    webhook_retry_intervals_s: list[Annotated[int, Field(ge=0)]] = [5, 30, 120, 600, 1800]  # rq wants ints
     daily_summary_s: Annotated[float, Field(gt=0)] = 86_400.0
     startup_grace_s: Annotated[float, Field(ge=0)] = 30.0  # no dead-service/stale alerts before this
     expected_services: list[Annotated[str, Field(min_length=1)]] | None = None  # None: from the settings
