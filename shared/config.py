@@ -273,7 +273,7 @@ class ReconcilerSettings(_Section):
     cash_tolerance: NonNegativeDecimal = Decimal("0.01")
     quantity_tolerance: NonNegativeDecimal = Decimal("0")
     recheck_delay_s: Annotated[float, Field(ge=0)] = 2.0  # a difference is confirmed by a second look
-    startup_retry_s: Annotated[float, Field(gt=0)] = 5.0  # retry while the start-up pass has not succeeded
+    startup_retry_s: Annotated[float, Field(gt=0)] = 1.0  # retry while the start-up pass has not succeeded
     hold_until_reconciled: bool = True  # HALTED from start until a pass succeeds (fail closed)
     report_maxlen: PositiveInt = 1_000  # entries kept on the reconciliation stream
 
