@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +28,7 @@ from websockets.sync.client import connect
 from shared.keys import Keys
 from shared.redis_client import connect_url
 from tests.support.paper import KEY_ID, SECRET, PaperExchange, running_exchange
-from tests.support.processes import wait_for
+from tests.support.processes import spawn, wait_for
 
 pytestmark = pytest.mark.multiprocess
 
@@ -193,3 +194,15 @@ class TestTradeUpdates:
             reply = json.loads(ws.recv(timeout=5))
         assert reply["data"]["status"] == "unauthorized"
         assert exchange.get("/_paper/health")["listeners"] == 0
+
+
+class TestProcess:
+    def test_check_sees_it_and_sigterm_stops_it_cleanly(self, exchange: PaperExchange) -> None:
+        """--check exits 0 while the exchange beats, and SIGTERM ends it with status 0."""
+        env = {"REDIS_URL": exchange.redis_url, "BASTION_KEY_PREFIX": exchange.keys.prefix}
+        check = spawn("services.paper_exchange", "--check", env=env)
+        check.communicate(timeout=60)
+        assert check.returncode == 0
+        assert exchange.proc is not None
+        exchange.proc.send_signal(signal.SIGTERM)
+        assert exchange.proc.wait(timeout=30) == 0

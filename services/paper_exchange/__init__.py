@@ -8,8 +8,8 @@ loses and replays nothing, and fills orders from the ``bars`` stream with no loo
 
 from services.paper_exchange._engine import ApiError, Exchange, credentials
 from services.paper_exchange._faults import FaultPlan, FaultRule, Faults, parse_plan
-from services.paper_exchange._service import main, run
+from services.paper_exchange._service import main, serve
 
 __all__ = [
-    "ApiError", "Exchange", "FaultPlan", "FaultRule", "Faults", "credentials", "main", "parse_plan", "run",
+    "ApiError", "Exchange", "FaultPlan", "FaultRule", "Faults", "credentials", "main", "parse_plan", "serve",
 ]

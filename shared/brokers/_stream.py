@@ -45,6 +45,10 @@ class _Stream(TradingStream):
             self._ready.set()
         await super()._dispatch(msg)
 
+    async def close(self) -> None:
+        self._ready.clear()  # not listening until the broker confirms again after a reconnect
+        await super().close()
+
     async def stop_now(self) -> None:
         await self.stop_ws()
         await self.close()
