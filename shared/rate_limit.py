@@ -244,7 +244,7 @@ class RateLimiter:
         status, value = int(reply[0]), int(reply[1])
         if status == -1:
             raise ValueError(f"weight {weight} of {endpoint!r} exceeds the limit of bucket "
-                             f"{keys[value + 1]}: it could never be granted")
+                             f"{keys[value]}: it could never be granted")
         if status == 0 and value <= 0:  # defensive: never spin without sleeping
             value = 1
         return status, value

@@ -1,0 +1,200 @@
+"""Tests for shared.rate_limit: linked buckets, weights, waiting, the shared 429 pause, 8 processes."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from shared.clock import LiveClock, SimulatedClock
+from shared.config import LimitSettings
+from shared.errors import RateLimitTimeout
+from shared.keys import Keys
+from shared.rate_limit import Denied, Grant, Limit, RateLimiter
+from shared.redis_client import connect_url
+from tests.conftest import SERVER_BACKENDS
+from tests.support.processes import spawn, stop_all, wait_for
+
+WORKER = "tests.procs.rate_limit_worker"
+
+
+def limiter(client: redis.Redis, keys: Keys, account: int = 3, period: float = 60.0,
+            endpoints: dict[str, Limit] | None = None, clock: object | None = None) -> RateLimiter:
+    return RateLimiter(client, keys, account=Limit(account, period), endpoints=endpoints,
+                       clock=clock or SimulatedClock())  # type: ignore[arg-type]
+
+
+def max_in_any_window(times: list[int], period_us: int) -> int:
+    """The most grants in any half-open interval of ``period_us`` (two pointers over sorted times)."""
+    times = sorted(times)
+    best = start = 0
+    for end, at in enumerate(times):
+        while times[start] <= at - period_us:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+class TestBuckets:
+    def test_grants_up_to_the_limit_then_denies_with_the_wait(self, redis_client: redis.Redis,
+                                                              keys: Keys) -> None:
+        """Three grants of a 3-per-minute bucket, then a denial saying to wait under a minute."""
+        rl = limiter(redis_client, keys)
+        grants = [rl.try_acquire("account") for _ in range(3)]
+        assert all(isinstance(g, Grant) for g in grants)
+        denied = rl.try_acquire("account")
+        assert isinstance(denied, Denied) and 0 < denied.retry_in <= 60
+
+    def test_linked_endpoint_counts_against_both_and_a_denial_spends_nothing(
+            self, redis_client: redis.Redis, keys: Keys) -> None:
+        """orders (2/min) also spends the account's 3/min; a refused orders call takes from neither."""
+        rl = limiter(redis_client, keys, endpoints={"orders": Limit(2, 60.0)})
+        assert isinstance(rl.try_acquire("orders"), Grant)
+        assert isinstance(rl.try_acquire("orders"), Grant)
+        assert isinstance(rl.try_acquire("orders"), Denied)
+        assert redis_client.zcard(rl.bucket_key("account")) == 2
+        assert isinstance(rl.try_acquire("positions"), Grant)  # the account's third unit
+        assert isinstance(rl.try_acquire("positions"), Denied)
+        assert redis_client.zcard(rl.bucket_key("endpoint:orders")) == 2
+
+    def test_weights_take_several_units_at_once(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """Weight 3 of 5, then weight 3 is denied while weight 2 fits exactly."""
+        rl = limiter(redis_client, keys, account=5)
+        assert isinstance(rl.try_acquire("bars", weight=3), Grant)
+        assert isinstance(rl.try_acquire("bars", weight=3), Denied)
+        assert isinstance(rl.try_acquire("bars", weight=2), Grant)
+        assert redis_client.zcard(rl.bucket_key("account")) == 5
+
+    def test_weight_above_the_limit_can_never_be_granted(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """A weight larger than a bucket's limit is a programming error, not a wait."""
+        with pytest.raises(ValueError):
+            limiter(redis_client, keys).try_acquire("x", weight=4)
+
+    def test_default_settings_are_alpacas_200_per_minute(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """from_settings with defaults gives one account bucket of 200 per 60 s."""
+        rl = RateLimiter.from_settings(redis_client, keys, LimitSettings(endpoint_rate_limits={"orders": 50}))
+        assert rl.account == Limit(200, 60.0) and rl.endpoints == {"orders": Limit(50, 60.0)}
+
+
+class TestAcquire:
+    def test_timeout_raises_at_once_when_the_slot_is_beyond_it(self, redis_client: redis.Redis,
+                                                               keys: Keys) -> None:
+        """With the next slot a minute away and 5 s allowed, acquire raises without sleeping."""
+        clock = SimulatedClock()
+        rl = limiter(redis_client, keys, account=1, clock=clock)
+        rl.acquire("x")
+        with pytest.raises(RateLimitTimeout) as caught:
+            rl.acquire("x", timeout=5)
+        assert caught.value.endpoint == "x" and 55 < caught.value.retry_in <= 60
+        assert clock.monotonic() == 0
+
+    def test_acquire_waits_until_a_unit_frees_on_redis_time(self, redis_client: redis.Redis,
+                                                            keys: Keys) -> None:
+        """A 2-per-0.2 s bucket grants the third acquire no sooner than 0.2 s (Redis time) after the first."""
+        rl = limiter(redis_client, keys, account=2, period=0.2, clock=LiveClock())
+        grants = [rl.acquire("x", timeout=10) for _ in range(3)]
+        assert grants[2].at_us - grants[0].at_us >= 200_000
+        assert grants[1].at_us - grants[0].at_us < 200_000  # the burst went at once
+
+    def test_pause_blocks_every_grant_until_it_ends(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """After pause(0.3) nothing is granted before the pause's end; the next grant is at or after it."""
+        rl = limiter(redis_client, keys, account=100, clock=LiveClock())
+        now, until = rl.pause(0.3)
+        assert until - now == 300_000 and rl.paused_until() == until
+        denied = rl.try_acquire("x")
+        assert isinstance(denied, Denied) and 0 < denied.retry_in <= 0.3
+        assert rl.acquire("x", timeout=10).at_us >= until
+
+    def test_a_shorter_pause_never_shortens_a_longer_one(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """pause(60) then pause(1): still paused for about a minute; pause_until extends too."""
+        rl = limiter(redis_client, keys)
+        _, long_end = rl.pause(60)
+        _, still = rl.pause(1)
+        assert still == long_end
+        _, later = rl.pause_until((long_end + 5_000_000) / 1_000_000)
+        assert later == long_end + 5_000_000
+
+    def test_a_denied_request_records_nothing(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """While paused, attempts leave every bucket empty."""
+        rl = limiter(redis_client, keys, endpoints={"orders": Limit(1, 60.0)})
+        rl.pause(60)
+        assert isinstance(rl.try_acquire("orders"), Denied)
+        assert redis_client.zcard(rl.bucket_key("account")) == 0
+        assert redis_client.zcard(rl.bucket_key("endpoint:orders")) == 0
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("server_url", SERVER_BACKENDS, indirect=True)
+class TestManyProcesses:
+    LIMIT = 50
+    PERIOD = 1.0
+    TOTAL = 1000
+    PROCESSES = 8
+
+    @pytest.fixture
+    def client(self, server_url: str, keys: Keys) -> Iterator[redis.Redis]:
+        """A client of the shared server; the test's keys are deleted afterwards."""
+        connection = connect_url(server_url)
+        yield connection
+        for key in connection.scan_iter(match=keys.pattern(), count=1000):
+            connection.delete(key)
+        connection.close()
+
+    def workers(self, server_url: str, client: redis.Redis, keys: Keys, mode: str, limit: int,
+                *extra: str) -> list[subprocess.Popen[bytes]]:
+        """Start the workers and let them go together."""
+        procs = [spawn(WORKER, "--url", server_url, "--prefix", keys.prefix, "--limit", str(limit),
+                       "--period", str(self.PERIOD), "--mode", mode, *extra, stdout=subprocess.DEVNULL)
+                 for _ in range(self.PROCESSES)]
+        wait_for(lambda: int(client.get(f"{keys.prefix}:test:ready") or 0) == self.PROCESSES,
+                 timeout=60, message="every worker ready")
+        client.rpush(f"{keys.prefix}:test:go", *["go"] * self.PROCESSES)
+        return procs
+
+    @staticmethod
+    def grants(client: redis.Redis, keys: Keys) -> list[tuple[int, int]]:
+        return [(int(pid), int(at)) for pid, at in
+                (item.split() for item in client.lrange(f"{keys.prefix}:test:grants", 0, -1))]
+
+    def test_eight_processes_never_exceed_the_limit_in_any_window(self, server_url: str, client: redis.Redis,
+                                                                  keys: Keys) -> None:
+        """8 processes make 1,000 requests at 50/s: no 1 s window (Redis time) holds more than 50 grants,
+        and the span is within 10% of the ideal 19 s."""
+        procs = self.workers(server_url, client, keys, "count", self.LIMIT, "--total", str(self.TOTAL))
+        try:
+            for proc in procs:
+                wait_for(lambda p=proc: p.poll() is not None, timeout=180, message=f"worker {proc.pid}")  # type: ignore[misc]
+            assert [p.returncode for p in procs] == [0] * self.PROCESSES
+        finally:
+            stop_all(procs)
+        grants = self.grants(client, keys)
+        assert len(grants) == self.TOTAL
+        assert len({pid for pid, _ in grants}) == self.PROCESSES
+        times = sorted(at for _, at in grants)
+        period_us = int(self.PERIOD * 1_000_000)
+        assert max_in_any_window(times, period_us) <= self.LIMIT
+        ideal_us = (self.TOTAL // self.LIMIT - 1) * period_us
+        span = times[-1] - times[0]
+        assert ideal_us <= span <= ideal_us * 1.10, f"span {span} µs against ideal {ideal_us} µs"
+
+    def test_a_429_pause_stops_every_process(self, server_url: str, client: redis.Redis, keys: Keys) -> None:
+        """While 8 processes are being granted, pause(0.5): no process gets a grant until it ends,
+        then every process is granted again."""
+        procs = self.workers(server_url, client, keys, "until-stop", 200)
+        try:
+            wait_for(lambda: len({pid for pid, _ in self.grants(client, keys)}) == self.PROCESSES,
+                     timeout=60, message="every worker granted")
+            rl = RateLimiter(client, keys, account=Limit(200, self.PERIOD), group="test")
+            now, until = rl.pause(0.5)
+            wait_for(lambda: len({pid for pid, at in self.grants(client, keys) if at >= until})
+                     == self.PROCESSES, timeout=60, message="every worker granted after the pause")
+            client.set(f"{keys.prefix}:test:stop", "1")
+            for proc in procs:
+                wait_for(lambda p=proc: p.poll() is not None, timeout=60, message=f"worker {proc.pid}")  # type: ignore[misc]
+        finally:
+            stop_all(procs)
+        grants = self.grants(client, keys)
+        assert [at for _, at in grants if now < at < until] == []
+        assert len({pid for pid, at in grants if at <= now}) == self.PROCESSES
