@@ -387,6 +387,18 @@ class TestRestart:
         _cleanup(server_url, keys)
 
 
+    def test_trade_updates_resume_after_restart(self, exchange: PaperExchange, broker: AlpacaBroker) -> None:
+        """The adapter's stream reconnects to the restarted exchange and receives later updates."""
+        with broker.trade_updates() as updates:
+            assert updates.wait_ready(10)
+            exchange.restart()
+            wait_for(lambda: exchange.get("/_paper/health")["listeners"] == 1, message="the stream to return")
+            assert updates.wait_ready(10)
+            broker.submit(market("after", "1"))
+            event = next_event(updates)
+        assert (event.client_order_id, event.status) == ("after", OrderStatus.NEW)
+
+
 class TestBuildBroker:
     def test_paper_default_points_at_the_exchange(self) -> None:
         """kind=paper with keys builds a client for http://host:port and its /stream."""

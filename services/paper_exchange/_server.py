@@ -49,6 +49,7 @@ class Server:
         self.always_open = always_open
         self.loop: asyncio.AbstractEventLoop | None = None
         self._listeners: set[asyncio.Queue[bytes | None]] = set()
+        self._sockets: set[web.WebSocketResponse] = set()
         self._held: list[dict[str, Any]] = []  # an update held back by reorder_updates
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -93,6 +94,8 @@ class Server:
     async def stop(self) -> None:
         for queue in list(self._listeners):
             queue.put_nowait(None)
+        for ws in list(self._sockets):
+            await ws.close(message=b"server shutting down")
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -262,6 +265,7 @@ class Server:
     async def _stream(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
+        self._sockets.add(ws)
         queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         writer: asyncio.Task[None] | None = None
         authorized = False
@@ -299,6 +303,7 @@ class Server:
                         self._listeners.discard(queue)
                     await self._send(ws, {"stream": "listening", "data": {"streams": streams}})
         finally:
+            self._sockets.discard(ws)
             self._listeners.discard(queue)
             if writer is not None:
                 queue.put_nowait(None)

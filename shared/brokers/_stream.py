@@ -34,7 +34,8 @@ class _Stream(TradingStream):
     def __init__(self, *args: Any, ready: threading.Event, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._ready = ready
-        self._reconnect_min_backoff = 0.2
+        self._reconnect_min_backoff = 0.2  # alpaca-py: 1s doubling to 30s; an order stream should return fast
+        self._reconnect_max_backoff = 5.0
 
     async def _start_ws(self) -> None:
         self._ready.clear()
