@@ -1,14 +1,14 @@
 """The ingester's process: read a source, admit bars through the gate, publish, watch staleness.
 
 Concurrency model: one thread (plus alpaca-py's own thread for the live source). The loop takes
-a batch from the source, runs it through :class:`~services.ingester._gate.BarGate` (one atomic
-script), publishes every accepted bar twice in one non-transactional pipeline -- to ``bars``
-for everyone and to ``bars:<n>`` (``n = crc32(symbol) % partitions``) for strategy workers --
-and then checks staleness. A stop request ends the loop after the batch in hand.
+a batch from the source and runs it through :class:`~services.ingester._gate.BarGate`: one
+atomic script admits each bar and publishes every accepted one twice -- to ``bars`` for
+everyone and to ``bars:<n>`` (``n = crc32(symbol) % partitions``) for strategy workers -- then
+trims and checks staleness. A stop request ends the loop after the batch in hand.
 
 Guarantees: per symbol, the bars published are strictly increasing in time, across any number
-of ingester instances (the gate is atomic). A bar reaches both streams or, if the process dies
-between the gate and the pipeline, neither (see the gate's docstring). Streams are trimmed to
+of ingester instances (the gate is atomic). A bar reaches both streams and is marked seen, or,
+if the process dies in the middle, none of that (one script). Streams are trimmed to
 about ``bus.maxlen`` every ``bus.trim_every`` bars, never past an entry a group still needs.
 """
 
@@ -18,13 +18,11 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
 
 import redis
 
 from services.ingester._gate import BarGate, Verdict
 from services.ingester._sources import AlpacaSource, BarSource, CsvSource, SyntheticSource, Waiter
-from shared import codec
 from shared.bus import publish, trim
 from shared.clock import Clock
 from shared.config import BusSettings, IngesterSettings, Settings
@@ -87,11 +85,17 @@ class Ingester:
 
     def offer(self, bars: Sequence[Bar]) -> list[Verdict]:
         """Admit ``bars`` (in arrival order) and publish the accepted ones; one verdict per bar."""
-        verdicts = self.gate.admit(bars)
-        accepted: list[Bar] = []
-        for bar, verdict in zip(bars, verdicts, strict=True):
+        partitions = [partition_of(bar.symbol, self.settings.partitions) for bar in bars]
+        verdicts = self.gate.admit_and_publish(bars, self._bars_key, self._partition_keys, partitions)
+        accepted = 0
+        now = self.clock.monotonic()
+        touched: dict[str, int] = {}
+        for bar, verdict, partition in zip(bars, verdicts, partitions, strict=True):
             if verdict is Verdict.ACCEPTED:
-                accepted.append(bar)
+                accepted += 1
+                key = self._partition_keys[partition]
+                touched[key] = touched.get(key, 0) + 1
+                self._arrived(bar, now)
             elif verdict is Verdict.DUPLICATE:
                 self.counts.duplicates += 1
                 log.debug("ingester.bar_duplicate", symbol=bar.symbol, bar_time=bar.time.isoformat())
@@ -99,27 +103,15 @@ class Ingester:
                 self.counts.out_of_order += 1
                 log.warning("ingester.bar_out_of_order", symbol=bar.symbol, bar_time=bar.time.isoformat())
         self.counts.read += len(bars)
+        self.counts.accepted += accepted
         if accepted:
-            self._publish(accepted)
-            self.counts.accepted += len(accepted)
-            now = self.clock.monotonic()
-            for bar in accepted:
-                self._arrived(bar, now)
+            touched[self._bars_key] = accepted
+            self._trim(touched)
         return verdicts
 
-    def _publish(self, bars: Sequence[Bar]) -> None:
-        partitions = self.settings.partitions
-        touched: dict[str, int] = {}
+    def _trim(self, touched: dict[str, int]) -> None:
+        """Every ``bus.trim_every`` bars added to a stream, trim it (never past what a group needs)."""
         try:
-            with self.client.pipeline(transaction=False) as pipe:
-                for bar in bars:
-                    fields: Any = codec.encode(bar)
-                    partition_key = self._partition_keys[partition_of(bar.symbol, partitions)]
-                    pipe.xadd(self._bars_key, fields)
-                    pipe.xadd(partition_key, fields)
-                    touched[partition_key] = touched.get(partition_key, 0) + 1
-                pipe.execute()
-            touched[self._bars_key] = len(bars)
             for key, count in touched.items():
                 since = self._since_trim.get(key, 0) + count
                 if since >= self.bus.trim_every:
@@ -127,7 +119,7 @@ class Ingester:
                     since = 0
                 self._since_trim[key] = since
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise RedisUnavailable(f"publishing {len(bars)} bars failed: {exc}") from exc
+            raise RedisUnavailable(f"trimming bar streams failed: {exc}") from exc
 
     def _arrived(self, bar: Bar, now: float) -> None:
         watch = self._watches.get(bar.symbol)
