@@ -1,0 +1,187 @@
+"""Deferred intents: an intent that cannot go now waits, one per symbol and side, until revalidated.
+
+An intent is deferred when it cannot be executed yet (market closed, cash held by pending
+orders). The queue is the hash ``Keys.deferred``: field ``<SYMBOL>:<side>``, value
+``"<intent time µs> <json>"`` (``redis-cli HGETALL bastion:deferred`` shows it).
+
+Guarantees:
+
+* **One entry per symbol and side.** A newer intent (by its ``time``) replaces the older in one
+  script; an older one arriving late (a redelivery) never replaces a newer one.
+* **Stale entries expire**: an entry older than ``max_age_s`` (from when it was deferred, by the
+  Clock) is never handed out, and is swept when seen.
+* **Revalidated before execution.** :meth:`DeferredQueue.drain` claims each live entry (deleting
+  it only if it is still the same entry: a replacement made meanwhile stays queued) and then asks
+  the caller's ``revalidate`` hook; a hook that returns a reason (a dropped score, a downgraded
+  signal) cancels the entry, None lets it through. So each entry is handed out at most once.
+
+Left to the caller: the hook itself (re-reading the strategy's current score or signal), running
+a drained intent through every risk check again, and deferring it again if it still cannot go.
+A process that dies between the claim and the execution loses that one intent (at most once, by
+design: a stale intent executed twice is worse than one not executed); the strategy's next
+signal is the recovery.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import redis
+
+from shared.clock import Clock, LiveClock, utc
+from shared.errors import RedisUnavailable
+from shared.keys import Keys
+from shared.logging import get_logger
+from shared.models import Intent, Side
+
+__all__ = ["DEFER_SCRIPT", "DeferredIntent", "DeferredQueue", "Revalidate"]
+
+log = get_logger(module="deferred")
+_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+# KEYS[1] = the deferred hash
+# ARGV[1] = field "<SYMBOL>:<side>"   ARGV[2] = the intent's time (µs)   ARGV[3] = the entry as JSON
+# returns 1 if stored (new, or replacing an entry whose intent is not newer), 0 if a newer one is kept
+DEFER_SCRIPT = """
+local current = redis.call('hget', KEYS[1], ARGV[1])
+if current then
+    local stamp = tonumber(string.match(current, '^(%d+) '))
+    if stamp and stamp > tonumber(ARGV[2]) then return 0 end
+end
+redis.call('hset', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
+return 1
+"""
+
+# KEYS[1] = the deferred hash; ARGV[1] = field; ARGV[2] = the value read
+# returns 1 if the field still held that value and was deleted (claimed), else 0
+CLAIM_SCRIPT = """
+if redis.call('hget', KEYS[1], ARGV[1]) == ARGV[2] then
+    return redis.call('hdel', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
+_SCRIPTS: dict[str, Any] = {}
+
+
+def _micros(when: datetime) -> int:
+    delta = utc(when) - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+@dataclass(frozen=True)
+class DeferredIntent:
+    """An intent waiting in the queue, with why it waits and when it expires."""
+
+    intent: Intent
+    reason: str
+    deferred_at: datetime
+    expires_at: datetime
+    score: Decimal | None = None
+
+    @property
+    def field(self) -> str:
+        """Its field in the hash: ``<SYMBOL>:<side>``."""
+        return f"{self.intent.symbol}:{self.intent.side.value}"
+
+    def encode(self) -> str:
+        return json.dumps({"intent": self.intent.model_dump(mode="json"), "reason": self.reason,
+                           "deferred_at": self.deferred_at.isoformat(),
+                           "expires_at": self.expires_at.isoformat(),
+                           "score": None if self.score is None else str(self.score)})
+
+    @classmethod
+    def decode(cls, value: str) -> DeferredIntent:
+        data = json.loads(value.split(" ", 1)[1])
+        score = data.get("score")
+        return cls(Intent.model_validate(data["intent"]), data["reason"],
+                   datetime.fromisoformat(data["deferred_at"]), datetime.fromisoformat(data["expires_at"]),
+                   None if score is None else Decimal(score))
+
+
+Revalidate = Callable[[DeferredIntent], "str | None"]
+
+
+class DeferredQueue:
+    """The deferred-intent queue of one installation (one key prefix)."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, clock: Clock | None = None,
+                 max_age_s: float = 900.0) -> None:
+        if not max_age_s > 0:
+            raise ValueError("max_age_s must be positive")
+        self.client = client
+        self.keys = keys
+        self.clock = clock or LiveClock()
+        self.max_age = timedelta(seconds=max_age_s)
+
+    def defer(self, intent: Intent, reason: str, *, score: Decimal | None = None) -> bool:
+        """Queue ``intent`` (replacing an older one for its symbol and side); False if a newer one
+        is already queued and was kept."""
+        now = self.clock.now()
+        entry = DeferredIntent(intent, reason, now, now + self.max_age, score)
+        stored = bool(self._run(DEFER_SCRIPT, [entry.field, _micros(intent.time), entry.encode()]))
+        log.info("deferred.queued" if stored else "deferred.kept_newer", symbol=intent.symbol,
+                 side=intent.side.value, intent_id=intent.id, reason=reason)
+        return stored
+
+    def entries(self) -> list[DeferredIntent]:
+        """Live entries, oldest deferral first (``bastion status``); expired ones are swept."""
+        return [entry for _, _, entry in self._live()]
+
+    def get(self, symbol: str, side: Side | str) -> DeferredIntent | None:
+        """The live entry for ``symbol`` and ``side``, if any."""
+        return next((e for e in self.entries() if e.field == f"{symbol}:{Side(side).value}"), None)
+
+    def cancel(self, symbol: str, side: Side | str) -> bool:
+        """Drop the entry for ``symbol`` and ``side``; True if there was one."""
+        field = f"{symbol}:{Side(side).value}"
+        return bool(self._call(lambda: self.client.hdel(self.keys.deferred, field)))
+
+    def drain(self, revalidate: Revalidate) -> list[DeferredIntent]:
+        """Claim every live entry and keep those ``revalidate`` lets through (it returns None);
+        a returned reason cancels the entry. Each entry is handed out at most once."""
+        ready = []
+        for field, value, entry in self._live():
+            if not self._run(CLAIM_SCRIPT, [field, value]):
+                continue  # replaced or taken by another process meanwhile
+            why = revalidate(entry)
+            if why is None:
+                ready.append(entry)
+            else:
+                log.info("deferred.cancelled", symbol=entry.intent.symbol, side=entry.intent.side.value,
+                         intent_id=entry.intent.id, reason=why)
+        return ready
+
+    def _live(self) -> list[tuple[str, str, DeferredIntent]]:
+        now = self.clock.now()
+        raw = self._call(lambda: self.client.hgetall(self.keys.deferred))
+        live = []
+        for name, value in raw.items():
+            field = name.decode() if isinstance(name, bytes) else str(name)
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            entry = DeferredIntent.decode(text)
+            if now < entry.expires_at:
+                live.append((field, text, entry))
+            elif self._run(CLAIM_SCRIPT, [field, text]):
+                log.info("deferred.expired", symbol=entry.intent.symbol, side=entry.intent.side.value,
+                         intent_id=entry.intent.id)
+        return sorted(live, key=lambda item: item[2].deferred_at)
+
+    def _run(self, text: str, args: list[Any]) -> Any:
+        script = _SCRIPTS.get(text)
+        if script is None:
+            script = _SCRIPTS[text] = self.client.register_script(text)
+        return self._call(lambda: script(keys=[self.keys.deferred], args=args, client=self.client))
+
+    @staticmethod
+    def _call(fn: Any) -> Any:
+        try:
+            return fn()
+        except _REDIS_DOWN as exc:
+            raise RedisUnavailable(f"deferred: {exc}") from exc
