@@ -3,6 +3,7 @@ handling, the mapping of Alpaca's JSON onto our models, and the fake broker."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
@@ -11,16 +12,21 @@ from typing import Any
 
 import pytest
 import requests
+from alpaca.common.exceptions import APIError
 
 from shared.brokers import AlpacaBroker, BrokerCall, FakeBroker, OrderRequest, UpdateFilter, build_broker
+from shared.brokers._alpaca import _translate
+from shared.brokers._mapping import status as broker_status
 from shared.clock import LiveClock
 from shared.config import Settings
 from shared.errors import (
     AmbiguousSubmit,
+    BrokerError,
     BrokerUnavailable,
     InsufficientBuyingPower,
     OrderNotFound,
     OrderRejected,
+    PatternDayTrading,
     RateLimited,
 )
 from shared.keys import Keys
@@ -482,3 +488,40 @@ class TestFakeBroker:
         fake.emit(event)
         assert updates.get(timeout=1) == event
         assert [c.method for c in fake.calls] == ["positions", "submit"]
+
+
+def _api_error(status: int, message: str) -> APIError:
+    response = requests.Response()
+    response.status_code = status
+    body = json.dumps({"code": status * 100000, "message": message})
+    response._content = body.encode()
+    return APIError(body, requests.HTTPError(response=response))
+
+
+class TestErrorTranslation:
+    @pytest.mark.parametrize(("status", "message", "expected"), [
+        (403, "trade denied due to pattern day trading protection", PatternDayTrading),
+        (403, "insufficient buying power", InsufficientBuyingPower),
+        (403, "insufficient qty available for order", OrderRejected),
+        (422, "qty must be > 0", OrderRejected),
+        (404, "order not found", OrderNotFound),
+        (500, "internal error", BrokerUnavailable),
+        (401, "request is not authorized", BrokerError),
+    ])
+    def test_alpaca_errors_become_typed_errors(self, status: int, message: str, expected: type) -> None:
+        """Each Alpaca status/message maps to its Bastion error, keeping the broker's words."""
+        error = _translate("submit", status, _api_error(status, message), "cid-1")
+        assert type(error) is expected
+        assert error.client_order_id == "cid-1"
+        if isinstance(error, OrderRejected):
+            assert message in error.reason
+
+    @pytest.mark.parametrize(("word", "status"), [
+        ("accepted", OrderStatus.NEW), ("held", OrderStatus.NEW), ("done_for_day", OrderStatus.NEW),
+        ("partial_fill", OrderStatus.PARTIALLY_FILLED), ("fill", OrderStatus.FILLED),
+        ("pending_cancel", OrderStatus.PENDING_CANCEL), ("replaced", OrderStatus.REPLACED),
+        ("expired", OrderStatus.EXPIRED), ("something_new", OrderStatus.UNKNOWN),
+    ])
+    def test_statuses_map(self, word: str, status: OrderStatus) -> None:
+        """Alpaca's order statuses and trade-update events map onto OrderStatus."""
+        assert broker_status(word) == status
