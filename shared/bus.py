@@ -367,10 +367,19 @@ class Consumer:
     # -- handling -----------------------------------------------------------------------------
 
     def _handle_all(self, entries: Sequence[tuple[Any, Any]], *, fresh: bool) -> None:
+        """Handle every entry (even after a stop request: they are in hand), then one XACK.
+
+        Acknowledging the batch together, after each handler returned, keeps at-least-once: a
+        crash before the XACK redelivers at most this batch, which idempotent handlers absorb.
+        """
         counts = {} if fresh else self._delivery_counts([_text(e[0]) for e in entries])
-        for raw_id, fields in entries:  # all of them, even after a stop request: they are in hand
+        done = []
+        for raw_id, fields in entries:
             entry_id = _text(raw_id)
-            self._handle(entry_id, fields or {}, counts.get(entry_id, 1))
+            if self._handle(entry_id, fields or {}, counts.get(entry_id, 1)):
+                done.append(entry_id)
+        if done:
+            self.client.xack(self.stream_key, self.group, *done)
 
     def _delivery_counts(self, ids: Sequence[str]) -> dict[str, int]:
         if not ids:
@@ -380,34 +389,35 @@ class Consumer:
                                           consumername=self.name)
         return {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
 
-    def _handle(self, entry_id: str, fields: Mapping[bytes, bytes], deliveries: int) -> None:
+    def _handle(self, entry_id: str, fields: Mapping[bytes, bytes], deliveries: int) -> bool:
+        """Run the handler on one entry; True when it succeeded and the entry is to be acknowledged."""
         if not fields:
             self._dead_letter(entry_id, fields, "entry has no fields (trimmed while pending)", deliveries)
-            return
+            return False
         try:
             message = codec.decode(fields)
         except CodecError as exc:
             self._dead_letter(entry_id, fields, f"undecodable: {exc.reason}", deliveries)
-            return
+            return False
         if deliveries > self.settings.max_deliveries:
             self._dead_letter(entry_id, fields, f"delivered {deliveries} times without success", deliveries)
-            return
+            return False
         with bind_correlation(entry_id=entry_id, **model_fields_for_log(message)):
             try:
                 self.handler(Delivery(self.stream, entry_id, message, deliveries))
             except HandlerRejected as exc:
                 self._dead_letter(entry_id, fields, f"rejected by handler: {exc.reason}", deliveries)
-                return
+                return False
             except Exception as exc:
                 self._failed.add(entry_id)
                 self._log.exception("bus.handler_failed", entry_id=entry_id, deliveries=deliveries)
                 if deliveries >= self.settings.max_deliveries:
                     reason = f"handler failed {deliveries} times; last error: {type(exc).__name__}: {exc}"
                     self._dead_letter(entry_id, fields, reason, deliveries)
-                return
-            self.client.xack(self.stream_key, self.group, entry_id)
+                return False
         self._failed.discard(entry_id)
         self.processed += 1
+        return True
 
     def _dead_letter(self, entry_id: str, fields: Mapping[bytes, bytes], reason: str,
                      deliveries: int) -> None:

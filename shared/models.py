@@ -287,10 +287,12 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (Bar, Intent, IntentRejected, Order, 
 def model_fields_for_log(message: Message) -> dict[str, Any]:
     """The correlation fields of ``message`` worth binding to log lines."""
     fields: dict[str, Any] = {"message_type": message.TYPE, "message_id": message.id}
+    present = type(message).model_fields
     for name in ("intent_id", "client_order_id", "symbol"):
-        value = getattr(message, name, None)
-        if value is not None:
-            fields[name] = value
+        if name in present:
+            value = getattr(message, name)
+            if value is not None:
+                fields[name] = value
     if isinstance(message, Intent):
         fields["intent_id"] = message.id
     return fields

@@ -13,7 +13,7 @@ import redis
 
 from shared import codec
 from shared.bus import Consumer, Delivery, Idempotency, Publisher, publish, trim
-from shared.clock import LiveClock, SimulatedClock
+from shared.clock import LiveClock
 from shared.config import BusSettings
 from shared.errors import HandlerRejected
 from shared.keys import BARS, Keys
@@ -364,7 +364,7 @@ def test_xautoclaim_reply_shapes(versioned_server: redis.Redis) -> None:
         group="g",
         name="alive",
         settings=FAST,
-        clock=SimulatedClock(),
+        clock=LiveClock(),  # claims are scheduled on the clock: it must move
         handler=lambda d: seen.append(seq_of(d)),
     )
     assert run_until(consumer, 3) == 3
