@@ -366,10 +366,11 @@ class TestInjectedFaults:
 
 @pytest.mark.multiprocess
 class TestRestart:
+    @pytest.mark.parametrize("kill", [False, True], ids=["sigterm", "sigkill"])
     @pytest.mark.parametrize("server_url", [FAKE_TCP, REAL], indirect=True)
     def test_restart_keeps_book_and_replays_no_fill(self, server_url: str, keys: Keys,
-                                                    tmp_path: Path) -> None:
-        """Orders, positions and cash are unchanged across a restart, and no fill is applied twice."""
+                                                    tmp_path: Path, kill: bool) -> None:
+        """Orders, positions and cash are unchanged across a restart (even SIGKILL); no fill twice."""
         with running_exchange(server_url, keys, tmp_path) as exchange:
             broker = exchange.broker()
             broker.submit(market("r1", "7"))
@@ -380,7 +381,7 @@ class TestRestart:
                       exchange.get("/v2/account")["cash"])
             client = connect_url(server_url)
             fills_before = client.xlen(keys.paper("fills"))
-            exchange.restart()
+            exchange.restart(kill=kill)
             after = (exchange.get("/v2/orders", status="all"), exchange.get("/v2/positions"),
                      exchange.get("/v2/account")["cash"])
             assert after == before

@@ -24,13 +24,10 @@ would race. The redelivery case, as a timeline::
 
 from __future__ import annotations
 
-import json
-import secrets
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from decimal import ROUND_FLOOR, Decimal
 from typing import Any
@@ -40,6 +37,7 @@ import redis
 from services.paper_exchange import _render as render
 from services.paper_exchange._matching import match
 from services.paper_exchange._requests import ApiError, invalid, parse_legs, parse_order
+from services.paper_exchange._store import OPEN_STATUSES, Change, Store, credentials
 from shared.clock import Clock
 from shared.config import PaperExchangeSettings
 from shared.keys import Keys
@@ -50,23 +48,7 @@ __all__ = ["ApiError", "Exchange", "credentials"]
 
 log = get_logger(component="paper_exchange")
 
-OPEN_STATUSES = frozenset({"new", "partially_filled", "held", "accepted", "pending_new"})
 _AVG_QUANTUM = Decimal("0.000001")
-
-
-def credentials(client: redis.Redis, keys: Keys, settings: PaperExchangeSettings) -> tuple[str, str]:
-    """The key pair the exchange accepts: configured, else generated once and kept in Redis."""
-    if settings.api_key is not None and settings.secret_key is not None:
-        return settings.api_key.get_secret_value(), settings.secret_key.get_secret_value()
-    key = keys.paper("credentials")
-    client.hsetnx(key, "key_id", "PK" + secrets.token_hex(8).upper())
-    client.hsetnx(key, "secret_key", secrets.token_urlsafe(30))
-    stored = client.hmget(key, ["key_id", "secret_key"])
-    return stored[0].decode(), stored[1].decode()  # type: ignore[union-attr]
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _opt(record: dict[str, Any], name: str) -> Decimal | None:
@@ -74,32 +56,19 @@ def _opt(record: dict[str, Any], name: str) -> Decimal | None:
     return None if value is None else Decimal(value)
 
 
-@dataclass
-class _Change:
-    """Everything one transaction writes, and the trade updates to send once it committed."""
-
-    orders: dict[str, dict[str, Any]]
-    events: list[dict[str, Any]]
-
-
 class Exchange:
     """The book. Thread-safe; every public method reads Redis fresh under one lock."""
 
     def __init__(self, client: redis.Redis, keys: Keys, settings: PaperExchangeSettings, clock: Clock,
                  publish: Callable[[list[dict[str, Any]]], None] = lambda events: None) -> None:
-        self.client = client
-        self.keys = keys
+        self.store = Store(client, keys)
         self.settings = settings
         self.clock = clock
         self.publish = publish
         self.partial_fraction: Callable[[], Decimal | None] = lambda: None
         self._lock = threading.RLock()
         self._hidden: dict[str, int] = {}  # order id -> look-ups left that answer "not found"
-        self._staged: dict[str, dict[str, Any]] = {}  # records of the change being built, not yet written
-        self._k = {name: keys.paper(name) for name in (
-            "account", "orders", "client-ids", "open", "seq", "positions", "prices", "applied", "fills",
-            "events")}
-        self._init_account()
+        self.store.init_account(settings.starting_cash, clock.now())
 
     @contextmanager
     def _op(self) -> Iterator[None]:
@@ -108,24 +77,17 @@ class Exchange:
             try:
                 yield
             finally:
-                self._staged = {}
+                self.store.drop_staged()
 
     # -- account ------------------------------------------------------------------------------
-
-    def _init_account(self) -> None:
-        key = self._k["account"]
-        self.client.hsetnx(key, "id", str(uuid.uuid4()))
-        self.client.hsetnx(key, "account_number", "PA" + secrets.token_hex(5).upper())
-        self.client.hsetnx(key, "cash", render.num(self.settings.starting_cash) or "0")
-        self.client.hsetnx(key, "created_at", render.timestamp(self.clock.now()) or "")
 
     def account(self) -> dict[str, Any]:
         """Alpaca's Account object."""
         with self._op():
-            raw = {_text(k): _text(v) for k, v in self.client.hgetall(self._k["account"]).items()}
+            raw = self.store.account_fields()
             cash = Decimal(raw["cash"])
-            positions = self._positions()
-            prices = self._prices()
+            positions = self.store.positions()
+            prices = self.store.prices()
             long_value = short_value = Decimal(0)
             for symbol, (qty, avg) in positions.items():
                 value = qty * prices.get(symbol, avg)
@@ -159,18 +121,18 @@ class Exchange:
             now = self.clock.now()
             parent = parse_order(body, now)
             cid = parent["client_order_id"]
-            if self.client.hexists(self._k["client-ids"], cid):
+            if self.store.order_id_for(cid) is not None:
                 raise invalid("client_order_id must be unique")
             self._check_buying_power(parent)
             legs = parse_legs(body, parent, now)
             parent["legs"] = [leg["id"] for leg in legs]
-            change = self._change()
+            change = self.store.change()
             for record in (parent, *legs):
-                record["seq"] = int(self.client.incr(self._k["seq"]))
+                record["seq"] = self.store.next_seq()
                 change.orders[record["id"]] = record
             change.events.append(self._event("new", parent, now))
-            self._commit(change, new_client_ids={parent["client_order_id"]: parent["id"],
-                                                 **{leg["client_order_id"]: leg["id"] for leg in legs}})
+            change.client_ids = {record["client_order_id"]: record["id"] for record in (parent, *legs)}
+            self._commit(change)
             if hide_lookups:
                 self._hidden[parent["id"]] = hide_lookups
             log.info("order.accepted", order_id=parent["id"], client_order_id=cid, symbol=parent["symbol"],
@@ -182,7 +144,7 @@ class Exchange:
         if record["side"] == "sell":
             if self.settings.allow_short:
                 return
-            held = self._positions().get(record["symbol"], (Decimal(0), Decimal(0)))[0]
+            held = self.store.positions().get(record["symbol"], (Decimal(0), Decimal(0)))[0]
             available = held - self._held_for_sells(record["symbol"])
             if qty > available:
                 raise ApiError(403, 40310000, "insufficient qty available for order (requested: "
@@ -192,7 +154,7 @@ class Exchange:
         if price is None:
             return  # no price seen yet for the symbol: nothing to estimate with
         cost = qty * price + qty * self.settings.commission_per_share
-        cash = Decimal(self.client.hget(self._k["account"], "cash").decode())  # type: ignore[union-attr]
+        cash = self.store.cash()
         available = cash - self._reserved_cash()
         if cost > available:
             raise ApiError(403, 40310000, f"insufficient buying power (needed: {render.num(cost)}, "
@@ -200,7 +162,7 @@ class Exchange:
 
     def _estimate(self, record: dict[str, Any]) -> Decimal | None:
         limit, stop = _opt(record, "limit_price"), _opt(record, "stop_price")
-        last = self._prices().get(record["symbol"])
+        last = self.store.prices().get(record["symbol"])
         price = limit if limit is not None else stop if stop is not None else last
         if price is None:
             return None
@@ -208,7 +170,7 @@ class Exchange:
 
     def _reserved_cash(self) -> Decimal:
         total = Decimal(0)
-        for record in self._open_orders():
+        for record in self.store.open_orders():
             if record["side"] == "buy" and record["status"] != "held":
                 price = self._estimate(record)
                 if price is not None:
@@ -217,7 +179,7 @@ class Exchange:
 
     def _held_for_sells(self, symbol: str) -> Decimal:
         held: dict[str, Decimal] = {}  # one amount per OCO group (a bracket's two legs hold it once)
-        for record in self._open_orders():
+        for record in self.store.open_orders():
             if record["symbol"] == symbol and record["side"] == "sell" and record["status"] != "held":
                 group = record["parent_id"] or record["id"]
                 remaining = Decimal(record["qty"]) - Decimal(record["filled_qty"])
@@ -227,7 +189,7 @@ class Exchange:
     def get(self, order_id: str) -> dict[str, Any]:
         """An order by id (404 if unknown, or hidden by a fault)."""
         with self._op():
-            record = self._load(order_id)
+            record = self.store.load(order_id)
             if record is None or self._hide(order_id):
                 raise ApiError(404, 40410000, "order not found")
             return self._render(record)
@@ -235,10 +197,10 @@ class Exchange:
     def get_by_client_id(self, client_order_id: str) -> dict[str, Any]:
         """An order by client_order_id."""
         with self._op():
-            raw = self.client.hget(self._k["client-ids"], client_order_id)
-            if raw is None:
+            order_id = self.store.order_id_for(client_order_id)
+            if order_id is None:
                 raise ApiError(404, 40410000, "order not found")
-            return self.get(_text(raw))
+            return self.get(order_id)
 
     def _hide(self, order_id: str) -> bool:
         left = self._hidden.get(order_id, 0)
@@ -251,7 +213,7 @@ class Exchange:
                     nested: bool = False, symbols: set[str] | None = None) -> list[dict[str, Any]]:
         """Orders filtered as GET /v2/orders does (status open/closed/all)."""
         with self._op():
-            records = [json.loads(v) for v in self.client.hvals(self._k["orders"])]
+            records = self.store.all_orders()
             chosen = []
             for record in records:
                 is_open = record["status"] in OPEN_STATUSES
@@ -273,16 +235,16 @@ class Exchange:
         404 if unknown, 422 if no longer cancelable.
         """
         with self._op():
-            record = self._load(order_id)
+            record = self.store.load(order_id)
             if record is None:
                 raise ApiError(404, 40410000, "order not found")
             if record["status"] not in OPEN_STATUSES:
                 raise ApiError(422, 42210000, f"order is not cancelable (status {record['status']})")
-            change = self._change()
+            change = self.store.change()
             self._close(record, "canceled", change)
-            parent = self._load(record["parent_id"]) if record["parent_id"] else None
+            parent = self.store.load(record["parent_id"]) if record["parent_id"] else None
             for other_id in [*record["legs"], *(parent or {}).get("legs", [])]:
-                other = self._load(other_id)
+                other = self.store.load(other_id)
                 if other is not None and other["status"] in OPEN_STATUSES:
                     self._close(other, "canceled", change)
             self._commit(change)
@@ -292,8 +254,8 @@ class Exchange:
         """Cancel every open order; one ``{"id", "status"}`` per order canceled."""
         with self._op():
             results: list[dict[str, Any]] = []
-            for record in self._open_orders():
-                current = self._load(record["id"])
+            for record in self.store.open_orders():
+                current = self.store.load(record["id"])
                 if current is not None and current["status"] in OPEN_STATUSES:
                     results.extend({"id": closed, "status": 200} for closed in self.cancel(record["id"]))
             return results
@@ -303,23 +265,23 @@ class Exchange:
     def positions(self) -> list[dict[str, Any]]:
         """Every open position, as Alpaca renders them."""
         with self._op():
-            prices = self._prices()
+            prices = self.store.prices()
             return [render.position(symbol, qty, avg, prices.get(symbol))
-                    for symbol, (qty, avg) in sorted(self._positions().items())]
+                    for symbol, (qty, avg) in sorted(self.store.positions().items())]
 
     def position(self, symbol: str) -> dict[str, Any]:
         """One open position; 404 when flat."""
         with self._op():
-            held = self._positions().get(symbol)
+            held = self.store.positions().get(symbol)
             if held is None:
                 raise ApiError(404, 40410000, "position does not exist")
-            return render.position(symbol, held[0], held[1], self._prices().get(symbol))
+            return render.position(symbol, held[0], held[1], self.store.prices().get(symbol))
 
     def known_symbols(self) -> list[str]:
         """Symbols with a price, a position or an order (for GET /v2/assets)."""
         with self._op():
-            names = set(self._prices()) | set(self._positions())
-            names |= {json.loads(v)["symbol"] for v in self.client.hvals(self._k["orders"])}
+            names = set(self.store.prices()) | set(self.store.positions())
+            names |= {record["symbol"] for record in self.store.all_orders()}
             return sorted(names)
 
     # -- market data --------------------------------------------------------------------------
@@ -327,27 +289,27 @@ class Exchange:
     def on_bar(self, bar: Bar) -> int:
         """Trade open orders of ``bar.symbol`` against it; return the number of fills applied."""
         with self._op():
-            self.client.hset(self._k["prices"], bar.symbol, render.num(bar.close) or "0")
+            self.store.set_price(bar.symbol, bar.close)
             budget = bar.volume * self.settings.max_volume_fraction
             applied = 0
-            for record in self._open_orders():
+            for record in self.store.open_orders():
                 if record["symbol"] != bar.symbol or record["status"] == "held":
                     continue
-                record = self._load(record["id"]) or record  # an earlier fill may have closed it
+                record = self.store.load(record["id"]) or record  # an earlier fill may have closed it
                 if record["status"] not in OPEN_STATUSES or record["status"] == "held":
                     continue
                 not_before = datetime.fromisoformat(record["not_before"].replace("Z", "+00:00"))
                 if bar.time < not_before or (record["strict"] and bar.time == not_before):
                     continue
                 if self._expired(record, bar):
-                    change = self._change()
+                    change = self.store.change()
                     self._close(record, "expired", change)
                     self._commit(change)
                     continue
                 fill_id = f"{record['id']}:{bar.id}"
-                done = self.client.hget(self._k["applied"], fill_id)
+                done = self.store.applied(fill_id)
                 if done is not None:
-                    budget -= Decimal(_text(done))
+                    budget -= done
                     continue
                 buy = record["side"] == "buy"
                 result = match(order_type=record["type"], buy=buy, limit=_opt(record, "limit_price"),
@@ -356,7 +318,7 @@ class Exchange:
                 if result.triggered and not record["triggered"]:
                     record["triggered"] = True
                     if result.price is None:
-                        self.client.hset(self._k["orders"], record["id"], json.dumps(record))
+                        self.store.save_order(record)
                 if result.price is None:
                     continue
                 quantity = self._fill_quantity(record, budget)
@@ -397,7 +359,7 @@ class Exchange:
         if complete:
             record["filled_at"] = stamp
         fee = quantity * self.settings.commission_per_share
-        positions = self._positions()
+        positions = self.store.positions()
         qty, avg_entry = positions.get(record["symbol"], (Decimal(0), Decimal(0)))
         delta = quantity if buy else -quantity
         new_qty = qty + delta
@@ -411,7 +373,7 @@ class Exchange:
             new_avg = avg_entry
         cash_delta = -(quantity * price) - fee if buy else quantity * price - fee
         execution_id = str(uuid.uuid5(uuid.NAMESPACE_URL, fill_id))
-        change = self._change()
+        change = self.store.change()
         change.orders[record["id"]] = record
         change.events.append({
             **self._event("fill" if complete else "partial_fill", record, now),
@@ -420,43 +382,34 @@ class Exchange:
         })
         if complete:
             self._after_fill(record, bar, change)
-        with self.client.pipeline(transaction=True) as pipe:
-            if new_qty == 0:
-                pipe.hdel(self._k["positions"], record["symbol"])
-            else:
-                pipe.hset(self._k["positions"], record["symbol"],
-                          json.dumps({"qty": render.num(new_qty), "avg": render.num(new_avg)}))
-            pipe.hset(self._k["account"], "cash", render.num(self._cash() + cash_delta) or "0")
-            pipe.hset(self._k["applied"], fill_id, render.num(quantity) or "0")
-            pipe.xadd(self._k["fills"], {
-                "fill_id": fill_id, "execution_id": execution_id, "order_id": record["id"],
-                "client_order_id": record["client_order_id"], "symbol": record["symbol"],
-                "side": record["side"], "qty": render.num(quantity) or "0", "price": render.num(price) or "0",
-                "fee": render.num(fee) or "0", "bar_id": bar.id, "time": stamp or ""})
-            self._write(pipe, change)
-            pipe.execute()
-        self._staged = {}
+        change.position = (record["symbol"], new_qty, new_avg)
+        change.cash = self.store.cash() + cash_delta
+        change.fill = {
+            "fill_id": fill_id, "execution_id": execution_id, "order_id": record["id"],
+            "client_order_id": record["client_order_id"], "symbol": record["symbol"],
+            "side": record["side"], "qty": render.num(quantity) or "0", "price": render.num(price) or "0",
+            "fee": render.num(fee) or "0", "bar_id": bar.id, "time": stamp or ""}
+        self._commit(change)
         log.info("order.fill", order_id=record["id"], client_order_id=record["client_order_id"],
                  qty=render.num(quantity), price=render.num(price), status=record["status"], bar_id=bar.id)
-        self._publish(change)
 
-    def _after_fill(self, record: dict[str, Any], bar: Bar, change: _Change) -> None:
+    def _after_fill(self, record: dict[str, Any], bar: Bar, change: Change) -> None:
         """A filled parent activates its legs; a filled leg cancels its sibling (OCO)."""
         for leg_id in record["legs"]:
-            leg = self._load(leg_id)
+            leg = self.store.load(leg_id)
             if leg is not None and leg["status"] == "held":
                 leg.update(status="new", not_before=render.timestamp(bar.time), strict=True,
                            updated_at=render.timestamp(self.clock.now()))
                 change.orders[leg_id] = leg
                 change.events.append(self._event("new", leg, self.clock.now()))
         if record["parent_id"]:
-            parent = self._load(record["parent_id"])
+            parent = self.store.load(record["parent_id"])
             for sibling_id in (parent or {}).get("legs", []):
-                sibling = self._load(sibling_id) if sibling_id != record["id"] else None
+                sibling = self.store.load(sibling_id) if sibling_id != record["id"] else None
                 if sibling is not None and sibling["status"] in OPEN_STATUSES:
                     self._close(sibling, "canceled", change)
 
-    def _close(self, record: dict[str, Any], status: str, change: _Change) -> None:
+    def _close(self, record: dict[str, Any], status: str, change: Change) -> None:
         now = self.clock.now()
         stamp = render.timestamp(now)
         record.update(status=status, updated_at=stamp)
@@ -464,71 +417,22 @@ class Exchange:
         change.orders[record["id"]] = record
         change.events.append(self._event(status, record, now))
 
-    # -- storage ------------------------------------------------------------------------------
+    # -- helpers ------------------------------------------------------------------------------
 
-    def _commit(self, change: _Change, new_client_ids: dict[str, str] | None = None) -> None:
-        with self.client.pipeline(transaction=True) as pipe:
-            if new_client_ids:
-                pipe.hset(self._k["client-ids"], mapping=new_client_ids)  # type: ignore[arg-type]
-            self._write(pipe, change)
-            pipe.execute()
-        self._staged = {}
-        self._publish(change)
-
-    def _write(self, pipe: Any, change: _Change) -> None:
-        for order_id, record in change.orders.items():
-            pipe.hset(self._k["orders"], order_id, json.dumps(record))
-            if record["status"] in OPEN_STATUSES:
-                pipe.zadd(self._k["open"], {order_id: record["seq"]})
-            else:
-                pipe.zrem(self._k["open"], order_id)
-        for event in change.events:
-            pipe.xadd(self._k["events"], {"event": json.dumps(event)}, maxlen=10_000, approximate=True)
-
-    def _publish(self, change: _Change) -> None:
+    def _commit(self, change: Change) -> None:
+        self.store.commit(change)
         if change.events:
             self.publish(change.events)
 
     def _event(self, name: str, record: dict[str, Any], now: datetime) -> dict[str, Any]:
         return {"event": name, "timestamp": render.timestamp(now), "order": self._render(record)}
 
-    def _change(self) -> _Change:
-        change = _Change(orders={}, events=[])
-        self._staged = change.orders
-        return change
-
-    def _load(self, order_id: str) -> dict[str, Any] | None:
-        if order_id in self._staged:
-            return self._staged[order_id]
-        raw = self.client.hget(self._k["orders"], order_id)
-        return None if raw is None else dict(json.loads(raw))
-
-    def _open_orders(self) -> list[dict[str, Any]]:
-        ids = self.client.zrange(self._k["open"], 0, -1)
-        if not ids:
-            return []
-        raws = self.client.hmget(self._k["orders"], list(ids))  # type: ignore[arg-type]
-        return [json.loads(raw) for raw in raws if raw is not None]
-
-    def _positions(self) -> dict[str, tuple[Decimal, Decimal]]:
-        result = {}
-        for symbol, raw in self.client.hgetall(self._k["positions"]).items():
-            data = json.loads(raw)
-            result[_text(symbol)] = (Decimal(data["qty"]), Decimal(data["avg"]))
-        return result
-
-    def _prices(self) -> dict[str, Decimal]:
-        return {_text(k): Decimal(_text(v)) for k, v in self.client.hgetall(self._k["prices"]).items()}
-
-    def _cash(self) -> Decimal:
-        return Decimal(self.client.hget(self._k["account"], "cash").decode())  # type: ignore[union-attr]
-
     def _render(self, record: dict[str, Any], *, nested: bool = True) -> dict[str, Any]:
         legs = None
         if record["legs"] and nested:
             legs = []
             for leg_id in record["legs"]:
-                leg = self._load(leg_id)
+                leg = self.store.load(leg_id)
                 if leg is not None:
                     legs.append(render.order(leg, None))
         return render.order(record, legs)

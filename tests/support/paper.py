@@ -72,7 +72,12 @@ class PaperExchange:
             stop_all([self.proc])
             self.proc = None
 
-    def restart(self) -> None:
+    def restart(self, *, kill: bool = False) -> None:
+        """Stop (SIGTERM, or SIGKILL when ``kill``) and start again on the same port and prefix."""
+        if kill and self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
         self.stop()
         self.start()
 

@@ -1,0 +1,177 @@
+"""Where the paper exchange's book lives: its Redis keys, read fresh, each change one MULTI/EXEC.
+
+Keys, under ``<prefix>:paper:`` (see shared/keys.py's ``Keys.paper``)::
+
+    account       hash: id, account_number, cash, created_at
+    credentials   hash: key_id, secret_key (only when generated)
+    orders        hash: order id -> the order's record (JSON; numbers as strings)
+    client-ids    hash: client_order_id -> order id (uniqueness)
+    open          sorted set: open order ids, scored by acceptance sequence
+    seq           counter: acceptance sequence
+    positions     hash: symbol -> {"qty", "avg"}
+    prices        hash: symbol -> last bar close
+    applied       hash: fill id -> quantity (a fill recorded here is never applied again)
+    fills         stream: every fill (never trimmed)
+    events        stream: every trade update sent (about the last 10,000)
+
+Left to the caller: a read-decide-commit sequence is only safe with one writer per prefix; the
+exchange holds its lock around it and runs one process per prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import redis
+
+from services.paper_exchange import _render as render
+from shared.config import PaperExchangeSettings
+from shared.keys import Keys
+
+__all__ = ["OPEN_STATUSES", "Change", "Store", "credentials"]
+
+OPEN_STATUSES = frozenset({"new", "partially_filled", "held", "accepted", "pending_new"})
+
+
+def text(value: Any) -> str:
+    """A Redis reply as str."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def credentials(client: redis.Redis, keys: Keys, settings: PaperExchangeSettings) -> tuple[str, str]:
+    """The key pair the exchange accepts: configured, else generated once and kept in Redis."""
+    if settings.api_key is not None and settings.secret_key is not None:
+        return settings.api_key.get_secret_value(), settings.secret_key.get_secret_value()
+    key = keys.paper("credentials")
+    client.hsetnx(key, "key_id", "PK" + secrets.token_hex(8).upper())
+    client.hsetnx(key, "secret_key", secrets.token_urlsafe(30))
+    stored = client.hmget(key, ["key_id", "secret_key"])
+    return text(stored[0]), text(stored[1])
+
+
+@dataclass
+class Change:
+    """Everything one transaction writes; ``events`` are sent only once it has committed."""
+
+    orders: dict[str, dict[str, Any]] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    client_ids: dict[str, str] = field(default_factory=dict)
+    position: tuple[str, Decimal, Decimal] | None = None  # symbol, quantity, average entry
+    cash: Decimal | None = None
+    fill: dict[str, str] | None = None  # the fill record (has fill_id and qty)
+
+
+class Store:
+    """Reads and writes of the book; records of the change being built are visible to ``load``."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.client = client
+        self._k = {name: keys.paper(name) for name in (
+            "account", "orders", "client-ids", "open", "seq", "positions", "prices", "applied", "fills",
+            "events")}
+        self._staged: dict[str, dict[str, Any]] = {}
+
+    def init_account(self, starting_cash: Decimal, now: datetime) -> None:
+        """Create the account once (a restart keeps the existing one)."""
+        key = self._k["account"]
+        self.client.hsetnx(key, "id", str(uuid.uuid4()))
+        self.client.hsetnx(key, "account_number", "PA" + secrets.token_hex(5).upper())
+        self.client.hsetnx(key, "cash", render.num(starting_cash) or "0")
+        self.client.hsetnx(key, "created_at", render.timestamp(now) or "")
+
+    def account_fields(self) -> dict[str, str]:
+        return {text(k): text(v) for k, v in self.client.hgetall(self._k["account"]).items()}
+
+    def cash(self) -> Decimal:
+        return Decimal(text(self.client.hget(self._k["account"], "cash")))
+
+    def change(self) -> Change:
+        """Start building a change (its records shadow Redis for ``load`` until committed)."""
+        change = Change()
+        self._staged = change.orders
+        return change
+
+    def drop_staged(self) -> None:
+        self._staged = {}
+
+    def load(self, order_id: str) -> dict[str, Any] | None:
+        if order_id in self._staged:
+            return self._staged[order_id]
+        raw = self.client.hget(self._k["orders"], order_id)
+        return None if raw is None else dict(json.loads(raw))
+
+    def order_id_for(self, client_order_id: str) -> str | None:
+        raw = self.client.hget(self._k["client-ids"], client_order_id)
+        return None if raw is None else text(raw)
+
+    def all_orders(self) -> list[dict[str, Any]]:
+        return [json.loads(v) for v in self.client.hvals(self._k["orders"])]
+
+    def open_orders(self) -> list[dict[str, Any]]:
+        ids = self.client.zrange(self._k["open"], 0, -1)
+        if not ids:
+            return []
+        raws = self.client.hmget(self._k["orders"], list(ids))  # type: ignore[arg-type]
+        return [json.loads(raw) for raw in raws if raw is not None]
+
+    def save_order(self, record: dict[str, Any]) -> None:
+        """Write one record outside a change (a stop's trigger flag: no event, no money)."""
+        self.client.hset(self._k["orders"], record["id"], json.dumps(record))
+
+    def next_seq(self) -> int:
+        return int(self.client.incr(self._k["seq"]))
+
+    def positions(self) -> dict[str, tuple[Decimal, Decimal]]:
+        result = {}
+        for symbol, raw in self.client.hgetall(self._k["positions"]).items():
+            data = json.loads(raw)
+            result[text(symbol)] = (Decimal(data["qty"]), Decimal(data["avg"]))
+        return result
+
+    def prices(self) -> dict[str, Decimal]:
+        return {text(k): Decimal(text(v)) for k, v in self.client.hgetall(self._k["prices"]).items()}
+
+    def set_price(self, symbol: str, price: Decimal) -> None:
+        self.client.hset(self._k["prices"], symbol, render.num(price) or "0")
+
+    def applied(self, fill_id: str) -> Decimal | None:
+        """The quantity of fill ``fill_id`` if it was applied already."""
+        raw = self.client.hget(self._k["applied"], fill_id)
+        return None if raw is None else Decimal(text(raw))
+
+    def commit(self, change: Change) -> None:
+        """Write ``change`` in one MULTI/EXEC."""
+        try:
+            with self.client.pipeline(transaction=True) as pipe:
+                if change.client_ids:
+                    pipe.hset(self._k["client-ids"], mapping=change.client_ids)  # type: ignore[arg-type]
+                if change.position is not None:
+                    symbol, quantity, average = change.position
+                    if quantity == 0:
+                        pipe.hdel(self._k["positions"], symbol)
+                    else:
+                        pipe.hset(self._k["positions"], symbol,
+                                  json.dumps({"qty": render.num(quantity), "avg": render.num(average)}))
+                if change.cash is not None:
+                    pipe.hset(self._k["account"], "cash", render.num(change.cash) or "0")
+                if change.fill is not None:
+                    pipe.hset(self._k["applied"], change.fill["fill_id"], change.fill["qty"])
+                    pipe.xadd(self._k["fills"], change.fill)  # type: ignore[arg-type]
+                for order_id, record in change.orders.items():
+                    pipe.hset(self._k["orders"], order_id, json.dumps(record))
+                    if record["status"] in OPEN_STATUSES:
+                        pipe.zadd(self._k["open"], {order_id: record["seq"]})
+                    else:
+                        pipe.zrem(self._k["open"], order_id)
+                for event in change.events:
+                    pipe.xadd(self._k["events"], {"event": json.dumps(event)}, maxlen=10_000,
+                              approximate=True)
+                pipe.execute()
+        finally:
+            self._staged = {}
