@@ -27,6 +27,8 @@ __all__ = ["Server"]
 
 log = get_logger(component="paper_exchange.http")
 _STREAM_FAULTS = frozenset({"duplicate_updates", "reorder_updates"})
+_HTTP_FAULTS = frozenset({"latency", "reply_timeout", "drop_before", "drop_after", "rate_limit", "status",
+                          "refuse", "hide_new_orders", "stale_positions"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -129,7 +131,7 @@ class Server:
         endpoint = f"{request.method} {path}"
         if request.can_read_body:
             await request.read()  # received in full before any fault: a slow server still has it
-        fired = self.faults.draw(endpoint) if not path.startswith("/_paper") else []
+        fired = self.faults.draw(endpoint, _HTTP_FAULTS) if not path.startswith("/_paper") else []
         after: list[FaultRule] = []
         for rule in fired:
             if rule.kind == "latency":
