@@ -130,13 +130,17 @@ class TestAdapter:
         assert sorted(leg.order_type for leg in placed.legs) == [OrderType.LIMIT, OrderType.STOP]
         assert {leg.broker_status for leg in placed.legs} == {"held"}
 
-    def test_cancel_and_not_found(self, broker: AlpacaBroker) -> None:
-        """Cancel makes an open order CANCELED; a second cancel is refused; unknown ids are OrderNotFound."""
+    def test_cancel_and_not_found(self, exchange: PaperExchange, broker: AlpacaBroker) -> None:
+        """Cancel is idempotent; a filled order's cancel is OrderRejected; unknown ids are OrderNotFound."""
         broker.submit(resting("c1"))
         broker.cancel("c1")
+        broker.cancel("c1")
         assert broker.get_order("c1").status == OrderStatus.CANCELED
-        with pytest.raises(OrderRejected):
-            broker.cancel("c1")
+        broker.submit(market("c2", "1"))
+        exchange.bar("AAPL", "10", "10", "10", "10")
+        wait_for(lambda: broker.get_order("c2").status == OrderStatus.FILLED, message="the fill")
+        with pytest.raises(OrderRejected, match="not cancelable"):
+            broker.cancel("c2")
         with pytest.raises(OrderNotFound) as missing:
             broker.get_order("nope")
         assert missing.value.client_order_id == "nope"

@@ -53,6 +53,7 @@ from shared.errors import (
     RateLimited,
 )
 from shared.logging import get_logger
+from shared.models import OrderStatus
 
 __all__ = ["AlpacaBroker"]
 
@@ -132,10 +133,19 @@ class AlpacaBroker:
         return placed
 
     def cancel(self, client_order_id: str) -> None:
-        """Cancel the order; OrderNotFound if the broker has none, OrderRejected if it is done."""
+        """Cancel the order. Idempotent: an order already canceled is fine (a retried DELETE).
+
+        OrderNotFound if the broker has none; OrderRejected if it is done otherwise (filled...).
+        """
         found = self.get_order(client_order_id)
-        self._call("cancel", lambda: self._client.cancel_order_by_id(found.broker_order_id),
-                   cid=client_order_id)
+        if found.status == OrderStatus.CANCELED:
+            return
+        try:
+            self._call("cancel", lambda: self._client.cancel_order_by_id(found.broker_order_id),
+                       cid=client_order_id)
+        except OrderRejected:
+            if self.get_order(client_order_id).status != OrderStatus.CANCELED:
+                raise
 
     def get_order(self, client_order_id: str) -> BrokerOrder:
         """The order with ``client_order_id`` (OrderNotFound if none)."""
