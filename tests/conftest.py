@@ -76,6 +76,15 @@ def server_url(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue(fixture))
 
 
+@pytest.fixture
+def client(server_url: str, keys: Keys) -> Iterator[redis.Redis]:
+    """A client of the shared server (``server_url``) for a multi-process test's own checks."""
+    result = connect_url(server_url)
+    yield result
+    _cleanup(result, keys)
+    result.close()
+
+
 @pytest.fixture(params=ALL_BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     """The name of the Redis backend this test runs against."""

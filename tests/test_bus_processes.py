@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,6 @@ import redis
 
 from shared.bus import trim
 from shared.keys import BARS, Keys
-from shared.redis_client import connect_url
 from tests.conftest import SERVER_BACKENDS
 from tests.support.processes import spawn, stop_all, wait_for
 
@@ -44,16 +42,6 @@ def effects(client: redis.Redis, keys: Keys) -> list[str]:
 def pending(client: redis.Redis, keys: Keys, group: str = "effects") -> int:
     """Entries delivered to the group and not acknowledged."""
     return int(client.xpending(keys.stream(BARS), group)["pending"])
-
-
-@pytest.fixture
-def client(server_url: str, keys: Keys) -> Iterator[redis.Redis]:
-    """A client of the shared server, for the test's own checks."""
-    result = connect_url(server_url)
-    yield result
-    for key in result.scan_iter(match=keys.pattern(), count=1000):
-        result.delete(key)
-    result.close()
 
 
 @pytest.mark.parametrize("server_url", SERVER_BACKENDS, indirect=True)

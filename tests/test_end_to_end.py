@@ -14,7 +14,6 @@ import csv
 import math
 import signal
 import subprocess
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -28,7 +27,6 @@ from shared import codec
 from shared.keys import INTENTS, ORDERS, Keys
 from shared.models import Bar, Intent, Order
 from shared.portfolio import Portfolio, verify
-from shared.redis_client import connect_url
 from tests.conftest import REAL, SERVER_BACKENDS
 from tests.support.paper import KEY_ID, SECRET, PaperExchange, running_exchange
 from tests.support.processes import spawn, stop_all, wait_for
@@ -86,16 +84,6 @@ def pending_everywhere(client: redis.Redis, keys: Keys) -> dict[str, int]:
             if int(group["pending"]):
                 found[f"{raw.decode()}/{group['name'].decode()}"] = int(group["pending"])
     return found
-
-
-@pytest.fixture
-def client(server_url: str, keys: Keys) -> Iterator[redis.Redis]:
-    """A client of the shared server for the test's own checks."""
-    result = connect_url(server_url)
-    yield result
-    for key in result.scan_iter(match=keys.pattern(), count=1000):
-        result.delete(key)
-    result.close()
 
 
 class Desk:

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
 from decimal import Decimal as D
 from pathlib import Path
 
@@ -16,23 +15,12 @@ import redis
 from shared.config import PortfolioSettings
 from shared.keys import Keys
 from shared.portfolio import Portfolio, lock_resource, verify
-from shared.redis_client import connect_url
 from tests.conftest import SERVER_BACKENDS
 from tests.support.processes import spawn, stop_all, wait_for
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.parametrize("server_url", SERVER_BACKENDS, indirect=True)]
 
 WORKER = "tests.procs.portfolio_worker"
-
-
-@pytest.fixture
-def client(server_url: str, keys: Keys) -> Iterator[redis.Redis]:
-    """A client of the shared server; the test's keys are deleted afterwards."""
-    connection = connect_url(server_url)
-    yield connection
-    for key in connection.scan_iter(match=keys.pattern(), count=1000):
-        connection.delete(key)
-    connection.close()
 
 
 def worker(server_url: str, keys: Keys, name: str, mode: str, *extra: str) -> subprocess.Popen[bytes]:

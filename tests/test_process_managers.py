@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,22 +19,11 @@ import redis
 
 from shared.heartbeat import alive_instances
 from shared.keys import ORDERS, Keys
-from shared.redis_client import connect_url
 from tests.support.processes import REPO_ROOT, free_port, wait_for
 
 pytestmark = pytest.mark.multiprocess
 SERVICES = {"paper-exchange", "ingester", "strategy", "risk", "executor", "reconciler", "monitor"}
 BIN = Path(sys.executable).parent
-
-
-@pytest.fixture
-def client(real_redis_url: str, keys: Keys) -> Iterator[redis.Redis]:
-    """A client of the real server; the test's keys are deleted afterwards."""
-    result = connect_url(real_redis_url)
-    yield result
-    for key in result.scan_iter(match=keys.pattern(), count=1000):
-        result.delete(key)
-    result.close()
 
 
 def desk_env(url: str, keys: Keys) -> dict[str, str]:
@@ -52,9 +40,9 @@ def services_up(client: redis.Redis, keys: Keys) -> bool:
     return alive >= SERVICES
 
 
-def test_honcho_runs_the_procfile(real_redis_url: str, client: redis.Redis, keys: Keys) -> None:
+def test_honcho_runs_the_procfile(server_url: str, client: redis.Redis, keys: Keys) -> None:
     """`honcho start` brings every Procfile process up, orders flow, and SIGTERM stops them all."""
-    proc = subprocess.Popen([str(BIN / "honcho"), "start"], cwd=REPO_ROOT, env=desk_env(real_redis_url, keys),
+    proc = subprocess.Popen([str(BIN / "honcho"), "start"], cwd=REPO_ROOT, env=desk_env(server_url, keys),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_for(lambda: services_up(client, keys), timeout=60, message="every service's heartbeat")
@@ -67,12 +55,12 @@ def test_honcho_runs_the_procfile(real_redis_url: str, client: redis.Redis, keys
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_supervisor_runs_ops_config(real_redis_url: str, client: redis.Redis, keys: Keys) -> None:
+def test_supervisor_runs_ops_config(server_url: str, client: redis.Redis, keys: Keys) -> None:
     """supervisord with ops/supervisord.conf runs every service and three strategy workers, then stops."""
     (REPO_ROOT / "var").mkdir(exist_ok=True)
     conf = str(REPO_ROOT / "ops" / "supervisord.conf")
     proc = subprocess.Popen([str(BIN / "supervisord"), "-c", conf], cwd=REPO_ROOT,
-                            env=desk_env(real_redis_url, keys), stdout=subprocess.DEVNULL,
+                            env=desk_env(server_url, keys), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_for(lambda: services_up(client, keys), timeout=60, message="every service's heartbeat")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ from services.strategy import GROUP
 from shared import codec
 from shared.keys import BARS, INTENTS, Keys
 from shared.models import Intent
-from shared.redis_client import connect_url
 from tests.conftest import SERVER_BACKENDS
 from tests.support.processes import spawn, stop_all, wait_for
 
@@ -52,16 +50,6 @@ def env_for(url: str, keys: Keys, csv_path: Path, **extra: str) -> dict[str, str
     }
     env.update(extra)
     return env
-
-
-@pytest.fixture
-def client(server_url: str, keys: Keys) -> Iterator[redis.Redis]:
-    """A client of the shared server, for the test's own checks."""
-    result = connect_url(server_url)
-    yield result
-    for key in result.scan_iter(match=keys.pattern(), count=1000):
-        result.delete(key)
-    result.close()
 
 
 def processed(client: redis.Redis, keys: Keys) -> list[str]:
