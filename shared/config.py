@@ -106,12 +106,9 @@ class PortfolioSettings(_Section):
 
 
 class RiskSettings(_Section):
-    """Basic pre-trade limits (the protections layer adds the rest)."""
+    """Sizing for strategies; every pre-trade limit the risk service applies is in LimitSettings."""
 
     max_risk_fraction: Fraction = Decimal("0.02")
-    max_position_fraction: Fraction = Decimal("0.25")
-    max_order_notional: PositiveDecimal = Decimal("50000")
-    min_order_notional: NonNegativeDecimal = Decimal("1")
 
 
 class ProtectionSettings(_Section):

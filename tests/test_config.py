@@ -94,8 +94,8 @@ class TestBadValues:
         ("BASTION_BUS__MAXLEN", "bus.maxlen"),
         ("BASTION_LOCK__LEASE_MS", "lock.lease_ms"),
         ("BASTION_PORTFOLIO__STARTING_CASH", "portfolio.starting_cash"),
-        ("BASTION_RISK__MAX_ORDER_NOTIONAL", "risk.max_order_notional"),
-        ("BASTION_RISK__MIN_ORDER_NOTIONAL", "risk.min_order_notional"),
+        ("BASTION_LIMITS__MAX_ORDER_NOTIONAL", "limits.max_order_notional"),
+        ("BASTION_LIMITS__MIN_ORDER_NOTIONAL", "limits.min_order_notional"),
         ("BASTION_BROKER__TIMEOUT_S", "broker.timeout_s"),
         ("BASTION_EMBEDDED_REDIS__PORT", "embedded_redis.port"),
     ])
@@ -112,8 +112,8 @@ class TestBadValues:
 
     def test_risk_fraction_of_one_accepted(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """A fraction of exactly 1 is the upper bound and is accepted."""
-        monkeypatch.setenv("BASTION_RISK__MAX_POSITION_FRACTION", "1")
-        assert load_settings().risk.max_position_fraction == 1
+        monkeypatch.setenv("BASTION_LIMITS__MAX_POSITION_FRACTION", "1")
+        assert load_settings().limits.max_position_fraction == 1
 
     @pytest.mark.parametrize(("variable", "value", "field", "reason"), [
         ("BASTION_BUS__BLOCK_MS", "soon", "bus.block_ms", "valid integer"),

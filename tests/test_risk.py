@@ -1,85 +1,130 @@
-"""The risk service's decisions, on in-process fakeredis with a real portfolio."""
+"""The risk service's decisions, on in-process fakeredis with a real portfolio and a FakeBroker."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import fakeredis
 import pytest
 import redis
+from structlog.testing import capture_logs
 
 from services.risk.service import RiskService, client_order_id
 from shared import codec
+from shared.account_activity import AccountActivity
+from shared.brokers import Account, BrokerCall, FakeBroker
 from shared.bus import Delivery
 from shared.clock import SimulatedClock
 from shared.config import Settings
-from shared.keys import INTENTS, ORDERS, REJECTIONS, Keys
-from shared.models import Bar, Intent, IntentRejected, Order, OrderType, Side
+from shared.errors import BrokerUnavailable
+from shared.keys import BARS, INTENTS, ORDERS, REJECTIONS, Keys
+from shared.models import Bar, Fill, Intent, IntentRejected, Order, OrderType, Side
+from shared.protections import ClosedTrade, Protections
+from shared.trading_state import KillSwitch
 
-T0 = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def client() -> redis.Redis:
-    """In-process fakeredis."""
-    return fakeredis.FakeRedis()
+T0 = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)  # a Monday, 10:00 in New York
+KEYS = Keys("t")
 
 
-@pytest.fixture
-def risk(client: redis.Redis) -> RiskService:
-    """A risk service on a $10,000 account with AAPL marked at $150."""
-    settings = Settings(portfolio={"starting_cash": "10000"}, risk={"max_position_fraction": "1"})
-    service = RiskService(client, Keys("t"), settings, SimulatedClock(T0))
-    service.portfolio.open()
-    bar = Bar(time=T0, symbol="AAPL", open=Decimal(150), high=Decimal(150), low=Decimal(150),
-              close=Decimal(150), volume=Decimal(100))
-    service.handle_bar(Delivery("bars", "1-0", bar, 1))
-    return service
+def broker_account(equity: str = "10000") -> Account:
+    """The broker's account with ``equity`` (cash the same)."""
+    return Account(account_id="a1", currency="USD", cash=Decimal(equity), buying_power=Decimal(equity),
+                   equity=Decimal(equity), pattern_day_trader=False, trading_blocked=False)
+
+
+class Desk:
+    """A risk service on a $10,000 account, AAPL marked and fresh at $150, a FakeBroker for balances."""
+
+    def __init__(self, equity: str = "10000", **limits: Any) -> None:
+        self.client: redis.Redis = fakeredis.FakeRedis()
+        self.clock = SimulatedClock(T0)
+        self.equity = equity
+        self.broker = FakeBroker(self.answer)
+        self.settings = Settings(portfolio={"starting_cash": "10000"},
+                                 limits={"max_position_fraction": "1", **limits})
+        self.risk = RiskService(self.client, KEYS, self.settings, self.clock, broker=self.broker)
+        self.risk.portfolio.open()
+        self.bar("AAPL", "150")
+
+    def answer(self, call: BrokerCall) -> object:
+        if call.method == "account":
+            return broker_account(self.equity)
+        return []
+
+    def bar(self, symbol: str, price: str) -> None:
+        """A bar as the ingester would publish it (last-bar hash) and risk would consume it."""
+        bar = Bar(time=self.clock.now(), symbol=symbol, open=Decimal(price), high=Decimal(price),
+                  low=Decimal(price), close=Decimal(price), volume=Decimal(100))
+        self.client.hset(KEYS.last_bar, symbol, bar.time.isoformat())
+        self.risk.handle_bar(Delivery(BARS, "1-0", bar, 1))
+
+    def send(self, wish: Intent) -> None:
+        """Hand ``wish`` to the service as the bus would."""
+        self.risk.handle_intent(Delivery(INTENTS, "1-0", wish, 1))
+
+    def stream(self, name: str) -> list[Any]:
+        return [codec.decode(fields) for _, fields in self.client.xrange(KEYS.stream(name))]
+
+    def orders(self) -> list[Order]:
+        return self.stream(ORDERS)
+
+    def reasons(self) -> list[str]:
+        return [r.reason for r in self.stream(REJECTIONS)]
+
+    def hold(self, symbol: str, quantity: str, price: str = "150") -> None:
+        """Put a position in the book (a filled buy), as the executor would."""
+        rid = f"hold-{symbol}-{quantity}"
+        self.risk.portfolio.reserve(rid, symbol, Side.BUY, Decimal(quantity), Decimal(price))
+        self.risk.portfolio.apply_fill(rid, Fill(fill_id=f"{rid}:f", quantity=Decimal(quantity),
+                                                 price=Decimal(price), time=self.clock.now()))
 
 
 def intent(side: Side = Side.BUY, **fields: object) -> Intent:
-    """A manual intent for AAPL."""
-    values: dict[str, object] = {"quantity": Decimal(10), "symbol": "AAPL", "time": T0, "source": "test"}
+    """A manual intent for 10 AAPL."""
+    values: dict[str, object] = {"quantity": Decimal(10), "symbol": "AAPL", "time": T0, "source": "manual"}
     values.update(fields)
     return Intent(side=side, **values)  # type: ignore[arg-type]
 
 
-def published(client: redis.Redis, stream: str) -> list[object]:
-    """Decoded messages on ``stream``."""
-    return [codec.decode(fields) for _, fields in client.xrange(Keys("t").stream(stream))]
-
-
-def deliver(risk: RiskService, message: Intent) -> None:
-    """Hand ``message`` to the service as the bus would."""
-    risk.handle_intent(Delivery(INTENTS, "1-0", message, 1))
+@pytest.fixture
+def desk() -> Desk:
+    """A fresh desk with default limits (position fraction 1)."""
+    return Desk()
 
 
 class TestApproval:
-    def test_affordable_buy_becomes_an_order_with_its_reservation(self, risk: RiskService,
-                                                                  client: redis.Redis) -> None:
+    def test_affordable_buy_becomes_an_order_with_its_reservation(self, desk: Desk) -> None:
         """A buy that cash covers is reserved and published as an order keyed by the intent id."""
         wish = intent()
-        deliver(risk, wish)
-        [order] = published(client, ORDERS)
-        assert isinstance(order, Order)
+        desk.send(wish)
+        [order] = desk.orders()
         assert (order.client_order_id, order.reservation_id, order.quantity) == (
             client_order_id(wish.id), wish.id, Decimal(10))
-        assert risk.portfolio.snapshot().reserved == Decimal("1501.5")  # 10 x 150 + 10 bps buffer
+        assert desk.risk.portfolio.snapshot().reserved == Decimal("1501.5")  # 10 x 150 + 10 bps buffer
 
-    def test_notional_is_sized_to_whole_shares(self, risk: RiskService, client: redis.Redis) -> None:
+    def test_notional_is_sized_to_whole_shares(self, desk: Desk) -> None:
         """A notional intent buys the whole shares it affords at the last price."""
-        deliver(risk, intent(quantity=None, notional=Decimal("1000")))
-        [order] = published(client, ORDERS)
-        assert isinstance(order, Order) and order.quantity == Decimal(6)
+        desk.send(intent(quantity=None, notional=Decimal("1000")))
+        [order] = desk.orders()
+        assert order.quantity == Decimal(6)
 
-    def test_redelivered_intent_is_published_once(self, risk: RiskService, client: redis.Redis) -> None:
+    def test_redelivered_intent_is_published_once(self, desk: Desk) -> None:
         """The same intent delivered twice yields one order and one reservation."""
         wish = intent()
-        deliver(risk, wish)
-        deliver(risk, wish)
-        assert len(published(client, ORDERS)) == 1
-        assert risk.portfolio.snapshot().reserved == Decimal("1501.5")
+        desk.send(wish)
+        desk.send(wish)
+        assert len(desk.orders()) == 1
+        assert desk.risk.portfolio.snapshot().reserved == Decimal("1501.5")
+
+    def test_limit_price_is_rounded_never_worse(self, desk: Desk) -> None:
+        """A buy limit of 150.129 goes out at 150.12 (a tick down), a sub-dollar one to $0.0001."""
+        desk.send(intent(order_type=OrderType.LIMIT, limit_price=Decimal("150.129")))
+        desk.bar("SIRI", "0.5")
+        desk.send(intent(symbol="SIRI", quantity=Decimal(100), order_type=OrderType.LIMIT,
+                         limit_price=Decimal("0.51237")))
+        assert [o.limit_price for o in desk.orders()] == [Decimal("150.12"), Decimal("0.5123")]
 
 
 class TestRefusal:
@@ -88,46 +133,250 @@ class TestRefusal:
         [
             (intent(order_type=OrderType.LIMIT, limit_price=Decimal(9995), quantity=Decimal(1)),
              "insufficient funds"),
-            (intent(quantity=Decimal(100)), "above max_position_fraction"),
+            (intent(quantity=Decimal(100)), "max_position_fraction"),
             (intent(Side.SELL), "insufficient AAPL"),
             (intent(symbol="MSFT"), "no price for MSFT"),
             (intent(quantity=None, notional=Decimal("100")), "buys no whole share"),
             (intent(order_type=OrderType.LIMIT, limit_price=Decimal("0.01"), quantity=Decimal(1)),
-             "below min_order_notional"),
+             "min_order_notional"),
+            (intent(quantity=Decimal("0.4")), "quantity_rounds_to_zero"),
         ],
     )
-    def test_refused_intent_is_published_with_its_reason(self, risk: RiskService, client: redis.Redis,
-                                                         wish: Intent, reason: str) -> None:
+    def test_refused_intent_is_published_with_its_reason(self, desk: Desk, wish: Intent, reason: str) -> None:
         """An intent risk refuses goes to the rejections stream with a reason, and nothing is reserved."""
-        deliver(risk, wish)
-        assert published(client, ORDERS) == []
-        [rejection] = published(client, REJECTIONS)
+        desk.send(wish)
+        assert desk.orders() == []
+        [rejection] = desk.stream(REJECTIONS)
         assert isinstance(rejection, IntentRejected) and reason in rejection.reason
         assert rejection.intent_id == wish.id
-        assert risk.portfolio.snapshot().reserved == 0
+        assert desk.risk.portfolio.snapshot().reserved == 0
 
-    def test_second_buy_beyond_cash_is_refused(self, risk: RiskService, client: redis.Redis) -> None:
+    def test_second_buy_beyond_cash_is_refused(self, desk: Desk) -> None:
         """Two buys of 40 @ 150 on $10,000: the first is approved, the second refused."""
-        deliver(risk, intent(quantity=Decimal(40)))
-        deliver(risk, intent(quantity=Decimal(40)))
-        assert len(published(client, ORDERS)) == 1
-        assert len(published(client, REJECTIONS)) == 1
+        desk.send(intent(quantity=Decimal(40)))
+        desk.send(intent(quantity=Decimal(40)))
+        assert len(desk.orders()) == 1
+        assert len(desk.reasons()) == 1
 
-    def test_halted_refuses_everything(self, risk: RiskService, client: redis.Redis) -> None:
-        """With the trading state HALTED no intent is approved."""
-        client.hset(Keys("t").trading_state, "state", "HALTED")
-        deliver(risk, intent())
-        [rejection] = published(client, REJECTIONS)
-        assert isinstance(rejection, IntentRejected) and "HALTED" in rejection.reason
-
-    def test_position_limit(self, client: redis.Redis) -> None:
+    def test_position_limit(self) -> None:
         """A buy that would take the position above max_position_fraction of equity is refused."""
-        settings = Settings(portfolio={"starting_cash": "10000"}, risk={"max_position_fraction": "0.1"})
-        service = RiskService(client, Keys("t"), settings, SimulatedClock(T0))
-        service.portfolio.open()
-        service.portfolio.set_mark("AAPL", Decimal(150))
-        deliver(service, intent(quantity=Decimal(6)))  # 900 <= 1,000
-        deliver(service, intent(quantity=Decimal(7)))  # 1,050 > 1,000
-        assert len(published(client, ORDERS)) == 1
-        [rejection] = published(client, REJECTIONS)
-        assert isinstance(rejection, IntentRejected) and "max_position_fraction" in rejection.reason
+        desk = Desk(max_position_fraction="0.1")
+        desk.send(intent(quantity=Decimal(6)))  # 900 <= 1,000
+        desk.send(intent(quantity=Decimal(7)))  # 900 pending + 1,050 > 1,000
+        assert len(desk.orders()) == 1
+        [reason] = desk.reasons()
+        assert reason.startswith("max_position_fraction")
+
+    @pytest.mark.parametrize(("limits", "wish", "rule"), [
+        ({"max_order_notional": "1000"}, intent(), "max_order_notional"),
+        ({"max_position_quantity": "5"}, intent(), "max_position_quantity"),
+        ({"max_gross_leverage": "0.5"}, intent(quantity=Decimal(40)), "max_gross_exposure"),
+    ])
+    def test_each_limit_refuses_with_its_rule(self, limits: dict[str, str], wish: Intent, rule: str) -> None:
+        """Each pre-trade limit refuses an order that breaks it, naming the rule."""
+        desk = Desk(**limits)
+        desk.send(wish)
+        assert desk.orders() == []
+        assert desk.reasons()[0].startswith(rule)
+
+    def test_max_open_orders(self) -> None:
+        """With one order open and max_open_orders 1, a manual second order is refused."""
+        desk = Desk(max_open_orders="1")
+        desk.send(intent(quantity=Decimal(1)))
+        desk.send(intent(quantity=Decimal(1)))
+        assert len(desk.orders()) == 1
+        [reason] = desk.reasons()
+        assert reason.startswith("max_open_orders") and "not deferred" in reason
+
+    def test_max_orders_per_minute(self) -> None:
+        """The third order within a minute, with a limit of 2 per minute, is refused."""
+        desk = Desk(max_orders_per_minute="2")
+        for _ in range(3):
+            desk.send(intent(quantity=Decimal(1)))
+        assert len(desk.orders()) == 2
+        assert [r.split(":")[0] for r in desk.reasons()] == ["max_orders_per_minute"]
+
+
+class TestTradingState:
+    def test_halted_refuses_everything(self, desk: Desk) -> None:
+        """With the kill switch HALTED neither an entry nor an exit is approved."""
+        desk.hold("AAPL", "20")
+        KillSwitch(desk.client, KEYS, desk.clock).engage("HALTED", "ops", "test halt")
+        desk.send(intent())
+        desk.send(intent(Side.SELL))
+        assert desk.orders() == []
+        assert all("HALTED" in r and "test halt" in r for r in desk.reasons()) and len(desk.reasons()) == 2
+
+    def test_reducing_lets_only_reducing_orders_through(self, desk: Desk) -> None:
+        """REDUCING refuses a buy and a sell through zero, and approves a sell of part of the position."""
+        desk.hold("AAPL", "20")
+        KillSwitch(desk.client, KEYS, desk.clock).engage("REDUCING", "ops", "wind down")
+        desk.send(intent())
+        desk.send(intent(Side.SELL, quantity=Decimal(30)))
+        desk.send(intent(Side.SELL, quantity=Decimal(10)))
+        assert [(o.side, o.quantity) for o in desk.orders()] == [(Side.SELL, Decimal(10))]
+        assert [r.split(":")[0] for r in desk.reasons()] == ["trading_reducing", "trading_reducing"]
+
+
+class TestProtections:
+    def test_lock_refuses_entries_not_exits(self, desk: Desk) -> None:
+        """A cooldown lock after an exit refuses a new buy of the symbol but lets a sell through."""
+        desk.hold("AAPL", "20")
+        Protections(desk.client, KEYS, desk.settings.protections, desk.clock).record_trade_closed(
+            ClosedTrade("t1", "AAPL", Side.BUY, Decimal(5), stop_out=False, at=T0))
+        desk.send(intent())
+        desk.send(intent(Side.SELL))
+        assert [o.side for o in desk.orders()] == [Side.SELL]
+        [reason] = desk.reasons()
+        assert reason.startswith("protection_lock") and "cooldown" in reason
+
+    def test_equity_samples_trigger_max_drawdown(self, desk: Desk) -> None:
+        """Equity sampled on bars falling 10% from its peak locks every entry."""
+        desk.hold("AAPL", "20")  # cash 7,000 + 20 x 150 = 10,000
+        desk.risk.sample_equity(force=True)
+        desk.clock.advance(timedelta(seconds=61))
+        desk.bar("AAPL", "100")  # 7,000 + 2,000 = 9,000: a 10% drawdown, sampled on the bar
+        desk.send(intent(symbol="AAPL", quantity=Decimal(1)))
+        [reason] = desk.reasons()
+        assert reason.startswith("protection_lock") and "max_drawdown" in reason
+
+    def test_equity_is_sampled_at_most_once_a_minute(self, desk: Desk) -> None:
+        """Bars within a minute of the last sample record no new equity sample."""
+        protections = Protections(desk.client, KEYS, desk.settings.protections, desk.clock)
+        before = desk.client.zcard(protections.equity_key)
+        desk.bar("AAPL", "151")
+        desk.clock.advance(timedelta(seconds=61))
+        desk.bar("AAPL", "152")
+        assert desk.client.zcard(protections.equity_key) == before + 1
+
+
+class TestStaleness:
+    def test_stale_data_refused_then_accepted_after_a_fresh_bar(self, desk: Desk) -> None:
+        """An entry on a symbol whose last bar is 121 s old is refused; after a new bar it is approved."""
+        desk.clock.advance(timedelta(seconds=121))
+        desk.send(intent())
+        assert desk.reasons()[0].startswith("stale_data")
+        desk.bar("AAPL", "150")
+        desk.send(intent())
+        assert len(desk.orders()) == 1
+
+    def test_stale_data_does_not_trap_an_exit(self, desk: Desk) -> None:
+        """A sell of a held position goes through even when the symbol's data is stale."""
+        desk.hold("AAPL", "20")
+        desk.clock.advance(timedelta(seconds=121))
+        desk.send(intent(Side.SELL))
+        assert len(desk.orders()) == 1
+
+    def test_stale_balance_refused_while_broker_down_then_accepted_after_refresh(self, desk: Desk) -> None:
+        """With the balance 301 s old and the broker unreachable an entry is refused; once the broker
+        answers the balance is refreshed (and logged) and the entry approved."""
+        desk.clock.advance(timedelta(seconds=301))
+        desk.bar("AAPL", "150")
+
+        def down(call: BrokerCall) -> object:
+            raise BrokerUnavailable("connection refused")
+
+        desk.broker.handler = down
+        desk.send(intent())
+        [reason] = desk.reasons()
+        assert reason.startswith("stale_balance") and "connection refused" in reason
+        desk.broker.handler = desk.answer
+        with capture_logs() as logs:
+            desk.send(intent())
+        assert len(desk.orders()) == 1
+        assert sum(1 for e in logs if e["event"] == "risk.balance_refreshed") == 1
+
+    def test_balance_is_refreshed_after_k_fills(self) -> None:
+        """After balance_refresh_after_fills fills the next intent reads the balance from the broker again."""
+        desk = Desk(balance_refresh_after_fills="2")
+        desk.send(intent(quantity=Decimal(1)))
+        activity = AccountActivity(desk.client, KEYS, "paper")
+        for n in range(2):
+            activity.record_fill(f"x{n}", "MSFT", Decimal(1), Decimal(n), T0)
+        desk.send(intent(quantity=Decimal(1)))
+        assert [c.method for c in desk.broker.calls] == ["account", "account"]
+        assert activity.balance().fills_since == 0
+
+
+class TestPatternDayTrading:
+    def setup_day_trades(self, desk: Desk) -> None:
+        """Three completed day trades this week, and 10 AAPL bought today."""
+        activity = AccountActivity(desk.client, KEYS, "paper")
+        for n in range(3):
+            day = T0 - timedelta(days=(0, 3, 4)[n])  # Monday, last Friday, last Thursday
+            activity.record_fill(f"b{n}", "MSFT", Decimal(1), Decimal(0), day)
+            activity.record_fill(f"s{n}", "MSFT", Decimal(-1), Decimal(1), day)
+        desk.hold("AAPL", "10")
+        activity.record_fill("b-aapl", "AAPL", Decimal(10), Decimal(0), T0)
+
+    def test_fourth_day_trade_refused_below_threshold(self, desk: Desk) -> None:
+        """With 3 day trades in 5 business days and equity below $25,000 the 4th is refused."""
+        self.setup_day_trades(desk)
+        desk.send(intent(Side.SELL))
+        assert desk.orders() == []
+        assert desk.reasons()[0].startswith("pattern_day_trading")
+
+    def test_fourth_day_trade_allowed_above_threshold(self) -> None:
+        """The same day trade is approved when the broker's equity is $25,000 or more."""
+        desk = Desk(equity="25000")
+        self.setup_day_trades(desk)
+        desk.send(intent(Side.SELL))
+        assert len(desk.orders()) == 1
+
+
+class TestDeferred:
+    def strategy_intent(self, side: Side = Side.BUY, quantity: str = "40") -> Intent:
+        return intent(side, quantity=Decimal(quantity), source="strategy:sma_crossover", time=T0)
+
+    def test_strategy_intent_waits_for_cash_and_runs_once_when_it_frees_up(self, desk: Desk) -> None:
+        """A strategy buy blocked by a pending order's reservation is deferred, then approved once on
+        the first bar after the reservation is released."""
+        desk.risk.portfolio.reserve("p1", "AAPL", Side.BUY, Decimal(40), Decimal(150))
+        wish = self.strategy_intent()
+        desk.send(wish)
+        assert desk.orders() == [] and desk.reasons() == []
+        [queued] = desk.risk.deferred.entries()
+        assert queued.intent.id == wish.id and "pending" in queued.reason
+        desk.bar("AAPL", "150")  # still reserved: deferred again
+        assert desk.orders() == [] and len(desk.risk.deferred.entries()) == 1
+        desk.risk.portfolio.release("p1", "canceled")
+        desk.bar("AAPL", "150")
+        desk.bar("AAPL", "150")
+        assert [o.intent_id for o in desk.orders()] == [wish.id]
+        assert desk.risk.deferred.entries() == []
+
+    def test_manual_intent_is_refused_not_deferred(self, desk: Desk) -> None:
+        """The same situation for a manual intent is a refusal the user sees at once."""
+        desk.risk.portfolio.reserve("p1", "AAPL", Side.BUY, Decimal(40), Decimal(150))
+        desk.send(intent(quantity=Decimal(40)))
+        assert "not deferred" in desk.reasons()[0]
+        assert desk.risk.deferred.entries() == []
+
+    def test_deferred_intent_expires(self, desk: Desk) -> None:
+        """A deferred intent still waiting after deferred_max_age_s is never executed."""
+        desk.risk.portfolio.reserve("p1", "AAPL", Side.BUY, Decimal(40), Decimal(150))
+        desk.send(self.strategy_intent())
+        desk.risk.portfolio.release("p1", "canceled")
+        desk.clock.advance(timedelta(seconds=901))
+        desk.bar("AAPL", "150")
+        assert desk.orders() == [] and desk.risk.deferred.entries() == []
+
+    def test_opposite_signal_cancels_the_deferred_intent(self, desk: Desk) -> None:
+        """A sell from the same strategy cancels its deferred buy, which is reported as a rejection."""
+        desk.risk.portfolio.reserve("p1", "AAPL", Side.BUY, Decimal(40), Decimal(150))
+        wish = self.strategy_intent()
+        desk.send(wish)
+        desk.send(self.strategy_intent(Side.SELL, "1"))
+        assert desk.risk.deferred.get("AAPL", Side.BUY) is None
+        cancelled = [r for r in desk.stream(REJECTIONS) if r.intent_id == wish.id]
+        assert len(cancelled) == 1 and "now signals sell" in cancelled[0].reason
+
+    def test_kill_switch_cancels_a_deferred_entry_on_revalidation(self, desk: Desk) -> None:
+        """A deferred buy is cancelled when it is revalidated under HALTED."""
+        desk.risk.portfolio.reserve("p1", "AAPL", Side.BUY, Decimal(40), Decimal(150))
+        desk.send(self.strategy_intent())
+        KillSwitch(desk.client, KEYS, desk.clock).engage("HALTED", "ops", "halt")
+        desk.risk.portfolio.release("p1", "canceled")
+        desk.bar("AAPL", "150")
+        assert desk.orders() == [] and desk.risk.deferred.entries() == []
+        assert "HALTED" in desk.reasons()[0]

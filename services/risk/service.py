@@ -1,49 +1,101 @@
-"""Risk: every intent is checked, sized and paid for before it becomes an order.
+"""Risk: every intent is checked, sized, rounded and paid for before it becomes an order.
 
-For each intent on ``intents`` (group ``risk``):
+For each intent on ``intents`` (group ``risk``), in this order (the first refusal wins, except
+that every limit :func:`shared.limits.check_order` finds is reported together):
 
-1. trading state: HALTED refuses everything, REDUCING refuses what would add exposure;
-2. sizing: a quantity is used as given, a notional becomes whole shares at the reference price
-   (the limit price, or the symbol's last bar close);
-3. limits: order notional within [min_order_notional, max_order_notional]; a buy may not take
-   the position past ``max_position_fraction`` of equity (read before the lock: a limit, not
-   the spending guard);
-4. payment: ``Portfolio.reserve`` under the account lock (read-after-lock, fenced write) holds
-   cash for a buy or quantity for a sell -- the guard that makes overspending impossible;
-5. the approved :class:`~shared.models.Order` goes to ``orders``; a refusal goes to
-   ``rejections`` with its reason.
+1. trading state (:class:`~shared.trading_state.KillSwitch`, read fresh): HALTED refuses
+   everything; REDUCING refuses what would not reduce the position (checked again with the
+   quantity once it is known: a sell may not go through zero);
+2. protections (:class:`~shared.protections.Protections`): a lock on (symbol, side) refuses an
+   entry; exits are never locked;
+3. sizing: a quantity is used as given, a notional becomes whole shares at the reference price
+   (the limit price, the stop price, or the symbol's last mark);
+4. symbol rounding (:class:`~shared.symbols.SymbolProperties`, the default sub-penny
+   properties): quantity toward zero, a buy limit down, a sell limit up; an order that rounds to
+   zero (or below a minimum) is refused with the reason;
+5. stale balance: the broker balance is refreshed first when it is older than
+   ``limits.balance_max_age_s`` or ``limits.balance_refresh_after_fills`` fills were applied since
+   (the change is logged); if the broker cannot be reached an entry is refused with the reason,
+   an exit goes on (it needs no balance);
+6. limits (:func:`shared.limits.check_order` over an :class:`~shared.limits.AccountSnapshot` of
+   the portfolio, marks, open orders and reservations, day trades, last bars and the balance):
+   stale data (entries only), order notional, open orders, position (quantity and fraction of
+   equity), gross exposure, pattern day trading;
+7. submissions per minute (:class:`~shared.limits.OrderSubmissions`, shared by every risk
+   process) -- counted only for an order that passed everything above;
+8. payment: ``Portfolio.reserve`` under the account lock holds cash for a buy or quantity for a
+   sell -- the guard that makes overspending impossible;
+9. the approved :class:`~shared.models.Order` goes to ``orders``; a refusal goes to
+   ``rejections`` with its reason (``<rule>: <sentence>``).
+
+Deferral: a *strategy's* intent (source ``strategy:*``) that fails only because of what pending
+orders hold -- the limits pass when pending orders are left out, or the reservation lacks free
+cash that the account's cash would cover -- waits in the :class:`~shared.deferred.DeferredQueue`
+(one per symbol and side; expires ``limits.deferred_max_age_s`` after it was first deferred). A
+manual intent is never deferred: the person waiting gets an answer. On every bar the queue is
+drained: each entry is revalidated (the trading state and protections must still allow it) and
+decided again from step 1; one that still cannot go is queued again with its first deferral time.
+A new intent of one side cancels the queued intent of the other side for its symbol and source (a
+downgraded signal).
+
+Equity samples for MaxDrawdown are recorded on bars, at most every ``EQUITY_SAMPLE_S`` seconds
+(portfolio equity at marks); locks a sample or an intent writes are alerted on ``alerts``.
 
 Idempotent: the reservation id is the intent id (reserving it again with the same terms is a
 no-op), the client_order_id is derived from the intent id (the executor deduplicates on it), and
-the publish is applied once per intent id through :class:`~shared.bus.Idempotency`.
+the publish is applied once per intent id through :class:`~shared.bus.Idempotency` (marker and
+XADD in one MULTI). A deferred intent is not marked: its decision is published once, later.
 
 Concurrency model: two threads, each one bus consumer -- intents, and bars (group ``risk-marks``,
-which keeps the portfolio's last prices current).
+which keeps the portfolio's last prices current, samples equity and drains the deferred queue).
+They share nothing in memory but the equity sample time.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from decimal import ROUND_DOWN, Decimal
 
 import redis
 from redis.client import Pipeline
 
+from services.risk._account import AccountView
 from shared import codec
-from shared.bus import Delivery, Idempotency
+from shared.brokers import Broker, build_broker
+from shared.bus import Delivery, Idempotency, publish
 from shared.clock import Clock
 from shared.config import Settings
+from shared.deferred import DEFER_SCRIPT, DeferredIntent, DeferredQueue
 from shared.errors import InsufficientFunds, InsufficientPosition, PortfolioError
-from shared.keys import BARS, INTENTS, ORDERS, REJECTIONS, Keys
+from shared.keys import ALERTS, BARS, INTENTS, ORDERS, REJECTIONS, Keys
+from shared.limits import (
+    AccountSnapshot,
+    OrderCheck,
+    OrderSubmissions,
+    Refusal,
+    Rule,
+    check_order,
+    is_reducing,
+)
 from shared.logging import get_logger
-from shared.models import Bar, Intent, IntentRejected, Order, OrderType, Side
-from shared.portfolio import Portfolio
+from shared.models import Alert, AlertSeverity, Bar, Intent, IntentRejected, Order, OrderType, Side
+from shared.portfolio import Portfolio, Snapshot
+from shared.protections import ProtectionLock, Protections
 from shared.service import ServiceContext
+from shared.symbols import PreparedOrder, SymbolProperties
+from shared.trading_state import KillSwitch
 
-__all__ = ["RiskService", "client_order_id", "main"]
+__all__ = ["EQUITY_SAMPLE_S", "Deferred", "Refused", "RiskService", "client_order_id", "main"]
 
 log = get_logger(component="risk")
 GROUP = "risk"
+EQUITY_SAMPLE_S = 60.0
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_PENDING_RULES = {Rule.MAX_GROSS_EXPOSURE, Rule.MAX_POSITION_FRACTION, Rule.MAX_POSITION_QUANTITY,
+                  Rule.MAX_OPEN_ORDERS, Rule.PATTERN_DAY_TRADING}
 
 
 def client_order_id(intent_id: str) -> str:
@@ -55,10 +107,15 @@ class Refused(Exception):
     """An intent risk will not approve; the message is the reason a user reads."""
 
 
+class Deferred(Exception):
+    """An intent that cannot go now, only because of pending orders; the message is the refusal."""
+
+
 class RiskService:
     """Decides on intents; holds no state of its own (everything is read from Redis)."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, settings: Settings, clock: Clock) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, settings: Settings, clock: Clock, *,
+                 broker: Broker | None = None, broker_factory: Callable[[], Broker] | None = None) -> None:
         self.client = client
         self.keys = keys
         self.settings = settings
@@ -66,61 +123,109 @@ class RiskService:
         self.portfolio = Portfolio(client, keys, settings.portfolio.account, settings=settings.portfolio,
                                    lock_settings=settings.lock, clock=clock)
         self.once = Idempotency(client, keys, GROUP, settings.bus.idempotency_ttl_s)
+        self.kill_switch = KillSwitch(client, keys, clock)
+        self.protections = Protections(client, keys, settings.protections, clock)
+        self.submissions = OrderSubmissions(client, keys, settings.limits, clock)
+        self.deferred = DeferredQueue(client, keys, clock, settings.limits.deferred_max_age_s)
+        factory = broker_factory if broker is None else (lambda: broker)
+        self.account = AccountView(client, keys, self.portfolio, settings.limits, clock, factory)
+        self._last_equity_sample: datetime | None = None
+        self._sample_lock = threading.Lock()
+
+    # -- intents --------------------------------------------------------------------------------
 
     def handle_intent(self, delivery: Delivery) -> None:
-        """Approve or refuse one intent (a bus handler)."""
+        """Approve, refuse or defer one intent (a bus handler)."""
         intent = delivery.message
         if not isinstance(intent, Intent):
             return
         if self.once.seen(intent.id):
             log.info("risk.duplicate_intent")
             return
+        self._cancel_opposite(intent)
+        self._decide_and_publish(intent, None)
+
+    def _decide_and_publish(self, intent: Intent, queued: DeferredIntent | None) -> None:
         try:
             order = self.decide(intent)
+        except Deferred as wait:
+            if intent.source.startswith("strategy:"):
+                self._defer(intent, f"waiting for pending orders: {wait}", queued)
+                return
+            self._reject(intent, f"{wait} (held by pending orders; a manual intent is not deferred)")
+            return
         except Refused as refusal:
-            rejection = IntentRejected(time=self.clock.now(), intent_id=intent.id, symbol=intent.symbol,
-                                       reason=str(refusal))
-            self._publish_once(intent.id, rejection, REJECTIONS)
-            log.info("risk.rejected", reason=str(refusal))
+            self._reject(intent, str(refusal))
             return
         self._publish_once(intent.id, order, ORDERS)
         log.info("risk.approved", client_order_id=order.client_order_id, quantity=str(order.quantity),
-                 side=order.side.value)
+                 side=order.side.value, deferred=queued is not None)
+
+    def _reject(self, intent: Intent, reason: str) -> None:
+        rejection = IntentRejected(time=self.clock.now(), intent_id=intent.id, symbol=intent.symbol,
+                                   reason=reason)
+        self._publish_once(intent.id, rejection, REJECTIONS)
+        log.info("risk.rejected", reason=reason)
 
     def decide(self, intent: Intent) -> Order:
-        """The order ``intent`` becomes, with its reservation made; Refused otherwise."""
-        self._check_trading_state(intent)
+        """The order ``intent`` becomes, with its reservation made; Refused or Deferred otherwise."""
+        book = self.portfolio.snapshot()
+        held = book.positions.get(intent.symbol)
+        position = held.qty if held is not None else Decimal(0)
+        status = self.kill_switch.current()
+        _refuse_if(status.refusal(intent.side, position))
+        if not is_reducing(intent.side, position):
+            _refuse_if(self.protections.refusal(intent.symbol, intent.side))
         price = self._reference_price(intent)
         quantity = intent.quantity if intent.quantity is not None else self._shares_for(intent, price)
-        notional = quantity * price
-        risk = self.settings.risk
-        if notional > risk.max_order_notional:
-            raise Refused(f"order notional {notional} exceeds max_order_notional {risk.max_order_notional}")
-        if notional < risk.min_order_notional:
-            raise Refused(f"order notional {notional} is below min_order_notional {risk.min_order_notional}")
-        if intent.side is Side.BUY:
-            self._check_position_limit(intent.symbol, quantity, price)
-        try:
-            self.portfolio.reserve(intent.id, intent.symbol, intent.side, quantity, price)
-        except (InsufficientFunds, InsufficientPosition) as exc:
-            raise Refused(str(exc).split(": ", 1)[-1]) from exc
-        except PortfolioError as exc:
-            raise Refused(str(exc)) from exc
+        prepared = self._round(intent, quantity, price)
+        quantity = prepared.quantity
+        if prepared.limit_price is not None and intent.order_type in (OrderType.LIMIT, OrderType.STOP_LIMIT):
+            price = prepared.limit_price
+        _refuse_if(status.refusal(intent.side, position, quantity))
+        entry = not is_reducing(intent.side, position, quantity)
+        stale_balance = self.account.refresh_if_needed()
+        if stale_balance is not None and entry:
+            raise Refused(f"{Rule.STALE_BALANCE}: {stale_balance}; entries wait for a fresh balance")
+        snapshot = self.account.snapshot(book)
+        check = OrderCheck(intent.symbol, intent.side, quantity, price)
+        found = [r for r in check_order(check, snapshot, self.settings.limits)
+                 if entry or r.rule is not Rule.STALE_BALANCE]
+        if found:
+            reason = "; ".join(str(r) for r in found)
+            if {r.rule for r in found} <= _PENDING_RULES and not check_order(
+                    check, _without_pending(snapshot), self.settings.limits):
+                raise Deferred(reason)
+            raise Refused(reason)
+        _refuse_if(self.submissions.admit())
+        self._reserve(intent, book, quantity, price)
         return Order(time=self.clock.now(), intent_id=intent.id, client_order_id=client_order_id(intent.id),
                      account=self.portfolio.account, symbol=intent.symbol, side=intent.side,
-                     quantity=quantity, order_type=intent.order_type, limit_price=intent.limit_price,
+                     quantity=quantity, order_type=intent.order_type,
+                     limit_price=prepared.limit_price,
                      stop_price=intent.stop_price, time_in_force=intent.time_in_force,
                      reservation_id=intent.id)
 
-    def _check_trading_state(self, intent: Intent) -> None:
-        raw = self.client.hget(self.keys.trading_state, "state")
-        state = raw.decode() if isinstance(raw, bytes) else "ACTIVE"
-        if state == "HALTED":
-            raise Refused("trading is HALTED (kill switch)")
-        if state == "REDUCING":
-            held = self.portfolio.snapshot().positions.get(intent.symbol)
-            if intent.side is Side.BUY or held is None or held.qty <= 0:
-                raise Refused("trading is REDUCING: only orders that reduce a position are accepted")
+    def _reserve(self, intent: Intent, book: Snapshot, quantity: Decimal, price: Decimal) -> None:
+        try:
+            self.portfolio.reserve(intent.id, intent.symbol, intent.side, quantity, price)
+        except InsufficientFunds as exc:
+            reason = str(exc).split(": ", 1)[-1]
+            needed = quantity * price * (1 + self.settings.portfolio.fee_buffer_bps / Decimal(10_000))
+            if book.reserved > 0 and self.portfolio.snapshot().cash >= needed:
+                raise Deferred(f"{reason} (cash is reserved by pending orders)") from exc
+            raise Refused(reason) from exc
+        except InsufficientPosition as exc:
+            raise Refused(str(exc).split(": ", 1)[-1]) from exc
+        except PortfolioError as exc:
+            raise Refused(str(exc)) from exc
+
+    def _round(self, intent: Intent, quantity: Decimal, price: Decimal) -> PreparedOrder:
+        result = SymbolProperties(intent.symbol).prepare(intent.side, quantity, intent.limit_price,
+                                                         reference_price=price)
+        if isinstance(result, Refusal):
+            raise Refused(str(result))
+        return result
 
     def _reference_price(self, intent: Intent) -> Decimal:
         if intent.order_type in (OrderType.LIMIT, OrderType.STOP_LIMIT) and intent.limit_price is not None:
@@ -139,16 +244,6 @@ class RiskService:
             raise Refused(f"notional {intent.notional} buys no whole share at {price}")
         return shares
 
-    def _check_position_limit(self, symbol: str, quantity: Decimal, price: Decimal) -> None:
-        snapshot = self.portfolio.snapshot()
-        equity = snapshot.equity(self.portfolio.marks())
-        held = snapshot.positions.get(symbol)
-        after = ((held.qty if held else Decimal(0)) + quantity) * price
-        limit = self.settings.risk.max_position_fraction * equity
-        if after > limit:
-            raise Refused(f"{symbol} position would be {after}, above max_position_fraction of equity "
-                          f"({limit})")
-
     def _publish_once(self, intent_id: str, message: Order | IntentRejected, stream: str) -> None:
         fields = codec.encode(message)
 
@@ -158,19 +253,112 @@ class RiskService:
 
         self.once.apply_once(intent_id, effect)
 
+    # -- the deferred queue ---------------------------------------------------------------------
+
+    def _defer(self, intent: Intent, reason: str, queued: DeferredIntent | None) -> None:
+        if queued is None:
+            self.deferred.defer(intent, reason)
+            return
+        if self.clock.now() >= queued.expires_at:
+            self._reject(intent, f"deferred since {queued.deferred_at.isoformat()} and expired: {reason}")
+            return
+        again = DeferredIntent(intent, reason, queued.deferred_at, queued.expires_at, queued.score)
+        script = self.client.register_script(DEFER_SCRIPT)
+        script(keys=[self.keys.deferred], args=[again.field, _micros(intent.time), again.encode()],
+               client=self.client)
+        log.info("risk.deferred_again", reason=reason, expires_at=queued.expires_at.isoformat())
+
+    def _cancel_opposite(self, intent: Intent) -> None:
+        other = Side.SELL if intent.side is Side.BUY else Side.BUY
+        queued = self.deferred.get(intent.symbol, other)
+        if queued is not None and queued.intent.source == intent.source and queued.intent.time <= intent.time:
+            self.deferred.cancel(intent.symbol, other)
+            log.info("risk.deferred_cancelled", intent_id=queued.intent.id, by_intent=intent.id)
+            self._reject(queued.intent, f"cancelled while deferred: {intent.source} now signals "
+                                        f"{intent.side}")
+
+    def _revalidate(self, entry: DeferredIntent) -> str | None:
+        intent = entry.intent
+        held = self.portfolio.snapshot().positions.get(intent.symbol)
+        position = held.qty if held is not None else Decimal(0)
+        refusal = self.kill_switch.refusal(intent.side, position)
+        if refusal is None and not is_reducing(intent.side, position):
+            refusal = self.protections.refusal(intent.symbol, intent.side)
+        if refusal is not None:
+            self._reject(intent, f"cancelled while deferred: {refusal}")
+            return str(refusal)
+        return None
+
+    def run_deferred(self) -> int:
+        """Drain the deferred queue and decide each entry again; returns how many were drained."""
+        ready = self.deferred.drain(self._revalidate)
+        for entry in ready:
+            if self.once.seen(entry.intent.id):
+                continue
+            self._decide_and_publish(entry.intent, entry)
+        return len(ready)
+
+    # -- bars -----------------------------------------------------------------------------------
+
     def handle_bar(self, delivery: Delivery) -> None:
-        """Keep the portfolio's last price of the bar's symbol."""
+        """Keep the bar's symbol's last price, sample equity now and then, run deferred intents."""
         bar = delivery.message
-        if isinstance(bar, Bar):
-            self.portfolio.set_mark(bar.symbol, bar.close)
+        if not isinstance(bar, Bar):
+            return
+        self.portfolio.set_mark(bar.symbol, bar.close)
+        self.sample_equity()
+        self.run_deferred()
+
+    def sample_equity(self, *, force: bool = False) -> list[ProtectionLock]:
+        """Record portfolio equity at marks for MaxDrawdown, at most every EQUITY_SAMPLE_S seconds."""
+        now = self.clock.now()
+        with self._sample_lock:
+            last = self._last_equity_sample
+            if not force and last is not None and now - last < timedelta(seconds=EQUITY_SAMPLE_S):
+                return []
+            self._last_equity_sample = now
+        book = self.portfolio.snapshot()
+        if not book.opened:
+            return []
+        locks = self.protections.record_equity(book.equity(self.portfolio.marks()), now)
+        self._alert_locks(locks)
+        return locks
+
+    def _alert_locks(self, locks: list[ProtectionLock]) -> None:
+        for lock in locks:
+            publish(self.client, self.keys, ALERTS, Alert(
+                time=self.clock.now(), severity=AlertSeverity.WARNING, source="risk", kind="protection_lock",
+                text=f"{lock.protection} locks {lock.symbol} {lock.side} entries until "
+                     f"{lock.until.isoformat()}: {lock.reason}",
+                details={"protection": lock.protection, "symbol": lock.symbol, "side": lock.side,
+                         "until": lock.until.isoformat()}))
+
+
+def _refuse_if(refusal: Refusal | None) -> None:
+    if refusal is not None:
+        raise Refused(str(refusal))
+
+
+def _without_pending(snapshot: AccountSnapshot) -> AccountSnapshot:
+    """The snapshot as if no order were pending (to tell "not now" from "never")."""
+    return replace(snapshot, pending={}, open_orders=0, pending_day_trades=0)
+
+
+def _micros(when: datetime) -> int:
+    delta = when - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 def main(ctx: ServiceContext) -> None:
     """Run the risk service until stopped."""
-    service = RiskService(ctx.redis, ctx.keys, ctx.settings, ctx.clock)
+    def broker() -> Broker:
+        return build_broker(ctx.settings, client=ctx.redis, clock=ctx.clock)
+
+    service = RiskService(ctx.redis, ctx.keys, ctx.settings, ctx.clock, broker_factory=broker)
     service.portfolio.open()
     marks = ctx.consumer(BARS, "risk-marks", service.handle_bar)
     thread = threading.Thread(target=marks.run, args=(ctx.stop,), name="risk-marks", daemon=True)
     thread.start()
     ctx.consumer(INTENTS, GROUP, service.handle_intent).run(ctx.stop)
     thread.join(ctx.settings.bus.grace_seconds)
+

@@ -1,0 +1,165 @@
+"""What risk needs to know about an account's recent activity, written by the executor and risk.
+
+* **The broker balance** risk sized on last (``cash``, ``equity``, ``buying_power``, when it was
+  read) and how many fills were applied since: the executor counts fills, risk refreshes the
+  balance from the broker when :func:`shared.limits.needs_refresh` says so.
+* **Day trades** (pattern day trading): the executor records, per New York trading day, how much
+  of each symbol was opened that day, and every order whose fill closed part of a position opened
+  the same day (a completed day trade, one per order).
+
+Guarantee: each write is one MULTI, so a reader never sees half of it. A refresh subtracts the
+fill count it read *before* asking the broker, so a fill applied during the refresh is still
+counted afterwards (never lost, at worst counted towards the next refresh). Recording a fill is
+at most once: the caller records a fill only after the portfolio applied it for the first time,
+and a crash between the two loses that one record (the PDT count then errs towards allowing one
+trade -- the broker's own PDT check still stands behind it).
+
+Left to the caller: the executor is the only writer of the day-trade keys (one per account), and
+serialises its own calls.
+
+Keys (``redis-cli``; all share the account's hash tag)::
+
+    <prefix>:portfolio:{acct}:balance            cash equity buying_power refreshed_at fills_since
+    <prefix>:portfolio:{acct}:day-trades         ZRANGE ... WITHSCORES: client_order_id, day yyyymmdd
+    <prefix>:portfolio:{acct}:opened:<yyyy-mm-dd> symbol -> signed quantity opened that day (expires)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import redis
+
+from shared.errors import RedisUnavailable
+from shared.keys import Keys
+from shared.limits import trading_day
+
+__all__ = ["AccountActivity", "Balance", "pending_day_trades"]
+
+_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+_ZERO = Decimal(0)
+_OPENED_TTL_S = 3 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class Balance:
+    """The balance as last read from the broker, and the fills applied since."""
+
+    cash: Decimal | None
+    equity: Decimal | None
+    buying_power: Decimal | None
+    refreshed_at: datetime | None
+    fills_since: int
+
+
+class AccountActivity:
+    """Balance refreshes, fill counts and day trades of one account."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, account: str) -> None:
+        self.client = client
+        self.balance_key = keys.portfolio_part(account, "balance")
+        self.day_trades_key = keys.portfolio_part(account, "day-trades")
+        self._keys = keys
+        self._account = account
+
+    def opened_key(self, day: date) -> str:
+        """The hash of what was opened on ``day``."""
+        return self._keys.portfolio_part(self._account, f"opened:{day.isoformat()}")
+
+    # -- balance -------------------------------------------------------------------------------
+
+    def balance(self) -> Balance:
+        """The last refreshed balance (fields None when it was never read)."""
+        raw = _call(lambda: self.client.hgetall(self.balance_key))
+        fields = {_text(k): _text(v) for k, v in raw.items()}
+
+        def money(name: str) -> Decimal | None:
+            return Decimal(fields[name]) if name in fields else None
+
+        at = fields.get("refreshed_at")
+        return Balance(money("cash"), money("equity"), money("buying_power"),
+                       datetime.fromisoformat(at) if at else None, int(fields.get("fills_since", "0")))
+
+    def record_balance(self, cash: Decimal, equity: Decimal, buying_power: Decimal, at: datetime,
+                       fills_seen: int) -> None:
+        """Store a balance just read from the broker; ``fills_seen`` is the count read before."""
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(self.balance_key, mapping={"cash": str(cash), "equity": str(equity),
+                                                 "buying_power": str(buying_power),
+                                                 "refreshed_at": at.isoformat()})
+            pipe.hincrby(self.balance_key, "fills_since", -fills_seen)
+            _call(pipe.execute)
+
+    # -- fills and day trades ------------------------------------------------------------------
+
+    def record_fill(self, client_order_id: str, symbol: str, signed_qty: Decimal, position_before: Decimal,
+                    at: datetime) -> bool:
+        """Count one applied fill (``signed_qty``: + buy, - sell) against ``position_before``;
+        return True if it completed a day trade (it closed part of a position opened that day)."""
+        day = trading_day(at)
+        key = self.opened_key(day)
+        opened = _dec(_call(lambda: self.client.hget(key, symbol)))
+        closing = _ZERO
+        if position_before and (position_before > 0) != (signed_qty > 0):
+            closing = min(abs(signed_qty), abs(position_before))
+        opening = abs(signed_qty) - closing
+        day_trade = closing > 0 and opened != 0 and (opened > 0) == (position_before > 0)
+        if day_trade:
+            opened -= min(closing, abs(opened)) * (1 if opened > 0 else -1)
+        if opening > 0:
+            opened += opening if signed_qty > 0 else -opening
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.hincrby(self.balance_key, "fills_since", 1)
+            pipe.hset(key, symbol, str(opened))
+            pipe.expire(key, _OPENED_TTL_S)
+            if day_trade:
+                pipe.zadd(self.day_trades_key, {client_order_id: int(day.strftime("%Y%m%d"))})
+            _call(pipe.execute)
+        return day_trade
+
+    def opened_today(self, now: datetime) -> dict[str, Decimal]:
+        """Signed quantity of each symbol opened on ``now``'s trading day and not yet closed."""
+        raw = _call(lambda: self.client.hgetall(self.opened_key(trading_day(now))))
+        return {_text(k): _dec(v) for k, v in raw.items() if _dec(v)}
+
+    def day_trades(self, now: datetime, calendar_days: int = 14) -> list[date]:
+        """The trading day of each completed day trade within the last ``calendar_days``."""
+        since = trading_day(now) - timedelta(days=calendar_days)
+        raw = _call(lambda: self.client.zrangebyscore(self.day_trades_key, int(since.strftime("%Y%m%d")),
+                                                      "+inf", withscores=True))
+        return [_day(int(score)) for _, score in raw]
+
+
+def pending_day_trades(reservations: Mapping[str, tuple[str, str, Decimal]],
+                       opened: Mapping[str, Decimal]) -> int:
+    """Open orders (``rid -> (side, symbol, remaining)``) that would complete a day trade: a sell of
+    a symbol opened long today, a buy of one opened short today."""
+    count = 0
+    for side, symbol, remaining in reservations.values():
+        today = opened.get(symbol, _ZERO)
+        if remaining > 0 and ((side == "sell" and today > 0) or (side == "buy" and today < 0)):
+            count += 1
+    return count
+
+
+def _day(stamp: int) -> date:
+    return date(stamp // 10_000, stamp // 100 % 100, stamp % 100)
+
+
+def _dec(value: Any) -> Decimal:
+    return Decimal(_text(value)) if value is not None else _ZERO
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _call(fn: Any) -> Any:
+    try:
+        return fn()
+    except _REDIS_DOWN as exc:
+        raise RedisUnavailable(f"account activity: {exc}") from exc
