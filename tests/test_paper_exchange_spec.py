@@ -11,16 +11,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import requests
+import yaml
 
 from shared.keys import Keys
 from shared.redis_client import connect_url
 from tests.support.paper import HEADERS, PaperExchange, running_exchange
 from tests.support.processes import wait_for
-
-yaml = pytest.importorskip("yaml")
-jsonschema = pytest.importorskip("jsonschema")
 
 SPEC_PATH = Path(__file__).parent / "specs" / "alpaca-trading-openapi.yaml"
 pytestmark = pytest.mark.multiprocess
