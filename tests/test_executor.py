@@ -11,6 +11,7 @@ import redis
 
 from services.executor.service import Executor
 from shared import codec
+from shared.account_activity import AccountActivity
 from shared.brokers import BrokerCall, BrokerOrder, FakeBroker
 from shared.bus import Delivery, Publisher
 from shared.clock import SimulatedClock
@@ -18,6 +19,8 @@ from shared.config import Settings
 from shared.errors import BrokerUnavailable, InsufficientBuyingPower, OrderNotFound
 from shared.keys import ALERTS, ORDER_EVENTS, ORDERS, Keys
 from shared.models import Fill, Order, OrderEvent, OrderStatus, OrderType, Side
+from shared.protections import Protections
+from shared.trading_state import KillSwitch
 
 T0 = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)
 KEYS = Keys("t")
@@ -183,3 +186,122 @@ class TestFills:
         events = world.stream(ORDER_EVENTS)
         assert [e.status for e in events] == [OrderStatus.NEW, OrderStatus.FILLED]  # type: ignore[attr-defined]
         assert {e.intent_id for e in events} == {"i1"}  # type: ignore[attr-defined]
+
+
+def filled(order: Order, price: str) -> OrderEvent:
+    """The broker's update that ``order`` filled completely at ``price``."""
+    return OrderEvent(time=T0, client_order_id=order.client_order_id, symbol=order.symbol, side=order.side,
+                      status=OrderStatus.FILLED, filled_quantity=order.quantity,
+                      filled_avg_price=Decimal(price),
+                      fill=Fill(fill_id=f"{order.client_order_id}-x", quantity=order.quantity,
+                                price=Decimal(price), time=T0))
+
+
+class TestRounding:
+    def test_quantity_and_limit_are_rounded_before_submit(self) -> None:
+        """An order for 10.5 shares at a buy limit of 150.129 goes to the broker as 10 @ 150.12."""
+        world = World()
+        world.order = world.order.model_copy(update={"quantity": Decimal("10.5"),
+                                                     "order_type": OrderType.LIMIT,
+                                                     "limit_price": Decimal("150.129")})
+        world.deliver()
+        [call] = world.broker.calls
+        assert (call.args[0].quantity, call.args[0].limit_price) == (Decimal(10), Decimal("150.12"))
+
+    def test_order_rounding_to_zero_is_given_up(self) -> None:
+        """An order for 0.5 shares is not submitted: its reservation is released and the reason kept."""
+        world = World()
+        world.order = world.order.model_copy(update={"quantity": Decimal("0.5")})
+        world.deliver()
+        assert world.broker.calls == []
+        assert world.status() == "rejected"
+        assert world.executor.portfolio.snapshot().reserved == 0
+
+
+class TestKillSwitch:
+    def test_halted_order_is_not_submitted(self, world: World) -> None:
+        """An order approved before a HALT is given up, not submitted, and its cash released."""
+        KillSwitch(world.client, KEYS).engage("HALTED", "ops", "halt")
+        world.deliver()
+        assert world.broker.calls == []
+        assert world.status() == "rejected"
+        assert world.executor.portfolio.snapshot().reserved == 0
+
+    def test_cancel_and_flatten_once_per_change(self, world: World) -> None:
+        """Engaged with cancel and flatten, the executor cancels every open order and sends one closing
+        order per position, once: a second pass and a restarted executor do nothing more."""
+        world.executor.portfolio.reserve("h", "MSFT", Side.BUY, Decimal(5), Decimal(100))
+        world.executor.portfolio.apply_fill("h", Fill(fill_id="h:1", quantity=Decimal(5), price=Decimal(100),
+                                                      time=T0))
+        world.deliver()  # bst-i1 open at the broker
+        world.broker.calls.clear()
+        change = KillSwitch(world.client, KEYS).engage("HALTED", "ops", "flatten", cancel_open_orders=True,
+                                                       flatten_positions=True)
+
+        def closing(call: BrokerCall) -> object:
+            if call.method == "submit":
+                request = call.args[0]
+                return BrokerOrder(broker_order_id="b-2", client_order_id=request.client_order_id,
+                                   symbol=request.symbol, side=request.side, order_type=OrderType.MARKET,
+                                   time_in_force="day", quantity=request.quantity, filled_quantity=Decimal(0),
+                                   filled_avg_price=None, limit_price=None, stop_price=None,
+                                   status=OrderStatus.NEW, broker_status="new", submitted_at=T0)
+            return None
+
+        world.broker.handler = closing
+        assert world.executor.act_on_trading_state()
+        assert not world.executor.act_on_trading_state()
+        restarted = Executor(world.client, KEYS, world.executor.settings, SimulatedClock(T0), world.broker,
+                             world.executor.publisher)
+        assert not restarted.act_on_trading_state()
+        calls = [(c.method, c.args[0] if c.method == "cancel" else c.args[0].client_order_id)
+                 for c in world.broker.calls]
+        assert calls == [("cancel", "bst-i1"), ("submit", f"bst-flat-{change.seq}-MSFT")]
+        [submit] = [c for c in world.broker.calls if c.method == "submit"]
+        assert (submit.args[0].side, submit.args[0].quantity) == (Side.SELL, Decimal(5))
+
+
+class TestSafetyInputs:
+    def test_fills_are_counted_for_the_balance_refresh(self, world: World) -> None:
+        """Each fill applied increases the fill count risk's stale-balance check reads."""
+        world.deliver()
+        world.executor.apply_event(world.event(OrderStatus.PARTIALLY_FILLED, "4", "150", ("x1", "4", "150")))
+        world.executor.apply_event(world.event(OrderStatus.PARTIALLY_FILLED, "4", "150", ("x1", "4", "150")))
+        world.executor.apply_event(world.event(OrderStatus.FILLED, "10", "150", ("x2", "6", "150")))
+        assert AccountActivity(world.client, KEYS, "paper").balance().fills_since == 2
+
+    def test_same_day_round_trip_is_a_day_trade(self, world: World) -> None:
+        """A sell filling against shares bought the same day is recorded as one day trade."""
+        world.deliver()
+        world.executor.apply_event(filled(world.order, "150"))
+        sell = Order(time=T0, intent_id="i2", client_order_id="bst-i2", account="paper", symbol="AAPL",
+                     side=Side.SELL, quantity=Decimal(10), reservation_id="i2")
+        world.executor.portfolio.reserve("i2", "AAPL", Side.SELL, Decimal(10), Decimal(150))
+        world.broker.handler = lambda call: broker_order(sell)
+        world.executor.handle_order(Delivery(ORDERS, "2-0", sell, 1))
+        world.executor.apply_event(filled(sell, "151"))
+        assert AccountActivity(world.client, KEYS, "paper").day_trades(T0) == [T0.date()]
+
+    def test_three_stop_outs_lock_the_symbol(self) -> None:
+        """Three round trips closed by stop orders lock new AAPL buys (StoplossGuard, limit 3)."""
+        settings = Settings(portfolio={"starting_cash": "10000"},
+                            protections={"stoploss_guard_trade_limit": 3, "stoploss_guard_per_symbol": True,
+                                         "cooldown_enabled": False, "low_profit_enabled": False})
+        world = World()
+        world.executor = Executor(world.client, KEYS, settings, SimulatedClock(T0), world.broker,
+                                  world.executor.publisher)
+        protections = Protections(world.client, KEYS, settings.protections, SimulatedClock(T0))
+        world.deliver()
+        world.executor.apply_event(filled(world.order, "150"))
+        for n in range(3):
+            stop = Order(time=T0, intent_id=f"s{n}", client_order_id=f"bst-s{n}", account="paper",
+                         symbol="AAPL", side=Side.SELL, quantity=Decimal(3), order_type=OrderType.STOP,
+                         stop_price=Decimal(140), reservation_id=f"s{n}")
+            assert protections.check("AAPL", Side.BUY) is None
+            world.executor.portfolio.reserve(stop.reservation_id, "AAPL", Side.SELL, Decimal(3), Decimal(140))
+            world.broker.handler = lambda call, stop=stop: broker_order(stop)  # type: ignore[misc]
+            world.executor.handle_order(Delivery(ORDERS, f"{n + 2}-0", stop, 1))
+            world.executor.apply_event(filled(stop, "140"))
+        lock = protections.check("AAPL", Side.BUY)
+        assert lock is not None and lock.protection == "stoploss_guard"
+        assert any(getattr(a, "kind", "") == "protection_lock" for a in world.stream(ALERTS))

@@ -15,20 +15,44 @@ applied, as a fill whose id is ``<client_order_id>:<cumulative qty>`` -- so a re
 out-of-order one, and a poll that overlaps the stream all change nothing twice. A terminal order
 releases whatever its reservation still holds. Every change is published on ``order-events``.
 
-Concurrency model: two threads -- the order consumer, and the trade-update reader -- serialised
-on one lock around each order's record. Run one executor per account.
+Before a submit the order is checked against the trading state (an order risk approved before a
+HALTED, or a non-reducing one under REDUCING, is given up: reservation released) and rounded with
+the symbol's default :class:`~shared.symbols.SymbolProperties` (quantity toward zero, a buy limit
+down, a sell limit up: never worse than risk approved; one that rounds to zero is given up).
+
+Safety inputs, recorded after a fill is applied for the first time: the fill count and day
+trades (:class:`~shared.account_activity.AccountActivity`, for risk's stale-balance and PDT
+checks), and the order's realised PnL, fees and reduced quantity in its record; when an order
+that reduced a position ends, the closed trade goes to :class:`~shared.protections.Protections`
+(a stop-out when it was a stop or stop-limit order) and any lock it writes is alerted.
+
+Kill switch requests (:mod:`shared.trading_state`): :meth:`Executor.act_on_trading_state`, polled
+every second, carries out ``cancel_open_orders`` (``broker.cancel`` of every open order) and
+``flatten_positions`` (a closing market order per position, client_order_id
+``bst-flat-<seq>-<SYMBOL>``, its quantity reserved under the same id) once per change ``seq``.
+The seq acted on is kept in ``<prefix>:trading-state:acted`` and written *after* acting:
+a crash in between repeats the actions, which are idempotent (a cancel of a canceled order is
+accepted; a flatten order's client_order_id is deterministic, so the broker never sees two).
+
+Not done here: broker calls are not yet rate limited through :mod:`shared.rate_limit`.
+
+Concurrency model: three threads -- the order consumer, the trade-update reader and the
+trading-state poller -- serialised on one lock around each order's record. Run one executor per
+account.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
 import redis
 
+from shared.account_activity import AccountActivity
 from shared.brokers import Broker, BrokerOrder, OrderRequest, build_broker
-from shared.bus import Delivery, Publisher
+from shared.bus import Delivery, Publisher, StopSignal
 from shared.clock import Clock
 from shared.config import Settings
 from shared.errors import (
@@ -41,16 +65,21 @@ from shared.errors import (
     RateLimited,
 )
 from shared.keys import ALERTS, ORDER_EVENTS, ORDERS, Keys
+from shared.limits import Refusal
 from shared.logging import bind_correlation, get_logger
-from shared.models import Alert, AlertSeverity, Fill, Order, OrderEvent, OrderStatus
+from shared.models import Alert, AlertSeverity, Fill, Order, OrderEvent, OrderStatus, OrderType, Side
 from shared.portfolio import Portfolio
+from shared.protections import ClosedTrade, ProtectionLock, Protections
 from shared.service import ServiceContext
+from shared.symbols import SymbolProperties
+from shared.trading_state import KillSwitch, TradingState, TradingStatus
 
 __all__ = ["Executor", "main"]
 
 log = get_logger(component="executor")
 GROUP = "executor"
 PRICE_PLACES = Decimal("0.000001")
+STOP_TYPES = (OrderType.STOP, OrderType.STOP_LIMIT)
 
 
 class Executor:
@@ -66,12 +95,17 @@ class Executor:
         self.publisher = publisher
         self.portfolio = Portfolio(client, keys, settings.portfolio.account, settings=settings.portfolio,
                                    lock_settings=settings.lock, clock=clock)
+        self.kill_switch = KillSwitch(client, keys, clock)
+        self.protections = Protections(client, keys, settings.protections, clock)
+        self.activity = AccountActivity(client, keys, settings.portfolio.account)
+        self.acted_key = f"{keys.trading_state}:acted"
         self._lock = threading.Lock()
 
     # -- orders -------------------------------------------------------------------------------
 
-    def handle_order(self, delivery: Delivery) -> None:
-        """Submit one approved order, exactly once at the broker (a bus handler)."""
+    def handle_order(self, delivery: Delivery, *, bypass_state: bool = False) -> None:
+        """Submit one approved order, exactly once at the broker (a bus handler); ``bypass_state``
+        for the executor's own flatten orders, which the trading state must not stop."""
         order = delivery.message
         if not isinstance(order, Order):
             return
@@ -83,7 +117,14 @@ class Executor:
                 return
             if not record:
                 self._create_record(order)
-        request = OrderRequest.from_order(order)
+        refusal = None if bypass_state else self._trading_state_refusal(order)
+        if refusal is not None:
+            self._give_up(order, OrderStatus.REJECTED, refusal)
+            return
+        request = self._rounded(order)
+        if isinstance(request, str):
+            self._give_up(order, OrderStatus.REJECTED, request)
+            return
         try:
             placed = self.broker.submit(request)
         except OrderRejected as exc:
@@ -99,12 +140,32 @@ class Executor:
         log.info("executor.submitted", broker_order_id=placed.broker_order_id, status=placed.status.value)
         self.apply_broker_order(placed)
 
+    def _trading_state_refusal(self, order: Order) -> str | None:
+        """Why the trading state now forbids submitting ``order`` (approved before a change), or None."""
+        status = self.kill_switch.current()
+        if status.state is TradingState.ACTIVE:
+            return None
+        held = self.portfolio.snapshot().positions.get(order.symbol)
+        refusal = status.refusal(order.side, held.qty if held is not None else Decimal(0), order.quantity)
+        return None if refusal is None else f"not submitted: {refusal}"
+
+    def _rounded(self, order: Order) -> OrderRequest | str:
+        """The request with quantity and limit price rounded (never worse than asked), or why not."""
+        prepared = SymbolProperties(order.symbol).prepare(order.side, order.quantity, order.limit_price)
+        if isinstance(prepared, Refusal):
+            return f"not submitted: {prepared}"
+        request = OrderRequest.from_order(order)
+        if (prepared.quantity, prepared.limit_price) == (order.quantity, order.limit_price):
+            return request
+        log.info("executor.rounded", quantity=str(prepared.quantity), limit_price=str(prepared.limit_price))
+        return replace(request, quantity=prepared.quantity, limit_price=prepared.limit_price)
+
     def _create_record(self, order: Order) -> None:
         fields: dict[str | bytes, str | bytes] = {
             "status": OrderStatus.PENDING_SUBMIT.value, "intent_id": order.intent_id,
             "reservation_id": order.reservation_id, "symbol": order.symbol, "side": order.side.value,
-            "quantity": str(order.quantity), "applied_qty": "0", "applied_cost": "0",
-            "created_at": self.clock.now().isoformat(),
+            "quantity": str(order.quantity), "order_type": order.order_type.value, "applied_qty": "0",
+            "applied_cost": "0", "created_at": self.clock.now().isoformat(),
         }
         with self.client.pipeline(transaction=True) as pipe:
             pipe.hset(self.keys.order(order.client_order_id), mapping=fields)  # type: ignore[arg-type]
@@ -173,16 +234,28 @@ class Executor:
             return False
         fill = Fill(fill_id=f"{event.client_order_id}:{filled}", quantity=delta, price=price, fee=fee,
                     time=event.fill.time if event.fill is not None else self.clock.now())
+        held = self.portfolio.snapshot().positions.get(record["symbol"])
+        before = held.qty if held is not None else Decimal(0)
         try:
-            self.portfolio.apply_fill(record["reservation_id"], fill)
+            outcome = self.portfolio.apply_fill(record["reservation_id"], fill)
         except PortfolioError as exc:
             log.error("executor.fill_refused", error=str(exc), fill_id=fill.fill_id)
             self.publisher.publish(ALERTS, Alert(time=self.clock.now(), severity=AlertSeverity.CRITICAL,
                                                  source="executor", kind="fill_refused", text=str(exc),
                                                  details={"client_order_id": event.client_order_id}))
             return False
-        self.client.hset(self.keys.order(event.client_order_id), mapping={
-            "applied_qty": str(filled), "applied_cost": str(applied_cost + delta * price)})
+        signed = delta if record["side"] == Side.BUY else -delta
+        reduced = min(delta, abs(before)) if before and (before > 0) != (signed > 0) else Decimal(0)
+        updates = {"applied_qty": str(filled), "applied_cost": str(applied_cost + delta * price)}
+        if outcome.changed and not outcome.duplicate:
+            self.activity.record_fill(event.client_order_id, record["symbol"], signed, before, fill.time)
+            updates |= {"realized": str(Decimal(record.get("realized", "0")) + outcome.realized),
+                        "fees": str(Decimal(record.get("fees", "0")) + fee),
+                        "reduced_qty": str(Decimal(record.get("reduced_qty", "0")) + reduced)}
+            if reduced:
+                updates["entry_side"] = Side.BUY.value if before > 0 else Side.SELL.value
+            record.update(updates)
+        self.client.hset(self.keys.order(event.client_order_id), mapping=updates)  # type: ignore[arg-type]
         log.info("executor.fill_applied", fill_id=fill.fill_id, quantity=str(delta), price=str(price))
         return True
 
@@ -192,10 +265,103 @@ class Executor:
         except PortfolioError as exc:
             log.warning("executor.release_failed", error=str(exc))
         self.client.srem(self.keys.open_orders, cid)
+        if Decimal(record.get("reduced_qty", "0")) > 0:
+            self._record_trade_closed(cid, record)
+
+    def _record_trade_closed(self, cid: str, record: dict[str, str]) -> None:
+        """Hand an order that reduced a position to the protections (once per order: same id)."""
+        trade = ClosedTrade(trade_id=cid, symbol=record["symbol"], side=Side(record.get("entry_side", "buy")),
+                            pnl=Decimal(record.get("realized", "0")) - Decimal(record.get("fees", "0")),
+                            stop_out=record.get("order_type") in STOP_TYPES, at=self.clock.now())
+        locks = self.protections.record_trade_closed(trade)
+        log.info("executor.trade_closed", symbol=trade.symbol, pnl=str(trade.pnl), stop_out=trade.stop_out)
+        self._alert_locks(locks)
+
+    def _alert_locks(self, locks: list[ProtectionLock]) -> None:
+        for lock in locks:
+            self.publisher.publish(ALERTS, Alert(
+                time=self.clock.now(), severity=AlertSeverity.WARNING, source="executor",
+                kind="protection_lock", text=f"{lock.protection} locks {lock.symbol} {lock.side} entries "
+                                             f"until {lock.until.isoformat()}: {lock.reason}",
+                details={"protection": lock.protection, "symbol": lock.symbol, "side": lock.side,
+                         "until": lock.until.isoformat()}))
 
     def _record(self, cid: str) -> dict[str, str]:
         raw: Any = self.client.hgetall(self.keys.order(cid))
         return {k.decode(): v.decode() for k, v in raw.items()}
+
+    # -- kill switch requests -------------------------------------------------------------------
+
+    def act_on_trading_state(self) -> bool:
+        """Carry out the current change's cancel/flatten requests once per seq; True if it acted."""
+        status = self.kill_switch.current()
+        if not (status.cancel_open_orders or status.flatten_positions):
+            return False
+        acted = self.client.get(self.acted_key)
+        if acted is not None and int(acted) >= status.seq:
+            return False
+        done = True
+        if status.cancel_open_orders:
+            done = self._cancel_open_orders(status) and done
+        if status.flatten_positions:
+            done = self._flatten(status) and done
+        if done:
+            self.client.set(self.acted_key, status.seq)
+            log.warning("executor.trading_state_acted", seq=status.seq, state=status.state.value,
+                        cancel_open_orders=status.cancel_open_orders, flatten=status.flatten_positions)
+        return done
+
+    def _cancel_open_orders(self, status: TradingStatus) -> bool:
+        members: Any = self.client.smembers(self.keys.open_orders)
+        done = True
+        for cid in sorted(m.decode() for m in members):
+            if cid.startswith(f"bst-flat-{status.seq}-"):
+                continue  # this change's own flatten orders
+            try:
+                self.broker.cancel(cid)
+                log.info("executor.cancel_requested", client_order_id=cid, seq=status.seq)
+            except OrderNotFound:
+                log.warning("executor.cancel_unknown_order", client_order_id=cid)
+            except BrokerError as exc:
+                log.warning("executor.cancel_failed", client_order_id=cid, error=str(exc))
+                done = False
+        return done
+
+    def _flatten(self, status: TradingStatus) -> bool:
+        """A closing market order for every position (what other reservations do not already hold)."""
+        snapshot = self.portfolio.snapshot()
+        marks = self.portfolio.marks()
+        done = True
+        for symbol, position in sorted(snapshot.positions.items()):
+            cid = f"bst-flat-{status.seq}-{symbol}"
+            record = self._record(cid)
+            if record and record["status"] != OrderStatus.PENDING_SUBMIT:
+                continue  # submitted already; one still pending_submit is submitted again below
+            quantity = abs(position.qty) - position.reserved if position.qty > 0 else abs(position.qty)
+            if quantity <= 0:
+                continue
+            side = Side.SELL if position.qty > 0 else Side.BUY
+            price = marks.get(symbol, position.avg_cost)
+            order = Order(time=self.clock.now(), intent_id=cid, client_order_id=cid,
+                          account=self.portfolio.account, symbol=symbol, side=side, quantity=quantity,
+                          reservation_id=cid)
+            try:
+                if cid not in snapshot.reservations:
+                    self.portfolio.reserve(cid, symbol, side, quantity, price)
+                self.handle_order(Delivery(ORDERS, f"flatten-{status.seq}", order, 1), bypass_state=True)
+            except (BrokerError, PortfolioError) as exc:
+                log.warning("executor.flatten_failed", symbol=symbol, error=str(exc))
+                done = False
+        return done
+
+    def watch_trading_state(self, stop: StopSignal | threading.Event, interval_s: float = 1.0) -> None:
+        """Act on kill switch requests until ``stop``."""
+        while not stop.is_set():
+            try:
+                self.act_on_trading_state()
+            except BrokerError as exc:
+                log.warning("executor.trading_state_action_failed", error=str(exc))
+            stop.wait(interval_s)
 
     # -- catching up --------------------------------------------------------------------------
 
@@ -245,5 +411,9 @@ def main(ctx: ServiceContext) -> None:
     follower = threading.Thread(target=executor.follow_trade_updates, args=(ctx.stop,), name="trade-updates",
                                 daemon=True)
     follower.start()
+    watcher = threading.Thread(target=executor.watch_trading_state, args=(ctx.stop,), name="trading-state",
+                               daemon=True)
+    watcher.start()
     ctx.consumer(ORDERS, GROUP, executor.handle_order).run(ctx.stop)
     follower.join(ctx.settings.bus.grace_seconds)
+    watcher.join(ctx.settings.bus.grace_seconds)
