@@ -1,8 +1,12 @@
 """``bastion status [--json]``: the whole deployment at a glance.
 
-Services and their heartbeats, the trading state (kill switch), the account (cash, reserved,
-positions), open orders, and every stream's length with each consumer group's pending count
-and lag. Read-only.
+Services and their heartbeats, the trading state (kill switch: who, why, when, and the last
+changes), active protection locks with their expiry, the deferred-intent queue, the account
+(cash, reserved, positions), open orders, the latest reconciliation report, the monitor's current
+problems and alert deliveries (counters, failed deliveries, rq's failed registry), and every
+stream's length with each consumer group's pending count and lag. Read-only (expired locks and
+deferred entries are hidden, not swept), and nothing but the report on stdout. A section that
+cannot be read (rq unreachable, a malformed report) shows its error instead of stopping.
 """
 
 from __future__ import annotations
@@ -11,10 +15,16 @@ import argparse
 import json
 from typing import Any
 
+from rq.registry import FailedJobRegistry
+
 from shared.cli._context import Context
+from shared.clock import LiveClock
+from shared.deferred import DeferredIntent
 from shared.heartbeat import alive_instances
 from shared.keys import Keys
 from shared.portfolio import Portfolio
+from shared.protections import ProtectionLock
+from shared.trading_state import KillSwitch
 
 __all__ = ["collect", "register"]
 
@@ -56,16 +66,102 @@ def _open_orders(ctx: Context, keys: Keys) -> list[dict[str, str]]:
     return orders
 
 
+def _trading_state(ctx: Context) -> dict[str, Any]:
+    switch = KillSwitch(ctx.redis, ctx.keys)
+    status = switch.current()
+    return {"state": status.state.value, "by": status.by, "reason": status.reason,
+            "at": status.at.isoformat() if status.at else None, "seq": status.seq,
+            "previous": status.previous.value if status.previous else None,
+            "cancel_open_orders": status.cancel_open_orders, "flatten_positions": status.flatten_positions,
+            "history": switch.history(5)}
+
+
+def _locks(ctx: Context) -> list[dict[str, str]]:
+    """Active protection locks, longest first (read as they are: expired ones are left to risk)."""
+    now = LiveClock().now()
+    raw: Any = ctx.redis.hgetall(ctx.keys.protection_locks)
+    locks = [lock for lock in (ProtectionLock.decode(_text(v)) for v in raw.values()) if lock.active(now)]
+    return [{"protection": lock.protection, "symbol": lock.symbol, "side": lock.side,
+             "until": lock.until.isoformat(), "reason": lock.reason, "at": lock.at.isoformat()}
+            for lock in sorted(locks, key=lambda lock: lock.until, reverse=True)]
+
+
+def _deferred(ctx: Context) -> list[dict[str, Any]]:
+    """Live deferred intents, oldest deferral first (expired ones are left to risk's sweep)."""
+    now = LiveClock().now()
+    raw: Any = ctx.redis.hgetall(ctx.keys.deferred)
+    live = [e for e in (DeferredIntent.decode(_text(v)) for v in raw.values()) if now < e.expires_at]
+    return [{"symbol": e.intent.symbol, "side": e.intent.side.value, "intent_id": e.intent.id,
+             "source": e.intent.source, "reason": e.reason, "deferred_at": e.deferred_at.isoformat(),
+             "expires_at": e.expires_at.isoformat()} for e in sorted(live, key=lambda e: e.deferred_at)]
+
+
+def _reconciliation(ctx: Context) -> dict[str, Any] | None:
+    raw: Any = ctx.redis.hgetall(f"{ctx.keys.prefix}:reconciliation")
+    fields = {_text(k): _text(v) for k, v in raw.items()}
+    if not fields:
+        return None
+    try:
+        differences = json.loads(fields.get("differences") or "[]")
+    except ValueError:
+        differences = fields.get("differences")
+    return {"status": fields.get("status"), "time": fields.get("time"), "error": fields.get("error", ""),
+            "differences": differences}
+
+
+def _monitor(ctx: Context) -> dict[str, Any]:
+    prefix = f"{ctx.keys.prefix}:monitor"
+    raw_problems: Any = ctx.redis.hgetall(f"{prefix}:problems")
+    problems = {}
+    for name, value in sorted(raw_problems.items()):
+        try:
+            problems[_text(name)] = json.loads(_text(value))
+        except ValueError:
+            problems[_text(name)] = _text(value)
+    raw_counts: Any = ctx.redis.hgetall(f"{prefix}:deliveries")
+    failed_key = f"{prefix}:failed-deliveries"
+    latest: Any = ctx.redis.lrange(failed_key, 0, 2)
+    failed = []
+    for item in latest:
+        try:
+            failed.append(json.loads(_text(item)))
+        except ValueError:
+            failed.append(_text(item))
+    return {"problems": problems,
+            "deliveries": {_text(k): int(v) for k, v in raw_counts.items()},
+            "failed_deliveries": {"count": int(ctx.redis.llen(failed_key)), "latest": failed},
+            "rq_failed_jobs": _rq_failed(ctx)}
+
+
+def _rq_failed(ctx: Context) -> dict[str, Any]:
+    """rq's failed registry of the monitor's queue (same name rule as the monitor: its setting,
+    else the key prefix); an error is reported, never raised."""
+    queue = ctx.settings.monitor.queue or ctx.settings.key_prefix
+    try:
+        return {"queue": queue, "count": FailedJobRegistry(queue, connection=ctx.redis).count}
+    except Exception as exc:  # rq or Redis trouble must never stop status
+        return {"queue": queue, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _section(read: Any, ctx: Context) -> Any:
+    try:
+        return read(ctx)
+    except (ValueError, KeyError, TypeError) as exc:  # a malformed record: show it, keep going
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def collect(ctx: Context) -> dict[str, Any]:
     """Everything ``status`` shows, as one JSON-ready dict."""
     keys = ctx.keys
     portfolio = Portfolio(ctx.redis, keys, ctx.settings.portfolio.account, settings=ctx.settings.portfolio)
     snap = portfolio.snapshot()
-    raw_state: Any = ctx.redis.hgetall(keys.trading_state)
-    state = {_text(k): _text(v) for k, v in raw_state.items()} or {"state": "ACTIVE"}
     return {
         "services": alive_instances(ctx.redis, keys),
-        "trading_state": state,
+        "trading_state": _section(_trading_state, ctx),
+        "protection_locks": _section(_locks, ctx),
+        "deferred": _section(_deferred, ctx),
+        "reconciliation": _section(_reconciliation, ctx),
+        "monitor": _section(_monitor, ctx),
         "account": {"account": snap.account, "opened": snap.opened, "cash": str(snap.cash),
                     "reserved": str(snap.reserved), "buying_power": str(snap.buying_power),
                     "equity": str(snap.equity(portfolio.marks())), "realized_pnl": str(snap.realized_pnl)},
@@ -87,9 +183,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name:<40} alive (pid {beat.get('pid')}, beat {beat.get('at')})")
     if not report["services"]:
         print("  (none alive)")
-    state = report["trading_state"]
-    detail = f" (by {state.get('by')}: {state.get('reason')}, at {state.get('at')})" if "by" in state else ""
-    print(f"\ntrading state: {state.get('state')}{detail}")
+    _print_safety(report)
     print("\naccount:")
     for name, value in report["account"].items():
         print(f"  {name:<14} {value}")
@@ -100,8 +194,56 @@ def run(args: argparse.Namespace) -> int:
     for order in report["open_orders"]:
         print(f"  {order['client_order_id']:<40} {order['status']:<18} {order['side']} {order['quantity']} "
               f"{order['symbol']} (filled {order['applied_qty']})")
+    _print_operations(report)
     print("\nstreams:")
     for name, info in report["streams"].items():
         groups = ", ".join(f"{g}: pending {v['pending']} lag {v['lag']}" for g, v in info["groups"].items())
         print(f"  {name:<24} length {info['length']:<8} {groups}")
     return 0
+
+
+def _print_safety(report: dict[str, Any]) -> None:
+    state = report["trading_state"]
+    detail = f" (by {state.get('by')}: {state.get('reason')}, at {state.get('at')})" \
+        if state.get("by") else ""
+    print(f"\ntrading state: {state.get('state')}{detail}")
+    if state.get("cancel_open_orders") or state.get("flatten_positions"):
+        print(f"  requested: cancel open orders {state.get('cancel_open_orders')}, "
+              f"flatten positions {state.get('flatten_positions')}")
+    locks = report["protection_locks"]
+    print("\nprotection locks:" + ("" if locks else " none"))
+    for lock in locks if isinstance(locks, list) else [locks]:
+        print(f"  {lock.get('protection', '?'):<16} {lock.get('symbol', '')}/{lock.get('side', '')} until "
+              f"{lock.get('until', '')}: {lock.get('reason', lock.get('error', ''))}")
+    queue = report["deferred"]
+    print("\ndeferred intents:" + ("" if queue else " none"))
+    for entry in queue if isinstance(queue, list) else [queue]:
+        print(f"  {entry.get('symbol', '?'):<8} {entry.get('side', ''):<5} from {entry.get('source', '')} "
+              f"expires {entry.get('expires_at', '')}: {entry.get('reason', entry.get('error', ''))}")
+
+
+def _print_operations(report: dict[str, Any]) -> None:
+    recon = report["reconciliation"]
+    if recon is None:
+        print("\nreconciliation: no report yet")
+    else:
+        differences = recon.get("differences")
+        count = len(differences) if isinstance(differences, list) else differences
+        print(f"\nreconciliation: {recon.get('status')} at {recon.get('time')} ({count} differences)"
+              + (f": {recon['error']}" if recon.get("error") else ""))
+        for difference in differences if isinstance(differences, list) else []:
+            print(f"  {json.dumps(difference)}")
+    monitor = report["monitor"]
+    problems = monitor.get("problems", {})
+    print("\nmonitor problems:" + ("" if problems else " none"))
+    for name, problem in problems.items():
+        print(f"  {name}: {problem.get('text', problem) if isinstance(problem, dict) else problem}")
+    deliveries = monitor.get("deliveries", {})
+    failed = monitor.get("failed_deliveries", {})
+    rq_failed = monitor.get("rq_failed_jobs", {})
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(deliveries.items())) or "none"
+    rq_text = rq_failed.get("count", rq_failed.get("error"))
+    print(f"\nalert deliveries: {counts}; failed deliveries kept {failed.get('count', 0)}; "
+          f"rq failed jobs ({rq_failed.get('queue')}): {rq_text}")
+    for item in failed.get("latest", []):
+        print(f"  failed: {json.dumps(item)[:200]}")
