@@ -25,7 +25,7 @@ import redis
 from services.strategy._builtin import SmaCrossover, SmaParams, SmaState
 from shared import codec
 from shared.keys import INTENTS, ORDERS, Keys
-from shared.models import Bar, Intent, Order
+from shared.models import Bar, Intent, Order, OrderStatus
 from shared.portfolio import Portfolio, verify
 from tests.conftest import REAL, SERVER_BACKENDS
 from tests.support.paper import KEY_ID, SECRET, PaperExchange, running_exchange
@@ -37,6 +37,7 @@ SYMBOLS = ["AAPL", "MSFT", "NVDA", "SPY", "QQQ", "TSLA"]
 TICKS = 48
 PARAMS = {"fast": 3, "slow": 8, "quantity": Decimal(5)}
 START = datetime(2026, 3, 2, 14, 30, tzinfo=UTC)
+TERMINAL = {status.value.encode() for status in OrderStatus if status.is_terminal}
 
 
 def price(symbol_index: int, tick: int) -> Decimal:
@@ -104,6 +105,8 @@ class Desk:
             "BASTION_STRATEGY__LEASE_MS": "1000",
             "BASTION_STRATEGY__PARAMS": '{"sma_crossover": {"fast": "3", "slow": "8", "quantity": "5"}}',
             "BASTION_RECONCILER__INTERVAL_S": "2",
+            # the CSV's bars are history: risk's stale-data rule compares bar time with the clock
+            "BASTION_LIMITS__STALE_DATA_AFTER_S": "1000000000",
         }
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -150,10 +153,16 @@ def run_desk(server_url: str, client: redis.Redis, keys: Keys, tmp_path: Path, *
             assert ingester.wait(120) == 0
             wanted = sum(len(v) for v in expected.values())
             wait_for(lambda: client.xlen(keys.stream(INTENTS)) >= wanted, timeout=60, message="every intent")
-            for symbol in SYMBOLS:  # one more bar each, so the last market orders can fill
-                exchange.bar(symbol, "100", "100", "100", "100")
-            wait_for(lambda: client.scard(keys.open_orders) == 0 and client.xlen(keys.stream(ORDERS)) > 0,
-                     timeout=60, message="every order done")
+
+            def every_order_done() -> bool:
+                for symbol in SYMBOLS:  # more bars after the replay, so the last market orders can fill
+                    exchange.bar(symbol, "100", "100", "100", "100")
+                approved = [m for m in messages(client, keys, ORDERS) if isinstance(m, Order)]
+                statuses = [client.hget(keys.order(o.client_order_id), "status") for o in approved]
+                return bool(approved) and all(s in TERMINAL for s in statuses) and not pending_everywhere(
+                    client, keys)
+
+            wait_for(every_order_done, timeout=90, interval=0.3, message="every approved order done")
 
             intents = [m for m in messages(client, keys, INTENTS) if isinstance(m, Intent)]
             assert len({i.id for i in intents}) == len(intents), "an intent was published twice"
