@@ -60,6 +60,8 @@ def test_twenty_concurrent_orders_for_sixty_percent_of_cash(
             # refused by the reservation, or by a limit that counts the approved order as pending
             assert all(any(why in r.stdout for why in ("insufficient funds", "max_position_fraction"))
                        for r in results if r.returncode == 1)
+            # `order --wait` answers once risk approved; the fill needs a bar after the exchange accepted
+            wait_for(lambda: exchange.get("/v2/orders", status="all"), timeout=60, message="the order placed")
             exchange.bar("AAPL", "100", "100", "100", "100")
             def filled() -> bool:
                 held = portfolio.snapshot().positions.get("AAPL")
