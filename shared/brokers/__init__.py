@@ -20,6 +20,7 @@ from shared.clock import Clock
 from shared.config import Settings
 from shared.errors import ConfigError
 from shared.keys import Keys
+from shared.rate_limit import RateLimiter
 
 __all__ = [
     "Account",
@@ -57,8 +58,11 @@ def build_broker(settings: Settings, *, client: redis.Redis | None = None, clock
     if stream_url is None and base_url:
         stream_url = base_url.replace("https://", "wss://").replace("http://", "ws://").rstrip("/")
         stream_url += "/stream"
+    limiter = None
+    if client is not None:  # the shared limit lives in Redis: every process counts against one budget
+        limiter = RateLimiter.from_settings(client, Keys(settings.key_prefix), settings.limits, clock=clock)
     return AlpacaBroker(broker, api_key=key, secret_key=secret, base_url=base_url, stream_url=stream_url,
-                        clock=clock)
+                        clock=clock, limiter=limiter)
 
 
 def _paper_keys(settings: Settings, client: redis.Redis | None) -> tuple[str, str]:

@@ -51,9 +51,11 @@ from shared.errors import (
     OrderRejected,
     PatternDayTrading,
     RateLimited,
+    RateLimitTimeout,
 )
 from shared.logging import get_logger
 from shared.models import OrderStatus
+from shared.rate_limit import RateLimiter
 
 __all__ = ["AlpacaBroker"]
 
@@ -95,9 +97,11 @@ class AlpacaBroker:
     """Broker over alpaca-py (the paper exchange or Alpaca). Thread-safe: calls are serialised."""
 
     def __init__(self, settings: BrokerSettings, *, api_key: str, secret_key: str, base_url: str | None,
-                 stream_url: str | None, clock: Clock | None = None) -> None:
+                 stream_url: str | None, clock: Clock | None = None,
+                 limiter: RateLimiter | None = None) -> None:
         self.settings = settings
         self.clock = clock or LiveClock()
+        self.limiter = limiter  # shared by every process: a request waits for its slot, a 429 pauses all
         self._client = _Client(api_key, secret_key, paper=not settings.live, url=base_url,
                                timeout=settings.timeout_s)
         self._stream_args = {"api_key": api_key, "secret_key": secret_key, "paper": not settings.live,
@@ -199,6 +203,7 @@ class AlpacaBroker:
             wait = self._not_before - self.clock.monotonic()
             if wait > 0:
                 self.clock.sleep(wait)
+            self._take_slot(op, cid)
             try:
                 with self._lock:
                     result = fn()
@@ -216,6 +221,8 @@ class AlpacaBroker:
                         raise RateLimited(f"{op}: broker rate limit (429) persists; retry in {delay:.2f}s",
                                           retry_after=delay, client_order_id=cid) from exc
                     log.warning("broker.rate_limited", op=op, wait_s=round(delay, 3), attempt=rate_limited)
+                    if self.limiter is not None:
+                        self.limiter.pause(delay)  # every process sharing the limit waits too
                     self.clock.sleep(delay)
                     continue
                 if status >= 500:
@@ -237,6 +244,17 @@ class AlpacaBroker:
                 what = "connection refused" if refused else f"{type(exc).__name__}"
                 raise BrokerUnavailable(f"{op}: broker unreachable ({what}): {exc}",
                                         client_order_id=cid) from exc
+
+    def _take_slot(self, op: str, cid: str | None) -> None:
+        """Wait for the shared rate limit to grant this request (RateLimited past the longest wait)."""
+        if self.limiter is None:
+            return
+        try:
+            self.limiter.acquire(op, timeout=self.settings.max_rate_limit_wait_s)
+        except RateLimitTimeout as exc:
+            wait = self.settings.max_rate_limit_wait_s
+            raise RateLimited(f"{op}: shared rate limit has no slot within {wait:g}s", retry_after=wait,
+                              client_order_id=cid) from exc
 
     def _rate_limit_delay(self, headers: Mapping[str, str]) -> float:
         retry_after = headers.get("Retry-After")

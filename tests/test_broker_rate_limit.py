@@ -1,0 +1,73 @@
+"""The broker adapter under the shared Redis rate limit: requests take a slot, a 429 pauses everyone."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import redis
+
+from shared.brokers import AlpacaBroker, OrderRequest
+from shared.config import LimitSettings
+from shared.errors import RateLimited
+from shared.keys import Keys
+from shared.models import Side
+from shared.rate_limit import RateLimiter
+from shared.redis_client import connect_url
+from tests.support.paper import HEADERS, PaperExchange, running_exchange
+
+pytestmark = pytest.mark.multiprocess
+
+
+@pytest.fixture
+def exchange(real_redis_url: str, keys: Keys, tmp_path: Path) -> Iterator[PaperExchange]:
+    """A paper exchange process on the real redis-server."""
+    with running_exchange(real_redis_url, keys, tmp_path) as running:
+        yield running
+
+
+@pytest.fixture
+def client(real_redis_url: str) -> Iterator[redis.Redis]:
+    """A client of the real redis-server."""
+    result = connect_url(real_redis_url)
+    yield result
+    result.close()
+
+
+def adapter(exchange: PaperExchange, limiter: RateLimiter, **settings: object) -> AlpacaBroker:
+    """The adapter pointed at the exchange, counting against ``limiter``."""
+    base = exchange.broker(**settings)
+    return AlpacaBroker(base.settings, api_key=HEADERS["APCA-API-KEY-ID"],
+                        secret_key=HEADERS["APCA-API-SECRET-KEY"], base_url=exchange.url,
+                        stream_url=exchange.stream_url, limiter=limiter)
+
+
+def order(cid: str) -> OrderRequest:
+    """A one-share market buy."""
+    return OrderRequest(client_order_id=cid, symbol="AAPL", side=Side.BUY, quantity=Decimal(1))
+
+
+def test_429_pauses_the_shared_limit(exchange: PaperExchange, client: redis.Redis, keys: Keys) -> None:
+    """A 429 seen by one adapter sets the shared pause, so every process sharing the limit waits."""
+    limiter = RateLimiter.from_settings(client, keys, LimitSettings())
+    exchange.set_faults({"endpoint": "POST /v2/orders", "kind": "rate_limit", "retry_after": 0.3, "count": 1})
+    adapter(exchange, limiter).submit(order("paused-1"))
+    assert limiter.paused_until() > 0
+    other = RateLimiter.from_settings(client, keys, LimitSettings())  # another process's view
+    assert other.paused_until() == limiter.paused_until()
+    assert [o["client_order_id"] for o in exchange.get("/v2/orders", status="all")] == ["paused-1"]
+
+
+def test_exhausted_shared_limit_refuses_without_calling(exchange: PaperExchange, client: redis.Redis,
+                                                        keys: Keys) -> None:
+    """With the shared budget spent and no slot within the longest wait, the call is RateLimited, unsent."""
+    limiter = RateLimiter.from_settings(client, keys, LimitSettings(api_rate_limit=2, api_rate_period_s=60))
+    broker = adapter(exchange, limiter, max_rate_limit_wait_s=0.5)
+    broker.submit(order("budget-1"))
+    broker.submit(order("budget-2"))
+    with pytest.raises(RateLimited):
+        broker.submit(order("budget-3"))
+    placed = sorted(o["client_order_id"] for o in exchange.get("/v2/orders", status="all"))
+    assert placed == ["budget-1", "budget-2"]
