@@ -41,6 +41,7 @@ class Desk:
         self.client: redis.Redis = fakeredis.FakeRedis()
         self.clock = SimulatedClock(T0)
         self.equity = equity
+        self.market_open = True
         self.broker = FakeBroker(self.answer)
         self.settings = Settings(portfolio={"starting_cash": "10000"},
                                  limits={"max_position_fraction": "1", **limits})
@@ -51,6 +52,8 @@ class Desk:
     def answer(self, call: BrokerCall) -> object:
         if call.method == "account":
             return broker_account(self.equity)
+        if call.method == "market_open":
+            return self.market_open
         return []
 
     def bar(self, symbol: str, price: str) -> None:
@@ -294,7 +297,7 @@ class TestStaleness:
         for n in range(2):
             activity.record_fill(f"x{n}", "MSFT", Decimal(1), Decimal(n), T0)
         desk.send(intent(quantity=Decimal(1)))
-        assert [c.method for c in desk.broker.calls] == ["account", "account"]
+        assert [c.method for c in desk.broker.calls if c.method == "account"] == ["account", "account"]
         assert activity.balance().fills_since == 0
 
 
@@ -344,6 +347,27 @@ class TestDeferred:
         desk.bar("AAPL", "150")
         assert [o.intent_id for o in desk.orders()] == [wish.id]
         assert desk.risk.deferred.entries() == []
+
+    def test_strategy_intent_waits_for_the_market_to_open(self) -> None:
+        """While the broker's clock says closed a strategy buy is deferred; once open it is approved."""
+        desk = Desk()
+        desk.market_open = False
+        wish = self.strategy_intent(quantity="10")
+        desk.send(wish)
+        [queued] = desk.risk.deferred.entries()
+        assert desk.orders() == [] and queued.reason == "waiting: the market is closed"
+        desk.market_open = True
+        desk.clock.advance(timedelta(seconds=31))  # the clock's answer is trusted for 30 s
+        desk.bar("AAPL", "150")
+        assert [o.intent_id for o in desk.orders()] == [wish.id]
+        assert desk.risk.deferred.entries() == []
+
+    def test_manual_intent_is_refused_while_the_market_is_closed(self) -> None:
+        """A manual intent while the market is closed is refused at once, with the reason."""
+        desk = Desk()
+        desk.market_open = False
+        desk.send(intent())
+        assert desk.reasons() == ["the market is closed (not now; a manual intent is not deferred)"]
 
     def test_manual_intent_is_refused_not_deferred(self, desk: Desk) -> None:
         """The same situation for a manual intent is a refusal the user sees at once."""

@@ -34,6 +34,7 @@ from shared.portfolio import Portfolio, Snapshot
 __all__ = ["AccountView"]
 
 log = get_logger(component="risk")
+MARKET_CLOCK_TTL_S = 30.0  # how long an answer from the broker's market clock is trusted
 _ZERO = Decimal(0)
 
 
@@ -50,6 +51,8 @@ class AccountView:
         self.activity = AccountActivity(client, keys, portfolio.account)
         self._broker_factory = broker_factory
         self._broker: Broker | None = None
+        self._market_open = True
+        self._market_checked_at: float | None = None
 
     def broker(self) -> Broker:
         """The broker handle, built on first use (ConfigError / BrokerError when it cannot be)."""
@@ -58,6 +61,22 @@ class AccountView:
                 raise ConfigError([("broker", "risk has no broker to refresh the balance from")])
             self._broker = self._broker_factory()
         return self._broker
+
+    def market_closed(self) -> str | None:
+        """Why orders cannot execute now because the market is closed, or None when it is open.
+
+        The broker's clock is asked at most every ``MARKET_CLOCK_TTL_S`` seconds; a broker that
+        cannot be asked counts as open here (the stale-balance rule already holds entries back).
+        """
+        now = self.clock.monotonic()
+        if self._market_checked_at is None or now - self._market_checked_at >= MARKET_CLOCK_TTL_S:
+            try:
+                self._market_open = self.broker().market_open()
+            except (BrokerError, ConfigError) as exc:
+                log.warning("risk.market_clock_failed", error=str(exc))
+                self._market_open = True
+            self._market_checked_at = now
+        return None if self._market_open else "the market is closed"
 
     def refresh_if_needed(self) -> str | None:
         """Refresh the balance from the broker if it is stale; None when fresh, else why it is not."""

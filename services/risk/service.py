@@ -7,7 +7,8 @@ that every limit :func:`shared.limits.check_order` finds is reported together):
    everything; REDUCING refuses what would not reduce the position (checked again with the
    quantity once it is known: a sell may not go through zero);
 2. protections (:class:`~shared.protections.Protections`): a lock on (symbol, side) refuses an
-   entry; exits are never locked;
+   entry; exits are never locked; then the market clock: while the broker says the market is
+   closed (asked at most every 30 s) the intent cannot execute now (deferred, see below);
 3. sizing: a quantity is used as given, a notional becomes whole shares at the reference price
    (the limit price, the stop price, or the symbol's last mark);
 4. symbol rounding (:class:`~shared.symbols.SymbolProperties`, the default sub-penny
@@ -28,9 +29,10 @@ that every limit :func:`shared.limits.check_order` finds is reported together):
 9. the approved :class:`~shared.models.Order` goes to ``orders``; a refusal goes to
    ``rejections`` with its reason (``<rule>: <sentence>``).
 
-Deferral: a *strategy's* intent (source ``strategy:*``) that fails only because of what pending
-orders hold -- the limits pass when pending orders are left out, or the reservation lacks free
-cash that the account's cash would cover -- waits in the :class:`~shared.deferred.DeferredQueue`
+Deferral: a *strategy's* intent (source ``strategy:*``) that cannot execute now -- the market is
+closed, or it fails only because of what pending orders hold: the limits pass when pending
+orders are left out, or the reservation lacks free cash that the account's cash would cover --
+waits in the :class:`~shared.deferred.DeferredQueue`
 (one per symbol and side; expires ``limits.deferred_max_age_s`` after it was first deferred). A
 manual intent is never deferred: the person waiting gets an answer. On every bar the queue is
 drained: each entry is revalidated (the trading state and protections must still allow it) and
@@ -150,9 +152,9 @@ class RiskService:
             order = self.decide(intent)
         except Deferred as wait:
             if intent.source.startswith("strategy:"):
-                self._defer(intent, f"waiting for pending orders: {wait}", queued)
+                self._defer(intent, f"waiting: {wait}", queued)
                 return
-            self._reject(intent, f"{wait} (held by pending orders; a manual intent is not deferred)")
+            self._reject(intent, f"{wait} (not now; a manual intent is not deferred)")
             return
         except Refused as refusal:
             self._reject(intent, str(refusal))
@@ -176,6 +178,9 @@ class RiskService:
         _refuse_if(status.refusal(intent.side, position))
         if not is_reducing(intent.side, position):
             _refuse_if(self.protections.refusal(intent.symbol, intent.side))
+        closed = self.account.market_closed()
+        if closed is not None:
+            raise Deferred(closed)
         price = self._reference_price(intent)
         quantity = intent.quantity if intent.quantity is not None else self._shares_for(intent, price)
         prepared = self._round(intent, quantity, price)
@@ -195,7 +200,7 @@ class RiskService:
             reason = "; ".join(str(r) for r in found)
             if {r.rule for r in found} <= _PENDING_RULES and not check_order(
                     check, _without_pending(snapshot), self.settings.limits):
-                raise Deferred(reason)
+                raise Deferred(f"{reason} (counting pending orders)")
             raise Refused(reason)
         _refuse_if(self.submissions.admit())
         self._reserve(intent, book, quantity, price)

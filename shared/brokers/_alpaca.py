@@ -171,6 +171,11 @@ class AlpacaBroker:
         """Balances and trading flags."""
         return mapping.account(self._call("account", self._client.get_account))
 
+    def market_open(self) -> bool:
+        """Whether the market is open now, by the broker's clock (GET /v2/clock)."""
+        raw = self._call("clock", self._client.get_clock)
+        return bool(raw and raw.get("is_open"))
+
     def trade_updates(self) -> AlpacaTradeUpdates:
         """Open the trade_updates stream (call ``wait_ready`` before relying on it)."""
         return AlpacaTradeUpdates(**self._stream_args)  # type: ignore[arg-type]

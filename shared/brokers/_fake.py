@@ -84,6 +84,9 @@ class FakeBroker:
     def account(self) -> Account:
         return self._call("account")  # type: ignore[no-any-return]
 
+    def market_open(self) -> bool:
+        return self._call("market_open")  # type: ignore[no-any-return]
+
     def trade_updates(self) -> _FakeUpdates:
         subscription = _FakeUpdates(self)
         self._subscriptions.add(subscription)
