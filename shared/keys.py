@@ -27,6 +27,9 @@ Read this module to learn what to type into ``redis-cli``. With the default pref
 ``bastion:protection-locks``        active protection locks with their expiry (hash)
 ``bastion:ratelimit:<name>``        a shared token bucket
 ``bastion:deferred``                intents waiting to be executed (hash, one per symbol and side)
+``bastion:reconciliation``          the reconciler's latest report (hash; history on stream:reconciliation)
+``bastion:monitor:<name>``          the monitor's state: health, problems, schedule, balance,
+                                    deliveries, failed-deliveries (see services/monitor/_names.py)
 ==================================  ==========================================================
 
 Keys that one Lua script touches together share a hash tag (``{<account>}``) so they live on
@@ -148,6 +151,15 @@ class Keys:
     def deferred(self) -> str:
         """Deferred intents."""
         return f"{self.prefix}:deferred"
+
+    @property
+    def reconciliation(self) -> str:
+        """Hash: the reconciler's latest report."""
+        return f"{self.prefix}:reconciliation"
+
+    def monitor(self, name: str) -> str:
+        """One of the monitor's keys (health, problems, deliveries...)."""
+        return f"{self.prefix}:monitor:{name}"
 
     def pattern(self) -> str:
         """A SCAN pattern matching every key under this prefix."""

@@ -1,4 +1,4 @@
-"""The monitor's Redis keys and rq queue name (to move into :mod:`shared.keys` with the rest).
+"""The monitor's Redis keys (each :meth:`shared.keys.Keys.monitor`) and its rq queue name.
 
 With the default prefix ``bastion``:
 
@@ -36,7 +36,7 @@ class MonitorKeys:
     keys: Keys
 
     def _key(self, name: str) -> str:
-        return f"{self.keys.prefix}:monitor:{name}"
+        return self.keys.monitor(name)
 
     @property
     def health(self) -> str:

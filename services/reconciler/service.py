@@ -68,7 +68,7 @@ _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
 def report_key(keys: Keys) -> str:
     """The hash holding the latest reconciliation report."""
-    return f"{keys.prefix}:reconciliation"
+    return keys.reconciliation
 
 
 @dataclass

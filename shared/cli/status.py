@@ -97,7 +97,7 @@ def _deferred(ctx: Context) -> list[dict[str, Any]]:
 
 
 def _reconciliation(ctx: Context) -> dict[str, Any] | None:
-    raw: Any = ctx.redis.hgetall(f"{ctx.keys.prefix}:reconciliation")
+    raw: Any = ctx.redis.hgetall(ctx.keys.reconciliation)
     fields = {_text(k): _text(v) for k, v in raw.items()}
     if not fields:
         return None
@@ -110,16 +110,15 @@ def _reconciliation(ctx: Context) -> dict[str, Any] | None:
 
 
 def _monitor(ctx: Context) -> dict[str, Any]:
-    prefix = f"{ctx.keys.prefix}:monitor"
-    raw_problems: Any = ctx.redis.hgetall(f"{prefix}:problems")
+    raw_problems: Any = ctx.redis.hgetall(ctx.keys.monitor("problems"))
     problems = {}
     for name, value in sorted(raw_problems.items()):
         try:
             problems[_text(name)] = json.loads(_text(value))
         except ValueError:
             problems[_text(name)] = _text(value)
-    raw_counts: Any = ctx.redis.hgetall(f"{prefix}:deliveries")
-    failed_key = f"{prefix}:failed-deliveries"
+    raw_counts: Any = ctx.redis.hgetall(ctx.keys.monitor("deliveries"))
+    failed_key = ctx.keys.monitor("failed-deliveries")
     latest: Any = ctx.redis.lrange(failed_key, 0, 2)
     failed = []
     for item in latest:
