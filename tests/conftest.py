@@ -15,6 +15,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import fakeredis
 import pytest
@@ -63,7 +64,13 @@ def keys() -> Keys:
 
 
 def _cleanup(client: redis.Redis, keys: Keys) -> None:
+    """Delete the test's keys, and the rq keys of a monitor queue named after its prefix."""
     batch = list(client.scan_iter(match=keys.pattern(), count=1000))
+    batch += list(client.scan_iter(match=f"rq:*{keys.prefix}*", count=1000))
+    queues: Any = client.smembers("rq:queues")
+    stale = [q for q in queues if keys.prefix.encode() in q]
+    if stale:
+        client.srem("rq:queues", *stale)
     for start in range(0, len(batch), 500):
         client.delete(*batch[start:start + 500])
 

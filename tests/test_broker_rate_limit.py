@@ -15,25 +15,16 @@ from shared.errors import RateLimited
 from shared.keys import Keys
 from shared.models import Side
 from shared.rate_limit import RateLimiter
-from shared.redis_client import connect_url
 from tests.support.paper import HEADERS, PaperExchange, running_exchange
 
 pytestmark = pytest.mark.multiprocess
 
 
 @pytest.fixture
-def exchange(real_redis_url: str, keys: Keys, tmp_path: Path) -> Iterator[PaperExchange]:
-    """A paper exchange process on the real redis-server."""
-    with running_exchange(real_redis_url, keys, tmp_path) as running:
+def exchange(server_url: str, client: redis.Redis, keys: Keys, tmp_path: Path) -> Iterator[PaperExchange]:
+    """A paper exchange process on the real redis-server (``client`` deletes the keys afterwards)."""
+    with running_exchange(server_url, keys, tmp_path) as running:
         yield running
-
-
-@pytest.fixture
-def client(real_redis_url: str) -> Iterator[redis.Redis]:
-    """A client of the real redis-server."""
-    result = connect_url(real_redis_url)
-    yield result
-    result.close()
 
 
 def adapter(exchange: PaperExchange, limiter: RateLimiter, **settings: object) -> AlpacaBroker:
