@@ -16,7 +16,9 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Clock", "LiveClock", "SimulatedClock", "utc"]
+__all__ = ["Clock", "LiveClock", "SimulatedClock", "epoch_micros", "from_epoch_micros", "utc"]
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def utc(value: datetime) -> datetime:
@@ -27,6 +29,17 @@ def utc(value: datetime) -> datetime:
         return value.astimezone(UTC)
     except OverflowError:  # year 1 at +01:00, year 9999 at -01:00: no such UTC datetime
         raise ValueError(f"datetime {value!r} is out of range in UTC") from None
+
+
+def epoch_micros(when: datetime) -> int:
+    """Microseconds since the Unix epoch, exact (for Redis scores and Lua comparisons)."""
+    delta = utc(when) - EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def from_epoch_micros(value: int) -> datetime:
+    """The aware UTC datetime ``value`` microseconds after the Unix epoch."""
+    return EPOCH + timedelta(microseconds=value)
 
 
 @runtime_checkable

@@ -27,23 +27,23 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import redis
 
-from shared.clock import Clock, LiveClock, utc
+from shared.clock import Clock, LiveClock, epoch_micros
 from shared.errors import RedisUnavailable
 from shared.keys import Keys
 from shared.logging import get_logger
 from shared.models import Intent, Side
+from shared.redis_client import script
 
 __all__ = ["DEFER_SCRIPT", "DeferredIntent", "DeferredQueue", "Revalidate"]
 
 log = get_logger(module="deferred")
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # KEYS[1] = the deferred hash
 # ARGV[1] = field "<SYMBOL>:<side>"   ARGV[2] = the intent's time (µs)   ARGV[3] = the entry as JSON
@@ -67,12 +67,6 @@ end
 return 0
 """
 
-_SCRIPTS: dict[str, Any] = {}
-
-
-def _micros(when: datetime) -> int:
-    delta = utc(when) - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 @dataclass(frozen=True)
@@ -125,7 +119,7 @@ class DeferredQueue:
         is already queued and was kept."""
         now = self.clock.now()
         entry = DeferredIntent(intent, reason, now, now + self.max_age, score)
-        stored = bool(self._run(DEFER_SCRIPT, [entry.field, _micros(intent.time), entry.encode()]))
+        stored = bool(self._run(DEFER_SCRIPT, [entry.field, epoch_micros(intent.time), entry.encode()]))
         log.info("deferred.queued" if stored else "deferred.kept_newer", symbol=intent.symbol,
                  side=intent.side.value, intent_id=intent.id, reason=reason)
         return stored
@@ -174,10 +168,8 @@ class DeferredQueue:
         return sorted(live, key=lambda item: item[2].deferred_at)
 
     def _run(self, text: str, args: list[Any]) -> Any:
-        script = _SCRIPTS.get(text)
-        if script is None:
-            script = _SCRIPTS[text] = self.client.register_script(text)
-        return self._call(lambda: script(keys=[self.keys.deferred], args=args, client=self.client))
+        run = script(self.client, text)
+        return self._call(lambda: run(keys=[self.keys.deferred], args=args, client=self.client))
 
     @staticmethod
     def _call(fn: Any) -> Any:

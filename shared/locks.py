@@ -58,6 +58,7 @@ from shared.config import LockSettings
 from shared.errors import LockError, LockNotOwned, LockTimeout, RedisUnavailable
 from shared.keys import Keys
 from shared.logging import get_logger
+from shared.redis_client import script
 
 __all__ = ["ACQUIRE_SCRIPT", "ACQUIRE_THEN_READ", "FencedLock", "LockedRead", "fenced"]
 
@@ -91,18 +92,6 @@ return {token, read({unpack(KEYS, 3)}, {unpack(ARGV, 3)})}
 """
 
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
-_SCRIPTS: dict[str, Any] = {}
-
-
-def _script(client: redis.Redis, text: str) -> Any:
-    """A Script for ``text``, made once (called with an explicit client: EVALSHA, SCRIPT LOAD on
-    NOSCRIPT -- a lone command, so even fakeredis's TCP server keeps the connection)."""
-    script = _SCRIPTS.get(text)
-    if script is None:
-        script = _SCRIPTS[text] = client.register_script(text)
-    return script
-
-
 @dataclass(frozen=True)
 class LockedRead:
     """Lua to run atomically right after the lock is taken (see ACQUIRE_THEN_READ).
@@ -166,13 +155,13 @@ class FencedLock(Lock):
         keys: list[Any] = [self.name, self.fence_key]
         args: list[Any] = [owner, self.lease_ms]
         if reads is None:
-            script = _script(self.redis, ACQUIRE_SCRIPT)
+            run = script(self.redis, ACQUIRE_SCRIPT)
         else:
-            script = _script(self.redis, ACQUIRE_THEN_READ.replace("--READ--", reads.lua))
+            run = script(self.redis, ACQUIRE_THEN_READ.replace("--READ--", reads.lua))
             keys += reads.keys
             args += reads.args
         try:
-            result = script(keys=keys, args=args, client=self.redis)
+            result = run(keys=keys, args=args, client=self.redis)
         except _REDIS_DOWN as exc:
             raise RedisUnavailable(f"acquiring lock {self.resource!r}: {exc}") from exc
         except redis.ResponseError as exc:

@@ -45,19 +45,20 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import redis
 
-from shared.clock import Clock, LiveClock, utc
+from shared.clock import Clock, LiveClock, epoch_micros, from_epoch_micros, utc
 from shared.config import ProtectionSettings
 from shared.errors import RedisUnavailable
 from shared.keys import Keys
 from shared.limits import Refusal, Rule
 from shared.logging import get_logger
 from shared.models import Side
+from shared.redis_client import script
 
 __all__ = [
     "ANY",
@@ -78,7 +79,6 @@ STOPLOSS_GUARD = "stoploss_guard"
 MAX_DRAWDOWN = "max_drawdown"
 COOLDOWN = "cooldown"
 LOW_PROFIT = "low_profit"
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # KEYS[1] = the locks hash
 # ARGV[1] = field "<protection>:<symbol>:<side>"   ARGV[2] = until (µs)   ARGV[3] = the lock as JSON
@@ -102,16 +102,6 @@ end
 return 0
 """
 
-_SCRIPTS: dict[str, Any] = {}
-
-
-def _micros(when: datetime) -> int:
-    delta = utc(when) - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
-def _from_micros(value: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=value)
 
 
 @dataclass(frozen=True)
@@ -133,7 +123,7 @@ class ClosedTrade:
     def decode(cls, member: str, score: float) -> ClosedTrade:
         data = json.loads(member)
         return cls(data["id"], data["symbol"], Side(data["side"]), Decimal(data["pnl"]),
-                   bool(data["stop_out"]), _from_micros(int(score)))
+                   bool(data["stop_out"]), from_epoch_micros(int(score)))
 
 
 @dataclass(frozen=True)
@@ -205,7 +195,7 @@ class Protections:
     def record_trade_closed(self, trade: ClosedTrade) -> list[ProtectionLock]:
         """Record a closed trade and evaluate StoplossGuard, Cooldown and LowProfitPairs; return the
         locks written (new, or extended)."""
-        at_us = _micros(trade.at)
+        at_us = epoch_micros(trade.at)
         self._call(lambda: self.client.zadd(self.trades_key, {trade.encode(): at_us}))
         self._prune(self.trades_key, max(self.settings.stoploss_guard_lookback_s,
                                          self.settings.low_profit_lookback_s))
@@ -224,7 +214,7 @@ class Protections:
     def record_equity(self, equity: Decimal, at: datetime | None = None) -> list[ProtectionLock]:
         """Record an account equity sample and evaluate MaxDrawdown; return the locks written."""
         at = utc(at) if at is not None else self.clock.now()
-        at_us = _micros(at)
+        at_us = epoch_micros(at)
         self._call(lambda: self.client.zadd(self.equity_key, {f"{at_us}:{equity}": at_us}))
         self._prune(self.equity_key, self.settings.max_drawdown_lookback_s)
         written: list[ProtectionLock] = []
@@ -232,7 +222,7 @@ class Protections:
         if not s.max_drawdown_enabled:
             return written
         now = self.clock.now()
-        samples = [(_from_micros(int(score)), Decimal(member.split(":", 1)[1]))
+        samples = [(from_epoch_micros(int(score)), Decimal(member.split(":", 1)[1]))
                    for member, score in self._since(self.equity_key, now, s.max_drawdown_lookback_s)]
         drawdown, trough_at = max_drawdown(samples)
         if trough_at is not None and drawdown >= s.max_drawdown_fraction:
@@ -310,7 +300,7 @@ class Protections:
         lock = ProtectionLock(protection, symbol, side, until, reason, now)
         if not lock.active(now):
             return
-        args = [lock.field, _micros(lock.until), lock.encode()]
+        args = [lock.field, epoch_micros(lock.until), lock.encode()]
         if self._run(LOCK_SCRIPT, [self.keys.protection_locks], args):
             log.warning("protections.locked", protection=protection, symbol=symbol, side=side,
                         until=lock.until.isoformat(), reason=reason)
@@ -321,21 +311,19 @@ class Protections:
                 for member, score in self._since(self.trades_key, now, lookback_s)]
 
     def _since(self, key: str, now: datetime, lookback_s: float) -> list[tuple[str, float]]:
-        start = _micros(now - timedelta(seconds=lookback_s))
+        start = epoch_micros(now - timedelta(seconds=lookback_s))
         raw = self._call(lambda: self.client.zrangebyscore(key, f"({start}", "+inf", withscores=True))
         return [(member.decode() if isinstance(member, bytes) else str(member), float(score))
                 for member, score in raw]
 
     def _prune(self, key: str, lookback_s: float) -> None:
         """Drop events older than any lookback can reach (twice the lookback: late events still count)."""
-        horizon = _micros(self.clock.now() - timedelta(seconds=2 * lookback_s))
+        horizon = epoch_micros(self.clock.now() - timedelta(seconds=2 * lookback_s))
         self._call(lambda: self.client.zremrangebyscore(key, "-inf", f"({horizon}"))
 
     def _run(self, text: str, keys: list[str], args: list[Any]) -> Any:
-        script = _SCRIPTS.get(text)
-        if script is None:
-            script = _SCRIPTS[text] = self.client.register_script(text)
-        return self._call(lambda: script(keys=keys, args=args, client=self.client))
+        run = script(self.client, text)
+        return self._call(lambda: run(keys=keys, args=args, client=self.client))
 
     @staticmethod
     def _call(fn: Any) -> Any:

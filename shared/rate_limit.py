@@ -52,6 +52,7 @@ from shared.config import LimitSettings
 from shared.errors import RateLimitTimeout, RedisUnavailable
 from shared.keys import Keys
 from shared.logging import get_logger
+from shared.redis_client import script
 
 __all__ = ["ACQUIRE_SCRIPT", "PAUSE_SCRIPT", "Denied", "Grant", "Limit", "RateLimiter"]
 
@@ -121,16 +122,6 @@ if untl > now then
 end
 return {now, untl}
 """
-
-_SCRIPTS: dict[str, Any] = {}
-
-
-def _script(client: redis.Redis, text: str) -> Any:
-    script = _SCRIPTS.get(text)
-    if script is None:
-        script = _SCRIPTS[text] = client.register_script(text)
-    return script
-
 
 @dataclass(frozen=True)
 class Limit:
@@ -239,8 +230,8 @@ class RateLimiter:
             raise ValueError(f"weight must be >= 1, not {weight}")
         keys, limits = self._buckets(endpoint)
         grant_id = uuid.uuid4().hex
-        script = _script(self.client, ACQUIRE_SCRIPT)
-        reply = self._call(lambda: script(keys=keys, args=[weight, grant_id, *limits], client=self.client))
+        run = script(self.client, ACQUIRE_SCRIPT)
+        reply = self._call(lambda: run(keys=keys, args=[weight, grant_id, *limits], client=self.client))
         status, value = int(reply[0]), int(reply[1])
         if status == -1:
             raise ValueError(f"weight {weight} of {endpoint!r} exceeds the limit of bucket "
@@ -250,9 +241,9 @@ class RateLimiter:
         return status, value
 
     def _pause(self, relative_us: int, absolute_us: int) -> tuple[int, int]:
-        script = _script(self.client, PAUSE_SCRIPT)
+        run = script(self.client, PAUSE_SCRIPT)
         key = self.bucket_key("pause")
-        reply = self._call(lambda: script(keys=[key], args=[relative_us, absolute_us], client=self.client))
+        reply = self._call(lambda: run(keys=[key], args=[relative_us, absolute_us], client=self.client))
         now, until = int(reply[0]), int(reply[1])
         log.warning("rate_limit.paused", group=self.group, seconds=max(until - now, 0) / _MICROS)
         return now, until

@@ -13,6 +13,8 @@ connection after every error reply; the retry also absorbs that.
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
@@ -22,9 +24,24 @@ from shared.config import Settings
 from shared.errors import RedisUnavailable
 from shared.redis_server import embedded_url
 
-__all__ = ["RECONNECT_RETRIES", "connect", "connect_url", "resolve_url"]
+__all__ = ["RECONNECT_RETRIES", "connect", "connect_url", "resolve_url", "script"]
 
 RECONNECT_RETRIES = 3
+
+
+_SCRIPTS: dict[str, Any] = {}
+
+
+def script(client: redis.Redis, text: str) -> Any:
+    """The Script for Lua ``text``, registered once per process.
+
+    Call it with an explicit client (``script(keys=..., args=..., client=c)``): EVALSHA, and
+    SCRIPT LOAD on NOSCRIPT -- lone commands, so even fakeredis's TCP server keeps the connection.
+    """
+    found = _SCRIPTS.get(text)
+    if found is None:
+        found = _SCRIPTS[text] = client.register_script(text)
+    return found
 
 
 def resolve_url(settings: Settings) -> str:

@@ -41,6 +41,7 @@ from shared.keys import ALERTS, Keys
 from shared.limits import Refusal, Rule, is_reducing
 from shared.logging import get_logger
 from shared.models import Alert, AlertSeverity, Side
+from shared.redis_client import script
 
 __all__ = ["ENGAGE_SCRIPT", "LEDGER", "Change", "KillSwitch", "TradingState", "TradingStatus"]
 
@@ -90,9 +91,6 @@ local entry = redis.call('xadd', KEYS[2], '*', 'seq', seq, 'state', ARGV[2], 'pr
                          'cancel_open_orders', ARGV[6], 'flatten_positions', ARGV[7])
 return {'ok', seq, current, entry}
 """
-
-_SCRIPTS: dict[str, Any] = {}
-
 
 @dataclass(frozen=True)
 class TradingStatus:
@@ -162,10 +160,8 @@ class KillSwitch:
         ranks = [str(part) for name, rank in _RANK.items() for part in (name.value, rank)]
         args = [change_id, state.value, by, reason, at.isoformat(), _flag(cancel_open_orders),
                 _flag(flatten_positions), _flag(escalate_only), str(_RANK[state]), *ranks]
-        script = _SCRIPTS.get("engage")
-        if script is None:
-            script = _SCRIPTS["engage"] = self.client.register_script(ENGAGE_SCRIPT)
-        reply = self._call(lambda: script(keys=[self.keys.trading_state, self.keys.stream(LEDGER)], args=args,
+        run = script(self.client, ENGAGE_SCRIPT)
+        reply = self._call(lambda: run(keys=[self.keys.trading_state, self.keys.stream(LEDGER)], args=args,
                                           client=self.client))
         outcome = _text(reply[0])
         previous = TradingState(_text(reply[2]))

@@ -58,7 +58,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import ROUND_DOWN, Decimal
 
 import redis
@@ -68,7 +68,7 @@ from services.risk._account import AccountView
 from shared import codec
 from shared.brokers import Broker, build_broker
 from shared.bus import Delivery, Idempotency, publish
-from shared.clock import Clock
+from shared.clock import Clock, epoch_micros
 from shared.config import Settings
 from shared.deferred import DEFER_SCRIPT, DeferredIntent, DeferredQueue
 from shared.errors import InsufficientFunds, InsufficientPosition, PortfolioError
@@ -95,7 +95,6 @@ __all__ = ["EQUITY_SAMPLE_S", "Deferred", "Refused", "RiskService", "client_orde
 log = get_logger(component="risk")
 GROUP = "risk"
 EQUITY_SAMPLE_S = 60.0
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _PENDING_RULES = {Rule.MAX_GROSS_EXPOSURE, Rule.MAX_POSITION_FRACTION, Rule.MAX_POSITION_QUANTITY,
                   Rule.MAX_OPEN_ORDERS, Rule.PATTERN_DAY_TRADING}
 
@@ -269,7 +268,7 @@ class RiskService:
             return
         again = DeferredIntent(intent, reason, queued.deferred_at, queued.expires_at, queued.score)
         script = self.client.register_script(DEFER_SCRIPT)
-        script(keys=[self.keys.deferred], args=[again.field, _micros(intent.time), again.encode()],
+        script(keys=[self.keys.deferred], args=[again.field, epoch_micros(intent.time), again.encode()],
                client=self.client)
         log.info("risk.deferred_again", reason=reason, expires_at=queued.expires_at.isoformat())
 
@@ -347,11 +346,6 @@ def _refuse_if(refusal: Refusal | None) -> None:
 def _without_pending(snapshot: AccountSnapshot) -> AccountSnapshot:
     """The snapshot as if no order were pending (to tell "not now" from "never")."""
     return replace(snapshot, pending={}, open_orders=0, pending_day_trades=0)
-
-
-def _micros(when: datetime) -> int:
-    delta = when - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 def main(ctx: ServiceContext) -> None:
