@@ -24,6 +24,7 @@ import redis
 from shared.keys import Keys
 from shared.redis_client import connect_url
 from shared.redis_server import RedisServer
+from tests.support.paper import PaperExchange, running_exchange
 from tests.support.processes import free_port, spawn, stop_all
 
 IN_PROCESS = "fakeredis"
@@ -81,6 +82,21 @@ def server_url(request: pytest.FixtureRequest) -> str:
     backend = getattr(request, "param", REAL)
     fixture = "fake_tcp_url" if backend == FAKE_TCP else "real_redis_url"
     return str(request.getfixturevalue(fixture))
+
+
+def delete_keys(url: str, keys: Keys) -> None:
+    """Delete a test's keys on the server at ``url``."""
+    client = connect_url(url)
+    _cleanup(client, keys)
+    client.close()
+
+
+@pytest.fixture
+def exchange(server_url: str, keys: Keys, tmp_path: Path) -> Iterator[PaperExchange]:
+    """A paper exchange process on the shared server (the real one unless parametrized)."""
+    with running_exchange(server_url, keys, tmp_path) as running:
+        yield running
+    delete_keys(server_url, keys)
 
 
 @pytest.fixture

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 import redis
@@ -15,16 +13,9 @@ from shared.errors import RateLimited
 from shared.keys import Keys
 from shared.models import Side
 from shared.rate_limit import RateLimiter
-from tests.support.paper import HEADERS, PaperExchange, running_exchange
+from tests.support.paper import HEADERS, PaperExchange
 
 pytestmark = pytest.mark.multiprocess
-
-
-@pytest.fixture
-def exchange(server_url: str, client: redis.Redis, keys: Keys, tmp_path: Path) -> Iterator[PaperExchange]:
-    """A paper exchange process on the real redis-server (``client`` deletes the keys afterwards)."""
-    with running_exchange(server_url, keys, tmp_path) as running:
-        yield running
 
 
 def adapter(exchange: PaperExchange, limiter: RateLimiter, **settings: object) -> AlpacaBroker:

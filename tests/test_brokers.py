@@ -4,7 +4,6 @@ handling, the mapping of Alpaca's JSON onto our models, and the fake broker."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -32,25 +31,9 @@ from shared.errors import (
 from shared.keys import Keys
 from shared.models import OrderEvent, OrderStatus, OrderType, Side, TimeInForce
 from shared.redis_client import connect_url
-from tests.conftest import FAKE_TCP, REAL
+from tests.conftest import FAKE_TCP, REAL, delete_keys
 from tests.support.paper import HEADERS, PaperExchange, running_exchange
 from tests.support.processes import wait_for
-
-
-def _cleanup(url: str, keys: Keys) -> None:
-    client = connect_url(url)
-    batch = list(client.scan_iter(match=keys.pattern(), count=1000))
-    if batch:
-        client.delete(*batch)
-    client.close()
-
-
-@pytest.fixture
-def exchange(real_redis_url: str, keys: Keys, tmp_path: Path) -> Iterator[PaperExchange]:
-    """A paper exchange process on a real redis-server, with this test's key prefix."""
-    with running_exchange(real_redis_url, keys, tmp_path) as running:
-        yield running
-    _cleanup(real_redis_url, keys)
 
 
 @pytest.fixture
@@ -395,7 +378,7 @@ class TestRestart:
             assert client.xlen(keys.paper("fills")) == fills_before == 1
             assert exchange.get("/v2/account")["cash"] == "99860"
             client.close()
-        _cleanup(server_url, keys)
+        delete_keys(server_url, keys)
 
 
     def test_trade_updates_resume_after_restart(self, exchange: PaperExchange, broker: AlpacaBroker) -> None:

@@ -6,8 +6,6 @@ import asyncio
 import json
 import signal
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,28 +23,10 @@ from alpaca.trading.requests import (
 from alpaca.trading.stream import TradingStream
 from websockets.sync.client import connect
 
-from shared.keys import Keys
-from shared.redis_client import connect_url
-from tests.support.paper import KEY_ID, SECRET, PaperExchange, running_exchange
+from tests.support.paper import KEY_ID, SECRET, PaperExchange
 from tests.support.processes import spawn, wait_for
 
 pytestmark = pytest.mark.multiprocess
-
-
-def _cleanup(url: str, keys: Keys) -> None:
-    client = connect_url(url)
-    batch = list(client.scan_iter(match=keys.pattern(), count=1000))
-    if batch:
-        client.delete(*batch)
-    client.close()
-
-
-@pytest.fixture
-def exchange(real_redis_url: str, keys: Keys, tmp_path: Path) -> Iterator[PaperExchange]:
-    """A paper exchange process on a real redis-server, with this test's key prefix."""
-    with running_exchange(real_redis_url, keys, tmp_path) as running:
-        yield running
-    _cleanup(real_redis_url, keys)
 
 
 @pytest.fixture

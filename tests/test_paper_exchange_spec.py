@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import uuid
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,8 @@ import pytest
 import requests
 import yaml
 
-from shared.keys import Keys
 from shared.redis_client import connect_url
-from tests.support.paper import HEADERS, PaperExchange, running_exchange
+from tests.support.paper import HEADERS, PaperExchange
 from tests.support.processes import wait_for
 
 SPEC_PATH = Path(__file__).parent / "specs" / "alpaca-trading-openapi.yaml"
@@ -83,18 +81,6 @@ def response_schema(spec: dict[str, Any], path: str, method: str, status: str) -
 
 def ref(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
-
-
-@pytest.fixture
-def exchange(real_redis_url: str, keys: Keys, tmp_path: Path) -> Iterator[PaperExchange]:
-    """A paper exchange process with a position, a filled bracket entry and a resting order."""
-    with running_exchange(real_redis_url, keys, tmp_path) as running:
-        yield running
-    client = connect_url(real_redis_url)
-    batch = list(client.scan_iter(match=keys.pattern(), count=1000))
-    if batch:
-        client.delete(*batch)
-    client.close()
 
 
 def call(exchange: PaperExchange, method: str, path: str, **kwargs: Any) -> requests.Response:
