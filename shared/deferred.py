@@ -38,7 +38,7 @@ from shared.errors import RedisUnavailable
 from shared.keys import Keys
 from shared.logging import get_logger
 from shared.models import Intent, Side
-from shared.redis_client import script
+from shared.redis_client import HDEL_IF_UNCHANGED, script
 
 __all__ = ["DEFER_SCRIPT", "DeferredIntent", "DeferredQueue", "Revalidate"]
 
@@ -56,15 +56,6 @@ if current then
 end
 redis.call('hset', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
 return 1
-"""
-
-# KEYS[1] = the deferred hash; ARGV[1] = field; ARGV[2] = the value read
-# returns 1 if the field still held that value and was deleted (claimed), else 0
-CLAIM_SCRIPT = """
-if redis.call('hget', KEYS[1], ARGV[1]) == ARGV[2] then
-    return redis.call('hdel', KEYS[1], ARGV[1])
-end
-return 0
 """
 
 
@@ -142,7 +133,7 @@ class DeferredQueue:
         a returned reason cancels the entry. Each entry is handed out at most once."""
         ready = []
         for field, value, entry in self._live():
-            if not self._run(CLAIM_SCRIPT, [field, value]):
+            if not self._run(HDEL_IF_UNCHANGED, [field, value]):
                 continue  # replaced or taken by another process meanwhile
             why = revalidate(entry)
             if why is None:
@@ -162,7 +153,7 @@ class DeferredQueue:
             entry = DeferredIntent.decode(text)
             if now < entry.expires_at:
                 live.append((field, text, entry))
-            elif self._run(CLAIM_SCRIPT, [field, text]):
+            elif self._run(HDEL_IF_UNCHANGED, [field, text]):
                 log.info("deferred.expired", symbol=entry.intent.symbol, side=entry.intent.side.value,
                          intent_id=entry.intent.id)
         return sorted(live, key=lambda item: item[2].deferred_at)

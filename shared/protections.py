@@ -58,7 +58,7 @@ from shared.keys import Keys
 from shared.limits import Refusal, Rule
 from shared.logging import get_logger
 from shared.models import Side
-from shared.redis_client import script
+from shared.redis_client import HDEL_IF_UNCHANGED, script
 
 __all__ = [
     "ANY",
@@ -91,15 +91,6 @@ if current then
 end
 redis.call('hset', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
 return 1
-"""
-
-# KEYS[1] = the locks hash; ARGV[1] = field; ARGV[2] = the value read
-# returns 1 if the field still held that value and was deleted, else 0
-SWEEP_SCRIPT = """
-if redis.call('hget', KEYS[1], ARGV[1]) == ARGV[2] then
-    return redis.call('hdel', KEYS[1], ARGV[1])
-end
-return 0
 """
 
 
@@ -246,7 +237,7 @@ class Protections:
                 active.append(lock)
             else:
                 field = name.decode() if isinstance(name, bytes) else str(name)
-                self._run(SWEEP_SCRIPT, [self.keys.protection_locks], [field, text])
+                self._run(HDEL_IF_UNCHANGED, [self.keys.protection_locks], [field, text])
         return sorted(active, key=lambda lock: lock.until, reverse=True)
 
     def check(self, symbol: str, side: Side | str) -> ProtectionLock | None:

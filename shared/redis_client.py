@@ -24,12 +24,21 @@ from shared.config import Settings
 from shared.errors import RedisUnavailable
 from shared.redis_server import embedded_url
 
-__all__ = ["RECONNECT_RETRIES", "connect", "connect_url", "resolve_url", "script"]
+__all__ = ["HDEL_IF_UNCHANGED", "RECONNECT_RETRIES", "connect", "connect_url", "resolve_url", "script"]
 
 RECONNECT_RETRIES = 3
 
 
 _SCRIPTS: dict[str, Any] = {}
+
+# KEYS[1] = a hash; ARGV[1] = field; ARGV[2] = the value the caller read
+# returns 1 if the field still held that value and was deleted (claimed), else 0
+HDEL_IF_UNCHANGED = """
+if redis.call('hget', KEYS[1], ARGV[1]) == ARGV[2] then
+    return redis.call('hdel', KEYS[1], ARGV[1])
+end
+return 0
+"""
 
 
 def script(client: redis.Redis, text: str) -> Any:
