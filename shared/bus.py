@@ -2,9 +2,11 @@
 
 What the bus guarantees:
 
-* **At least once.** An entry is acknowledged (XACK) only after its handler returned. A consumer
-  that dies leaves its entries pending; another consumer of the group (or itself, restarted)
-  claims them once they have been idle ``claim_idle_ms`` (XAUTOCLAIM) and runs them again.
+* **At least once.** An entry is acknowledged (XACK) only after its handler returned; a batch's
+  XACK is pipelined with the next XREADGROUP (one round trip instead of two), and sent on its own
+  before the consumer inspects its pending list or stops. A consumer that dies leaves its
+  entries pending; another consumer of the group (or itself, restarted) claims them once they
+  have been idle ``claim_idle_ms`` (XAUTOCLAIM) and runs them again.
 * **Nothing silently lost.** An entry that cannot be decoded, that a handler rejects
   (:class:`~shared.errors.HandlerRejected`), or whose handler failed ``max_deliveries`` times goes
   to the dead-letter stream with the reason, the delivery count and every original field, and
@@ -226,6 +228,7 @@ class Consumer:
         self.processed = 0
         self.dead_lettered = 0
         self._failed: set[str] = set()  # entries whose handler failed here: retried via XAUTOCLAIM
+        self._unacked: list[str] = []  # handled entries whose XACK goes out with the next read
         self._log = log.bind(stream=stream, group=group, consumer=self.name)
 
     # -- the loop -----------------------------------------------------------------------------
@@ -280,6 +283,10 @@ class Consumer:
                 stop.wait(backoff)
         if stop.is_set():
             self._finish_in_hand()
+        try:
+            self._flush_acks()
+        except redis.RedisError as exc:  # the entries stay pending and are redelivered
+            self._log.warning("bus.stop_with_pending", error=str(exc), unacked=len(self._unacked))
         return self.processed - start_count
 
     def _finish_in_hand(self) -> None:
@@ -305,8 +312,17 @@ class Consumer:
                 raise
 
     def _read(self, start: str, count: int, block: int | None) -> list[tuple[Any, Any]]:
-        reply: Any = self.client.xreadgroup(self.group, self.name, {self.stream_key: start},
-                                            count=count, block=block)
+        """XREADGROUP, preceded in the same round trip by the XACK of the entries handled last."""
+        streams: dict[Any, Any] = {self.stream_key: start}
+        reply: Any
+        if self._unacked:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.xack(self.stream_key, self.group, *self._unacked)
+                pipe.xreadgroup(self.group, self.name, streams, count=count, block=block)
+                _, reply = pipe.execute()
+            self._unacked.clear()
+        else:
+            reply = self.client.xreadgroup(self.group, self.name, streams, count=count, block=block)
         if not reply:
             return []
         if isinstance(reply, dict):  # RESP3
@@ -327,6 +343,7 @@ class Consumer:
 
     def _recover_lost_replies(self) -> bool:
         """Handle entries in our pending list that we never received (the reply was lost)."""
+        self._flush_acks()
         pending = self.client.xpending_range(self.stream_key, self.group, "-", "+", self.settings.batch,
                                              consumername=self.name)
         ids = (_text(row["message_id"]) for row in pending)
@@ -340,6 +357,7 @@ class Consumer:
 
     def _claim_idle(self) -> bool:
         """XAUTOCLAIM entries idle past ``claim_idle_ms`` (a dead or failing consumer's)."""
+        self._flush_acks()
         reply = self.client.xautoclaim(self.stream_key, self.group, self.name,
                                        self.settings.claim_idle_ms, "0-0", count=self.settings.batch)
         claimed = list(reply[1])
@@ -367,23 +385,29 @@ class Consumer:
     # -- handling -----------------------------------------------------------------------------
 
     def _handle_all(self, entries: Sequence[tuple[Any, Any]], *, fresh: bool) -> None:
-        """Handle every entry (even after a stop request: they are in hand), then one XACK.
+        """Handle every entry (even after a stop request: they are in hand); queue their XACK.
 
-        Acknowledging the batch together, after each handler returned, keeps at-least-once: a
-        crash before the XACK redelivers at most this batch, which idempotent handlers absorb.
+        The batch is acknowledged together, after each handler returned, in the same round trip
+        as the next read (:meth:`_read`) or by :meth:`_flush_acks` before anything that looks at
+        the pending list. That keeps at-least-once: a crash before the XACK redelivers at most
+        this batch, which idempotent handlers absorb.
         """
         counts = {} if fresh else self._delivery_counts([_text(e[0]) for e in entries])
-        done = []
         for raw_id, fields in entries:
             entry_id = _text(raw_id)
             if self._handle(entry_id, fields or {}, counts.get(entry_id, 1)):
-                done.append(entry_id)
-        if done:
-            self.client.xack(self.stream_key, self.group, *done)
+                self._unacked.append(entry_id)
+
+    def _flush_acks(self) -> None:
+        """XACK the handled entries still waiting for the next read."""
+        if self._unacked:
+            self.client.xack(self.stream_key, self.group, *self._unacked)
+            self._unacked.clear()
 
     def _delivery_counts(self, ids: Sequence[str]) -> dict[str, int]:
         if not ids:
             return {}
+        self._flush_acks()
         lo, hi = min(ids, key=_id_tuple), max(ids, key=_id_tuple)
         rows = self.client.xpending_range(self.stream_key, self.group, lo, hi, len(ids) + 16,
                                           consumername=self.name)
@@ -402,7 +426,7 @@ class Consumer:
         if deliveries > self.settings.max_deliveries:
             self._dead_letter(entry_id, fields, f"delivered {deliveries} times without success", deliveries)
             return False
-        with bind_correlation(entry_id=entry_id, **model_fields_for_log(message)):
+        with bind_correlation(lambda: {"entry_id": entry_id, **model_fields_for_log(message)}):
             try:
                 self.handler(Delivery(self.stream, entry_id, message, deliveries))
             except HandlerRejected as exc:

@@ -36,12 +36,13 @@ _REGISTRY: dict[str, type[Message]] = {cls.TYPE: cls for cls in MESSAGE_TYPES}
 
 
 def _default(value: Any) -> Any:
+    # Aware datetimes never get here: the packer writes them as timestamps itself.
     if isinstance(value, Decimal):
-        return msgpack.ExtType(DECIMAL_EXT, str(value).encode("ascii"))
+        # tuple.__new__ skips ExtType.__new__, which re-checks our constant code in Python:
+        # this runs for every Decimal of every message.
+        return tuple.__new__(msgpack.ExtType, (DECIMAL_EXT, str(value).encode("ascii")))
     if isinstance(value, datetime):
-        if value.tzinfo is None:
-            raise TypeError(f"naive datetime {value!r} cannot go on the wire")
-        return msgpack.Timestamp.from_datetime(value)
+        raise TypeError(f"naive datetime {value!r} cannot go on the wire")
     raise TypeError(f"cannot encode {type(value).__name__} on the wire")
 
 
@@ -56,7 +57,7 @@ def _ext_hook(code: int, data: bytes) -> Any:
 
 def pack(value: Any) -> bytes:
     """msgpack ``value``, keeping Decimal and aware datetimes exact."""
-    return msgpack.packb(value, default=_default, datetime=False, use_bin_type=True)  # type: ignore[no-any-return]
+    return msgpack.packb(value, default=_default, datetime=True, use_bin_type=True)  # type: ignore[no-any-return]
 
 
 def unpack(data: bytes) -> Any:
@@ -89,8 +90,7 @@ def decode(fields: Mapping[bytes, bytes] | Mapping[str, Any]) -> Message:
     """Turn a stream entry's fields back into its message; raise CodecError if it can't."""
     if not isinstance(fields, Mapping):
         raise CodecError(f"entry fields are a {type(fields).__name__}, not a map")
-    get = _getter(fields)
-    type_name, version, body = get("type"), get("v"), get("body")
+    type_name, version, body = _field(fields, b"type"), _field(fields, b"v"), _field(fields, b"body")
     if type_name is None or version is None or body is None:
         raise CodecError("missing envelope field (type, v and body are required)")
     type_text = type_name.decode(errors="replace") if isinstance(type_name, bytes) else str(type_name)
@@ -113,9 +113,7 @@ def decode(fields: Mapping[bytes, bytes] | Mapping[str, Any]) -> Message:
         raise CodecError(f"invalid {type_text}: {problems}") from None
 
 
-def _getter(fields: Mapping[Any, Any]) -> Any:
-    def get(name: str) -> Any:
-        value = fields.get(name.encode())
-        return fields.get(name) if value is None else value
-
-    return get
+def _field(fields: Mapping[Any, Any], name: bytes) -> Any:
+    """A field by its bytes name (as redis-py returns them) or, failing that, its str name."""
+    value = fields.get(name)
+    return fields.get(name.decode()) if value is None else value

@@ -2,7 +2,9 @@
 
 Every line carries ``service``, ``pid``, ``level``, ``timestamp`` and whatever correlation ids
 are bound with :func:`bind_correlation` (``intent_id``, ``client_order_id``, ``message_id``...),
-so one trade can be followed across processes with ``grep``. Values under secret-looking keys,
+so one trade can be followed across processes with ``grep``. The bus binds a message's ids for
+every message it handles, so binding is cheap: one context variable is set and reset per block,
+and the ids are worked out only when a line is actually written. Values under secret-looking keys,
 ``SecretStr`` values and passwords inside URLs are replaced before rendering.
 """
 
@@ -12,19 +14,25 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
+from contextvars import ContextVar, Token
 from typing import Any
 
 import structlog
 from pydantic import SecretStr
 from structlog.tracebacks import ExceptionDictTransformer
 
-__all__ = ["bind_correlation", "configure_logging", "get_logger", "redact"]
+__all__ = ["bind_correlation", "configure_logging", "get_logger", "merge_correlation", "redact"]
 
 REDACTED = "**********"
 _SECRET_KEY = re.compile(r"(password|passwd|secret|api_key|apikey|token|authorization|credential)", re.I)
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@", re.I)
 _NOT_SECRET = {"fencing_token", "token_count"}
+
+CorrelationIds = Mapping[str, Any] | Callable[[], Mapping[str, Any]]
+# The blocks bound so far in this context, outermost first; each is a mapping or a function
+# returning one (evaluated only when a line is written).
+_CORRELATION: ContextVar[tuple[CorrelationIds, ...]] = ContextVar("bastion_correlation", default=())
 
 
 def redact(value: Any, key: str = "") -> Any:
@@ -46,11 +54,22 @@ def _redact_processor(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> 
     return {key: redact(value, key) for key, value in event_dict.items()}
 
 
+def merge_correlation(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: add the ids bound by :func:`bind_correlation` (the innermost block and
+    the event's own values win; ``None`` values are left out)."""
+    for bound in reversed(_CORRELATION.get()):
+        for key, value in (bound() if callable(bound) else bound).items():
+            if value is not None:
+                event_dict.setdefault(key, value)
+    return event_dict
+
+
 def configure_logging(service: str, level: str = "INFO", stream: Any = None) -> None:
     """Send this process's structlog events to ``stream`` (stdout) as JSON lines."""
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            merge_correlation,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             # Frame locals would carry secrets (an HTTP client's headers) past the redactor.
@@ -72,23 +91,26 @@ def get_logger(**initial: Any) -> Any:
 
 
 class _Bound:
-    """Context values bound for the duration of a ``with`` block, restored on exit."""
+    """Correlation ids bound for the duration of a ``with`` block, unbound on exit."""
 
-    def __init__(self, ids: dict[str, Any]) -> None:
+    __slots__ = ("_ids", "_token")
+
+    def __init__(self, ids: CorrelationIds) -> None:
         self._ids = ids
-        self._tokens: Mapping[str, Any] = {}
+        self._token: Token[tuple[CorrelationIds, ...]] | None = None
 
     def __enter__(self) -> None:
-        self._tokens = structlog.contextvars.bind_contextvars(**self._ids)
+        self._token = _CORRELATION.set((*_CORRELATION.get(), self._ids))
 
     def __exit__(self, *_: object) -> None:
-        structlog.contextvars.reset_contextvars(**self._tokens)
+        if self._token is not None:
+            _CORRELATION.reset(self._token)
 
 
-def bind_correlation(**ids: Any) -> _Bound:
-    """Bind correlation ids (skipping ``None``) to every log line inside the ``with`` block.
+def bind_correlation(ids: Callable[[], Mapping[str, Any]] | None = None, /, **values: Any) -> _Bound:
+    """Bind correlation ids (``None`` values are skipped) to every log line inside the ``with`` block.
 
-    Cheap enough to run per message: it sets and resets only the named context variables
-    (structlog's ``bound_contextvars`` copies the whole context each time).
+    Pass the ids as keywords, or as a function returning them: it is called only if a line is
+    written inside the block (the bus's per-message binding costs nothing until then).
     """
-    return _Bound({key: value for key, value in ids.items() if value is not None})
+    return _Bound(ids if ids is not None else values)

@@ -100,6 +100,23 @@ class TestPublishAndConsume:
         assert seen == list(range(50))
         assert pending_count(redis_client, keys) == 0
 
+    def test_ack_after_handler_with_the_next_read(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """An entry is pending while its handler runs and acknowledged once the next one is read."""
+        for seq in range(3):
+            publish(redis_client, keys, BARS, bar(seq))
+        pending_seen: list[list[str]] = []
+
+        def handle(delivery: Delivery) -> None:
+            rows = redis_client.xpending_range(keys.stream(BARS), "g", "-", "+", 10)
+            pending_seen.append([row["message_id"].decode() for row in rows])
+
+        consumer = make_consumer(redis_client, keys, handle, settings=FAST.model_copy(update={"batch": 1}))
+        assert run_until(consumer, 3) == 3
+        ids = [entry_id.decode() for entry_id, _ in redis_client.xrange(keys.stream(BARS))]
+        # While entry n is handled, it alone is pending: entry n-1's XACK went out with the read of n.
+        assert pending_seen == [[ids[0]], [ids[1]], [ids[2]]]
+        assert pending_count(redis_client, keys) == 0  # the last one is acknowledged on the way out
+
     def test_envelope_fields_are_readable(self, redis_client: redis.Redis, keys: Keys) -> None:
         """A published entry carries type, version, id, time and symbol as plain text."""
         message = bar(7)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 from collections.abc import Iterator
 from datetime import datetime
@@ -14,7 +15,14 @@ import structlog
 from pydantic import SecretStr
 from structlog.testing import capture_logs
 
-from shared.logging import REDACTED, bind_correlation, configure_logging, get_logger, redact
+from shared.logging import (
+    REDACTED,
+    bind_correlation,
+    configure_logging,
+    get_logger,
+    merge_correlation,
+    redact,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -70,6 +78,24 @@ class TestJsonLines:
         assert "message_id" not in inside
         assert "intent_id" not in outside and outside["service"] == "tester"
 
+    def test_lazy_ids_evaluated_only_when_a_line_is_written(self, stream: io.StringIO) -> None:
+        """Ids bound as a function are computed for a written line only; inner blocks win over outer."""
+        calls: list[str] = []
+
+        def ids() -> dict[str, Any]:
+            calls.append("called")
+            return {"message_id": "m-1", "intent_id": "i-inner"}
+
+        log = get_logger()
+        with bind_correlation(intent_id="i-outer", symbol="AAPL"), bind_correlation(ids):
+            log.debug("written")
+            assert calls == ["called"]
+            structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+            get_logger().info("filtered out")
+        assert calls == ["called"]
+        [line] = lines(stream)
+        assert (line["message_id"], line["intent_id"], line["symbol"]) == ("m-1", "i-inner", "AAPL")
+
     def test_logger_initial_values(self, stream: io.StringIO) -> None:
         """Values given to get_logger are on every line of that logger."""
         get_logger(consumer="c-2").info("x")
@@ -97,8 +123,7 @@ class TestJsonLines:
 
     def test_capture_logs_sees_bound_fields(self) -> None:
         """Events can be asserted on as dicts with capture_logs, correlation ids included."""
-        merge = structlog.contextvars.merge_contextvars
-        with capture_logs(processors=[merge]) as captured, bind_correlation(intent_id="i-5"):
+        with capture_logs(processors=[merge_correlation]) as captured, bind_correlation(intent_id="i-5"):
             get_logger().info("risk.approved", symbol="AAPL")
         assert captured == [{"event": "risk.approved", "symbol": "AAPL", "intent_id": "i-5",
                              "log_level": "info"}]
