@@ -25,6 +25,7 @@ from services.ingester import (
     SyntheticSource,
     Verdict,
     bar_from_alpaca,
+    bar_id,
     partition_of,
 )
 from shared import codec
@@ -100,6 +101,12 @@ class TestSyntheticSource:
         midday = mean(volumes[180:210])
         assert edges > 2 * midday
 
+    def test_ids_are_those_of_bar_id(self) -> None:
+        """A synthetic bar's id is ``bar_id(symbol, time)``, the id any other source gives the same bar."""
+        bars = take(SyntheticSource(SYMBOLS, 3, T0, LiveClock()), 3 * 5)
+        assert [b.id for b in bars] == [bar_id(b.symbol, b.time) for b in bars]
+        assert len({b.id for b in bars}) == len(bars)
+
     def test_unpaced_batches_hold_whole_ticks(self) -> None:
         """Unpaced, batches carry whole ticks (one bar per symbol) of about ``batch`` bars."""
         source = SyntheticSource(SYMBOLS, 3, T0, LiveClock(), paced=False, batch=30)
@@ -168,6 +175,37 @@ class TestGate:
         assert verdicts == [Verdict.ACCEPTED, Verdict.ACCEPTED, Verdict.DUPLICATE, Verdict.OUT_OF_ORDER,
                             Verdict.ACCEPTED, Verdict.DUPLICATE]
         assert gate.newest() == {"AAPL": T0 + timedelta(minutes=2), "MSFT": T0}
+
+    def test_each_symbol_is_judged_against_its_own_newest_bar_within_a_batch(self, redis_client: redis.Redis,
+                                                                              keys: Keys) -> None:
+        """In one publishing batch, each bar is compared with its symbol's newest, earlier bars included."""
+        ing = ingester(redis_client, keys)
+        ing.offer([make_bar("MSFT", 2)])
+        batch = [("AAPL", 1), ("MSFT", 1), ("AAPL", 1), ("SPY", 0),
+                 ("MSFT", 3), ("AAPL", 0), ("MSFT", 3), ("AAPL", 2)]
+        verdicts = ing.offer([make_bar(symbol, minute) for symbol, minute in batch])
+        accepted, duplicate, older = Verdict.ACCEPTED, Verdict.DUPLICATE, Verdict.OUT_OF_ORDER
+        assert verdicts == [accepted, older, duplicate, accepted, accepted, older, duplicate, accepted]
+        minute = timedelta(minutes=1)
+        assert ing.gate.newest() == {"AAPL": T0 + 2 * minute, "MSFT": T0 + 3 * minute, "SPY": T0}
+        published = [(b.symbol, b.time) for b in stream_bars(redis_client, keys.stream(BARS))]
+        assert published == [("MSFT", T0 + 2 * minute), ("AAPL", T0 + minute), ("SPY", T0),
+                             ("MSFT", T0 + 3 * minute), ("AAPL", T0 + 2 * minute)]
+
+    def test_a_batch_stopped_by_a_server_error_marks_no_unpublished_bar(self, client: redis.Redis,
+                                                                        keys: Keys) -> None:
+        """An XADD failing mid-batch leaves its bars published and unmarked (offered again, they go out)."""
+        ing = ingester(client, keys)
+        broken = keys.stream(keys.bar_partition(partition_of("AAPL", 4)))
+        assert partition_of("MSFT", 4) != partition_of("AAPL", 4)
+        client.set(broken, "not a stream")
+        with pytest.raises(redis.ResponseError):
+            ing.offer([make_bar("MSFT", 0), make_bar("AAPL", 0)])
+        assert ing.gate.newest() == {}
+        assert [b.symbol for b in stream_bars(client, keys.stream(BARS))] == ["MSFT", "AAPL"]
+        client.delete(broken)
+        assert ing.offer([make_bar("MSFT", 0), make_bar("AAPL", 0)]) == [Verdict.ACCEPTED, Verdict.ACCEPTED]
+        assert [b.symbol for b in stream_bars(client, broken)] == ["AAPL"]
 
     def test_two_instances_accept_each_bar_once(self, redis_client: redis.Redis, keys: Keys) -> None:
         """Two gates fed the same bars concurrently accept each bar exactly once between them."""

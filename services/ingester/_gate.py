@@ -65,25 +65,35 @@ return out
 # ARGV[1] = N, the number of envelope fields; ARGV[2..N+1] = their names (the same for every bar)
 # then per bar: symbol, fixed-width ISO time, partition number (0-based), and the N field values
 # returns   one integer per bar, as ADMIT; each accepted bar was XADDed to KEYS[2] and its partition
+# Each symbol's newest time is read once (HGET) and written once (HSET), after the bars' XADDs:
+# a script stopped part-way by a server error (out of memory) can leave a bar published and not
+# marked -- published again if offered again: at least once, like every stream -- but never a
+# bar marked and not published.
 # Never errors (fakeredis's TCP server drops the connection on a Lua error).
 ADMIT_AND_PUBLISH = """
 local n = tonumber(ARGV[1])
-local names = {}
-for j = 1, n do names[j] = ARGV[1 + j] end
+local fields = {}
+for j = 1, n do fields[2 * j - 1] = ARGV[1 + j] end
+local newest = {}
+local touched, order = {}, {}
 local out = {}
 local i = n + 2
 while i <= #ARGV do
   local symbol, t, partition = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  local last = redis.call('HGET', KEYS[1], symbol)
+  local last = newest[symbol]
+  if last == nil then
+    last = redis.call('HGET', KEYS[1], symbol)
+    newest[symbol] = last
+  end
   if (not last) or t > last then
-    redis.call('HSET', KEYS[1], symbol, t)
-    local fields = {}
-    for j = 1, n do
-      fields[2 * j - 1] = names[j]
-      fields[2 * j] = ARGV[i + 2 + j]
-    end
+    for j = 1, n do fields[2 * j] = ARGV[i + 2 + j] end
     redis.call('XADD', KEYS[2], '*', unpack(fields))
     redis.call('XADD', KEYS[3 + partition], '*', unpack(fields))
+    if not touched[symbol] then
+      touched[symbol] = true
+      order[#order + 1] = symbol
+    end
+    newest[symbol] = t
     out[#out + 1] = 1
   elseif t == last then
     out[#out + 1] = 0
@@ -91,6 +101,9 @@ while i <= #ARGV do
     out[#out + 1] = -1
   end
   i = i + 3 + n
+end
+for k = 1, #order do
+  redis.call('HSET', KEYS[1], order[k], newest[order[k]])
 end
 return out
 """
@@ -102,6 +115,9 @@ class Verdict(IntEnum):
     OUT_OF_ORDER = -1
     DUPLICATE = 0
     ACCEPTED = 1
+
+
+_VERDICTS = {int(verdict): verdict for verdict in Verdict}
 
 
 def format_time(when: datetime) -> str:
@@ -130,7 +146,7 @@ class BarGate:
             reply: Any = self._script(keys=[self.key], args=args)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise RedisUnavailable(f"bar admission failed: {exc}") from exc
-        return [Verdict(int(code)) for code in reply]
+        return [_VERDICTS[int(code)] for code in reply]
 
     def admit_and_publish(self, bars: Sequence[Bar], bars_key: str, partition_keys: Sequence[str],
                           partitions: Sequence[int]) -> list[Verdict]:
@@ -142,6 +158,7 @@ class BarGate:
             return []
         names: list[str] | None = None
         args: list[Any] = []
+        times: dict[datetime, str] = {}  # a batch holds few distinct times (a tick's bars share one)
         for bar, partition in zip(bars, partitions, strict=True):
             fields = codec.encode(bar)
             if names is None:
@@ -149,12 +166,15 @@ class BarGate:
                 args = [len(names), *names]
             elif list(fields) != names:  # every Bar has the same envelope; refuse to guess otherwise
                 raise ValueError(f"bar {bar.id} has envelope fields {list(fields)}, expected {names}")
-            args += [bar.symbol, format_time(bar.time), partition, *fields.values()]
+            when = times.get(bar.time)
+            if when is None:
+                when = times[bar.time] = format_time(bar.time)
+            args += [bar.symbol, when, partition, *fields.values()]
         try:
             reply: Any = self._publish(keys=[self.key, bars_key, *partition_keys], args=args)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise RedisUnavailable(f"bar admission failed: {exc}") from exc
-        return [Verdict(int(code)) for code in reply]
+        return [_VERDICTS[int(code)] for code in reply]
 
     def newest(self) -> dict[str, datetime]:
         """Every symbol's newest accepted bar time."""

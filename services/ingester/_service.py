@@ -72,6 +72,7 @@ class Ingester:
     counts: Counts = field(default_factory=Counts)
     _watches: dict[str, _Watch] = field(default_factory=dict, init=False)
     _since_trim: dict[str, int] = field(default_factory=dict, init=False)
+    _partitions: dict[str, int] = field(default_factory=dict, init=False)  # symbol -> partition_of()
     _next_stale_check: float = field(default=0.0, init=False)
 
     def __post_init__(self) -> None:
@@ -85,7 +86,8 @@ class Ingester:
 
     def offer(self, bars: Sequence[Bar]) -> list[Verdict]:
         """Admit ``bars`` (in arrival order) and publish the accepted ones; one verdict per bar."""
-        partitions = [partition_of(bar.symbol, self.settings.partitions) for bar in bars]
+        known = self._partitions
+        partitions = [known[b.symbol] if b.symbol in known else self._partition(b.symbol) for b in bars]
         verdicts = self.gate.admit_and_publish(bars, self._bars_key, self._partition_keys, partitions)
         accepted = 0
         now = self.clock.monotonic()
@@ -108,6 +110,10 @@ class Ingester:
             touched[self._bars_key] = accepted
             self._trim(touched)
         return verdicts
+
+    def _partition(self, symbol: str) -> int:
+        partition = self._partitions[symbol] = partition_of(symbol, self.settings.partitions)
+        return partition
 
     def _trim(self, touched: dict[str, int]) -> None:
         """Every ``bus.trim_every`` bars added to a stream, trim it (never past what a group needs)."""

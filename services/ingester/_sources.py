@@ -43,7 +43,11 @@ CENT = Decimal("0.01")
 
 def bar_id(symbol: str, when: datetime) -> str:
     """A bar's message id, derived from what identifies it: the same bar always has the same id."""
-    return hashlib.blake2b(f"bar:{symbol}:{when.isoformat()}".encode(), digest_size=16).hexdigest()
+    return _bar_id(symbol, when.isoformat())
+
+
+def _bar_id(symbol: str, iso_time: str) -> str:
+    return hashlib.blake2b(f"bar:{symbol}:{iso_time}".encode(), digest_size=16).hexdigest()
 
 
 class Waiter(Protocol):
@@ -127,13 +131,14 @@ class SyntheticSource:
         when = self.start + timedelta(minutes=minute)
         x = ((minute % SESSION_MINUTES) - (SESSION_MINUTES - 1) / 2) / ((SESSION_MINUTES - 1) / 2)
         u_shape = 0.5 + 1.5 * x * x  # 2.0 at the open and the close, 0.5 at midday
-        return [self._bar(symbol, when, u_shape) for symbol in self.symbols]
+        iso_time, sigma_bps = when.isoformat(), 6.0 * math.sqrt(u_shape)  # the same for every symbol
+        return [self._bar(symbol, when, iso_time, u_shape, sigma_bps) for symbol in self.symbols]
 
-    def _bar(self, symbol: str, when: datetime, u_shape: float) -> Bar:
+    def _bar(self, symbol: str, when: datetime, iso_time: str, u_shape: float, sigma_bps: float) -> Bar:
         walk = self._walks[symbol]
         rng = walk.rng
         open_ = walk.price
-        step_bps = round(rng.gauss(0.0, 6.0 * math.sqrt(u_shape)))
+        step_bps = round(rng.gauss(0.0, sigma_bps))
         close = max(1, open_ + open_ * step_bps // 10_000)
         wick = max(1, open_ // 2_000)
         high = max(open_, close) + rng.randint(0, wick)
@@ -141,8 +146,8 @@ class SyntheticSource:
         volume = max(1, int(walk.base_volume * u_shape * rng.uniform(0.7, 1.3)) // 100 * 100)
         trades = max(1, volume // rng.randint(80, 200))
         walk.price = close
-        return Bar(id=bar_id(symbol, when), time=when, symbol=symbol, open=_cents(open_), high=_cents(high),
-                   low=_cents(low), close=_cents(close), volume=Decimal(volume),
+        return Bar(id=_bar_id(symbol, iso_time), time=when, symbol=symbol, open=_cents(open_),
+                   high=_cents(high), low=_cents(low), close=_cents(close), volume=Decimal(volume),
                    vwap=_cents((high + low + close) // 3), trade_count=trades)
 
     def batches(self, stop: Waiter) -> Iterator[list[Bar]]:
