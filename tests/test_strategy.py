@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import redis
+from structlog.testing import capture_logs
 
 from services.ingester import Ingester, bar_id, partition_of
 from services.strategy import (
@@ -255,6 +256,45 @@ class TestWorker:
         stream = keys.stream(keys.bar_partition(partition))
         assert redis_client.xpending(stream, GROUP)["pending"] == 3
         assert redis_client.get(lease_key) == b"someone-else"
+
+    def test_a_refused_pass_leaves_every_batch_pending_and_the_others_are_applied_next(
+            self, redis_client: redis.Redis, keys: Keys) -> None:
+        """A pass refused over one lost lease writes nothing; the other partition's bars follow, in order."""
+        partition = partition_of("AAPL", PARTITIONS)
+        other = next(s for s in SYMBOLS if partition_of(s, PARTITIONS) != partition)
+        lease_key = PartitionLeases(redis_client, keys, "w1", PARTITIONS, 5000).key(partition)
+        recording_strategy.Thief.client = redis_client
+        config = Settings(ingester=IngesterSettings(partitions=PARTITIONS),
+                          strategy=StrategySettings(plugins={"AAPL": "thief", "*": "recorder"},
+                                                    params={"thief": {"lease_key": lease_key}}))
+        publish(redis_client, keys, series(["AAPL", other], 3))
+        victim = worker(redis_client, keys, config)
+        stats = victim.run(threading.Event(), burst=True)
+        assert stats.refused_commits == 1 and stats.batches == 1
+        assert processed(redis_client, keys) == [f"{other}:{n}" for n in range(3)]
+        assert redis_client.get(keys.strategy_state("thief", "AAPL")) is None
+        assert [i.symbol for i in intents(redis_client, keys)] == [other]  # the recorder's intent at seq 0
+        other_stream = keys.stream(keys.bar_partition(partition_of(other, PARTITIONS)))
+        assert redis_client.xpending(other_stream, GROUP)["pending"] == 0
+        assert redis_client.xpending(keys.stream(keys.bar_partition(partition)), GROUP)["pending"] == 3
+
+    def test_entries_of_a_read_whose_reply_was_lost_are_applied_first(self, redis_client: redis.Redis,
+                                                                      keys: Keys) -> None:
+        """Entries a lost read moved to the pending list are applied before the later ones, in order."""
+        partition = partition_of("AAPL", PARTITIONS)
+        stream = keys.stream(keys.bar_partition(partition))
+        victim = worker(redis_client, keys, settings())
+        victim.upkeep()
+        publish(redis_client, keys, series(["AAPL"], 3))
+        assert victim.step() == 3
+        publish(redis_client, keys, series(["AAPL"], 6, start=3))
+        redis_client.xreadgroup(GROUP, consumer_name(partition), {stream: ">"}, count=2)  # reply "lost"
+        with capture_logs() as logs:
+            assert victim.step() == 6
+        assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["strategy.lost_reply"]
+        assert processed(redis_client, keys) == [f"AAPL:{n}" for n in range(9)]
+        assert redis_client.xpending(stream, GROUP)["pending"] == 0
+        victim.leases.release_all()
 
     def test_a_failing_strategy_dead_letters_the_bar_and_keeps_the_rest(self, redis_client: redis.Redis,
                                                                         keys: Keys) -> None:

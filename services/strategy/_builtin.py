@@ -18,6 +18,7 @@ from shared.models import Bar, Intent, Side
 __all__ = ["SmaCrossover", "SmaParams", "SmaState", "VwapParams", "VwapReversion", "VwapState"]
 
 BPS = Decimal("10000")
+ZERO = Decimal(0)
 PositiveQuantity = Annotated[Decimal, Field(gt=0, allow_inf_nan=False)]
 
 
@@ -60,12 +61,13 @@ class SmaCrossover(Strategy[SmaParams, SmaState]):
         state.closes = [*state.closes, bar.close][-params.slow:]
         if len(state.closes) < params.slow:
             return []
-        fast = sum(state.closes[-params.fast:], Decimal(0)) / params.fast
-        slow = sum(state.closes, Decimal(0)) / params.slow
+        fast = sum(state.closes[-params.fast:], ZERO) / params.fast
+        slow = sum(state.closes, ZERO) / params.slow
         if fast == slow:
             return []
         above, was_above = fast > slow, state.fast_above
-        state.fast_above = above
+        if above != was_above:  # assigning a model field is not free: only on a change
+            state.fast_above = above
         if was_above is None or above == was_above:
             return []
         detail = f"fast SMA({params.fast})={fast:.4f} slow SMA({params.slow})={slow:.4f}"

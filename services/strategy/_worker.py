@@ -1,27 +1,34 @@
-"""A strategy worker: serves the bar partitions it leases, one batch per partition in turn.
+"""A strategy worker: serves the bar partitions it leases, every one of them in each pass.
 
 Concurrency model: one thread. The loop (1) every ``lease_ms/3`` renews its leases and takes or
-gives up partitions to hold its fair share (:mod:`._leases`); (2) for each held partition reads
-one batch of at most ``strategy.batch`` entries and applies it in one transaction; (3) when no
-partition had anything, blocks in one ``XREAD`` over every held partition for at most
-``strategy.idle_wait_ms`` (never past the next lease upkeep). A stop request ends the loop after
-the batch in hand; ``finally`` releases the leases.
+gives up partitions to hold its fair share (:mod:`._leases`); (2) reads a batch of at most
+``strategy.batch`` entries from every held partition, all in one pipelined round trip, and
+applies those batches in one transaction; (3) when no partition had anything, blocks in one
+``XREAD`` over every held partition for at most ``strategy.idle_wait_ms`` (never past the next
+lease upkeep). A stop request ends the loop after the batches in hand; ``finally`` releases
+the leases.
 
 Each partition stream is read in consumer group ``strategy`` under the consumer name
 ``partition-<n>`` -- the partition's name, not the process's -- so whoever holds the lease sees
-the entries a previous holder read and never acknowledged. Every batch first reads that pending
-list (``XREADGROUP ... 0``) and only when it is empty reads new entries (``>``): entries are
-applied in stream order, which is each symbol's time order.
+the entries a previous holder read and never acknowledged. A partition's pending list is read
+first (``XREADGROUP ... 0``), and new entries (``>``) only once that list is known to be empty:
+it is not known on gaining the partition, nor after a Redis error, a refused commit or a lost
+reply, until a read of it comes back empty, or short of a full batch that then commits. Each
+``>`` read is followed, in the same round trip, by ``XPENDING``: a partition with more pending
+than the read returned had a reply lost (the server moved entries to the pending list that
+never reached us: a dropped connection, or a stalled former holder's read), so that read is set
+aside and the pending list read at once instead. Entries are thus applied in stream order,
+which is each symbol's time order.
 
-Exactly-once effect, per batch, in one MULTI/EXEC under WATCH of the lease key and of the state
-keys of the batch's symbols:
+Exactly-once effect, per pass, in one MULTI/EXEC under WATCH of the lease keys of the partitions
+read and of the state keys of the symbols in their batches:
 
-* the lease still names this worker (checked after WATCH, so a holder that stalled past its
+* every lease still names this worker (checked after WATCH, so a holder that stalled past its
   lease can never commit: the new holder's ``SET NX`` changed the key);
 * every symbol's state document records the stream entry and the bar time last applied; a bar
   not newer than that is skipped (a redelivery, or a duplicate XADD from a retried publish);
 * the states, the intents (``XADD intents``, ids derived from strategy, symbol and bar), any
-  dead letters, and the ``XACK`` of every entry of the batch commit together or not at all.
+  dead letters, and the ``XACK`` of every entry of every batch commit together or not at all.
 
 A redelivery, as a timeline::
 
@@ -121,6 +128,15 @@ class _Slot:
         return bool(self.applied)
 
 
+@dataclass
+class _Batch:
+    """Entries of one partition read in one pass."""
+
+    partition: int
+    entries: list[tuple[Any, Any]]
+    drains: bool  # once it commits, the partition's pending list is empty
+
+
 class StrategyWorker:
     """Holds partition leases and applies their bars; :meth:`run` is the service loop."""
 
@@ -140,6 +156,7 @@ class StrategyWorker:
         self._intents_key = keys.stream(INTENTS)
         self._groups: set[int] = set()
         self._last_seen: dict[int, str] = {}
+        self._drained: set[int] = set()  # partitions whose pending list is known to be empty
         self._intents_since_trim = 0
         self._next_upkeep = 0.0
         self._backoff = 0.0
@@ -147,24 +164,20 @@ class StrategyWorker:
     # -- the loop -----------------------------------------------------------------------------
 
     def run(self, stop: Any, *, burst: bool = False) -> WorkerStats:
-        """Serve partitions until ``stop`` is set (``burst``: until a full pass finds nothing)."""
+        """Serve partitions until ``stop`` is set (``burst``: until a pass finds nothing)."""
         try:
             while not stop.is_set():
                 try:
                     if self.clock.monotonic() >= self._next_upkeep:
                         self.upkeep()
-                    handled = 0
-                    for partition in list(self.leases.held):
-                        handled += self.step(partition)
-                        if stop.is_set():
-                            break
-                    if handled:
+                    if self.step():
                         self._backoff = 0.0
                         continue
                     if burst:
                         break
                     self._idle(stop)
                 except (RedisUnavailable, *_REDIS_DOWN) as exc:
+                    self._drained.clear()  # a reply lost on the way may have left entries pending
                     self._backoff = min(max(self._backoff * 2, 0.1), 2.0)
                     log.warning("strategy.redis_unavailable", error=str(exc), retry_in_s=self._backoff)
                     stop.wait(self._backoff)
@@ -173,6 +186,7 @@ class StrategyWorker:
                         raise
                     log.warning("strategy.group_missing", error=str(exc))  # Redis restarted empty
                     self._groups.clear()
+                    self._drained.clear()
         finally:
             try:
                 self.leases.release_all()
@@ -183,9 +197,10 @@ class StrategyWorker:
     def upkeep(self) -> None:
         """Renew leases and rebalance to a fair share of the partitions."""
         live = len(alive_instances(self.client, self.keys, SERVICE))
-        gained, _ = self.leases.upkeep(live)
+        gained, lost = self.leases.upkeep(live)
         for partition in gained:
             self._last_seen.pop(partition, None)
+        self._drained.difference_update(gained + lost)
         self._next_upkeep = self.clock.monotonic() + self.config.lease_ms / 3000
         self.status["partitions"] = sorted(self.leases.held)
         self.status["applied"] = self.stats.applied
@@ -224,80 +239,122 @@ class StrategyWorker:
                     raise
         self._groups.add(partition)
 
-    def _read(self, partition: int, start: str) -> list[tuple[Any, Any]]:
-        streams: Any = {self._stream_key(partition): start}
-        reply: Any = self.client.xreadgroup(GROUP, consumer_name(partition), streams, count=self.config.batch)
-        if not reply:
+    def step(self) -> int:
+        """One pass: a batch of every held partition, read in one round trip, applied in one transaction.
+
+        Returns the number of entries the pass had in hand: applied, or (commit refused) left
+        pending to be read again by the next pass.
+        """
+        held = list(self.leases.held)
+        for partition in held:
+            self._ensure_group(partition)
+        batches = self._read_pending([n for n in held if n not in self._drained])
+        fresh, lost = self._read_new([n for n in held if n in self._drained])
+        if lost:  # their entries are pending now: read them from the start, in order
+            batches += self._read_pending(lost)
+        batches += fresh
+        return self._apply(batches) if batches else 0
+
+    def _read_pending(self, partitions: Sequence[int]) -> list[_Batch]:
+        """Each partition's pending entries, from the start; a partition with none is marked drained."""
+        if not partitions:
             return []
-        if isinstance(reply, dict):  # RESP3
-            return list(next(iter(reply.values()))[0])
-        return list(reply[0][1])
+        with self.client.pipeline(transaction=False) as pipe:
+            for partition in partitions:
+                pipe.xreadgroup(GROUP, consumer_name(partition), {self._stream_key(partition): "0"},
+                                count=self.config.batch)
+            replies = pipe.execute()
+        batches = []
+        for partition, reply in zip(partitions, replies, strict=True):
+            entries = _entries(reply)
+            if entries:
+                # shorter than a full batch: that was the whole pending list
+                batches.append(_Batch(partition, entries, drains=len(entries) < self.config.batch))
+            else:
+                self._drained.add(partition)
+        return batches
 
-    def step(self, partition: int) -> int:
-        """Apply one batch of ``partition`` (pending entries first); the number of entries handled."""
-        self._ensure_group(partition)
-        entries = self._read(partition, "0")
-        fresh = not entries
-        if fresh:
-            entries = self._read(partition, ">")
-            if not entries:
-                if partition not in self._last_seen:
-                    last: Any = self.client.xrevrange(self._stream_key(partition), "+", "-", count=1)
-                    self._last_seen[partition] = _text(last[0][0]) if last else "0-0"
-                return 0
-            self._last_seen[partition] = _text(entries[-1][0])
-        return self._apply(partition, entries, fresh=fresh)
+    def _read_new(self, partitions: Sequence[int]) -> tuple[list[_Batch], list[int]]:
+        """Each partition's next new entries, and the partitions where a reply was found lost.
 
-    def _apply(self, partition: int, entries: Sequence[tuple[Any, Any]], *, fresh: bool) -> int:
-        stream_key = self._stream_key(partition)
-        decoded = [_decode(_text(raw_id), fields) for raw_id, fields in entries]
+        Each read is checked against the partition's pending count in the same round trip.
+        """
+        if not partitions:
+            return [], []
+        with self.client.pipeline(transaction=False) as pipe:
+            for partition in partitions:
+                stream_key = self._stream_key(partition)
+                pipe.xreadgroup(GROUP, consumer_name(partition), {stream_key: ">"}, count=self.config.batch)
+                pipe.xpending(stream_key, GROUP)
+            replies = pipe.execute()
+        batches, lost = [], []
+        for index, partition in enumerate(partitions):
+            entries = _entries(replies[2 * index])
+            pending = _pending_of(replies[2 * index + 1], consumer_name(partition))
+            if pending > len(entries):
+                # the server moved entries to our pending list in a read whose reply never reached
+                # us: those come before this read's, so set this read aside
+                log.warning("strategy.lost_reply", partition=partition, pending=pending, read=len(entries))
+                self._drained.discard(partition)
+                lost.append(partition)
+            elif entries:
+                self._last_seen[partition] = _text(entries[-1][0])
+                batches.append(_Batch(partition, entries, drains=True))
+            elif partition not in self._last_seen:
+                last: Any = self.client.xrevrange(self._stream_key(partition), "+", "-", count=1)
+                self._last_seen[partition] = _text(last[0][0]) if last else "0-0"
+        return batches, lost
+
+    def _apply(self, batches: Sequence[_Batch]) -> int:
+        decoded = [(batch.partition, *_decode(_text(raw_id), fields))
+                   for batch in batches for raw_id, fields in batch.entries]
         bindings: dict[str, Binding] = {}
-        for _, bar, _, _ in decoded:
+        for _, _, bar, _, _ in decoded:
             if bar is not None and bar.symbol not in bindings:
                 binding = self.catalog.binding(bar.symbol)
                 if binding is not None:
                     bindings[bar.symbol] = binding
         state_keys = {symbol: self.keys.strategy_state(b.cls.name, symbol) for symbol, b in bindings.items()}
-        lease_key = self.leases.key(partition)
+        lease_keys = [self.leases.key(batch.partition) for batch in batches]
+        read = [batch.partition for batch in batches]
         with self.client.pipeline(transaction=True) as pipe:
             try:
-                pipe.watch(lease_key, *state_keys.values())  # type: ignore[no-untyped-call]
-                values: Any = pipe.mget([lease_key, *state_keys.values()])
-                if values[0] is None or _text(values[0]) != self.instance:
-                    self.leases.drop(partition)
-                    return 0
-                if fresh and int(pipe.xpending(stream_key, GROUP)["pending"]) > len(entries):
-                    # a reply was lost after the server moved entries to our pending list: read
-                    # the pending list (in order) on the next step instead of skipping past them
-                    log.warning("strategy.lost_reply", partition=partition)
-                    return 0
+                pipe.watch(*lease_keys, *state_keys.values())  # type: ignore[no-untyped-call]
+                values: Any = pipe.mget([*lease_keys, *state_keys.values()])
+                owners = values[:len(lease_keys)]
+                if any(owner is None or _text(owner) != self.instance for owner in owners):
+                    self._lost(read, owners)  # the other batches stay pending: read again next pass
+                    return len(decoded)
                 now = self.clock.now()
                 slots = {symbol: self._slot(symbol, bindings[symbol], state_keys[symbol], raw, now)
-                         for symbol, raw in zip(state_keys, values[1:], strict=True)}
+                         for symbol, raw in zip(state_keys, values[len(lease_keys):], strict=True)}
                 intents, dead = self._run_bars(decoded, slots, now)
                 pipe.multi()
+                states = {slot.key: slot.stored.dump() for slot in slots.values() if slot.dirty}
+                if states:
+                    pipe.mset(states)
                 for slot in slots.values():
-                    if slot.dirty:
-                        pipe.set(slot.key, slot.stored.dump())
                     slot.strategy.queue_effects(pipe, self.keys)
                 for intent in intents:
                     pipe.xadd(self._intents_key, codec.encode(intent))  # type: ignore[arg-type]
-                for entry_id, fields, reason in dead:
+                for partition, entry_id, fields, reason in dead:
                     pipe.xadd(self.keys.dead_letter, self._dead_record(partition, entry_id, fields, reason))
-                pipe.xack(stream_key, GROUP, *[_text(raw_id) for raw_id, _ in entries])
+                for batch in batches:
+                    ids = [raw_id for raw_id, _ in batch.entries]
+                    pipe.xack(self._stream_key(batch.partition), GROUP, *ids)
                 pipe.execute()
             except redis.WatchError:
                 self.stats.refused_commits += 1
-                owner = self.client.get(lease_key)
-                log.warning("strategy.commit_refused", partition=partition,
-                            lease_owner=_text(owner) if owner is not None else None)
-                if owner is None or _text(owner) != self.instance:
-                    self.leases.drop(partition)
-                return 0
-        self.stats.batches += 1
+                owners = self.client.mget(lease_keys)
+                log.warning("strategy.commit_refused", partitions=read,
+                            lease_owners=[_text(o) if o is not None else None for o in owners])
+                self._lost(read, owners)
+                return len(decoded)
+        self._drained.update(batch.partition for batch in batches if batch.drains)
+        self.stats.batches += len(batches)
         self.stats.intents += len(intents)
         self.stats.dead_lettered += len(dead)
-        for entry_id, _, reason in dead:
+        for partition, entry_id, _, reason in dead:
             log.error("strategy.dead_lettered", partition=partition, entry_id=entry_id, reason=reason)
         for intent in intents:
             log.info("strategy.intent", intent_id=intent.id, symbol=intent.symbol, side=str(intent.side),
@@ -306,19 +363,26 @@ class StrategyWorker:
         if self._intents_since_trim >= self.settings.bus.trim_every:
             trim(self.client, self._intents_key, self.settings.bus.maxlen)
             self._intents_since_trim = 0
-        return len(entries)
+        return len(decoded)
+
+    def _lost(self, partitions: Sequence[int], owners: Sequence[Any]) -> None:
+        """A pass did not commit: its batches stay pending; drop the partitions no longer ours."""
+        self._drained.difference_update(partitions)
+        for partition, owner in zip(partitions, owners, strict=True):
+            if owner is None or _text(owner) != self.instance:
+                self.leases.drop(partition)
 
     def _slot(self, symbol: str, binding: Binding, key: str, raw: Any, now: datetime) -> _Slot:
         stored = StoredState.parse(raw)
         return _Slot(binding, key, stored, binding.build(symbol, stored.state, now))
 
-    def _run_bars(self, decoded: Sequence[tuple[str, Bar | None, Any, str]], slots: Mapping[str, _Slot],
-                  now: datetime) -> tuple[list[Intent], list[tuple[str, Any, str]]]:
+    def _run_bars(self, decoded: Sequence[tuple[int, str, Bar | None, Any, str]], slots: Mapping[str, _Slot],
+                  now: datetime) -> tuple[list[Intent], list[tuple[int, str, Any, str]]]:
         tagged: list[tuple[int, str, Intent]] = []
-        dead: list[tuple[str, Any, str]] = []
-        for seq, (entry_id, bar, fields, reason) in enumerate(decoded):
+        dead: list[tuple[int, str, Any, str]] = []
+        for seq, (partition, entry_id, bar, fields, reason) in enumerate(decoded):
             if bar is None:
-                dead.append((entry_id, fields, reason))
+                dead.append((partition, entry_id, fields, reason))
                 continue
             slot = slots.get(bar.symbol)
             if slot is None:
@@ -335,14 +399,15 @@ class StrategyWorker:
                     out = slot.strategy.on_bar(bar)
                 except Exception as exc:
                     log.exception("strategy.on_bar_failed", strategy=slot.binding.cls.name)
-                    dead.append((entry_id, fields,
+                    dead.append((partition, entry_id, fields,
                                  f"strategy {slot.binding.cls.name} failed: {type(exc).__name__}: {exc}"))
                     tagged = [t for t in tagged if t[1] != bar.symbol]
                     tagged.extend(self._replay(slot, now))
                     continue
             slot.applied.append((seq, bar))
             slot.stored.entry, slot.stored.bar_time = entry_id, bar.time
-            tagged.extend((seq, bar.symbol, intent) for intent in out)
+            if out:
+                tagged.extend((seq, bar.symbol, intent) for intent in out)
             self.stats.applied += 1
         for slot in slots.values():
             if slot.dirty:
@@ -371,6 +436,23 @@ class StrategyWorker:
         for key, value in (fields or {}).items():
             record[b"original." + (key if isinstance(key, bytes) else str(key).encode())] = value
         return record
+
+
+def _entries(reply: Any) -> list[tuple[Any, Any]]:
+    """The entries of a one-stream XREADGROUP reply (RESP2 or RESP3)."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):  # RESP3
+        return list(next(iter(reply.values()))[0])
+    return list(reply[0][1])
+
+
+def _pending_of(summary: Any, consumer: str) -> int:
+    """How many entries ``consumer`` has pending, from an XPENDING summary."""
+    for row in summary.get("consumers") or []:
+        if _text(row["name"]) == consumer:
+            return int(row["pending"])
+    return 0
 
 
 def _decode(entry_id: str, fields: Any) -> tuple[str, Bar | None, Any, str]:

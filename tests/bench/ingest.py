@@ -12,6 +12,14 @@ workers (SMA crossover on every symbol, 8 partitions) and ``python -m services.i
   bar was decoded, run through its strategy and committed with its state in a MULTI.
 * ``bare_xadd_per_s``: a bare redis-py loop XADDing the same number of small plain entries in
   pipelines of 256, measured in the same run on the same server: the ceiling for one writer.
+* ``cpu_us_per_bar``: CPU time (user + system) per bar of N, of the ingester process (from its
+  first bar to its exit: start-up, about 0.3 s, left out), of the 2 workers together and of
+  redis-server (INFO ``used_cpu_*``), both from just before the ingester starts to the moment the
+  workers caught up. On a machine with few cores these shares, not one process's speed alone,
+  decide the rates above. ``other_load_cores``: the CPU everything else on the machine (not these
+  processes, not this one's polling) used over that span, in cores: another test run on a 2-core
+  machine skews every figure, so compare runs with this near 0. Both read from ``/proc`` (Linux);
+  null elsewhere.
 * ``used_memory_before/after``: INFO ``used_memory`` before the run and after it, with streams
   trimmed to ``bus.maxlen`` (``BENCH_MAXLEN``, default 20,000) -- bounded memory means "after"
   does not grow with N; ``stream_lengths`` shows where the trimming left each stream.
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import tempfile
 import time
@@ -51,6 +60,38 @@ def _server_seconds(client: redis.Redis) -> float:
 def _id_seconds(entry_id: Any) -> float:
     text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
     return int(text.split("-")[0]) / 1000
+
+
+def _proc_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a live process, from ``/proc`` (None where there is none)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy_seconds() -> float | None:
+    """CPU seconds every core spent busy since boot, from ``/proc/stat`` (None where there is none)."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return None
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
+def _workers_cpu(workers: list[subprocess.Popen[bytes]]) -> float | None:
+    seconds = [_proc_cpu_seconds(w.pid) for w in workers]
+    return None if any(s is None for s in seconds) else sum(s for s in seconds if s is not None)
+
+
+def _redis_cpu(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def _per_bar_us(seconds: float | None, bars: int) -> float | None:
+    return None if seconds is None else round(seconds / bars * 1e6, 1)
 
 
 def _caught_up(client: redis.Redis, keys: Keys) -> bool:
@@ -97,17 +138,38 @@ def measure(url: str, bars: int, symbols: int, maxlen: int, workdir: Path) -> di
         wait_for(lambda: len(list(client.scan_iter(match=f"{keys.prefix}:lease:*"))) == PARTITIONS,
                  timeout=60, message="the workers to hold every partition")
         memory_before = int(client.info("memory")["used_memory"])
+        workers_cpu_before, redis_cpu_before = _workers_cpu(workers), _redis_cpu(client)
+        busy_before, own_before = _machine_busy_seconds(), time.process_time()
+        span_started = time.perf_counter()
+        children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         ingester = spawn("services.ingester", "--bars", str(bars), env=env, log=workdir / "ingester.log")
         procs.append(ingester)
         wait_for(lambda: ingester.poll() is not None or client.xlen(keys.stream(BARS)) > 0, timeout=60,
                  interval=0.005, message="the first bar")
         first_written = _server_seconds(client)
+        ingester_startup = _proc_cpu_seconds(ingester.pid)
         if ingester.wait(600) != 0:
             raise RuntimeError("ingester failed:\n" + (workdir / "ingester.log").read_text()[-2000:])
+        children_after = resource.getrusage(resource.RUSAGE_CHILDREN)  # only the ingester was reaped
+        ingester_cpu = (None if ingester_startup is None else
+                        children_after.ru_utime - children_before.ru_utime
+                        + children_after.ru_stime - children_before.ru_stime - ingester_startup)
         stream = client.xinfo_stream(keys.stream(BARS))
         last_written = _id_seconds(stream["last-generated-id"])
         wait_for(lambda: _caught_up(client, keys), timeout=600, interval=0.02, message="workers caught up")
         done = _server_seconds(client)
+        workers_cpu_after, redis_cpu_after = _workers_cpu(workers), _redis_cpu(client)
+        busy_after, span = _machine_busy_seconds(), time.perf_counter() - span_started
+        own_cpu = time.process_time() - own_before  # this process's polling
+        workers_cpu = (None if workers_cpu_before is None or workers_cpu_after is None
+                       else workers_cpu_after - workers_cpu_before)
+        redis_cpu = redis_cpu_after - redis_cpu_before
+        cpu = {"ingester": _per_bar_us(ingester_cpu, bars), "workers": _per_bar_us(workers_cpu, bars),
+               "redis": _per_bar_us(redis_cpu, bars)}
+        other_load = None
+        if busy_before is not None and busy_after is not None and workers_cpu is not None:
+            ours = (ingester_startup or 0.0) + (ingester_cpu or 0.0) + workers_cpu + redis_cpu + own_cpu
+            other_load = round(max(0.0, busy_after - busy_before - ours) / span, 2)
         memory_after = int(client.info("memory")["used_memory"])
         lengths = {"bars": int(client.xlen(keys.stream(BARS))),
                    "intents": int(client.xlen(keys.stream(INTENTS))),
@@ -126,6 +188,7 @@ def measure(url: str, bars: int, symbols: int, maxlen: int, workdir: Path) -> di
         "strategy_workers": WORKERS, "maxlen": maxlen,
         "ingest_bars_per_s": round(ingest_rate), "through_workers_bars_per_s": round(through),
         "bare_xadd_per_s": round(bare), "ingest_vs_bare": round(ingest_rate / bare, 3),
+        "cpu_us_per_bar": cpu, "other_load_cores": other_load,
         "used_memory_before": memory_before, "used_memory_after": memory_after,
         "stream_lengths": lengths, "target_ingest_bars_per_s": TARGET,
     }
