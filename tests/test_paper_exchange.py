@@ -83,6 +83,28 @@ class TestFills:
         assert fills == [("partial_fill", "4"), ("partial_fill", "4"), ("fill", "2")]
         assert exchange.get(placed["id"])["status"] == "filled"
 
+    def test_a_bar_trades_only_its_symbols_orders(self) -> None:
+        """A bar of MSFT leaves AAPL's order open and fills MSFT's; each symbol's index holds its own."""
+        exchange, clock, _ = make()
+        apple = exchange.submit(order("1"))
+        microsoft = exchange.submit({**order("1"), "symbol": "MSFT"})
+        assert exchange.on_bar(bar(clock, "50", "50", "50", "50", symbol="MSFT")) == 1
+        assert exchange.get(apple["id"])["status"] == "new"
+        assert exchange.get(microsoft["id"])["status"] == "filled"
+        client = exchange.store.client
+        assert client.zrange("t:paper:open:AAPL", 0, -1) == [apple["id"].encode()]
+        assert client.zrange("t:paper:open:MSFT", 0, -1) == []
+
+    def test_open_order_index_is_rebuilt_at_start(self) -> None:
+        """Open orders written without the per-symbol index (an older book) still fill after a restart."""
+        exchange, clock, _ = make()
+        placed = exchange.submit(order("2"))
+        client = exchange.store.client
+        client.delete("t:paper:open:AAPL")
+        restarted = Exchange(client, Keys("t"), PaperExchangeSettings(), clock)
+        assert restarted.on_bar(bar(clock, "100", "100", "100", "100")) == 1
+        assert restarted.get(placed["id"])["status"] == "filled"
+
     def test_slippage_and_commission(self) -> None:
         """10 bps slippage moves a buy up (rounded against the buyer) and commission comes off cash."""
         exchange, clock, _ = make(slippage_bps=Decimal("10"), commission_per_share=Decimal("0.01"))

@@ -69,6 +69,7 @@ class Exchange:
         self._lock = threading.RLock()
         self._hidden: dict[str, int] = {}  # order id -> look-ups left that answer "not found"
         self.store.init_account(settings.starting_cash, clock.now())
+        self.store.index_open_orders()
 
     @contextmanager
     def _op(self) -> Iterator[None]:
@@ -160,9 +161,9 @@ class Exchange:
             raise ApiError(403, 40310000, f"insufficient buying power (needed: {render.num(cost)}, "
                                           f"available: {render.num(available)})")
 
-    def _estimate(self, record: dict[str, Any]) -> Decimal | None:
+    def _estimate(self, record: dict[str, Any], prices: dict[str, Decimal] | None = None) -> Decimal | None:
         limit, stop = _opt(record, "limit_price"), _opt(record, "stop_price")
-        last = self.store.prices().get(record["symbol"])
+        last = (self.store.prices() if prices is None else prices).get(record["symbol"])
         price = limit if limit is not None else stop if stop is not None else last
         if price is None:
             return None
@@ -170,9 +171,10 @@ class Exchange:
 
     def _reserved_cash(self) -> Decimal:
         total = Decimal(0)
+        prices = self.store.prices()
         for record in self.store.open_orders():
             if record["side"] == "buy" and record["status"] != "held":
-                price = self._estimate(record)
+                price = self._estimate(record, prices)
                 if price is not None:
                     total += (Decimal(record["qty"]) - Decimal(record["filled_qty"])) * price
         return total
@@ -289,13 +291,12 @@ class Exchange:
     def on_bar(self, bar: Bar) -> int:
         """Trade open orders of ``bar.symbol`` against it; return the number of fills applied."""
         with self._op():
-            self.store.set_price(bar.symbol, bar.close)
             budget = bar.volume * self.settings.max_volume_fraction
             applied = 0
-            for record in self.store.open_orders():
-                if record["symbol"] != bar.symbol or record["status"] == "held":
-                    continue
-                record = self.store.load(record["id"]) or record  # an earlier fill may have closed it
+            committed = False
+            for record, done in self.store.mark_and_open_orders(bar.symbol, bar.close, bar.id):
+                if committed:  # an earlier fill on this bar may have closed it (its OCO sibling)
+                    record = self.store.load(record["id"]) or record
                 if record["status"] not in OPEN_STATUSES or record["status"] == "held":
                     continue
                 not_before = datetime.fromisoformat(record["not_before"].replace("Z", "+00:00"))
@@ -305,10 +306,10 @@ class Exchange:
                     change = self.store.change()
                     self._close(record, "expired", change)
                     self._commit(change)
+                    committed = True
                     continue
                 fill_id = f"{record['id']}:{bar.id}"
-                done = self.store.applied(fill_id)
-                if done is not None:
+                if done is not None:  # applied already: this bar was delivered again
                     budget -= done
                     continue
                 buy = record["side"] == "buy"
@@ -326,6 +327,7 @@ class Exchange:
                     continue
                 budget -= quantity
                 self._fill(record, fill_id, quantity, result.price, bar)
+                committed = True
                 applied += 1
             return applied
 

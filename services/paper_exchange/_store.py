@@ -7,6 +7,8 @@ Keys, under ``<prefix>:paper:`` (see shared/keys.py's ``Keys.paper``)::
     orders        hash: order id -> the order's record (JSON; numbers as strings)
     client-ids    hash: client_order_id -> order id (uniqueness)
     open          sorted set: open order ids, scored by acceptance sequence
+    open:<SYM>    sorted set: the open order ids of one symbol (the same scores; a bar reads only
+                  its symbol's), rebuilt from ``open`` at start
     seq           counter: acceptance sequence
     positions     hash: symbol -> {"qty", "avg"}
     prices        hash: symbol -> last bar close
@@ -120,6 +122,36 @@ class Store:
         raws = self.client.hmget(self._k["orders"], list(ids))  # type: ignore[arg-type]
         return [json.loads(raw) for raw in raws if raw is not None]
 
+    def index_open_orders(self) -> int:
+        """Rebuild every symbol's open-order index from ``open`` (at start); the orders indexed."""
+        records = self.open_orders()
+        with self.client.pipeline(transaction=True) as pipe:
+            for record in records:
+                pipe.zadd(self._open_of(record["symbol"]), {record["id"]: record["seq"]})
+            pipe.execute()
+        return len(records)
+
+    def mark_and_open_orders(self, symbol: str, price: Decimal, bar_id: str
+                             ) -> list[tuple[dict[str, Any], Decimal | None]]:
+        """Record ``symbol``'s last price and read its open orders, in acceptance order, each with
+        the quantity already filled on bar ``bar_id`` (None if none): two round trips at most."""
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.hset(self._k["prices"], symbol, render.num(price) or "0")
+            pipe.zrange(self._open_of(symbol), 0, -1)
+            _, ids = pipe.execute()
+        if not ids:
+            return []
+        names = [text(order_id) for order_id in ids]
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.hmget(self._k["orders"], names)
+            pipe.hmget(self._k["applied"], [f"{name}:{bar_id}" for name in names])
+            raws, done = pipe.execute()
+        return [(json.loads(raw), None if qty is None else Decimal(text(qty)))
+                for raw, qty in zip(raws, done, strict=True) if raw is not None]
+
+    def _open_of(self, symbol: str) -> str:
+        return f"{self._k['open']}:{symbol}"
+
     def save_order(self, record: dict[str, Any]) -> None:
         """Write one record outside a change (a stop's trigger flag: no event, no money)."""
         self.client.hset(self._k["orders"], record["id"], json.dumps(record))
@@ -136,14 +168,6 @@ class Store:
 
     def prices(self) -> dict[str, Decimal]:
         return {text(k): Decimal(text(v)) for k, v in self.client.hgetall(self._k["prices"]).items()}
-
-    def set_price(self, symbol: str, price: Decimal) -> None:
-        self.client.hset(self._k["prices"], symbol, render.num(price) or "0")
-
-    def applied(self, fill_id: str) -> Decimal | None:
-        """The quantity of fill ``fill_id`` if it was applied already."""
-        raw = self.client.hget(self._k["applied"], fill_id)
-        return None if raw is None else Decimal(text(raw))
 
     def commit(self, change: Change) -> None:
         """Write ``change`` in one MULTI/EXEC."""
@@ -167,8 +191,10 @@ class Store:
                     pipe.hset(self._k["orders"], order_id, json.dumps(record))
                     if record["status"] in OPEN_STATUSES:
                         pipe.zadd(self._k["open"], {order_id: record["seq"]})
+                        pipe.zadd(self._open_of(record["symbol"]), {order_id: record["seq"]})
                     else:
                         pipe.zrem(self._k["open"], order_id)
+                        pipe.zrem(self._open_of(record["symbol"]), order_id)
                 for event in change.events:
                     pipe.xadd(self._k["events"], {"event": json.dumps(event)}, maxlen=10_000,
                               approximate=True)
