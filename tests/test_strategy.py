@@ -296,6 +296,25 @@ class TestWorker:
         assert redis_client.xpending(stream, GROUP)["pending"] == 0
         victim.leases.release_all()
 
+    def test_after_an_idle_wait_only_partitions_with_news_are_read_and_the_rest_next(
+            self, redis_client: redis.Redis, keys: Keys) -> None:
+        """A pass after a wait that saw AAPL's partition only reads that one; a bar that reached another
+        partition meanwhile wakes the next wait at once and is applied by the next pass."""
+        other = next(s for s in SYMBOLS if partition_of(s, PARTITIONS) != partition_of("AAPL", PARTITIONS))
+        victim = worker(redis_client, keys, settings())
+        victim.upkeep()
+        publish(redis_client, keys, series(["AAPL"], 1))
+        assert victim.step() == 1
+        publish(redis_client, keys, series(["AAPL"], 1, start=1))
+        victim._idle(threading.Event())
+        publish(redis_client, keys, series([other], 1, start=1))
+        assert victim.step() == 1
+        assert processed(redis_client, keys) == ["AAPL:0", "AAPL:1"]
+        victim._idle(threading.Event())
+        assert victim.step() == 1
+        assert processed(redis_client, keys) == ["AAPL:0", "AAPL:1", f"{other}:1"]
+        victim.leases.release_all()
+
     def test_a_failing_strategy_dead_letters_the_bar_and_keeps_the_rest(self, redis_client: redis.Redis,
                                                                         keys: Keys) -> None:
         """A bar whose strategy raises is dead-lettered; the batch's other bars commit with clean state."""

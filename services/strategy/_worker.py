@@ -3,10 +3,11 @@
 Concurrency model: one thread. The loop (1) every ``lease_ms/3`` renews its leases and takes or
 gives up partitions to hold its fair share (:mod:`._leases`); (2) reads a batch of at most
 ``strategy.batch`` entries from every held partition, all in one pipelined round trip, and
-applies those batches in one transaction; (3) when no partition had anything, blocks in one
-``XREAD`` over every held partition for at most ``strategy.idle_wait_ms`` (never past the next
-lease upkeep). A stop request ends the loop after the batches in hand; ``finally`` releases
-the leases.
+applies those batches in one transaction; (3) when that pass can have left nothing behind (no
+full batch, every pending list known empty), blocks in one ``XREAD`` over every held partition
+for at most ``strategy.idle_wait_ms`` (never past the next lease upkeep); the next pass reads
+new entries only from the partitions that wait saw news on. A stop request ends the loop after
+the batches in hand; ``finally`` releases the leases.
 
 Each partition stream is read in consumer group ``strategy`` under the consumer name
 ``partition-<n>`` -- the partition's name, not the process's -- so whoever holds the lease sees
@@ -157,6 +158,8 @@ class StrategyWorker:
         self._groups: set[int] = set()
         self._last_seen: dict[int, str] = {}
         self._drained: set[int] = set()  # partitions whose pending list is known to be empty
+        self._ready: set[int] | None = None  # partitions the idle wait saw news on (None: all)
+        self._more = False  # the last pass may have left entries to read (a full batch, a pending list)
         self._intents_since_trim = 0
         self._next_upkeep = 0.0
         self._backoff = 0.0
@@ -172,8 +175,9 @@ class StrategyWorker:
                         self.upkeep()
                     if self.step():
                         self._backoff = 0.0
-                        continue
-                    if burst:
+                        if self._more or burst:
+                            continue
+                    elif burst:
                         break
                     self._idle(stop)
                 except (RedisUnavailable, *_REDIS_DOWN) as exc:
@@ -215,7 +219,11 @@ class StrategyWorker:
         started = self.clock.monotonic()
         streams: Any = {self._stream_key(n): self._last_seen[n] for n in held}
         reply = self.client.xread(streams, count=1, block=max(1, int(wait_s * 1000)))
-        if not reply and self.clock.monotonic() - started < wait_s / 2:
+        if reply:
+            named = reply.keys() if isinstance(reply, dict) else [stream for stream, _ in reply]  # RESP3/2
+            by_key = {self._stream_key(n): n for n in held}
+            self._ready = {by_key[_text(key)] for key in named if _text(key) in by_key}
+        elif self.clock.monotonic() - started < wait_s / 2:
             self._backoff = min(max(self._backoff * 2, 0.002), 0.05)  # the server did not block
             stop.wait(self._backoff)
 
@@ -243,17 +251,23 @@ class StrategyWorker:
         """One pass: a batch of every held partition, read in one round trip, applied in one transaction.
 
         Returns the number of entries the pass had in hand: applied, or (commit refused) left
-        pending to be read again by the next pass.
+        pending to be read again by the next pass. After an idle wait only the partitions it saw
+        news on are read for new entries (the others' news wakes the next wait at once).
         """
         held = list(self.leases.held)
+        ready, self._ready = self._ready, None
         for partition in held:
             self._ensure_group(partition)
         batches = self._read_pending([n for n in held if n not in self._drained])
-        fresh, lost = self._read_new([n for n in held if n in self._drained])
+        wanted = [n for n in held if n in self._drained and (ready is None or n in ready)]
+        fresh, lost = self._read_new(wanted)
         if lost:  # their entries are pending now: read them from the start, in order
             batches += self._read_pending(lost)
         batches += fresh
-        return self._apply(batches) if batches else 0
+        count = self._apply(batches) if batches else 0
+        self._more = any(len(b.entries) >= self.config.batch for b in batches) or any(
+            n not in self._drained or n not in self._last_seen for n in self.leases.held)
+        return count
 
     def _read_pending(self, partitions: Sequence[int]) -> list[_Batch]:
         """Each partition's pending entries, from the start; a partition with none is marked drained."""
