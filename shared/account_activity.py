@@ -33,6 +33,7 @@ from decimal import Decimal
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 
 from shared.errors import RedisUnavailable
 from shared.keys import Keys
@@ -43,6 +44,7 @@ __all__ = ["AccountActivity", "Balance", "pending_day_trades"]
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 _ZERO = Decimal(0)
 _OPENED_TTL_S = 3 * 24 * 3600
+DAY_TRADE_WINDOW_DAYS = 14  # calendar days of day trades read (the PDT rule counts 5 business days)
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,18 @@ class AccountActivity:
 
     def balance(self) -> Balance:
         """The last refreshed balance (fields None when it was never read)."""
-        raw = _call(lambda: self.client.hgetall(self.balance_key))
+        return self.balance_from(_call(lambda: self.client.hgetall(self.balance_key)))
+
+    def queue_reads(self, pipe: Pipeline, now: datetime) -> None:
+        """Queue on ``pipe`` the balance, opened-today and day-trade reads, in that order (for a
+        caller batching reads; :meth:`balance_from`, :meth:`opened_from`, :meth:`day_trades_from`)."""
+        pipe.hgetall(self.balance_key)
+        pipe.hgetall(self.opened_key(trading_day(now)))
+        pipe.zrangebyscore(self.day_trades_key, _day_score(now), "+inf", withscores=True)
+
+    @staticmethod
+    def balance_from(raw: Any) -> Balance:
+        """The balance in a reply of the balance read."""
         fields = {_text(k): _text(v) for k, v in raw.items()}
 
         def money(name: str) -> Decimal | None:
@@ -123,14 +136,21 @@ class AccountActivity:
 
     def opened_today(self, now: datetime) -> dict[str, Decimal]:
         """Signed quantity of each symbol opened on ``now``'s trading day and not yet closed."""
-        raw = _call(lambda: self.client.hgetall(self.opened_key(trading_day(now))))
+        return self.opened_from(_call(lambda: self.client.hgetall(self.opened_key(trading_day(now)))))
+
+    @staticmethod
+    def opened_from(raw: Any) -> dict[str, Decimal]:
+        """What was opened today, from a reply of the opened-today read."""
         return {_text(k): _dec(v) for k, v in raw.items() if _dec(v)}
 
-    def day_trades(self, now: datetime, calendar_days: int = 14) -> list[date]:
-        """The trading day of each completed day trade within the last ``calendar_days``."""
-        since = trading_day(now) - timedelta(days=calendar_days)
-        raw = _call(lambda: self.client.zrangebyscore(self.day_trades_key, int(since.strftime("%Y%m%d")),
-                                                      "+inf", withscores=True))
+    def day_trades(self, now: datetime) -> list[date]:
+        """The trading day of each completed day trade within the last ``DAY_TRADE_WINDOW_DAYS``."""
+        return self.day_trades_from(_call(lambda: self.client.zrangebyscore(
+            self.day_trades_key, _day_score(now), "+inf", withscores=True)))
+
+    @staticmethod
+    def day_trades_from(raw: Any) -> list[date]:
+        """The day trades in a reply of the day-trade read."""
         return [_day(int(score)) for _, score in raw]
 
 
@@ -144,6 +164,12 @@ def pending_day_trades(reservations: Mapping[str, tuple[str, str, Decimal]],
         if remaining > 0 and ((side == "sell" and today > 0) or (side == "buy" and today < 0)):
             count += 1
     return count
+
+
+def _day_score(now: datetime) -> int:
+    """The score of the oldest day trade still counted at ``now``."""
+    since = trading_day(now) - timedelta(days=DAY_TRADE_WINDOW_DAYS)
+    return int(since.strftime("%Y%m%d"))
 
 
 def _day(stamp: int) -> date:

@@ -61,6 +61,7 @@ from shared.errors import CodecError, HandlerRejected, RedisUnavailable
 from shared.keys import Keys
 from shared.logging import bind_correlation, get_logger
 from shared.models import Message, model_fields_for_log
+from shared.redis_client import script
 
 __all__ = [
     "Consumer",
@@ -467,6 +468,18 @@ class Consumer:
         self._log.error("bus.dead_lettered", entry_id=entry_id, reason=reason, deliveries=deliveries)
 
 
+# KEYS[1] = the marker applied:<scope>:<id>; KEYS[2] = the stream
+# ARGV[1] = the marker's ttl (s); ARGV[2] = the stream's approximate maxlen; ARGV[3..] = field, value, ...
+# returns the new entry id, or false when the marker was set already (nothing added)
+_PUBLISH_ONCE = """
+local unpack = unpack or table.unpack
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
+    return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+end
+return false
+"""
+
+
 class Idempotency:
     """Applies a Redis-side effect at most once per message id, even across restarts.
 
@@ -485,6 +498,23 @@ class Idempotency:
     def seen(self, message_id: str) -> bool:
         """True if ``message_id`` was already applied in this scope."""
         return bool(self.client.exists(self.keys.applied(self.scope, message_id)))
+
+    def queue_seen(self, pipe: Pipeline, message_id: str) -> None:
+        """Queue on ``pipe`` the read :meth:`seen` makes (its reply is truthy when applied)."""
+        pipe.exists(self.keys.applied(self.scope, message_id))
+
+    def publish_once(self, message_id: str, stream_key: str, fields: Mapping[str, str | bytes],
+                     maxlen: int) -> bool:
+        """XADD ``fields`` to ``stream_key`` (trimmed to about ``maxlen``) and set the marker, in one
+        script: one round trip; False (nothing added) if ``message_id`` was already applied."""
+        flat = [x for pair in fields.items() for x in pair]
+        run = script(self.client, _PUBLISH_ONCE)
+        try:
+            added = run(keys=[self.keys.applied(self.scope, message_id), stream_key],
+                        args=[self.ttl_s, maxlen, *flat], client=self.client)
+        except _REDIS_DOWN as exc:
+            raise RedisUnavailable(f"publish_once({message_id!r}) failed: {exc}") from exc
+        return bool(added)
 
     def apply_once(self, message_id: str, effect: Callable[[Pipeline], None]) -> bool:
         """Queue ``effect``'s writes and the marker in one transaction; False if already applied."""

@@ -32,6 +32,7 @@ from decimal import Decimal
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 
 from shared.clock import Clock, LiveClock, epoch_micros
 from shared.errors import RedisUnavailable
@@ -119,9 +120,19 @@ class DeferredQueue:
         """Live entries, oldest deferral first (``bastion status``); expired ones are swept."""
         return [entry for _, _, entry in self._live()]
 
-    def get(self, symbol: str, side: Side | str) -> DeferredIntent | None:
-        """The live entry for ``symbol`` and ``side``, if any."""
-        return next((e for e in self.entries() if e.field == f"{symbol}:{Side(side).value}"), None)
+    def get(self, symbol: str, side: Side | str, raw: Any = None) -> DeferredIntent | None:
+        """The live entry for ``symbol`` and ``side``, if any (from ``raw``, a reply of the read
+        :meth:`queue_read` queues, when the caller read it already)."""
+        field = f"{symbol}:{Side(side).value}"
+        return next((entry for name, _, entry in self._live(raw) if name == field), None)
+
+    def queue_count(self, pipe: Pipeline) -> None:
+        """Queue on ``pipe`` a count of the entries (live or not yet swept)."""
+        pipe.hlen(self.keys.deferred)
+
+    def queue_read(self, pipe: Pipeline) -> None:
+        """Queue on ``pipe`` the read of the whole queue (for a caller batching reads)."""
+        pipe.hgetall(self.keys.deferred)
 
     def cancel(self, symbol: str, side: Side | str) -> bool:
         """Drop the entry for ``symbol`` and ``side``; True if there was one."""
@@ -143,9 +154,10 @@ class DeferredQueue:
                          intent_id=entry.intent.id, reason=why)
         return ready
 
-    def _live(self) -> list[tuple[str, str, DeferredIntent]]:
+    def _live(self, raw: Any = None) -> list[tuple[str, str, DeferredIntent]]:
         now = self.clock.now()
-        raw = self._call(lambda: self.client.hgetall(self.keys.deferred))
+        if raw is None:
+            raw = self._call(lambda: self.client.hgetall(self.keys.deferred))
         live = []
         for name, value in raw.items():
             field = name.decode() if isinstance(name, bytes) else str(name)

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import redis
@@ -70,6 +71,7 @@ __all__ = [
     "check_stale_data",
     "is_day_trade",
     "is_reducing",
+    "last_bars_from",
     "needs_refresh",
     "read_last_bars",
     "trading_day",
@@ -345,6 +347,11 @@ def read_last_bars(client: redis.Redis, keys: Keys) -> dict[str, datetime]:
         raw = client.hgetall(keys.last_bar)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise RedisUnavailable(f"reading {keys.last_bar} failed: {exc}") from exc
+    return last_bars_from(raw)
+
+
+def last_bars_from(raw: Mapping[Any, Any]) -> dict[str, datetime]:
+    """The newest bar times in a reply of ``HGETALL`` of ``Keys.last_bar`` (as :func:`read_last_bars`)."""
     out: dict[str, datetime] = {}
     for name, value in raw.items():
         symbol = name.decode() if isinstance(name, bytes) else str(name)

@@ -54,6 +54,7 @@ from decimal import Decimal
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 
 from shared._portfolio_scripts import CONFLICT, FULL_READ_SCRIPT, READ_SCRIPT, STALE_FENCE, WRITE_SCRIPT
 from shared._portfolio_state import (
@@ -206,7 +207,21 @@ class Portfolio:
 
     def snapshot(self) -> Snapshot:
         """The account as it is now (a consistent read; decide nothing on it outside the lock)."""
-        state = read_state(self.redis, self.keys, self.account)
+        return self._snapshot(read_state(self.redis, self.keys, self.account))
+
+    def queue_reads(self, pipe: Pipeline) -> None:
+        """Queue on ``pipe`` the snapshot and marks reads, in that order (for a caller batching
+        reads; :meth:`snapshot_from`, :meth:`marks_from`)."""
+        names = [self.keys.portfolio(self.account),
+                 *(self.keys.portfolio_part(self.account, part) for part in _PARTS)]
+        pipe.eval(FULL_READ_SCRIPT, len(names), *names, "0")  # EVAL: no NOSCRIPT to recover from
+        pipe.hgetall(self.keys.portfolio_part(self.account, "marks"))
+
+    def snapshot_from(self, raw: Any) -> Snapshot:
+        """The snapshot in a reply of the snapshot read."""
+        return self._snapshot(_state_from_full_read(raw, history=False))
+
+    def _snapshot(self, state: State) -> Snapshot:
         return Snapshot(account=self.account, opened=state.opened, cash=state.cash, reserved=state.reserved,
                         realized_pnl=state.realized_pnl, fees=state.fees, version=state.version,
                         fence=state.fence, positions=state.positions, reservations=state.reservations)
@@ -217,13 +232,20 @@ class Portfolio:
 
     def marks(self) -> dict[str, Decimal]:
         """Last prices by symbol (for equity)."""
-        raw = _call(lambda: self.redis.hgetall(self.keys.portfolio_part(self.account, "marks")))
+        key = self.keys.portfolio_part(self.account, "marks")
+        return self.marks_from(_call(lambda: self.redis.hgetall(key)))
+
+    @staticmethod
+    def marks_from(raw: Any) -> dict[str, Decimal]:
+        """The marks in a reply of the marks read."""
         return {k.decode(): dec(v) for k, v in raw.items()}
 
-    def set_mark(self, symbol: str, price: Decimal) -> None:
-        """Record ``symbol``'s last price (not portfolio state: no lock, no ledger entry)."""
-        _call(lambda: self.redis.hset(self.keys.portfolio_part(self.account, "marks"), symbol,
-                                      fmt(_positive(price, "price"))))
+    def set_mark(self, symbol: str, price: Decimal, pipe: Pipeline | None = None) -> None:
+        """Record ``symbol``'s last price (not portfolio state: no lock, no ledger entry); with
+        ``pipe``, queue the write there instead."""
+        target = self.redis if pipe is None else pipe
+        _call(lambda: target.hset(self.keys.portfolio_part(self.account, "marks"), symbol,
+                                  fmt(_positive(price, "price"))))
 
     # -- the protocol -------------------------------------------------------------------------
 
@@ -323,6 +345,11 @@ def read_state(client: redis.Redis, keys: Keys, account: str, *, history: bool =
     names = [keys.portfolio(account), *(keys.portfolio_part(account, name) for name in _PARTS)]
     script = client.register_script(FULL_READ_SCRIPT)
     raw = _call(lambda: script(keys=names, args=["1" if history else "0"], client=client))
+    return _state_from_full_read(raw, history=history)
+
+
+def _state_from_full_read(raw: Any, *, history: bool) -> State:
+    """The state in a reply of FULL_READ_SCRIPT."""
     head, positions, reservations, closed, fills = raw
     state = _base_state(_pairs(head), _pairs(positions))
     state.reservations = {k.decode(): Reservation.decode(v) for k, v in _pairs(reservations).items()}

@@ -50,6 +50,7 @@ from decimal import Decimal
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 
 from shared.clock import Clock, LiveClock, epoch_micros, from_epoch_micros, utc
 from shared.config import ProtectionSettings
@@ -227,8 +228,15 @@ class Protections:
     def active_locks(self) -> list[ProtectionLock]:
         """Every lock still active by the Clock, longest first (``bastion status``); expired ones
         are swept."""
+        return self.locks_from(self._call(lambda: self.client.hgetall(self.keys.protection_locks)))
+
+    def queue_locks(self, pipe: Pipeline) -> None:
+        """Queue on ``pipe`` the read :meth:`locks_from` parses (for a caller batching reads)."""
+        pipe.hgetall(self.keys.protection_locks)
+
+    def locks_from(self, raw: Any) -> list[ProtectionLock]:
+        """The active locks in a reply of the read :meth:`queue_locks` queues (expired ones swept)."""
         now = self.clock.now()
-        raw = self._call(lambda: self.client.hgetall(self.keys.protection_locks))
         active = []
         for name, value in raw.items():
             text = value.decode() if isinstance(value, bytes) else str(value)
@@ -240,13 +248,17 @@ class Protections:
                 self._run(HDEL_IF_UNCHANGED, [self.keys.protection_locks], [field, text])
         return sorted(active, key=lambda lock: lock.until, reverse=True)
 
-    def check(self, symbol: str, side: Side | str) -> ProtectionLock | None:
-        """The active lock that ends last among those blocking an entry of ``side`` on ``symbol``."""
-        return next((lock for lock in self.active_locks() if lock.blocks(symbol, side)), None)
+    def check(self, symbol: str, side: Side | str, locks: list[ProtectionLock] | None = None
+              ) -> ProtectionLock | None:
+        """The active lock that ends last among those blocking an entry of ``side`` on ``symbol``
+        (among ``locks``, as :meth:`active_locks` returns them, when the caller read them already)."""
+        found = self.active_locks() if locks is None else locks
+        return next((lock for lock in found if lock.blocks(symbol, side)), None)
 
-    def refusal(self, symbol: str, side: Side | str) -> Refusal | None:
-        """Why an entry of ``side`` on ``symbol`` is locked, or None."""
-        lock = self.check(symbol, side)
+    def refusal(self, symbol: str, side: Side | str, locks: list[ProtectionLock] | None = None
+                ) -> Refusal | None:
+        """Why an entry of ``side`` on ``symbol`` is locked, or None (``locks`` as for :meth:`check`)."""
+        lock = self.check(symbol, side, locks)
         if lock is None:
             return None
         return Refusal(Rule.PROTECTION_LOCK, f"{lock.protection} locks {symbol} {Side(side).value} entries "

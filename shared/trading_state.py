@@ -33,6 +33,7 @@ from enum import StrEnum
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 
 from shared.bus import publish
 from shared.clock import Clock, LiveClock
@@ -176,7 +177,15 @@ class KillSwitch:
 
     def current(self) -> TradingStatus:
         """The state as Redis has it now (ACTIVE if never set)."""
-        raw = self._call(lambda: self.client.hgetall(self.keys.trading_state))
+        return self.status_from(self._call(lambda: self.client.hgetall(self.keys.trading_state)))
+
+    def queue_current(self, pipe: Pipeline) -> None:
+        """Queue on ``pipe`` the read :meth:`status_from` parses (for a caller batching reads)."""
+        pipe.hgetall(self.keys.trading_state)
+
+    @staticmethod
+    def status_from(raw: Any) -> TradingStatus:
+        """The status in a reply of the read :meth:`queue_current` queues."""
         fields = {_text(name): _text(value) for name, value in raw.items()}
         if "state" not in fields:
             return TradingStatus(TradingState.ACTIVE)

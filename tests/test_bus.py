@@ -17,7 +17,7 @@ from shared.clock import LiveClock
 from shared.config import BusSettings
 from shared.errors import HandlerRejected
 from shared.keys import BARS, Keys
-from shared.models import Bar
+from shared.models import Alert, AlertSeverity, Bar
 from shared.redis_client import connect_url
 from shared.redis_server import RedisServer
 from tests.support.processes import free_port, wait_for
@@ -344,6 +344,18 @@ class TestIdempotency:
         assert not again.apply_once("m1", lambda pipe: pipe.incr(f"{keys.prefix}:n"))
         assert again.apply_once("m2", lambda pipe: pipe.incr(f"{keys.prefix}:n"))
         assert redis_client.get(f"{keys.prefix}:n") == b"2"
+
+    def test_publish_once_adds_one_entry_per_message_id(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """publish_once adds the message for a new id (marker set with its ttl) and nothing for a repeat."""
+        once = Idempotency(redis_client, keys, "scope", ttl_s=60)
+        stream = keys.stream("out")
+        fields = codec.encode(Alert(time=LiveClock().now(), severity=AlertSeverity.INFO, source="t", kind="k",
+                                    text="x"))
+        assert once.publish_once("m1", stream, fields, maxlen=1000)
+        assert not once.publish_once("m1", stream, fields, maxlen=1000)
+        entries = redis_client.xrange(stream)
+        assert len(entries) == 1 and codec.decode(entries[0][1]) == codec.decode(fields)
+        assert once.seen("m1") and 0 < redis_client.ttl(keys.applied("scope", "m1")) <= 60
 
     def test_scopes_are_independent(self, redis_client: redis.Redis, keys: Keys) -> None:
         """The same message id is applied once in each scope."""

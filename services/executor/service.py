@@ -78,6 +78,16 @@ __all__ = ["Executor", "main"]
 
 log = get_logger(component="executor")
 GROUP = "executor"
+# KEYS[1] = the order record; KEYS[2] = the open-orders set; ARGV[1] = client_order_id;
+# ARGV[2..] = field, value, ... of a new record. Returns the existing record (flat HGETALL) and
+# changes nothing, or creates the record, adds it to the open set and returns an empty list.
+_CREATE_RECORD = """
+local unpack = unpack or table.unpack
+if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('HGETALL', KEYS[1]) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('SADD', KEYS[2], ARGV[1])
+return {}
+"""
 PRICE_PLACES = Decimal("0.000001")
 STOP_TYPES = (OrderType.STOP, OrderType.STOP_LIMIT)
 
@@ -109,15 +119,12 @@ class Executor:
         order = delivery.message
         if not isinstance(order, Order):
             return
-        cid = order.client_order_id
         with self._lock:
-            record = self._record(cid)
+            record, status = self._create_record(order)
             if record and record["status"] != OrderStatus.PENDING_SUBMIT:
                 log.info("executor.duplicate_order", status=record["status"])
                 return
-            if not record:
-                self._create_record(order)
-        refusal = None if bypass_state else self._trading_state_refusal(order)
+        refusal = None if bypass_state else self._trading_state_refusal(order, status)
         if refusal is not None:
             self._give_up(order, OrderStatus.REJECTED, refusal)
             return
@@ -140,9 +147,9 @@ class Executor:
         log.info("executor.submitted", broker_order_id=placed.broker_order_id, status=placed.status.value)
         self.apply_broker_order(placed)
 
-    def _trading_state_refusal(self, order: Order) -> str | None:
-        """Why the trading state now forbids submitting ``order`` (approved before a change), or None."""
-        status = self.kill_switch.current()
+    def _trading_state_refusal(self, order: Order, status: TradingStatus) -> str | None:
+        """Why the trading state ``status`` (read now) forbids submitting ``order`` (approved before
+        a change), or None."""
         if status.state is TradingState.ACTIVE:
             return None
         held = self.portfolio.snapshot().positions.get(order.symbol)
@@ -160,17 +167,23 @@ class Executor:
         log.info("executor.rounded", quantity=str(prepared.quantity), limit_price=str(prepared.limit_price))
         return replace(request, quantity=prepared.quantity, limit_price=prepared.limit_price)
 
-    def _create_record(self, order: Order) -> None:
-        fields: dict[str | bytes, str | bytes] = {
+    def _create_record(self, order: Order) -> tuple[dict[str, str], TradingStatus]:
+        """Record ``order`` (pending submit) unless it is recorded already, and read the trading
+        state, in one round trip: (the record found before, empty if it was new; the state)."""
+        fields = {
             "status": OrderStatus.PENDING_SUBMIT.value, "intent_id": order.intent_id,
             "reservation_id": order.reservation_id, "symbol": order.symbol, "side": order.side.value,
             "quantity": str(order.quantity), "order_type": order.order_type.value, "applied_qty": "0",
             "applied_cost": "0", "created_at": self.clock.now().isoformat(),
         }
-        with self.client.pipeline(transaction=True) as pipe:
-            pipe.hset(self.keys.order(order.client_order_id), mapping=fields)  # type: ignore[arg-type]
-            pipe.sadd(self.keys.open_orders, order.client_order_id)
-            pipe.execute()
+        cid = order.client_order_id
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.eval(_CREATE_RECORD, 2, self.keys.order(cid), self.keys.open_orders, cid,
+                      *(x for pair in fields.items() for x in pair))
+            self.kill_switch.queue_current(pipe)
+            found, status = pipe.execute()
+        record = {k.decode(): v.decode() for k, v in zip(found[::2], found[1::2], strict=True)}
+        return record, self.kill_switch.status_from(status)
 
     def _give_up(self, order: Order, status: OrderStatus, reason: str) -> None:
         log.warning("executor.order_failed", status=status.value, reason=reason)

@@ -4,8 +4,10 @@
 intent: positions and open reservations from the portfolio (a pending order is its reservation's
 unfilled part, so an order risk approved a moment ago counts before the executor has recorded
 it), marks, the open orders (the executor's ``open-orders`` set and every open reservation),
-completed and pending day trades, last bars, and the broker balance. Nothing is cached: two risk
-processes see the same state.
+completed and pending day trades, last bars, the broker balance, the trading state, protection
+locks, the deferred queue and whether the intent was decided already -- all in one pipelined
+round trip (:meth:`AccountView.read`). Nothing is cached but each order's reservation id, which
+never changes: two risk processes see the same state.
 
 The balance is refreshed from the broker when :func:`shared.limits.needs_refresh` says so (older
 than ``balance_max_age_s``, or ``balance_refresh_after_fills`` fills since); the broker handle is
@@ -16,26 +18,33 @@ string), never raised: the caller refuses what needs a fresh balance and lets ex
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
 import redis
 
-from shared.account_activity import AccountActivity, pending_day_trades
+from shared.account_activity import AccountActivity, Balance, pending_day_trades
 from shared.brokers import Broker
+from shared.bus import Idempotency
 from shared.clock import Clock
 from shared.config import LimitSettings
-from shared.errors import BrokerError, ConfigError
+from shared.deferred import DeferredQueue
+from shared.errors import BrokerError, ConfigError, RedisUnavailable
 from shared.keys import Keys
-from shared.limits import AccountSnapshot, needs_refresh, read_last_bars
+from shared.limits import AccountSnapshot, last_bars_from, needs_refresh
 from shared.logging import get_logger
 from shared.portfolio import Portfolio, Snapshot
+from shared.protections import ProtectionLock, Protections
+from shared.trading_state import KillSwitch, TradingStatus
 
-__all__ = ["AccountView"]
+__all__ = ["AccountView", "Reads"]
 
 log = get_logger(component="risk")
 MARKET_CLOCK_TTL_S = 30.0  # how long an answer from the broker's market clock is trusted
 _ZERO = Decimal(0)
+_REMEMBERED_ORDERS = 100_000  # client_order_id -> reservation id pairs kept before starting over
 
 
 class AccountView:
@@ -53,6 +62,7 @@ class AccountView:
         self._broker: Broker | None = None
         self._market_open = True
         self._market_checked_at: float | None = None
+        self._reservation_of: dict[str, str] = {}  # client_order_id -> its reservation id
 
     def broker(self) -> Broker:
         """The broker handle, built on first use (ConfigError / BrokerError when it cannot be)."""
@@ -78,9 +88,36 @@ class AccountView:
             self._market_checked_at = now
         return None if self._market_open else "the market is closed"
 
-    def refresh_if_needed(self) -> str | None:
-        """Refresh the balance from the broker if it is stale; None when fresh, else why it is not."""
-        balance = self.activity.balance()
+    def read(self, once: Idempotency, intent_id: str, kill_switch: KillSwitch, protections: Protections,
+             deferred: DeferredQueue) -> Reads:
+        """Everything one decision reads, in one pipelined round trip."""
+        now = self.clock.now()
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                once.queue_seen(pipe, intent_id)
+                self.portfolio.queue_reads(pipe)
+                self.activity.queue_reads(pipe, now)
+                kill_switch.queue_current(pipe)
+                protections.queue_locks(pipe)
+                deferred.queue_read(pipe)
+                pipe.hgetall(self.keys.last_bar)
+                pipe.smembers(self.keys.open_orders)
+                (seen, book, marks, balance, opened, day_trades, status, locks, queued, last_bars,
+                 open_orders) = pipe.execute()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise RedisUnavailable(f"risk: reading the account failed: {exc}") from exc
+        return Reads(
+            now=now, seen=bool(seen), book=self.portfolio.snapshot_from(book),
+            marks=self.portfolio.marks_from(marks), balance=self.activity.balance_from(balance),
+            opened_today=self.activity.opened_from(opened),
+            day_trades=self.activity.day_trades_from(day_trades),
+            status=kill_switch.status_from(status), locks=protections.locks_from(locks), deferred=queued,
+            last_bars=last_bars_from(last_bars), open_orders=sorted(_text(m) for m in open_orders))
+
+    def refresh_if_needed(self, reads: Reads) -> str | None:
+        """Refresh the balance from the broker if it is stale (``reads.balance`` is then replaced);
+        None when fresh, else why it is not."""
+        balance = reads.balance
         now = self.clock.now()
         if not needs_refresh(balance.refreshed_at, balance.fills_since, now, self.limits):
             return None
@@ -91,53 +128,70 @@ class AccountView:
             return f"the balance could not be refreshed from the broker ({type(exc).__name__}: {exc})"
         self.activity.record_balance(account.cash, account.equity, account.buying_power, now,
                                      balance.fills_since)
+        reads.balance = Balance(account.cash, account.equity, account.buying_power, now, 0)
         log.info("risk.balance_refreshed", cash_before=_opt(balance.cash), cash=str(account.cash),
                  equity_before=_opt(balance.equity), equity=str(account.equity),
                  buying_power=str(account.buying_power), fills_since=balance.fills_since,
                  previous_refresh=balance.refreshed_at.isoformat() if balance.refreshed_at else None)
         return None
 
-    def snapshot(self, book: Snapshot | None = None) -> AccountSnapshot:
-        """Everything the limits decide on, read now."""
-        book = book or self.portfolio.snapshot()
-        marks = self.portfolio.marks()
-        now = self.clock.now()
-        balance = self.activity.balance()
+    def snapshot(self, reads: Reads) -> AccountSnapshot:
+        """Everything the limits decide on, from one decision's reads."""
+        book, marks, balance = reads.book, reads.marks, reads.balance
         open_reservations = {rid: (r.side, r.symbol, r.qty - r.filled)
                              for rid, r in book.reservations.items()}
         pending: dict[str, Decimal] = {}
         for side, symbol, remaining in open_reservations.values():
             pending[symbol] = pending.get(symbol, _ZERO) + (remaining if side == "buy" else -remaining)
-        opened = self.activity.opened_today(now)
         return AccountSnapshot(
-            now=now,
+            now=reads.now,
             equity=balance.equity if balance.equity is not None else book.equity(marks),
             positions={s: p.qty for s, p in book.positions.items() if p.qty},
             pending=pending,
             prices=marks,
-            open_orders=self._open_orders(set(book.reservations)),
-            day_trades=self.activity.day_trades(now),
-            pending_day_trades=pending_day_trades(open_reservations, opened),
-            opened_today=opened,
-            last_bars=read_last_bars(self.client, self.keys),
+            open_orders=self._open_orders(reads.open_orders, set(book.reservations)),
+            day_trades=reads.day_trades,
+            pending_day_trades=pending_day_trades(open_reservations, reads.opened_today),
+            opened_today=reads.opened_today,
+            last_bars=reads.last_bars,
             balance_refreshed_at=balance.refreshed_at,
             fills_since_refresh=balance.fills_since,
         )
 
-    def _open_orders(self, reservation_ids: set[str]) -> int:
+    def _open_orders(self, cids: list[str], reservation_ids: set[str]) -> int:
         """Orders not yet terminal: every open reservation, and every open order the executor
-        tracks whose reservation is already closed (counted once each)."""
-        members: Any = self.client.smembers(self.keys.open_orders)
-        cids = sorted(_text(m) for m in members)
-        if not cids:
-            return len(reservation_ids)
-        with self.client.pipeline(transaction=False) as pipe:
-            for cid in cids:
-                pipe.hget(self.keys.order(cid), "reservation_id")
-            owners: list[Any] = pipe.execute()
-        extra = {cid for cid, rid in zip(cids, owners, strict=True)
-                 if rid is None or _text(rid) not in reservation_ids}
+        tracks whose reservation is already closed (counted once each). An order's reservation id
+        never changes, so it is read once per order and remembered."""
+        unknown = [cid for cid in cids if cid not in self._reservation_of]
+        if unknown:
+            with self.client.pipeline(transaction=False) as pipe:
+                for cid in unknown:
+                    pipe.hget(self.keys.order(cid), "reservation_id")
+                owners: list[Any] = pipe.execute()
+            if len(self._reservation_of) + len(unknown) > _REMEMBERED_ORDERS:
+                self._reservation_of.clear()
+            self._reservation_of.update((cid, _text(rid))
+                                        for cid, rid in zip(unknown, owners, strict=True) if rid is not None)
+        extra = {cid for cid in cids if self._reservation_of.get(cid) not in reservation_ids}
         return len(reservation_ids) + len(extra)
+
+
+@dataclass
+class Reads:
+    """What one decision reads (:meth:`AccountView.read`): one consistent moment, one round trip."""
+
+    now: datetime
+    seen: bool  # the intent was decided already
+    book: Snapshot
+    marks: dict[str, Decimal]
+    balance: Balance
+    opened_today: dict[str, Decimal]
+    day_trades: list[date]
+    status: TradingStatus
+    locks: list[ProtectionLock]
+    deferred: Any  # the deferred queue's raw read (for DeferredQueue.get)
+    last_bars: dict[str, datetime]
+    open_orders: list[str]  # client_order_ids the executor tracks as open
 
 
 def _opt(value: Decimal | None) -> str | None:

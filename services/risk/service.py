@@ -62,9 +62,8 @@ from datetime import datetime, timedelta
 from decimal import ROUND_DOWN, Decimal
 
 import redis
-from redis.client import Pipeline
 
-from services.risk._account import AccountView
+from services.risk._account import AccountView, Reads
 from shared import codec
 from shared.brokers import Broker, build_broker
 from shared.bus import Delivery, Idempotency, publish
@@ -140,15 +139,19 @@ class RiskService:
         intent = delivery.message
         if not isinstance(intent, Intent):
             return
-        if self.once.seen(intent.id):
+        reads = self._read(intent)
+        if reads.seen:
             log.info("risk.duplicate_intent")
             return
-        self._cancel_opposite(intent)
-        self._decide_and_publish(intent, None)
+        self._cancel_opposite(intent, reads)
+        self._decide_and_publish(intent, None, reads)
 
-    def _decide_and_publish(self, intent: Intent, queued: DeferredIntent | None) -> None:
+    def _read(self, intent: Intent) -> Reads:
+        return self.account.read(self.once, intent.id, self.kill_switch, self.protections, self.deferred)
+
+    def _decide_and_publish(self, intent: Intent, queued: DeferredIntent | None, reads: Reads) -> None:
         try:
-            order = self.decide(intent)
+            order = self.decide(intent, reads)
         except Deferred as wait:
             if intent.source.startswith("strategy:"):
                 self._defer(intent, f"waiting: {wait}", queued)
@@ -168,19 +171,23 @@ class RiskService:
         self._publish_once(intent.id, rejection, REJECTIONS)
         log.info("risk.rejected", reason=reason)
 
-    def decide(self, intent: Intent) -> Order:
-        """The order ``intent`` becomes, with its reservation made; Refused or Deferred otherwise."""
-        book = self.portfolio.snapshot()
+    def decide(self, intent: Intent, reads: Reads | None = None) -> Order:
+        """The order ``intent`` becomes, with its reservation made; Refused or Deferred otherwise.
+
+        ``reads``: what :meth:`AccountView.read` returned for it (read now when not given).
+        """
+        reads = reads or self._read(intent)
+        book = reads.book
         held = book.positions.get(intent.symbol)
         position = held.qty if held is not None else Decimal(0)
-        status = self.kill_switch.current()
+        status = reads.status
         _refuse_if(status.refusal(intent.side, position))
         if not is_reducing(intent.side, position):
-            _refuse_if(self.protections.refusal(intent.symbol, intent.side))
+            _refuse_if(self.protections.refusal(intent.symbol, intent.side, reads.locks))
         closed = self.account.market_closed()
         if closed is not None:
             raise Deferred(closed)
-        price = self._reference_price(intent)
+        price = self._reference_price(intent, reads.marks)
         quantity = intent.quantity if intent.quantity is not None else self._shares_for(intent, price)
         prepared = self._round(intent, quantity, price)
         quantity = prepared.quantity
@@ -188,10 +195,10 @@ class RiskService:
             price = prepared.limit_price
         _refuse_if(status.refusal(intent.side, position, quantity))
         entry = not is_reducing(intent.side, position, quantity)
-        stale_balance = self.account.refresh_if_needed()
+        stale_balance = self.account.refresh_if_needed(reads)
         if stale_balance is not None and entry:
             raise Refused(f"{Rule.STALE_BALANCE}: {stale_balance}; entries wait for a fresh balance")
-        snapshot = self.account.snapshot(book)
+        snapshot = self.account.snapshot(reads)
         check = OrderCheck(intent.symbol, intent.side, quantity, price)
         found = [r for r in check_order(check, snapshot, self.settings.limits)
                  if entry or r.rule is not Rule.STALE_BALANCE]
@@ -231,12 +238,12 @@ class RiskService:
             raise Refused(str(result))
         return result
 
-    def _reference_price(self, intent: Intent) -> Decimal:
+    def _reference_price(self, intent: Intent, marks: dict[str, Decimal]) -> Decimal:
         if intent.order_type in (OrderType.LIMIT, OrderType.STOP_LIMIT) and intent.limit_price is not None:
             return intent.limit_price
         if intent.order_type is OrderType.STOP and intent.stop_price is not None:
             return intent.stop_price
-        mark = self.portfolio.marks().get(intent.symbol)
+        mark = marks.get(intent.symbol)
         if mark is None:
             raise Refused(f"no price for {intent.symbol} yet (no bar seen)")
         return mark
@@ -249,13 +256,8 @@ class RiskService:
         return shares
 
     def _publish_once(self, intent_id: str, message: Order | IntentRejected, stream: str) -> None:
-        fields = codec.encode(message)
-
-        def effect(pipe: Pipeline) -> None:
-            pipe.xadd(self.keys.stream(stream), fields, maxlen=self.settings.bus.maxlen,  # type: ignore[arg-type]
-                      approximate=True)
-
-        self.once.apply_once(intent_id, effect)
+        self.once.publish_once(intent_id, self.keys.stream(stream), codec.encode(message),
+                               self.settings.bus.maxlen)
 
     # -- the deferred queue ---------------------------------------------------------------------
 
@@ -272,9 +274,9 @@ class RiskService:
                client=self.client)
         log.info("risk.deferred_again", reason=reason, expires_at=queued.expires_at.isoformat())
 
-    def _cancel_opposite(self, intent: Intent) -> None:
+    def _cancel_opposite(self, intent: Intent, reads: Reads) -> None:
         other = Side.SELL if intent.side is Side.BUY else Side.BUY
-        queued = self.deferred.get(intent.symbol, other)
+        queued = self.deferred.get(intent.symbol, other, reads.deferred)
         if queued is not None and queued.intent.source == intent.source and queued.intent.time <= intent.time:
             self.deferred.cancel(intent.symbol, other)
             log.info("risk.deferred_cancelled", intent_id=queued.intent.id, by_intent=intent.id)
@@ -297,9 +299,10 @@ class RiskService:
         """Drain the deferred queue and decide each entry again; returns how many were drained."""
         ready = self.deferred.drain(self._revalidate)
         for entry in ready:
-            if self.once.seen(entry.intent.id):
+            reads = self._read(entry.intent)
+            if reads.seen:
                 continue
-            self._decide_and_publish(entry.intent, entry)
+            self._decide_and_publish(entry.intent, entry, reads)
         return len(ready)
 
     # -- bars -----------------------------------------------------------------------------------
@@ -309,9 +312,13 @@ class RiskService:
         bar = delivery.message
         if not isinstance(bar, Bar):
             return
-        self.portfolio.set_mark(bar.symbol, bar.close)
+        with self.client.pipeline(transaction=False) as pipe:
+            self.portfolio.set_mark(bar.symbol, bar.close, pipe)
+            self.deferred.queue_count(pipe)
+            _, waiting = pipe.execute()
         self.sample_equity()
-        self.run_deferred()
+        if waiting:
+            self.run_deferred()
 
     def sample_equity(self, *, force: bool = False) -> list[ProtectionLock]:
         """Record portfolio equity at marks for MaxDrawdown, at most every EQUITY_SAMPLE_S seconds."""

@@ -174,6 +174,7 @@ from services.ingester import BarGate, partition_of
 from services.risk.service import client_order_id
 from services.strategy import GROUP as STRATEGY_GROUP
 from services.strategy import intent_id
+from shared import codec
 from shared.bus import publish
 from shared.clock import LiveClock, epoch_micros
 from shared.heartbeat import alive_instances
@@ -396,6 +397,16 @@ def _submit_grants(client: redis.Redis, keys: Keys) -> list[int]:
     return sorted(int(score) for _, score in entries)
 
 
+def _published_ms(client: redis.Redis, stream_key: str, id_field: str) -> dict[str, int]:
+    """``id_field`` of each message on a stream -> its entry id's time (ms of Redis ``TIME`` at XADD)."""
+    found: dict[str, int] = {}
+    entries: Any = client.xrange(stream_key, "-", "+")
+    for entry_id, fields in entries:
+        message = codec.decode(fields)
+        found.setdefault(str(getattr(message, id_field)), int(_text(entry_id).split("-")[0]))
+    return found
+
+
 def _created_at(client: redis.Redis, keys: Keys, cids: Sequence[str]) -> list[int | None]:
     """µs of each order record's ``created_at`` (None for an order never recorded)."""
     with client.pipeline(transaction=False) as pipe:
@@ -512,13 +523,14 @@ class _Followed:
     """Each counted bar followed to its ack: latency lists in µs and what could not be followed."""
 
     def __init__(self, t0s: Sequence[int], acks: Sequence[int | None], created: Sequence[int | None],
-                 grants: Sequence[int]) -> None:
+                 grants: Sequence[int], published: Sequence[tuple[int | None, int | None]]) -> None:
         self.to_ack: list[int] = []
         self.excl_http: list[int] = []
         self.http_hop: list[int] = []
+        self.stages: dict[str, list[int]] = {"strategy": [], "risk": [], "executor": []}
         self.missing = 0
         self.unmatched = 0
-        for t0, t_ack, lower in zip(t0s, acks, created, strict=True):
+        for t0, t_ack, lower, (intent_ms, order_ms) in zip(t0s, acks, created, published, strict=True):
             if t_ack is None:
                 self.missing += 1
                 continue
@@ -531,6 +543,10 @@ class _Followed:
                 continue
             self.excl_http.append(grants[lo] - t0)
             self.http_hop.append(t_ack - grants[lo])
+            if intent_ms is not None and order_ms is not None:
+                self.stages["strategy"].append(intent_ms * 1000 - t0)
+                self.stages["risk"].append((order_ms - intent_ms) * 1000)
+                self.stages["executor"].append(grants[lo] - order_ms * 1000)
 
 
 def measure(url: str, rate: float, order_every: int, seconds: float, warmup_s: float,
@@ -570,6 +586,10 @@ def measure(url: str, rate: float, order_every: int, seconds: float, warmup_s: f
         cids = {i: _cid(sent[i][0], sent[i][1]) for i in orders}
         created = _created_at(client, keys, [cids[i] for i in counted])
         grants = _submit_grants(client, keys)
+        intent_ms = _published_ms(client, keys.stream(INTENTS), "id")
+        order_ms = _published_ms(client, keys.stream(ORDERS), "client_order_id")
+        published = [(intent_ms.get(intent_id(STRATEGY, sent[i][1], sent[i][0], 0)), order_ms.get(cids[i]))
+                     for i in counted]
         intents = int(client.xlen(keys.stream(INTENTS)))
         rejected = int(client.xlen(keys.stream(REJECTIONS)))
         deferred = int(client.hlen(keys.deferred))
@@ -586,7 +606,8 @@ def measure(url: str, rate: float, order_every: int, seconds: float, warmup_s: f
     for i, cid in cids.items():
         t_ack = ack_times.get(cid)
         acks[i] = t_ack if t_ack is not None and t_ack <= cutoff else None
-    followed = _Followed([sent[i][2] for i in counted], [acks[i] for i in counted], created, grants)
+    followed = _Followed([sent[i][2] for i in counted], [acks[i] for i in counted], created, grants,
+                         published)
     first_t0, last_t0 = sent[0][2], sent[-1][2]
     publish_span_s = max((last_t0 - first_t0) / 1e6, 1e-6)
     acked_while_publishing = sum(1 for t in acks.values() if t is not None and t <= last_t0)
@@ -612,6 +633,8 @@ def measure(url: str, rate: float, order_every: int, seconds: float, warmup_s: f
         "excl_http_p99": p99_excl,
         "http_hop_p50": _late_ms(followed.http_hop, 0, 0.50),
         "http_hop_p99": _late_ms(followed.http_hop, 0, 0.99),
+        "stages_p50_p99": {name: [_late_ms(values, 0, 0.50), _late_ms(values, 0, 0.99)]
+                           for name, values in followed.stages.items()},
         "bare_relay_hops": HOPS,
         "bare_relay_p50": bare_p50,
         "bare_relay_p99": _ns_ms(bare, 0.99),
