@@ -191,6 +191,26 @@ class TestRefusal:
         [reason] = desk.reasons()
         assert reason.startswith("max_open_orders") and "not deferred" in reason
 
+    def test_open_orders_count_each_order_once(self) -> None:
+        """An order the executor tracks counts once with its open reservation; one whose reservation
+        is not open (a flatten order) counts on its own."""
+        desk = Desk(max_open_orders="2")
+        desk.send(intent(quantity=Decimal(1)))
+        [first] = desk.orders()
+        desk.client.sadd(KEYS.open_orders, first.client_order_id)
+        desk.client.hset(KEYS.order(first.client_order_id), "reservation_id", first.reservation_id)
+        desk.send(intent(quantity=Decimal(1)))
+        assert len(desk.orders()) == 2 and desk.reasons() == []  # one open before it, not two
+
+        other = Desk(max_open_orders="2")
+        other.client.sadd(KEYS.open_orders, "bst-flat-1-AAPL")
+        other.client.hset(KEYS.order("bst-flat-1-AAPL"), "reservation_id", "bst-flat-1-AAPL")
+        other.send(intent(quantity=Decimal(1)))
+        other.send(intent(quantity=Decimal(1)))
+        assert len(other.orders()) == 1
+        [reason] = other.reasons()
+        assert reason.startswith("max_open_orders")
+
     def test_max_orders_per_minute(self) -> None:
         """The third order within a minute, with a limit of 2 per minute, is refused."""
         desk = Desk(max_orders_per_minute="2")

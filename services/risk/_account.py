@@ -39,12 +39,17 @@ from shared.portfolio import Portfolio, Snapshot
 from shared.protections import ProtectionLock, Protections
 from shared.trading_state import KillSwitch, TradingStatus
 
-__all__ = ["AccountView", "Reads"]
+__all__ = ["AccountView", "Reads", "client_order_id"]
 
 log = get_logger(component="risk")
 MARKET_CLOCK_TTL_S = 30.0  # how long an answer from the broker's market clock is trusted
 _ZERO = Decimal(0)
 _REMEMBERED_ORDERS = 100_000  # client_order_id -> reservation id pairs kept before starting over
+
+
+def client_order_id(intent_id: str) -> str:
+    """The broker's client_order_id for the order an intent becomes (deterministic)."""
+    return f"bst-{intent_id}"
 
 
 class AccountView:
@@ -160,9 +165,11 @@ class AccountView:
 
     def _open_orders(self, cids: list[str], reservation_ids: set[str]) -> int:
         """Orders not yet terminal: every open reservation, and every open order the executor
-        tracks whose reservation is already closed (counted once each). An order's reservation id
-        never changes, so it is read once per order and remembered."""
-        unknown = [cid for cid in cids if cid not in self._reservation_of]
+        tracks whose reservation is already closed (counted once each). An order risk approved
+        has the client_order_id derived from its reservation's id (the intent id); any other
+        order's reservation id is read from its record once and remembered (it never changes)."""
+        ours = {client_order_id(rid) for rid in reservation_ids}
+        unknown = [cid for cid in cids if cid not in ours and cid not in self._reservation_of]
         if unknown:
             with self.client.pipeline(transaction=False) as pipe:
                 for cid in unknown:
@@ -172,7 +179,8 @@ class AccountView:
                 self._reservation_of.clear()
             self._reservation_of.update((cid, _text(rid))
                                         for cid, rid in zip(unknown, owners, strict=True) if rid is not None)
-        extra = {cid for cid in cids if self._reservation_of.get(cid) not in reservation_ids}
+        extra = {cid for cid in cids
+                 if cid not in ours and self._reservation_of.get(cid) not in reservation_ids}
         return len(reservation_ids) + len(extra)
 
 

@@ -63,7 +63,7 @@ from decimal import ROUND_DOWN, Decimal
 
 import redis
 
-from services.risk._account import AccountView, Reads
+from services.risk._account import AccountView, Reads, client_order_id
 from shared import codec
 from shared.brokers import Broker, build_broker
 from shared.bus import Delivery, Idempotency, publish
@@ -96,11 +96,6 @@ GROUP = "risk"
 EQUITY_SAMPLE_S = 60.0
 _PENDING_RULES = {Rule.MAX_GROSS_EXPOSURE, Rule.MAX_POSITION_FRACTION, Rule.MAX_POSITION_QUANTITY,
                   Rule.MAX_OPEN_ORDERS, Rule.PATTERN_DAY_TRADING}
-
-
-def client_order_id(intent_id: str) -> str:
-    """The broker's client_order_id for the order an intent becomes (deterministic)."""
-    return f"bst-{intent_id}"
 
 
 class Refused(Exception):
