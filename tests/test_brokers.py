@@ -424,6 +424,15 @@ class TestBuildBroker:
         broker = build_broker(Settings(paper_exchange={"api_key": "k", "secret_key": "s"}))
         assert (broker._client._retry, broker._client._retry_codes, broker._client._timeout) == (0, [], 10.0)
 
+    def test_environment_proxy_is_read_once_at_construction(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A proxy in the environment still applies, read once for the broker's host (not per request)."""
+        monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        session = build_broker(Settings(paper_exchange={"api_key": "k", "secret_key": "s"}))._client._session
+        assert session.proxies.get("http") == "http://proxy.example:3128"
+        assert session.trust_env is False
+
 
 class TestUpdateFilter:
     @staticmethod
