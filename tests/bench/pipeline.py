@@ -127,7 +127,8 @@ near that limit there, which shows in the tails.
 ``orders_published`` (bars of the timed run that became orders), ``orders_counted``,
 ``orders_acked`` (of the counted), ``intents_emitted`` (entries on ``intents``: the priming bars
 plus ``orders_published`` when the strategy ordered on exactly the bars predicted), ``missing``,
-``unmatched_grants``, ``rejected`` (entries on ``rejections``), ``deferred`` and
+``unmatched_grants``, ``rejected`` (entries on ``rejections``; up to 5 distinct reasons in
+``rejection_reasons``), ``deferred`` and
 ``dead_lettered``; ``drain_s`` (last bar to every stage drained, ``null`` at the deadline);
 ``cpu_us_per_bar``: CPU (user + system, from ``/proc``) per published bar (not per order) of each
 desk process and of redis-server (which also serves the bare relay), over the timed run and the
@@ -592,6 +593,7 @@ def measure(url: str, rate: float, order_every: int, seconds: float, warmup_s: f
                      for i in counted]
         intents = int(client.xlen(keys.stream(INTENTS)))
         rejected = int(client.xlen(keys.stream(REJECTIONS)))
+        reasons = sorted(_published_ms(client, keys.stream(REJECTIONS), "reason"))[:5]
         deferred = int(client.hlen(keys.deferred))
         dead = int(client.xlen(keys.dead_letter))
         desk.stop()  # before reading the executor's log: every line it will write is written
@@ -662,6 +664,7 @@ def measure(url: str, rate: float, order_every: int, seconds: float, warmup_s: f
         "missing": followed.missing,
         "unmatched_grants": followed.unmatched,
         "rejected": rejected,
+        "rejection_reasons": reasons,
         "deferred": deferred,
         "dead_lettered": dead,
         "bare_messages_counted": len(bare),
