@@ -44,11 +44,13 @@ class ServiceContext:
     heartbeat: Heartbeat
     log: Any = field(default=None)
 
-    def consumer(self, stream: str, group: str, handler: Handler,
-                 consumer_name: str | None = None) -> Consumer:
-        """A consumer of ``stream`` in ``group`` with this service's bus settings."""
+    def consumer(self, stream: str, group: str, handler: Handler, consumer_name: str | None = None, *,
+                 linger_ms: int = 0, flush: Callable[[], None] | None = None) -> Consumer:
+        """A consumer of ``stream`` in ``group`` with this service's bus settings (``linger_ms`` and
+        ``flush`` as :class:`~shared.bus.Consumer` takes them)."""
         return Consumer(self.redis, self.keys, stream=stream, group=group, handler=handler,
-                        settings=self.settings.bus, clock=self.clock, name=consumer_name or self.instance)
+                        settings=self.settings.bus, clock=self.clock, name=consumer_name or self.instance,
+                        linger_ms=linger_ms, flush=flush)
 
     def publisher(self) -> Publisher:
         """A publisher that keeps streams bounded."""

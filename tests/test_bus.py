@@ -117,6 +117,64 @@ class TestPublishAndConsume:
         assert pending_seen == [[ids[0]], [ids[1]], [ids[2]]]
         assert pending_count(redis_client, keys) == 0  # the last one is acknowledged on the way out
 
+    def test_flush_runs_after_each_batch_before_its_ack(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """``flush`` sees the batch it follows still pending; after the run nothing is."""
+        for seq in range(5):
+            publish(redis_client, keys, BARS, bar(seq))
+        seen: list[int] = []
+        pending_at_flush: list[int] = []
+
+        def flush() -> None:
+            pending_at_flush.append(pending_count(redis_client, keys))
+
+        consumer = Consumer(redis_client, keys, stream=BARS, group="g",
+                            handler=lambda d: seen.append(seq_of(d)),
+                            settings=FAST.model_copy(update={"batch": 2}), clock=LiveClock(), name="c1",
+                            flush=flush)
+        assert consumer.run(burst=True) == 5
+        assert seen == [0, 1, 2, 3, 4]
+        assert pending_at_flush == [2, 2, 1]  # each batch, acknowledged only with the next read
+        assert pending_count(redis_client, keys) == 0
+
+    def test_a_failing_flush_delivers_its_batch_again(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """A batch whose flush raised stays pending and is handled again; then it is acknowledged."""
+        for seq in range(3):
+            publish(redis_client, keys, BARS, bar(seq))
+        seen: list[int] = []
+        flushes = []
+
+        def flush() -> None:
+            flushes.append(len(seen))
+            if len(flushes) == 1:
+                raise RuntimeError("the write failed")
+
+        consumer = Consumer(redis_client, keys, stream=BARS, group="g",
+                            handler=lambda d: seen.append(seq_of(d)),
+                            settings=FAST, clock=LiveClock(), name="c1", flush=flush)
+        assert run_until(consumer, 3) == 3  # the failed batch does not count as handled
+        assert seen == [0, 1, 2, 0, 1, 2] and len(flushes) == 2
+        assert pending_count(redis_client, keys) == 0
+
+    def test_linger_waits_after_a_short_read_only(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """With linger_ms, the consumer waits that long after a read short of a full batch, not after a
+        full one (so a burst is read without pause), and acknowledges what it handled before waiting."""
+        for seq in range(3):
+            publish(redis_client, keys, BARS, bar(seq))
+        waits: list[float] = []
+
+        class StopAtFirstWait(threading.Event):
+            def wait(self, timeout: float | None = None) -> bool:
+                waits.append(timeout or 0.0)
+                assert pending_count(redis_client, keys) == 0  # acknowledged before the wait
+                self.set()
+                return True
+
+        consumer = Consumer(redis_client, keys, stream=BARS, group="g", handler=lambda d: None,
+                            settings=FAST.model_copy(update={"batch": 2}), clock=LiveClock(), name="c1",
+                            linger_ms=40)
+        assert consumer.run(StopAtFirstWait()) == 3
+        assert waits == [0.04]  # after the read of 1, not after the read of 2
+
     def test_envelope_fields_are_readable(self, redis_client: redis.Redis, keys: Keys) -> None:
         """A published entry carries type, version, id, time and symbol as plain text."""
         message = bar(7)

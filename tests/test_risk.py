@@ -62,6 +62,7 @@ class Desk:
                   low=Decimal(price), close=Decimal(price), volume=Decimal(100))
         self.client.hset(KEYS.last_bar, symbol, bar.time.isoformat())
         self.risk.handle_bar(Delivery(BARS, "1-0", bar, 1))
+        self.risk.flush_bars()
 
     def send(self, wish: Intent) -> None:
         """Hand ``wish`` to the service as the bus would."""
@@ -190,6 +191,19 @@ class TestRefusal:
         assert len(desk.orders()) == 1
         [reason] = desk.reasons()
         assert reason.startswith("max_open_orders") and "not deferred" in reason
+
+    def test_a_new_symbols_first_bar_is_marked_at_once_later_ones_at_the_flush(self) -> None:
+        """A bar of a symbol not yet marked writes its mark without waiting for the batch; a later bar's
+        price is written by flush_bars."""
+        desk = Desk()
+        msft = Bar(time=desk.clock.now(), symbol="MSFT", open=Decimal(300), high=Decimal(300),
+                   low=Decimal(300), close=Decimal(300), volume=Decimal(100))
+        desk.risk.handle_bar(Delivery(BARS, "2-0", msft, 1))
+        assert desk.risk.portfolio.marks()["MSFT"] == Decimal(300)
+        desk.risk.handle_bar(Delivery(BARS, "3-0", msft.model_copy(update={"close": Decimal(310)}), 1))
+        assert desk.risk.portfolio.marks()["MSFT"] == Decimal(300)
+        desk.risk.flush_bars()
+        assert desk.risk.portfolio.marks()["MSFT"] == Decimal(310)
 
     def test_open_orders_count_each_order_once(self) -> None:
         """An order the executor tracks counts once with its open reservation; one whose reservation

@@ -682,17 +682,21 @@ def main() -> None:
     drain_timeout = float(os.environ.get("BENCH_PIPELINE_DRAIN_S", "60"))
     names = os.environ.get("BENCH_PIPELINE_SYMBOLS", "AAPL,MSFT,SPY")
     symbols = [s.strip() for s in names.split(",") if s.strip()]
+    keep = os.environ.get("BENCH_PIPELINE_LOGS")  # a directory to keep the desk's logs in
+    workdir = Path(keep) if keep else None
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bastion-bench-pipeline-") as tmp:
         url = os.environ.get("REDIS_URL")
         if url:
             print(json.dumps(measure(url, rate, order_every, seconds, warmup_s, symbols, drain_timeout,
-                                     Path(tmp))), flush=True)
+                                     workdir or Path(tmp))), flush=True)
             return
         server = RedisServer(free_port(), Path(tmp) / "redis", appendonly=False)
         server.start()
         try:
             print(json.dumps(measure(server.url, rate, order_every, seconds, warmup_s, symbols,
-                                     drain_timeout, Path(tmp))), flush=True)
+                                     drain_timeout, workdir or Path(tmp))), flush=True)
         finally:
             server.stop()
 
