@@ -382,6 +382,16 @@ class TestDeferred:
         assert [o.intent_id for o in desk.orders()] == [wish.id]
         assert desk.risk.deferred.entries() == []
 
+    def test_strategy_intent_without_a_mark_waits_for_its_bar(self, desk: Desk) -> None:
+        """A strategy market buy of a symbol risk has no mark for yet is deferred, and approved once its
+        bar is marked."""
+        wish = intent(symbol="MSFT", quantity=Decimal(1), source="strategy:sma_crossover", time=T0)
+        desk.send(wish)
+        [queued] = desk.risk.deferred.entries()
+        assert desk.orders() == [] and queued.reason == "waiting: no price for MSFT yet (no bar seen)"
+        desk.bar("MSFT", "300")
+        assert [o.intent_id for o in desk.orders()] == [wish.id]
+
     def test_strategy_intent_waits_for_the_market_to_open(self) -> None:
         """While the broker's clock says closed a strategy buy is deferred; once open it is approved."""
         desk = Desk()

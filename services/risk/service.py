@@ -30,7 +30,8 @@ that every limit :func:`shared.limits.check_order` finds is reported together):
    ``rejections`` with its reason (``<rule>: <sentence>``).
 
 Deferral: a *strategy's* intent (source ``strategy:*``) that cannot execute now -- the market is
-closed, or it fails only because of what pending orders hold: the limits pass when pending
+closed, its symbol has no mark yet (the bar it came from is still in the marks batch), or it
+fails only because of what pending orders hold: the limits pass when pending
 orders are left out, or the reservation lacks free cash that the account's cash would cover --
 waits in the :class:`~shared.deferred.DeferredQueue`
 (one per symbol and side; expires ``limits.deferred_max_age_s`` after it was first deferred). A
@@ -249,7 +250,7 @@ class RiskService:
             return intent.stop_price
         mark = marks.get(intent.symbol)
         if mark is None:
-            raise Refused(f"no price for {intent.symbol} yet (no bar seen)")
+            raise Deferred(f"no price for {intent.symbol} yet (no bar seen)")  # a strategy's waits for one
         return mark
 
     def _shares_for(self, intent: Intent, price: Decimal) -> Decimal:
