@@ -95,6 +95,19 @@ class TestFills:
         assert client.zrange("t:paper:open:AAPL", 0, -1) == [apple["id"].encode()]
         assert client.zrange("t:paper:open:MSFT", 0, -1) == []
 
+    def test_a_batch_of_bars_trades_in_order_and_marks_every_symbol(self) -> None:
+        """on_bars fills AAPL's order on its first bar in the batch and leaves each symbol's last close
+        as its price, MSFT's too (which had no order to trade)."""
+        exchange, clock, _ = make()
+        placed = exchange.submit(order("1"))
+        batch = [bar(clock, "50", "50", "50", "50", symbol="MSFT"), bar(clock, "101", "101", "101", "101"),
+                 bar(clock, "102", "102", "102", "102", offset_s=60),
+                 bar(clock, "51", "51", "51", "51", symbol="MSFT", offset_s=60)]
+        assert exchange.on_bars(batch) == 1
+        assert exchange.get(placed["id"])["filled_avg_price"] == "101"
+        assert exchange.store.prices() == {"AAPL": Decimal("102"), "MSFT": Decimal("51")}
+        assert exchange.on_bars([]) == 0
+
     def test_open_order_index_is_rebuilt_at_start(self) -> None:
         """Open orders written without the per-symbol index (an older book) still fill after a restart."""
         exchange, clock, _ = make()

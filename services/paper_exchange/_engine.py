@@ -288,6 +288,16 @@ class Exchange:
 
     # -- market data --------------------------------------------------------------------------
 
+    def on_bars(self, bars: list[Bar]) -> int:
+        """Trade a batch of bars in order (:meth:`on_bar` each), but a symbol without open orders
+        only gets its last price written: one round trip for a batch that trades nothing."""
+        last = {bar.symbol: bar.close for bar in bars}
+        if not last:
+            return 0
+        with self._op():
+            trading = self.store.mark_and_symbols_with_open_orders(last)
+            return sum(self.on_bar(bar) for bar in bars if bar.symbol in trading)
+
     def on_bar(self, bar: Bar) -> int:
         """Trade open orders of ``bar.symbol`` against it; return the number of fills applied."""
         with self._op():

@@ -9,9 +9,10 @@ exchange that never fills.
 
 Concurrency model: one asyncio loop (HTTP, websockets) in the main thread plus one bar-consumer
 thread; the book serialises them with its lock. The bar consumer lingers ``BARS_LINGER_MS`` after
-a short read, so at a high bar rate it wakes once per few bars (an order fills on a bar that
-much later, as a venue's matching would lag its own market data; nothing on the way to an
-order's acknowledgement waits for it).
+a short read, so at a high bar rate it wakes once per few bars and hands them to
+:meth:`Exchange.on_bars` together (one round trip when none of their symbols has an open order;
+an order fills that much later, as a venue's matching would lag its own market data; nothing on
+the way to an order's acknowledgement waits for it).
 """
 
 from __future__ import annotations
@@ -39,13 +40,23 @@ SERVICE = "paper-exchange"
 BARS_LINGER_MS = 10  # the bar consumer's wait after a short read (see the docstring)
 
 
-def consume_bars(ctx: ServiceContext, on_bar: Callable[[Bar], object], stop: threading.Event) -> None:
-    """Feed every Bar on the bars stream to ``on_bar`` until ``stop`` (the one bus touch-point)."""
+def consume_bars(ctx: ServiceContext, on_bars: Callable[[list[Bar]], object], stop: threading.Event) -> None:
+    """Feed the Bars on the bars stream to ``on_bars``, a batch at a time in stream order, until
+    ``stop`` (the one bus touch-point); a batch is acknowledged once ``on_bars`` returned."""
+    batch: list[Bar] = []
+
     def handle(delivery: Delivery) -> None:
         if isinstance(delivery.message, Bar):
-            on_bar(delivery.message)
+            batch.append(delivery.message)
 
-    ctx.consumer(BARS, ctx.settings.paper_exchange.consumer_group, handle, linger_ms=BARS_LINGER_MS).run(stop)
+    def flush() -> None:
+        try:
+            on_bars(batch)
+        finally:
+            batch.clear()
+
+    ctx.consumer(BARS, ctx.settings.paper_exchange.consumer_group, handle, linger_ms=BARS_LINGER_MS,
+                 flush=flush).run(stop)
 
 
 def serve(ctx: ServiceContext) -> None:
@@ -60,7 +71,7 @@ def serve(ctx: ServiceContext) -> None:
 
     def consume() -> None:
         try:
-            consume_bars(ctx, exchange.on_bar, stop)
+            consume_bars(ctx, exchange.on_bars, stop)
         except Exception:
             log.exception("bars.consumer_failed")
             failed.set()

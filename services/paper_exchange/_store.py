@@ -149,6 +149,15 @@ class Store:
         return [(json.loads(raw), None if qty is None else Decimal(text(qty)))
                 for raw, qty in zip(raws, done, strict=True) if raw is not None]
 
+    def mark_and_symbols_with_open_orders(self, prices: dict[str, Decimal]) -> set[str]:
+        """Record each symbol's last price and return those of them with open orders (one round trip)."""
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.hset(self._k["prices"], mapping={s: render.num(p) or "0" for s, p in prices.items()})
+            for symbol in prices:
+                pipe.exists(self._open_of(symbol))
+            found = pipe.execute()[1:]
+        return {symbol for symbol, exists in zip(prices, found, strict=True) if exists}
+
     def _open_of(self, symbol: str) -> str:
         return f"{self._k['open']}:{symbol}"
 
