@@ -73,7 +73,6 @@ class PartitionLeases:
         self.partitions = partitions
         self.lease_ms = lease_ms
         self.held: list[int] = []  # in the order acquired
-        self._renew = client.register_script(RENEW)
         self._release = client.register_script(RELEASE)
         # start the search for free partitions at a point that differs between workers
         self._offset = zlib.crc32(owner.encode()) % partitions
@@ -92,8 +91,11 @@ class PartitionLeases:
         Returns (gained, lost) partitions; released partitions count as lost.
         """
         try:
-            lost = [n for n in self.held
-                    if not self._renew(keys=[self.key(n)], args=[self.owner, self.lease_ms])]
+            with self.client.pipeline(transaction=False) as pipe:  # every renewal in one round trip
+                for partition in self.held:
+                    pipe.eval(RENEW, 1, self.key(partition), self.owner, self.lease_ms)
+                renewed = pipe.execute()
+            lost = [n for n, ok in zip(self.held, renewed, strict=True) if not ok]
             self.held = [n for n in self.held if n not in lost]
             share = self.share(live_workers)
             while len(self.held) > share:
