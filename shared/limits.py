@@ -45,13 +45,14 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import redis
+from redis.client import Pipeline
 
 from shared.clock import Clock, LiveClock, utc
 from shared.config import LimitSettings
 from shared.errors import RedisUnavailable
 from shared.keys import Keys
 from shared.models import Side
-from shared.rate_limit import Grant, Limit, RateLimiter
+from shared.rate_limit import Denied, Grant, Limit, RateLimiter
 
 __all__ = [
     "NEW_YORK",
@@ -381,6 +382,7 @@ class OrderSubmissions:
     """
 
     GROUP = "risk-submissions"
+    ENDPOINT = "submit"
 
     def __init__(self, client: redis.Redis, keys: Keys, settings: LimitSettings,
                  clock: Clock | None = None) -> None:
@@ -390,7 +392,22 @@ class OrderSubmissions:
 
     def admit(self) -> Refusal | None:
         """Count one submission if the last minute has room for it; otherwise refuse."""
-        attempt = self._limiter.try_acquire("submit")
+        return self._refusal(self._limiter.try_acquire(self.ENDPOINT))
+
+    def queue_admit(self, pipe: Pipeline) -> str:
+        """Queue :meth:`admit`'s attempt on ``pipe`` (for a caller batching its round trips); returns
+        the id :meth:`admitted` and :meth:`refund` take."""
+        return self._limiter.queue_try_acquire(pipe, self.ENDPOINT)
+
+    def admitted(self, reply: Any) -> Refusal | None:
+        """None if the queued attempt counted a submission, else the refusal."""
+        return self._refusal(self._limiter.attempt_from(reply, self.ENDPOINT))
+
+    def refund(self, admission_id: str) -> None:
+        """Uncount a submission that did not become an order."""
+        self._limiter.refund(self.ENDPOINT, admission_id)
+
+    def _refusal(self, attempt: Grant | Denied) -> Refusal | None:
         if isinstance(attempt, Grant):
             return None
         return Refusal(Rule.MAX_ORDERS_PER_MINUTE, f"{self.settings.max_orders_per_minute} orders were "

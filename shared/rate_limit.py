@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 
 from shared.clock import Clock, LiveClock
 from shared.config import LimitSettings
@@ -225,6 +226,32 @@ class RateLimiter:
             args += [own.limit, int(own.period_s * _MICROS)]
         return keys, args
 
+    def queue_try_acquire(self, pipe: Pipeline, endpoint: str, weight: int = 1) -> str:
+        """Queue one attempt (as :meth:`try_acquire`) on ``pipe``, for a caller batching its round
+        trips; returns the grant id, for :meth:`attempt_from` and :meth:`refund`."""
+        if weight < 1:
+            raise ValueError(f"weight must be >= 1, not {weight}")
+        keys, limits = self._buckets(endpoint)
+        grant_id = uuid.uuid4().hex
+        pipe.eval(ACQUIRE_SCRIPT, len(keys), *keys, weight, grant_id, *limits)
+        return grant_id
+
+    def attempt_from(self, reply: Any, endpoint: str, weight: int = 1) -> Grant | Denied:
+        """The outcome in the reply of a queued attempt (:meth:`queue_try_acquire`)."""
+        status, value = self._outcome(reply, endpoint, weight)
+        if status == 1:
+            return Grant(endpoint, weight, value, 0.0)
+        return Denied(endpoint, weight, value / _MICROS)
+
+    def refund(self, endpoint: str, grant_id: str, weight: int = 1) -> None:
+        """Give back a grant that was not used (its units count again at once)."""
+        keys, _ = self._buckets(endpoint)
+        members = [f"{grant_id}:{unit}" for unit in range(1, weight + 1)]
+        with self.client.pipeline(transaction=True) as pipe:
+            for key in keys[1:]:  # not the pause key
+                pipe.zrem(key, *members)
+            self._call(pipe.execute)
+
     def _attempt(self, endpoint: str, weight: int) -> tuple[int, int]:
         if weight < 1:
             raise ValueError(f"weight must be >= 1, not {weight}")
@@ -232,6 +259,10 @@ class RateLimiter:
         grant_id = uuid.uuid4().hex
         run = script(self.client, ACQUIRE_SCRIPT)
         reply = self._call(lambda: run(keys=keys, args=[weight, grant_id, *limits], client=self.client))
+        return self._outcome(reply, endpoint, weight)
+
+    def _outcome(self, reply: Any, endpoint: str, weight: int) -> tuple[int, int]:
+        keys, _ = self._buckets(endpoint)
         status, value = int(reply[0]), int(reply[1])
         if status == -1:
             raise ValueError(f"weight {weight} of {endpoint!r} exceeds the limit of bucket "

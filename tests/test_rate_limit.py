@@ -67,6 +67,19 @@ class TestBuckets:
         assert isinstance(rl.try_acquire("bars", weight=2), Grant)
         assert redis_client.zcard(rl.bucket_key("account")) == 5
 
+    def test_a_queued_attempt_counts_like_one_and_a_refund_gives_it_back(self, redis_client: redis.Redis,
+                                                                       keys: Keys) -> None:
+        """An attempt queued on a pipeline takes units from every bucket; refunding it frees them all."""
+        rl = limiter(redis_client, keys, account=2, endpoints={"orders": Limit(1, 60.0)})
+        with redis_client.pipeline(transaction=False) as pipe:
+            grant_id = rl.queue_try_acquire(pipe, "orders", weight=1)
+            [reply] = pipe.execute()
+        assert isinstance(rl.attempt_from(reply, "orders"), Grant)
+        assert isinstance(rl.try_acquire("orders"), Denied)
+        rl.refund("orders", grant_id)
+        assert redis_client.zcard(rl.bucket_key("account")) == 0
+        assert isinstance(rl.try_acquire("orders"), Grant)
+
     def test_weight_above_the_limit_can_never_be_granted(self, redis_client: redis.Redis, keys: Keys) -> None:
         """A weight larger than a bucket's limit is a programming error, not a wait."""
         with pytest.raises(ValueError):

@@ -225,6 +225,17 @@ class TestRefusal:
         [reason] = other.reasons()
         assert reason.startswith("max_open_orders")
 
+    def test_a_refused_or_duplicate_intent_uses_no_submission(self) -> None:
+        """With 2 orders per minute, a refused sell and a repeated intent leave room for two buys."""
+        desk = Desk(max_orders_per_minute="2")
+        desk.send(intent(Side.SELL))  # nothing held: refused
+        first = intent(quantity=Decimal(1))
+        desk.send(first)
+        desk.send(first)  # a redelivery: decided already
+        desk.send(intent(quantity=Decimal(1)))
+        assert len(desk.orders()) == 2
+        assert [r.split(":")[0] for r in desk.reasons()] == ["insufficient AAPL"]
+
     def test_max_orders_per_minute(self) -> None:
         """The third order within a minute, with a limit of 2 per minute, is refused."""
         desk = Desk(max_orders_per_minute="2")

@@ -33,7 +33,7 @@ from shared.config import LimitSettings
 from shared.deferred import DeferredQueue
 from shared.errors import BrokerError, ConfigError, RedisUnavailable
 from shared.keys import Keys
-from shared.limits import AccountSnapshot, last_bars_from, needs_refresh
+from shared.limits import AccountSnapshot, OrderSubmissions, Refusal, last_bars_from, needs_refresh
 from shared.logging import get_logger
 from shared.portfolio import Portfolio, Snapshot
 from shared.protections import ProtectionLock, Protections
@@ -93,12 +93,14 @@ class AccountView:
             self._market_checked_at = now
         return None if self._market_open else "the market is closed"
 
-    def read(self, once: Idempotency, intent_id: str, kill_switch: KillSwitch, protections: Protections,
-             deferred: DeferredQueue) -> Reads:
-        """Everything one decision reads, in one pipelined round trip."""
+    def read(self, intent_id: str, *, once: Idempotency, kill_switch: KillSwitch, protections: Protections,
+             deferred: DeferredQueue, submissions: OrderSubmissions) -> Reads:
+        """Everything one decision reads, in one pipelined round trip, with a submission counted
+        in the same trip (the caller refunds it unless the decision becomes an order)."""
         now = self.clock.now()
         try:
             with self.client.pipeline(transaction=False) as pipe:
+                admission_id = submissions.queue_admit(pipe)
                 once.queue_seen(pipe, intent_id)
                 self.portfolio.queue_reads(pipe)
                 self.activity.queue_reads(pipe, now)
@@ -107,7 +109,7 @@ class AccountView:
                 deferred.queue_read(pipe)
                 pipe.hgetall(self.keys.last_bar)
                 pipe.smembers(self.keys.open_orders)
-                (seen, book, marks, balance, opened, day_trades, status, locks, queued, last_bars,
+                (admission, seen, book, marks, balance, opened, day_trades, status, locks, queued, last_bars,
                  open_orders) = pipe.execute()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise RedisUnavailable(f"risk: reading the account failed: {exc}") from exc
@@ -117,7 +119,8 @@ class AccountView:
             opened_today=self.activity.opened_from(opened),
             day_trades=self.activity.day_trades_from(day_trades),
             status=kill_switch.status_from(status), locks=protections.locks_from(locks), deferred=queued,
-            last_bars=last_bars_from(last_bars), open_orders=sorted(_text(m) for m in open_orders))
+            last_bars=last_bars_from(last_bars), open_orders=sorted(_text(m) for m in open_orders),
+            admission_id=admission_id, admission=submissions.admitted(admission))
 
     def refresh_if_needed(self, reads: Reads) -> str | None:
         """Refresh the balance from the broker if it is stale (``reads.balance`` is then replaced);
@@ -200,6 +203,8 @@ class Reads:
     deferred: Any  # the deferred queue's raw read (for DeferredQueue.get)
     last_bars: dict[str, datetime]
     open_orders: list[str]  # client_order_ids the executor tracks as open
+    admission_id: str  # the submission counted for this decision (OrderSubmissions.refund)
+    admission: Refusal | None  # None: counted; else why the submissions limit refuses
 
 
 def _opt(value: Decimal | None) -> str | None:

@@ -23,7 +23,10 @@ that every limit :func:`shared.limits.check_order` finds is reported together):
    stale data (entries only), order notional, open orders, position (quantity and fraction of
    equity), gross exposure, pattern day trading;
 7. submissions per minute (:class:`~shared.limits.OrderSubmissions`, shared by every risk
-   process) -- counted only for an order that passed everything above;
+   process) -- the submission is counted in the round trip of the decision's reads (to save a
+   round trip) and refunded at once unless the decision publishes an order, so only orders
+   count; near the limit a concurrent decision may see another's count for that moment and be
+   refused (the safe side);
 8. payment: ``Portfolio.reserve`` under the account lock holds cash for a buy or quantity for a
    sell -- the guard that makes overspending impossible;
 9. the approved :class:`~shared.models.Order` goes to ``orders``; a refusal goes to
@@ -76,7 +79,7 @@ from shared.bus import Delivery, Idempotency, publish
 from shared.clock import Clock, epoch_micros
 from shared.config import Settings
 from shared.deferred import DEFER_SCRIPT, DeferredIntent, DeferredQueue
-from shared.errors import InsufficientFunds, InsufficientPosition, PortfolioError
+from shared.errors import InsufficientFunds, InsufficientPosition, PortfolioError, RedisUnavailable
 from shared.keys import ALERTS, BARS, INTENTS, ORDERS, REJECTIONS, Keys
 from shared.limits import (
     AccountSnapshot,
@@ -146,29 +149,46 @@ class RiskService:
             return
         reads = self._read(intent)
         if reads.seen:
+            self._refund(reads)
             log.info("risk.duplicate_intent")
             return
         self._cancel_opposite(intent, reads)
         self._decide_and_publish(intent, None, reads)
 
     def _read(self, intent: Intent) -> Reads:
-        return self.account.read(self.once, intent.id, self.kill_switch, self.protections, self.deferred)
+        return self.account.read(intent.id, once=self.once, kill_switch=self.kill_switch,
+                                 protections=self.protections, deferred=self.deferred,
+                                 submissions=self.submissions)
+
+    def _refund(self, reads: Reads) -> None:
+        """Uncount the submission counted with ``reads`` (the decision made no order)."""
+        if reads.admission is not None:
+            return  # nothing was counted
+        try:
+            self.submissions.refund(reads.admission_id)
+        except (redis.RedisError, RedisUnavailable) as exc:  # counted until it leaves the window
+            log.warning("risk.submission_refund_failed", error=str(exc))
 
     def _decide_and_publish(self, intent: Intent, queued: DeferredIntent | None, reads: Reads) -> None:
         try:
             order = self.decide(intent, reads)
-        except Deferred as wait:
-            if intent.source.startswith("strategy:"):
-                self._defer(intent, f"waiting: {wait}", queued)
-                return
-            self._reject(intent, f"{wait} (not now; a manual intent is not deferred)")
-            return
-        except Refused as refusal:
-            self._reject(intent, str(refusal))
+        except BaseException as exc:
+            self._refund(reads)
+            if not isinstance(exc, (Deferred, Refused)):
+                raise
+            self._refused(intent, queued, exc)
             return
         self._publish_once(intent.id, order, ORDERS)
         log.info("risk.approved", client_order_id=order.client_order_id, quantity=str(order.quantity),
                  side=order.side.value, deferred=queued is not None)
+
+    def _refused(self, intent: Intent, queued: DeferredIntent | None, outcome: Deferred | Refused) -> None:
+        if isinstance(outcome, Refused):
+            self._reject(intent, str(outcome))
+        elif intent.source.startswith("strategy:"):
+            self._defer(intent, f"waiting: {outcome}", queued)
+        else:
+            self._reject(intent, f"{outcome} (not now; a manual intent is not deferred)")
 
     def _reject(self, intent: Intent, reason: str) -> None:
         rejection = IntentRejected(time=self.clock.now(), intent_id=intent.id, symbol=intent.symbol,
@@ -176,12 +196,11 @@ class RiskService:
         self._publish_once(intent.id, rejection, REJECTIONS)
         log.info("risk.rejected", reason=reason)
 
-    def decide(self, intent: Intent, reads: Reads | None = None) -> Order:
+    def decide(self, intent: Intent, reads: Reads) -> Order:
         """The order ``intent`` becomes, with its reservation made; Refused or Deferred otherwise.
 
-        ``reads``: what :meth:`AccountView.read` returned for it (read now when not given).
+        ``reads``: what :meth:`AccountView.read` returned for it.
         """
-        reads = reads or self._read(intent)
         book = reads.book
         held = book.positions.get(intent.symbol)
         position = held.qty if held is not None else Decimal(0)
@@ -213,7 +232,7 @@ class RiskService:
                     check, _without_pending(snapshot), self.settings.limits):
                 raise Deferred(f"{reason} (counting pending orders)")
             raise Refused(reason)
-        _refuse_if(self.submissions.admit())
+        _refuse_if(reads.admission)
         self._reserve(intent, book, quantity, price)
         return Order(time=self.clock.now(), intent_id=intent.id, client_order_id=client_order_id(intent.id),
                      account=self.portfolio.account, symbol=intent.symbol, side=intent.side,
@@ -306,6 +325,7 @@ class RiskService:
         for entry in ready:
             reads = self._read(entry.intent)
             if reads.seen:
+                self._refund(reads)
                 continue
             self._decide_and_publish(entry.intent, entry, reads)
         return len(ready)
