@@ -4,6 +4,11 @@
 the service adds) and lives ``heartbeat_ttl_s``; a live process rewrites it every
 ``heartbeat_interval_s``. A missing key means the instance is dead or hung: that is what the
 monitor alerts on and what ``python -m services.<name> --check`` reports.
+
+Each beat also adds ``<service>:<instance>`` to the set ``<prefix>:heartbeats``, so finding the
+live instances is two round trips (SMEMBERS, then MGET of their keys) whatever the size of the
+keyspace -- a SCAN for the key pattern would walk every key in Redis, and strategy workers look
+every few seconds. A name whose key has expired is dropped from the set by the reader.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import redis
 
 from shared.clock import Clock
 from shared.keys import Keys
+from shared.redis_client import script
 
 __all__ = ["Heartbeat", "alive_instances"]
 
@@ -30,6 +36,8 @@ class Heartbeat:
                  interval_s: float, ttl_s: float) -> None:
         self.client = client
         self.key = keys.heartbeat(service, instance)
+        self.index = keys.heartbeats
+        self.name = f"{service}:{instance}"
         self.clock = clock
         self.interval_s = interval_s
         self.ttl_ms = int(ttl_s * 1000)
@@ -41,7 +49,10 @@ class Heartbeat:
         """Write the heartbeat key now, with the current status."""
         body = {"pid": os.getpid(), "host": socket.gethostname(), "at": self.clock.now().isoformat(),
                 **self.status}
-        self.client.set(self.key, json.dumps(body, default=str), px=self.ttl_ms)
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.set(self.key, json.dumps(body, default=str), px=self.ttl_ms)
+            pipe.sadd(self.index, self.name)
+            pipe.execute()
 
     def start(self) -> None:
         """Beat now and then every interval until :meth:`stop`."""
@@ -60,23 +71,51 @@ class Heartbeat:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(self.interval_s + 1)
-        with contextlib.suppress(redis.RedisError):
-            self.client.delete(self.key)
+        with contextlib.suppress(redis.RedisError), self.client.pipeline(transaction=False) as pipe:
+            pipe.delete(self.key)
+            pipe.srem(self.index, self.name)
+            pipe.execute()
+
+
+# KEYS[1] = the heartbeats set; KEYS[i + 1] = the heartbeat key of the name in ARGV[i]
+# removes each name from the set whose key does not exist (now); returns how many it removed
+_FORGET_EXPIRED = """
+local removed = 0
+for i, name in ipairs(ARGV) do
+    if redis.call('EXISTS', KEYS[i + 1]) == 0 then
+        removed = removed + redis.call('SREM', KEYS[1], name)
+    end
+end
+return removed
+"""
 
 
 def alive_instances(client: redis.Redis, keys: Keys, service: str | None = None) -> dict[str, dict[str, Any]]:
     """Every live heartbeat (``service:instance`` -> status), optionally of one service."""
-    pattern = keys.heartbeat(service or "*", "*")
+    members: Any = client.smembers(keys.heartbeats)
+    names = sorted(_text(m) for m in members)
+    if service is not None:
+        names = [n for n in names if n.split(":", 1)[0] == service]
+    if not names:
+        return {}
+    values: Any = client.mget([keys.heartbeat(*name.split(":", 1)) for name in names])
     result: dict[str, dict[str, Any]] = {}
-    for key in client.scan_iter(match=pattern, count=500):
-        raw: Any = client.get(key)
+    gone = []
+    for name, raw in zip(names, values, strict=True):
         if raw is None:
+            gone.append(name)
             continue
-        full = key.decode() if isinstance(key, bytes) else str(key)
-        name = full.removeprefix(f"{keys.prefix}:heartbeat:")
         try:
             status = json.loads(raw)
         except ValueError:
             status = None
         result[name] = status if isinstance(status, dict) else {"value": raw.decode(errors="replace")}
+    if gone:  # expired: forget them, each only if its key is still missing (a beat may be racing)
+        forget = script(client, _FORGET_EXPIRED)
+        forget(keys=[keys.heartbeats, *(keys.heartbeat(*name.split(":", 1)) for name in gone)], args=gone,
+               client=client)
     return result
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -16,6 +16,7 @@ Read this module to learn what to type into ``redis-cli``. With the default pref
 ``bastion:fence:<resource>``        the lock's fencing counter (only grows)
 ``bastion:applied:<scope>:<id>``    idempotency marker: message ``id`` already applied by ``scope``
 ``bastion:heartbeat:<service>:<instance>``  expires when the process stops beating
+``bastion:heartbeats``                 set of ``<service>:<instance>`` that have beaten (an index)
 ``bastion:paper:*``                 the embedded paper exchange's own state
 ``bastion:stream:bars:<n>``         bars of the symbols hashed to partition n, for strategy workers
 ``bastion:lease:<resource>``        a worker's lease (a strategy partition), expires unless renewed
@@ -82,6 +83,11 @@ class Keys:
     def heartbeat(self, service: str, instance: str) -> str:
         """A service instance's heartbeat; it expires when the process stops beating."""
         return f"{self.prefix}:heartbeat:{service}:{instance}"
+
+    @property
+    def heartbeats(self) -> str:
+        """The set of ``<service>:<instance>`` names that have beaten (their keys may have expired)."""
+        return f"{self.prefix}:heartbeats"
 
     def lock(self, resource: str) -> str:
         """The owner key of the distributed lock on ``resource``."""

@@ -31,8 +31,9 @@ from services.monitor.service import Monitor
 from shared import codec
 from shared.brokers import Account, BrokerCall, FakeBroker
 from shared.bus import Delivery, Publisher
-from shared.clock import SimulatedClock
+from shared.clock import LiveClock, SimulatedClock
 from shared.config import Settings
+from shared.heartbeat import Heartbeat
 from shared.keys import ALERTS, Keys
 from shared.models import Alert, AlertSeverity
 from shared.redis_client import connect_url
@@ -62,8 +63,8 @@ def alerts(client: redis.Redis, keys: Keys) -> list[Alert]:
 
 
 def beat(client: redis.Redis, keys: Keys, service: str, instance: str = "i1") -> None:
-    """A live heartbeat key for ``service``."""
-    client.set(keys.heartbeat(service, instance), json.dumps({"pid": 1}), px=60_000)
+    """A live heartbeat for ``service``, written as a service's Heartbeat writes it."""
+    Heartbeat(client, keys, service, instance, LiveClock(), interval_s=1.0, ttl_s=60.0).beat()
 
 
 def an_alert(text: str = "something happened") -> Alert:
