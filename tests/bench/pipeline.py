@@ -31,7 +31,7 @@ costs the worker its full work (decode, apply, state written back) and yields no
 k a multiple of the number of symbols every order falls on one symbol; at the defaults (25, 3
 symbols) the orders rotate over the symbols.
 
-**The desk.** Real OS processes, started as ``make run`` starts them, with INFO logs to files:
+**The desk** (its mechanics are in ``tests/bench/_desk.py``). Real OS processes, started as ``make run`` starts them, with INFO logs to files:
 the paper exchange (``services.paper_exchange``), one strategy worker (``services.strategy``,
 8 partitions, plugin ``every_bar`` from ``tests/procs/every_bar_strategy.py`` on every symbol,
 ``strategy.params`` ``every`` = k: one market buy of 1 share per ordering bar), ``services.risk``
@@ -168,79 +168,42 @@ from __future__ import annotations
 import bisect
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from services.ingester import BarGate, partition_of
-from services.risk.service import client_order_id
-from services.strategy import GROUP as STRATEGY_GROUP
 from services.strategy import intent_id
 from shared import codec
-from shared.bus import publish
 from shared.clock import LiveClock, epoch_micros
-from shared.heartbeat import alive_instances
-from shared.keys import BARS, INTENTS, ORDERS, REJECTIONS, Keys
+from shared.keys import INTENTS, ORDERS, REJECTIONS, Keys
 from shared.logging import configure_logging
-from shared.models import Bar, OrderStatus
 from shared.rate_limit import Limit, RateLimiter
 from shared.redis_client import connect_url
 from shared.redis_server import RedisServer
+from tests.bench._desk import (
+    PARTITIONS,
+    STRATEGY,
+    SUBMIT_OP,
+    BarPublisher,
+    Desk,
+    drain,
+    order_cid,
+    prime,
+    text,
+)
 from tests.bench.bus import GROUP, HOPS, Job, _bare_hop, _paced, _percentile, _plain, _run_processes
-from tests.support.paper import KEY_ID, SECRET, PaperExchange
-from tests.support.processes import free_port, spawn, stop_all, wait_for
+from tests.support.processes import free_port
 
-STRATEGY = "every_bar"
-STRATEGY_MODULE = "tests.procs.every_bar_strategy"
-PARTITIONS = 8  # the ingester.partitions default, which source and worker must agree on
-PRICE = Decimal("100.00")
-VOLUME = Decimal("1000000")
-CASH = "1000000000"
-WIDE = "1000000000"  # a limit that 500 orders/s never reaches
-SUBMIT_OP = "submit"  # the broker adapter's name for POST /v2/orders in the shared rate limiter
 ACK_EVENT = "broker.submitted"
 P50_TARGET_RATIO = 2.0
 P99_TARGET_MS = 10.0
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _bar(symbol: str, when: datetime, number: int | None = None) -> Bar:
-    """A flat bar; ``number`` goes in ``trade_count``, which ``every_bar`` orders on (see above)."""
-    return Bar(time=when, symbol=symbol, open=PRICE, high=PRICE, low=PRICE, close=PRICE, volume=VOLUME,
-               trade_count=number)
-
-
-class _BarPublisher:
-    """Publishes one bar at a time exactly as the ingester does: through its gate's script."""
-
-    def __init__(self, client: redis.Redis, keys: Keys) -> None:
-        self.gate = BarGate(client, keys)
-        self.bars_key = keys.stream(BARS)
-        self.partition_keys = [keys.stream(keys.bar_partition(n)) for n in range(PARTITIONS)]
-        self.clock = LiveClock()
-
-    def publish(self, symbol: str, number: int) -> tuple[str, str, int]:
-        """Publish bar ``number`` (its ``trade_count``) of ``symbol`` stamped now; (bar id, symbol,
-        t0 in µs since the epoch)."""
-        when = self.clock.now()
-        bar = _bar(symbol, when, number)
-        verdicts = self.gate.admit_and_publish([bar], self.bars_key, self.partition_keys,
-                                               [partition_of(symbol, PARTITIONS)])
-        if verdicts[0] != 1:
-            raise RuntimeError(f"the gate did not accept bar {bar.id} of {symbol} at {when}: {verdicts[0]!r}")
-        return bar.id, symbol, epoch_micros(when)
 
 
 def _child_setup(url: str) -> redis.Redis:
@@ -253,7 +216,7 @@ def _source(url: str, desk_prefix: str, bare_prefix: str, symbols: Sequence[str]
     """``count`` bars (numbered 0 to count - 1) and ``count`` bare relay messages, alternating,
     ``rate`` of each per second."""
     client = _child_setup(url)
-    publisher = _BarPublisher(client, Keys(desk_prefix))
+    publisher = BarPublisher(client, Keys(desk_prefix))
     bare_key = Keys(bare_prefix).stream("relay-0")
     sent: list[tuple[str, str, int]] = []
     ready.put("source")
@@ -294,95 +257,7 @@ def _relay_latencies(results: list[dict[str, Any]], count: int) -> list[int]:
     return list(found[0])
 
 
-# -- the desk ------------------------------------------------------------------------------------
-
-
-def _desk_env(url: str, keys: Keys, exchange_port: int, symbols: Sequence[str], order_every: int
-              ) -> dict[str, str]:
-    return {
-        "REDIS_URL": url, "BASTION_KEY_PREFIX": keys.prefix, "BASTION_LOG__LEVEL": "INFO",
-        "BASTION_PAPER_EXCHANGE__PORT": str(exchange_port), "BASTION_PAPER_EXCHANGE__API_KEY": KEY_ID,
-        "BASTION_PAPER_EXCHANGE__SECRET_KEY": SECRET, "BASTION_PAPER_EXCHANGE__STARTING_CASH": CASH,
-        "BASTION_PORTFOLIO__STARTING_CASH": CASH,
-        "BASTION_INGESTER__PARTITIONS": str(PARTITIONS),
-        "BASTION_INGESTER__SYMBOLS": json.dumps(list(symbols)),
-        "BASTION_STRATEGY__MODULES": json.dumps([STRATEGY_MODULE]),
-        "BASTION_STRATEGY__PLUGINS": json.dumps({"*": STRATEGY}),
-        "BASTION_STRATEGY__PARAMS": json.dumps({STRATEGY: {"every": str(order_every)}}),
-        "BASTION_LIMITS__MAX_OPEN_ORDERS": WIDE, "BASTION_LIMITS__MAX_ORDERS_PER_MINUTE": WIDE,
-        "BASTION_LIMITS__API_RATE_LIMIT": WIDE, "BASTION_LIMITS__API_RATE_PERIOD_S": "3600",
-        "BASTION_LIMITS__ENDPOINT_RATE_LIMITS": json.dumps({SUBMIT_OP: int(WIDE)}),
-        "BASTION_LIMITS__BALANCE_REFRESH_AFTER_FILLS": WIDE, "BASTION_LIMITS__BALANCE_MAX_AGE_S": "3600",
-    }
-
-
-def _acked(client: redis.Redis, keys: Keys, cid: str) -> bool:
-    status = client.hget(keys.order(cid), "status")
-    return status is not None and _text(status) != OrderStatus.PENDING_SUBMIT.value
-
-
-def _cid(bar_id: str, symbol: str) -> str:
-    """The client_order_id of the order ``every_bar``'s intent on this (ordering) bar becomes."""
-    return client_order_id(intent_id(STRATEGY, symbol, bar_id, 0))
-
-
-def _prime(client: redis.Redis, keys: Keys, symbols: Sequence[str]) -> int:
-    """Publish a bar per symbol every 50 ms until each symbol had an order acknowledged; bars sent."""
-    publisher = _BarPublisher(client, keys)
-    cids: dict[str, list[str]] = {symbol: [] for symbol in symbols}
-    done: set[str] = set()
-    sent = 0
-
-    def primed() -> bool:
-        nonlocal sent
-        for symbol in symbols:
-            if symbol not in done and any(_acked(client, keys, cid) for cid in cids[symbol]):
-                done.add(symbol)
-        for symbol in symbols:
-            if symbol not in done:
-                bar_id, _, _ = publisher.publish(symbol, 0)  # number 0: an order whatever ``every``
-                cids[symbol].append(_cid(bar_id, symbol))
-                sent += 1
-        return len(done) == len(symbols)
-
-    wait_for(primed, timeout=60, interval=0.05, message="an order acknowledged for every symbol")
-    return sent
-
-
-def _drained(client: redis.Redis, stream_key: str, group: str) -> bool:
-    """``group`` has read every entry of ``stream_key`` and acknowledged it."""
-    if not client.exists(stream_key):
-        return True
-    last = client.xinfo_stream(stream_key)["last-generated-id"]
-    for info in client.xinfo_groups(stream_key):
-        if _text(info["name"]) == group:
-            return bool(info["last-delivered-id"] == last and int(info["pending"]) == 0)
-    return False
-
-
-def _stages(keys: Keys) -> list[tuple[str, str]]:
-    """(stream, group) of every stage on the path, upstream first."""
-    stages = [(keys.stream(keys.bar_partition(n)), STRATEGY_GROUP) for n in range(PARTITIONS)]
-    return [*stages, (keys.stream(INTENTS), "risk"), (keys.stream(ORDERS), "executor")]
-
-
-def _desk_drained(client: redis.Redis, keys: Keys) -> bool:
-    """Every stage on the path drained, upstream first (each writes its output before its ack)."""
-    return all(_drained(client, stream, group) for stream, group in _stages(keys))
-
-
-def _cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a live process, from ``/proc`` (None where there is none)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _redis_cpu_seconds(client: redis.Redis) -> float:
-    info = client.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+# -- the results read back from the desk ------------------------------------------------------
 
 
 def _acks(log_path: Path) -> dict[str, int]:
@@ -414,7 +289,7 @@ def _published_ms(client: redis.Redis, stream_key: str, id_field: str) -> dict[s
     entries: Any = client.xrange(stream_key, "-", "+")
     for entry_id, fields in entries:
         message = codec.decode(fields)
-        found.setdefault(str(getattr(message, id_field)), int(_text(entry_id).split("-")[0]))
+        found.setdefault(str(getattr(message, id_field)), int(text(entry_id).split("-")[0]))
     return found
 
 
@@ -424,78 +299,7 @@ def _created_at(client: redis.Redis, keys: Keys, cids: Sequence[str]) -> list[in
         for cid in cids:
             pipe.hget(keys.order(cid), "created_at")
         raw: list[Any] = pipe.execute()
-    return [None if value is None else epoch_micros(datetime.fromisoformat(_text(value))) for value in raw]
-
-
-class _Desk:
-    """The desk's processes: the paper exchange, risk, the executor, one strategy worker."""
-
-    def __init__(self, url: str, keys: Keys, workdir: Path, symbols: Sequence[str], order_every: int
-                 ) -> None:
-        self.keys = keys
-        self.workdir = workdir
-        self.exchange = PaperExchange(url, keys, workdir, env={"BASTION_PAPER_EXCHANGE__STARTING_CASH": CASH})
-        self.env = _desk_env(url, keys, self.exchange.port, symbols, order_every)
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, client: redis.Redis) -> None:
-        """Start every process and wait until the worker holds every partition and all beat."""
-        self.exchange.start()
-        assert self.exchange.proc is not None
-        self.procs["paper_exchange"] = self.exchange.proc
-        for name in ("risk", "executor"):
-            self.procs[name] = spawn(f"services.{name}", env=self.env, log=self.workdir / f"{name}.log")
-        self.procs["strategy"] = spawn("services.strategy", "--instance", "bench-strategy-0", env=self.env,
-                                       log=self.workdir / "strategy.log")
-        wait_for(lambda: len(list(client.scan_iter(match=self.keys.lease("strategy:*")))) == PARTITIONS,
-                 timeout=60, message="the strategy worker to hold every partition")
-        wait_for(lambda: all(alive_instances(client, self.keys, name) for name in ("risk", "executor")),
-                 timeout=60, message="risk and executor heartbeats")
-
-    def stop(self) -> None:
-        """SIGTERM the worker, risk and the executor, then the exchange once they have exited (so the
-        executor can finish the submit in hand); SIGKILL any still running after 30 s."""
-        stop_all([proc for name, proc in self.procs.items() if name != "paper_exchange"], timeout=30)
-        self.exchange.stop()  # also one that started but never answered
-
-    def cpu_sample(self, client: redis.Redis) -> dict[str, float | None]:
-        """CPU seconds so far of each process, and of redis-server (which also serves the bare relay)."""
-        sample = {name: _cpu_seconds(proc.pid) for name, proc in self.procs.items()}
-        sample["redis_incl_bare_relay"] = _redis_cpu_seconds(client)
-        return sample
-
-
-def _drain(client: redis.Redis, keys: Keys, symbols: Sequence[str], timeout: float
-           ) -> tuple[float | None, int]:
-    """Keep the market moving until every stage drained; (seconds it took, None at the deadline;
-    keep-alive bars published).
-
-    A bar per symbol every 100 ms goes to ``bars`` only (``shared.bus.publish``, as the tests' paper
-    exchange helper does): the exchange fills on it, risk marks it, no strategy sees it, so it makes
-    no order. Without it an order reaching the exchange after the last bar would stay open, and
-    the exchange's per-order work grows with its open orders.
-    """
-    clock = LiveClock()
-    started = time.monotonic()
-    sent = 0
-    next_bar = started
-
-    def drained() -> bool:
-        nonlocal sent, next_bar
-        if _desk_drained(client, keys):
-            return True
-        if time.monotonic() >= next_bar:
-            for symbol in symbols:
-                publish(client, keys, BARS, _bar(symbol, clock.now()))
-                sent += 1
-            next_bar += 0.1
-        return False
-
-    try:
-        wait_for(drained, timeout=timeout, interval=0.02, message="every stage of the desk to drain")
-    except AssertionError:
-        return None, sent
-    return time.monotonic() - started, sent
+    return [None if value is None else epoch_micros(datetime.fromisoformat(text(value))) for value in raw]
 
 
 # -- the figures ---------------------------------------------------------------------------------
@@ -573,7 +377,7 @@ def measure(url: str, rate: float, order_every: int, seconds: float, warmup_s: f
     count = max(int(rate * seconds), 2)
     skip = min(int(rate * warmup_s), count - 1)
     client = connect_url(url)
-    desk = _Desk(url, keys, workdir, symbols, order_every)
+    desk = Desk(url, keys, workdir, symbols, order_every)
     try:
         alone_prefix = f"{base}-alone"
         alone_jobs = [*_relay_jobs(client, url, alone_prefix, count),
@@ -581,20 +385,20 @@ def measure(url: str, rate: float, order_every: int, seconds: float, warmup_s: f
         alone = _relay_latencies(_run_processes(alone_jobs), count)[skip:]
 
         desk.start(client)
-        primed = _prime(client, keys, symbols)
+        primed = prime(client, keys, symbols)
         bare_prefix = f"{base}-bare"
         jobs = _relay_jobs(client, url, bare_prefix, count)
         jobs.append((_source, (url, keys.prefix, bare_prefix, list(symbols), count, rate)))
         cpu_before = desk.cpu_sample(client)
         results = _run_processes(jobs)
-        drain_s, keepalive = _drain(client, keys, symbols, drain_timeout)
+        drain_s, keepalive = drain(client, keys, symbols, drain_timeout)
         cutoff = epoch_micros(LiveClock().now())  # an ack logged later (while stopping) is missing
         cpu = _cpu_per_bar(cpu_before, desk.cpu_sample(client), count)
         bare = _relay_latencies(results, count)[skip:]
         sent: list[tuple[str, str, int]] = next(r["bars"] for r in results if r.get("role") == "source")
         orders = range(0, len(sent), order_every)  # the numbers of the bars that became orders
         counted = [i for i in orders if i >= skip]
-        cids = {i: _cid(sent[i][0], sent[i][1]) for i in orders}
+        cids = {i: order_cid(sent[i][0], sent[i][1]) for i in orders}
         created = _created_at(client, keys, [cids[i] for i in counted])
         grants = _submit_grants(client, keys)
         intent_ms = _published_ms(client, keys.stream(INTENTS), "id")
