@@ -9,7 +9,6 @@ environment (:func:`desk_env`), the bars published through the ingester's gate
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ from shared.heartbeat import alive_instances
 from shared.keys import BARS, INTENTS, ORDERS, Keys
 from shared.models import Bar, OrderStatus
 from tests.support.paper import KEY_ID, SECRET, PaperExchange
-from tests.support.processes import spawn, stop_all, wait_for
+from tests.support.processes import cpu_seconds, spawn, stop_all, wait_for
 
 STRATEGY = "every_bar"
 STRATEGY_MODULE = "tests.procs.every_bar_strategy"
@@ -148,15 +147,6 @@ def stages(keys: Keys) -> list[tuple[str, str]]:
 def desk_drained(client: redis.Redis, keys: Keys) -> bool:
     """Every stage on the path drained, upstream first (each writes its output before its ack)."""
     return all(drained(client, stream, group) for stream, group in stages(keys))
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a live process, from ``/proc`` (None where there is none)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def redis_cpu_seconds(client: redis.Redis) -> float:

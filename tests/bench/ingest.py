@@ -45,7 +45,7 @@ import redis
 from shared.keys import BARS, INTENTS, Keys
 from shared.redis_client import connect_url
 from shared.redis_server import RedisServer
-from tests.support.processes import free_port, spawn, stop_all, wait_for
+from tests.support.processes import cpu_seconds, free_port, spawn, stop_all, wait_for
 
 PARTITIONS = 8
 WORKERS = 2
@@ -62,15 +62,6 @@ def _id_seconds(entry_id: Any) -> float:
     return int(text.split("-")[0]) / 1000
 
 
-def _proc_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a live process, from ``/proc`` (None where there is none)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _machine_busy_seconds() -> float | None:
     """CPU seconds every core spent busy since boot, from ``/proc/stat`` (None where there is none)."""
     try:
@@ -81,7 +72,7 @@ def _machine_busy_seconds() -> float | None:
 
 
 def _workers_cpu(workers: list[subprocess.Popen[bytes]]) -> float | None:
-    seconds = [_proc_cpu_seconds(w.pid) for w in workers]
+    seconds = [cpu_seconds(w.pid) for w in workers]
     return None if any(s is None for s in seconds) else sum(s for s in seconds if s is not None)
 
 
@@ -147,7 +138,7 @@ def measure(url: str, bars: int, symbols: int, maxlen: int, workdir: Path) -> di
         wait_for(lambda: ingester.poll() is not None or client.xlen(keys.stream(BARS)) > 0, timeout=60,
                  interval=0.005, message="the first bar")
         first_written = _server_seconds(client)
-        ingester_startup = _proc_cpu_seconds(ingester.pid)
+        ingester_startup = cpu_seconds(ingester.pid)
         if ingester.wait(600) != 0:
             raise RuntimeError("ingester failed:\n" + (workdir / "ingester.log").read_text()[-2000:])
         children_after = resource.getrusage(resource.RUSAGE_CHILDREN)  # only the ingester was reaped

@@ -31,15 +31,16 @@ costs the worker its full work (decode, apply, state written back) and yields no
 k a multiple of the number of symbols every order falls on one symbol; at the defaults (25, 3
 symbols) the orders rotate over the symbols.
 
-**The desk** (its mechanics are in ``tests/bench/_desk.py``). Real OS processes, started as ``make run`` starts them, with INFO logs to files:
-the paper exchange (``services.paper_exchange``), one strategy worker (``services.strategy``,
-8 partitions, plugin ``every_bar`` from ``tests/procs/every_bar_strategy.py`` on every symbol,
-``strategy.params`` ``every`` = k: one market buy of 1 share per ordering bar), ``services.risk``
-and ``services.executor``. Not started, because they are not on the way from a bar to an order:
-the ingester (the source below publishes through the ingester's own gate instead), the
-reconciler (so the trading state stays ACTIVE), the monitor. The exchange fills a market order
-on the first bar of its symbol newer than the order, so the executor applies a fill per order
-besides each submit, as it would live.
+**The desk** (its mechanics are in ``tests/bench/_desk.py``). Real OS processes, started as
+``make run`` starts them, with INFO logs to files: the paper exchange
+(``services.paper_exchange``), one strategy worker (``services.strategy``, 8 partitions, plugin
+``every_bar`` from ``tests/procs/every_bar_strategy.py`` on every symbol, ``strategy.params``
+``every`` = k: one market buy of 1 share per ordering bar), ``services.risk`` and
+``services.executor``. Not started, because they are not on the way from a bar to an order: the
+ingester (the source below publishes through the ingester's own gate instead), the reconciler
+(so the trading state stays ACTIVE), the monitor. The exchange fills a market order on the first
+bar of its symbol newer than the order, so the executor applies a fill per order besides each
+submit, as it would live.
 
 **Bars.** A source process publishes ``BENCH_PIPELINE_RATE`` bars/s (default 500) for
 ``BENCH_PIPELINE_SECONDS`` (default 16: 300 counted orders at the defaults, so a p99 is not

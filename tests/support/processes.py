@@ -66,3 +66,12 @@ def stop_all(processes: Sequence[subprocess.Popen[bytes]], timeout: float = 10.0
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a live process, from ``/proc`` (None where there is none)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
