@@ -49,8 +49,9 @@ Equity samples for MaxDrawdown are recorded on bars, at most every ``EQUITY_SAMP
 
 Idempotent: the reservation id is the intent id (reserving it again with the same terms is a
 no-op), the client_order_id is derived from the intent id (the executor deduplicates on it), and
-the publish is applied once per intent id through :class:`~shared.bus.Idempotency` (marker and
-XADD in one MULTI). A deferred intent is not marked: its decision is published once, later.
+the publish is applied once per intent id through :meth:`shared.bus.Idempotency.publish_once`
+(marker and XADD in one script). A deferred intent is not marked: its decision is published
+once, later.
 
 Concurrency model: two threads, each one bus consumer -- intents, and bars (group ``risk-marks``,
 which keeps the portfolio's last prices current, samples equity and drains the deferred queue).
