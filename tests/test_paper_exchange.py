@@ -108,6 +108,16 @@ class TestFills:
         assert exchange.store.prices() == {"AAPL": Decimal("102"), "MSFT": Decimal("51")}
         assert exchange.on_bars([]) == 0
 
+    def test_an_order_and_its_legs_take_consecutive_sequence_numbers(self) -> None:
+        """A bracket's parent and its two legs are numbered in a row, and the next order after them."""
+        exchange, _, _ = make()
+        parent = exchange.submit(order(order_class="bracket", take_profit={"limit_price": "105"},
+                                       stop_loss={"stop_price": "95"}))
+        later = exchange.submit(order("1"))
+        legs = [leg["id"] for leg in exchange.get(parent["id"])["legs"]]
+        seqs = [exchange.store.load(i)["seq"] for i in (parent["id"], *legs, later["id"])]  # type: ignore[index]
+        assert seqs == list(range(seqs[0], seqs[0] + 4))
+
     def test_open_order_index_is_rebuilt_at_start(self) -> None:
         """Open orders written without the per-symbol index (an older book) still fill after a restart."""
         exchange, clock, _ = make()

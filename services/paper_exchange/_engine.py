@@ -37,7 +37,7 @@ import redis
 from services.paper_exchange import _render as render
 from services.paper_exchange._matching import match
 from services.paper_exchange._requests import ApiError, invalid, parse_legs, parse_order
-from services.paper_exchange._store import OPEN_STATUSES, Change, Store, credentials
+from services.paper_exchange._store import OPEN_STATUSES, Change, Store, SubmitView, credentials
 from shared.clock import Clock
 from shared.config import PaperExchangeSettings
 from shared.keys import Keys
@@ -97,7 +97,7 @@ class Exchange:
                 else:
                     short_value += value
             equity = cash + long_value + short_value
-            buying_power = max(cash - self._reserved_cash(), Decimal(0))
+            buying_power = max(cash - self._reserved_cash(self.store.open_orders(), prices), Decimal(0))
             money = {name: render.num(value) for name, value in (
                 ("cash", cash), ("buying_power", buying_power), ("regt_buying_power", buying_power),
                 ("daytrading_buying_power", buying_power), ("non_marginable_buying_power", buying_power),
@@ -122,14 +122,15 @@ class Exchange:
             now = self.clock.now()
             parent = parse_order(body, now)
             cid = parent["client_order_id"]
-            if self.store.order_id_for(cid) is not None:
+            view = self.store.submit_view(cid)
+            if view.existing is not None:
                 raise invalid("client_order_id must be unique")
-            self._check_buying_power(parent)
+            self._check_buying_power(parent, view)
             legs = parse_legs(body, parent, now)
             parent["legs"] = [leg["id"] for leg in legs]
             change = self.store.change()
-            for record in (parent, *legs):
-                record["seq"] = self.store.next_seq()
+            for record, seq in zip((parent, *legs), self.store.next_seqs(1 + len(legs)), strict=True):
+                record["seq"] = seq
                 change.orders[record["id"]] = record
             change.events.append(self._event("new", parent, now))
             change.client_ids = {record["client_order_id"]: record["id"] for record in (parent, *legs)}
@@ -140,48 +141,46 @@ class Exchange:
                      side=parent["side"], qty=parent["qty"], type=parent["type"])
             return self._render(parent)
 
-    def _check_buying_power(self, record: dict[str, Any]) -> None:
+    def _check_buying_power(self, record: dict[str, Any], view: SubmitView) -> None:
         qty = Decimal(record["qty"])
         if record["side"] == "sell":
             if self.settings.allow_short:
                 return
-            held = self.store.positions().get(record["symbol"], (Decimal(0), Decimal(0)))[0]
-            available = held - self._held_for_sells(record["symbol"])
+            held = view.positions.get(record["symbol"], (Decimal(0), Decimal(0)))[0]
+            available = held - self._held_for_sells(record["symbol"], view.open_orders)
             if qty > available:
                 raise ApiError(403, 40310000, "insufficient qty available for order (requested: "
                                               f"{render.num(qty)}, available: {render.num(available)})")
             return
-        price = self._estimate(record)
+        price = self._estimate(record, view.prices)
         if price is None:
             return  # no price seen yet for the symbol: nothing to estimate with
         cost = qty * price + qty * self.settings.commission_per_share
-        cash = self.store.cash()
-        available = cash - self._reserved_cash()
+        available = view.cash - self._reserved_cash(view.open_orders, view.prices)
         if cost > available:
             raise ApiError(403, 40310000, f"insufficient buying power (needed: {render.num(cost)}, "
                                           f"available: {render.num(available)})")
 
-    def _estimate(self, record: dict[str, Any], prices: dict[str, Decimal] | None = None) -> Decimal | None:
+    def _estimate(self, record: dict[str, Any], prices: dict[str, Decimal]) -> Decimal | None:
         limit, stop = _opt(record, "limit_price"), _opt(record, "stop_price")
-        last = (self.store.prices() if prices is None else prices).get(record["symbol"])
+        last = prices.get(record["symbol"])
         price = limit if limit is not None else stop if stop is not None else last
         if price is None:
             return None
         return price * (1 + self.settings.slippage_bps / 10000)
 
-    def _reserved_cash(self) -> Decimal:
+    def _reserved_cash(self, open_orders: list[dict[str, Any]], prices: dict[str, Decimal]) -> Decimal:
         total = Decimal(0)
-        prices = self.store.prices()
-        for record in self.store.open_orders():
+        for record in open_orders:
             if record["side"] == "buy" and record["status"] != "held":
                 price = self._estimate(record, prices)
                 if price is not None:
                     total += (Decimal(record["qty"]) - Decimal(record["filled_qty"])) * price
         return total
 
-    def _held_for_sells(self, symbol: str) -> Decimal:
+    def _held_for_sells(self, symbol: str, open_orders: list[dict[str, Any]]) -> Decimal:
         held: dict[str, Decimal] = {}  # one amount per OCO group (a bracket's two legs hold it once)
-        for record in self.store.open_orders():
+        for record in open_orders:
             if record["symbol"] == symbol and record["side"] == "sell" and record["status"] != "held":
                 group = record["parent_id"] or record["id"]
                 remaining = Decimal(record["qty"]) - Decimal(record["filled_qty"])

@@ -36,7 +36,7 @@ from services.paper_exchange import _render as render
 from shared.config import PaperExchangeSettings
 from shared.keys import Keys
 
-__all__ = ["OPEN_STATUSES", "Change", "Store", "credentials"]
+__all__ = ["OPEN_STATUSES", "Change", "Store", "SubmitView", "credentials"]
 
 OPEN_STATUSES = frozenset({"new", "partially_filled", "held", "accepted", "pending_new"})
 
@@ -55,6 +55,17 @@ def credentials(client: redis.Redis, keys: Keys, settings: PaperExchangeSettings
     client.hsetnx(key, "secret_key", secrets.token_urlsafe(30))
     stored = client.hmget(key, ["key_id", "secret_key"])
     return text(stored[0]), text(stored[1])
+
+
+@dataclass
+class SubmitView:
+    """What accepting an order decides on, read together (:meth:`Store.submit_view`)."""
+
+    existing: str | None  # the order id already using the client_order_id
+    cash: Decimal
+    prices: dict[str, Decimal]
+    positions: dict[str, tuple[Decimal, Decimal]]
+    open_orders: list[dict[str, Any]]
 
 
 @dataclass
@@ -116,11 +127,30 @@ class Store:
         return [json.loads(v) for v in self.client.hvals(self._k["orders"])]
 
     def open_orders(self) -> list[dict[str, Any]]:
-        ids = self.client.zrange(self._k["open"], 0, -1)
+        return self._load_many(self.client.zrange(self._k["open"], 0, -1))
+
+    def _load_many(self, ids: Any) -> list[dict[str, Any]]:
         if not ids:
             return []
-        raws = self.client.hmget(self._k["orders"], list(ids))  # type: ignore[arg-type]
+        raws = self.client.hmget(self._k["orders"], list(ids))
         return [json.loads(raw) for raw in raws if raw is not None]
+
+    def submit_view(self, client_order_id: str) -> SubmitView:
+        """The client_order_id's owner, cash, prices, positions and open orders: two round trips."""
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.hget(self._k["client-ids"], client_order_id)
+            pipe.hget(self._k["account"], "cash")
+            pipe.hgetall(self._k["prices"])
+            pipe.hgetall(self._k["positions"])
+            pipe.zrange(self._k["open"], 0, -1)
+            existing, cash, prices, positions, ids = pipe.execute()
+        return SubmitView(None if existing is None else text(existing), Decimal(text(cash)),
+                          _prices_from(prices), _positions_from(positions), self._load_many(ids))
+
+    def next_seqs(self, count: int) -> list[int]:
+        """``count`` consecutive acceptance sequence numbers (one round trip)."""
+        last = int(self.client.incrby(self._k["seq"], count))
+        return list(range(last - count + 1, last + 1))
 
     def index_open_orders(self) -> int:
         """Rebuild every symbol's open-order index from ``open`` (at start); the orders indexed."""
@@ -165,18 +195,11 @@ class Store:
         """Write one record outside a change (a stop's trigger flag: no event, no money)."""
         self.client.hset(self._k["orders"], record["id"], json.dumps(record))
 
-    def next_seq(self) -> int:
-        return int(self.client.incr(self._k["seq"]))
-
     def positions(self) -> dict[str, tuple[Decimal, Decimal]]:
-        result = {}
-        for symbol, raw in self.client.hgetall(self._k["positions"]).items():
-            data = json.loads(raw)
-            result[text(symbol)] = (Decimal(data["qty"]), Decimal(data["avg"]))
-        return result
+        return _positions_from(self.client.hgetall(self._k["positions"]))
 
     def prices(self) -> dict[str, Decimal]:
-        return {text(k): Decimal(text(v)) for k, v in self.client.hgetall(self._k["prices"]).items()}
+        return _prices_from(self.client.hgetall(self._k["prices"]))
 
     def commit(self, change: Change) -> None:
         """Write ``change`` in one MULTI/EXEC."""
@@ -210,3 +233,17 @@ class Store:
                 pipe.execute()
         finally:
             self._staged = {}
+
+
+def _positions_from(raw: Any) -> dict[str, tuple[Decimal, Decimal]]:
+    """symbol -> (quantity, average entry), from HGETALL of the positions hash."""
+    result = {}
+    for symbol, value in raw.items():
+        data = json.loads(value)
+        result[text(symbol)] = (Decimal(data["qty"]), Decimal(data["avg"]))
+    return result
+
+
+def _prices_from(raw: Any) -> dict[str, Decimal]:
+    """symbol -> last close, from HGETALL of the prices hash."""
+    return {text(k): Decimal(text(v)) for k, v in raw.items()}
