@@ -212,8 +212,7 @@ class Portfolio:
     def queue_reads(self, pipe: Pipeline) -> None:
         """Queue on ``pipe`` the snapshot and marks reads, in that order (for a caller batching
         reads; :meth:`snapshot_from`, :meth:`marks_from`)."""
-        names = [self.keys.portfolio(self.account),
-                 *(self.keys.portfolio_part(self.account, part) for part in _PARTS)]
+        names = self._keys[:5]  # the state hash and its parts, as read_state reads them
         pipe.eval(FULL_READ_SCRIPT, len(names), *names, "0")  # EVAL: no NOSCRIPT to recover from
         pipe.hgetall(self.keys.portfolio_part(self.account, "marks"))
 
