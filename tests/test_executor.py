@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -21,6 +22,7 @@ from shared.keys import ALERTS, ORDER_EVENTS, ORDERS, Keys
 from shared.models import Fill, Order, OrderEvent, OrderStatus, OrderType, Side
 from shared.protections import Protections
 from shared.trading_state import KillSwitch
+from tests.support.processes import wait_for
 
 T0 = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)
 KEYS = Keys("t")
@@ -124,6 +126,31 @@ class TestSubmission:
         world.deliver(deliveries=3)
         assert world.status() == "rejected"
         assert world.executor.portfolio.snapshot().reserved == 0
+
+
+class TestConcurrency:
+    def test_submit_does_not_wait_for_events_being_applied(self, world: World) -> None:
+        """While the order's symbol is busy applying another event, the order is still submitted;
+        only the application of the submit's reply waits for it."""
+        busy = world.executor._symbol_lock("AAPL")
+        busy.acquire()
+        try:
+            worker = threading.Thread(target=world.deliver, daemon=True)
+            worker.start()
+            wait_for(lambda: [c.method for c in world.broker.calls] == ["submit"], timeout=10,
+                     message="the submit, made while the symbol's lock is held")
+            assert world.status() == "pending_submit"  # its reply waits for the lock
+        finally:
+            busy.release()
+        worker.join(timeout=10)
+        assert not worker.is_alive()
+        assert world.status() == "new"
+
+    def test_events_of_one_symbol_share_a_lock_and_other_symbols_do_not(self, world: World) -> None:
+        """A symbol's events are serialised on one lock; another symbol has its own."""
+        executor = world.executor
+        assert executor._symbol_lock("AAPL") is executor._symbol_lock("AAPL")
+        assert executor._symbol_lock("AAPL") is not executor._symbol_lock("MSFT")
 
 
 class TestFills:

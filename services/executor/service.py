@@ -37,8 +37,10 @@ accepted; a flatten order's client_order_id is deterministic, so the broker neve
 Not done here: broker calls are not yet rate limited through :mod:`shared.rate_limit`.
 
 Concurrency model: three threads -- the order consumer, the trade-update reader and the
-trading-state poller -- serialised on one lock around each order's record. Run one executor per
-account.
+trading-state poller. The events of one symbol's orders are applied one at a time (a lock per
+symbol: a fill reads the position it changes, to know what it reduced); a submit takes no lock
+(its record is created by one atomic script), so a new order never waits for another order's
+fill to be applied. Run one executor per account.
 """
 
 from __future__ import annotations
@@ -109,7 +111,8 @@ class Executor:
         self.protections = Protections(client, keys, settings.protections, clock)
         self.activity = AccountActivity(client, keys, settings.portfolio.account)
         self.acted_key = f"{keys.trading_state}:acted"
-        self._lock = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}  # one per symbol, made under _locks_guard
+        self._locks_guard = threading.Lock()
 
     # -- orders -------------------------------------------------------------------------------
 
@@ -119,11 +122,10 @@ class Executor:
         order = delivery.message
         if not isinstance(order, Order):
             return
-        with self._lock:
-            record, status = self._create_record(order)
-            if record and record["status"] != OrderStatus.PENDING_SUBMIT:
-                log.info("executor.duplicate_order", status=record["status"])
-                return
+        record, status = self._create_record(order)
+        if record and record["status"] != OrderStatus.PENDING_SUBMIT:
+            log.info("executor.duplicate_order", status=record["status"])
+            return
         refusal = None if bypass_state else self._trading_state_refusal(order, status)
         if refusal is not None:
             self._give_up(order, OrderStatus.REJECTED, refusal)
@@ -208,7 +210,7 @@ class Executor:
 
     def apply_event(self, event: OrderEvent) -> None:
         """Apply an order event: the fill increase (once), the status, the release when terminal."""
-        with self._lock, bind_correlation(client_order_id=event.client_order_id):
+        with self._symbol_lock(event.symbol), bind_correlation(client_order_id=event.client_order_id):
             record = self._record(event.client_order_id)
             if not record:
                 log.warning("executor.unknown_order_event", status=event.status.value)
@@ -229,6 +231,12 @@ class Executor:
             if changed:
                 self.publisher.publish(ORDER_EVENTS, event.model_copy(update={
                     "status": new_status, "intent_id": record.get("intent_id"), "time": self.clock.now()}))
+
+    def _symbol_lock(self, symbol: str) -> threading.Lock:
+        """The lock that serialises the events of ``symbol``'s orders (a fill reads the position
+        it changes); other symbols' events, and submits, do not wait for it."""
+        with self._locks_guard:
+            return self._locks.setdefault(symbol, threading.Lock())
 
     def _apply_fill_increase(self, event: OrderEvent, record: dict[str, str]) -> bool:
         applied_qty = Decimal(record["applied_qty"])
