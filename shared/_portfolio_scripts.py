@@ -29,8 +29,11 @@ CONFLICT = "CONFLICT"
 # returns {"ok", new version, ledger entry id, released} once written, or {"dup", version, "",
 #         released} when this operation id was the last one applied (released: 1 if the lock was
 #         still the writer's and is now free, 0 if its lease had expired); refuses, changing
-#         nothing, with an error reply "STALE_FENCE <token> <newest>" (token below the newest
-#         accepted or the fence counter) or "CONFLICT <expected> <actual>" (the version moved since the read)
+#         nothing, with {"STALE_FENCE", token, newest} (token below the newest accepted or the
+#         fence counter) or {"CONFLICT", expected, actual} (the version moved since the read).
+#         A refusal is a plain reply, not an error reply, so that commands pipelined behind the
+#         write still get theirs (fakeredis's TCP server drops the connection after an error reply
+#         that has more commands behind it).
 WRITE_SCRIPT = """
 local unpack = unpack or table.unpack
 local state = KEYS[1]
@@ -49,10 +52,10 @@ local token = tonumber(ARGV[1])
 local newest = math.max(tonumber(redis.call('hget', state, 'fence') or '0'),
                         tonumber(redis.call('get', KEYS[7]) or '0'))
 if token < newest then
-    return redis.error_reply('STALE_FENCE ' .. ARGV[1] .. ' ' .. newest)
+    return {'STALE_FENCE', ARGV[1], tostring(newest)}
 end
 if version ~= tonumber(ARGV[2]) then
-    return redis.error_reply('CONFLICT ' .. ARGV[2] .. ' ' .. version)
+    return {'CONFLICT', ARGV[2], tostring(version)}
 end
 local i = 5
 local function take(count)

@@ -16,6 +16,7 @@ import copy
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation, localcontext
+from typing import Any
 
 from shared.errors import (
     FillRefused,
@@ -133,6 +134,7 @@ class Outcome:
     realized: Decimal = ZERO        # realized PnL of a fill
     completed: bool = False         # the reservation closed (filled or released)
     duplicate: bool = False         # a fill id already applied, or a release of a closed reservation
+    followed: tuple[Any, ...] | None = None  # replies of the commands queued after the write (None: none ran)
 
 
 def apply_entry(state: State, entry: Mapping[str, str], *, allow_short: bool) -> Outcome:

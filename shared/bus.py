@@ -61,7 +61,7 @@ from shared.errors import CodecError, HandlerRejected, RedisUnavailable
 from shared.keys import Keys
 from shared.logging import bind_correlation, get_logger
 from shared.models import Message, model_fields_for_log
-from shared.redis_client import script
+from shared.redis_client import reply_text, script
 
 __all__ = [
     "Consumer",
@@ -94,7 +94,7 @@ Handler = Callable[[Delivery], None]
 def publish(client: redis.Redis, keys: Keys, stream: str, message: Message) -> str:
     """XADD ``message`` to ``stream`` (no trimming: for low-volume publishers); return its entry id."""
     entry_id = client.xadd(keys.stream(stream), codec.encode(message))  # type: ignore[arg-type]
-    return _text(entry_id)
+    return reply_text(entry_id)
 
 
 class Publisher:
@@ -314,7 +314,7 @@ class Consumer:
 
     def _ensure_group(self) -> None:
         if self.client.exists(self.stream_key):  # avoid the BUSYGROUP error reply in the common case
-            names = {_text(group["name"]) for group in self.client.xinfo_groups(self.stream_key)}
+            names = {reply_text(group["name"]) for group in self.client.xinfo_groups(self.stream_key)}
             if self.group in names:
                 return
         try:
@@ -349,7 +349,7 @@ class Consumer:
         """Re-run entries left pending under this consumer's name (a restart with the same name)."""
         while not stop.is_set():
             own = self._read("0", self.settings.batch, None)
-            entries = [e for e in own if _text(e[0]) not in self._failed]
+            entries = [e for e in own if reply_text(e[0]) not in self._failed]
             if not entries:
                 return
             self._handle_all(entries, fresh=False)
@@ -359,7 +359,7 @@ class Consumer:
         self._flush_acks()
         pending = self.client.xpending_range(self.stream_key, self.group, "-", "+", self.settings.batch,
                                              consumername=self.name)
-        ids = (_text(row["message_id"]) for row in pending)
+        ids = (reply_text(row["message_id"]) for row in pending)
         lost: list[Any] = [entry_id for entry_id in ids if entry_id not in self._failed]
         if not lost:
             return False
@@ -375,20 +375,20 @@ class Consumer:
                                        self.settings.claim_idle_ms, "0-0", count=self.settings.batch)
         claimed = list(reply[1])
         entries = [e for e in claimed if e and e[0] is not None]
-        deleted = [_text(i) for i in reply[2]] if len(reply) > 2 else []  # Redis 7+: trimmed ids
+        deleted = [reply_text(i) for i in reply[2]] if len(reply) > 2 else []  # Redis 7+: trimmed ids
         if not claimed and not deleted:
             return False
         self._log.info("bus.claimed", count=len(entries), deleted=len(deleted))
         for entry_id in deleted:
             self._dead_letter(entry_id, {}, "entry was trimmed or deleted while pending", 0)
-        self._failed.difference_update(_text(e[0]) for e in entries)
-        self._handle_or_lose([_text(e[0]) for e in entries], entries)
+        self._failed.difference_update(reply_text(e[0]) for e in entries)
+        self._handle_or_lose([reply_text(e[0]) for e in entries], entries)
         if len(entries) < len(claimed):  # Redis 6.2: a deleted entry comes back as nil, id unknown
             self._recover_lost_replies()
         return True
 
     def _handle_or_lose(self, ids: Sequence[str], entries: Sequence[Any]) -> None:
-        by_id = {_text(e[0]): e for e in entries if e and e[0] is not None}
+        by_id = {reply_text(e[0]): e for e in entries if e and e[0] is not None}
         present = [by_id[i] for i in ids if i in by_id]
         for entry_id in ids:
             if entry_id not in by_id:  # XCLAIM drops ids whose entry no longer exists
@@ -405,10 +405,10 @@ class Consumer:
         the pending list. That keeps at-least-once: a crash before the XACK redelivers at most
         this batch, which idempotent handlers absorb.
         """
-        counts = {} if fresh else self._delivery_counts([_text(e[0]) for e in entries])
+        counts = {} if fresh else self._delivery_counts([reply_text(e[0]) for e in entries])
         handled = []
         for raw_id, fields in entries:
-            entry_id = _text(raw_id)
+            entry_id = reply_text(raw_id)
             if self._handle(entry_id, fields or {}, counts.get(entry_id, 1)):
                 handled.append(entry_id)
         if self.flush is not None and handled:
@@ -434,7 +434,7 @@ class Consumer:
         lo, hi = min(ids, key=_id_tuple), max(ids, key=_id_tuple)
         rows = self.client.xpending_range(self.stream_key, self.group, lo, hi, len(ids) + 16,
                                           consumername=self.name)
-        return {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
+        return {reply_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
 
     def _handle(self, entry_id: str, fields: Mapping[bytes, bytes], deliveries: int) -> bool:
         """Run the handler on one entry; True when it succeeded and the entry is to be acknowledged."""
@@ -490,13 +490,16 @@ class Consumer:
         self._log.error("bus.dead_lettered", entry_id=entry_id, reason=reason, deliveries=deliveries)
 
 
-# KEYS[1] = the marker applied:<scope>:<id>; KEYS[2] = the stream
-# ARGV[1] = the marker's ttl (s); ARGV[2] = the stream's approximate maxlen; ARGV[3..] = field, value, ...
-# returns the new entry id, or false when the marker was set already (nothing added)
+# KEYS[1] = the marker applied:<scope>:<id>; KEYS[2] = the stream; KEYS[3] (optional) = a hash
+# ARGV[1] = the marker's ttl (s); ARGV[2] = the stream's approximate maxlen; ARGV[3] = the field
+# KEYS[3] must hold ("" without KEYS[3]); ARGV[4..] = field, value, ...
+# returns the new entry id; false when the marker was set already; -1 when KEYS[3] lacks the
+# field ARGV[3] (nothing added or marked in either case)
 _PUBLISH_ONCE = """
 local unpack = unpack or table.unpack
+if #KEYS > 2 and redis.call('HEXISTS', KEYS[3], ARGV[3]) == 0 then return -1 end
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
-    return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+    return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 4))
 end
 return false
 """
@@ -533,10 +536,31 @@ class Idempotency:
         run = script(self.client, _PUBLISH_ONCE)
         try:
             added = run(keys=[self.keys.applied(self.scope, message_id), stream_key],
-                        args=[self.ttl_s, maxlen, *flat], client=self.client)
+                        args=[self.ttl_s, maxlen, "", *flat], client=self.client)
         except _REDIS_DOWN as exc:
             raise RedisUnavailable(f"publish_once({message_id!r}) failed: {exc}") from exc
         return bool(added)
+
+    def queue_publish_once(self, pipe: Pipeline, message_id: str, stream_key: str,
+                           fields: Mapping[str, str | bytes], maxlen: int, *, provided: tuple[str, str]
+                           ) -> None:
+        """Queue on ``pipe`` :meth:`publish_once`'s script, applied only while the hash
+        ``provided[0]`` has the field ``provided[1]`` (for a publish sent behind the write that
+        creates that field, in the same round trip); read its reply with :meth:`published`."""
+        hash_key, hash_field = provided
+        flat = [x for pair in fields.items() for x in pair]
+        keys = [self.keys.applied(self.scope, message_id), stream_key, hash_key]
+        pipe.eval(_PUBLISH_ONCE, len(keys), *keys, self.ttl_s, maxlen, hash_field, *flat)
+
+    @staticmethod
+    def published(reply: Any) -> bool | None:
+        """A queued publish's reply: True (added), False (already applied), None (the field was
+        missing: nothing added)."""
+        if isinstance(reply, Exception):
+            raise reply
+        if reply == -1:
+            return None
+        return bool(reply)
 
     def apply_once(self, message_id: str, effect: Callable[[Pipeline], None]) -> bool:
         """Queue ``effect``'s writes and the marker in one transaction; False if already applied."""
@@ -558,15 +582,11 @@ class Idempotency:
                     raise RedisUnavailable(f"apply_once({message_id!r}) failed: {exc}") from exc
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
 
 def _id_tuple(entry_id: Any) -> tuple[int, int]:
-    ms, _, seq = _text(entry_id).partition("-")
+    ms, _, seq = reply_text(entry_id).partition("-")
     return int(ms), int(seq or 0)
 
 
 def _id_text(entry_id: tuple[int, int]) -> str:
     return f"{entry_id[0]}-{entry_id[1]}"
-

@@ -48,8 +48,8 @@ A ledger entry holds the operation's inputs (enough to replay it) and, for a rea
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
@@ -80,6 +80,7 @@ from shared.keys import Keys
 from shared.locks import FencedLock, LockedRead
 from shared.logging import get_logger
 from shared.models import Fill, Side
+from shared.redis_client import reply_text
 
 __all__ = [
     "Outcome",
@@ -163,11 +164,16 @@ class Portfolio:
                             precheck=lambda s: Outcome(changed=False, duplicate=True) if s.opened else None)
 
     def reserve(self, reservation_id: str, symbol: str, side: Side | str, quantity: Decimal,
-                price: Decimal) -> Outcome:
+                price: Decimal, *, then: Callable[[Pipeline], None] | None = None) -> Outcome:
         """Hold cash for a buy (quantity x price + the fee buffer) or quantity for a sell.
 
         ``outcome.amount`` is what is held. InsufficientFunds / InsufficientPosition when it cannot
         be covered. Reserving an id again with the same terms returns the open reservation.
+
+        ``then`` queues commands to send right behind the write, in its round trip (not in its
+        transaction: they run even if the write is refused, so they must check for themselves
+        that the reservation exists, in :attr:`reservations_key`); their replies are
+        ``outcome.followed``, None when nothing was written (a refusal or the open reservation).
         """
         side = Side(side)
         entry = {"op": "reserve", "rid": _id(reservation_id), "side": side.value, "symbol": symbol,
@@ -185,7 +191,7 @@ class Portfolio:
             return Outcome(changed=False, symbol=symbol, reservation_id=reservation_id,
                            amount=existing.held, duplicate=True)
 
-        return self._mutate(entry, rid=reservation_id, precheck=already)
+        return self._mutate(entry, rid=reservation_id, precheck=already, then=then)
 
     def release(self, reservation_id: str, reason: str = "released") -> Outcome:
         """Give back what a reservation still holds (cancel, reject, expiry); ``outcome.amount``."""
@@ -248,12 +254,18 @@ class Portfolio:
 
     # -- the protocol -------------------------------------------------------------------------
 
-    def _mutate(self, entry: dict[str, str], *, rid: str | None = None, fill_id: str | None = None,
-                precheck: Any = None) -> Outcome:
-        entry = {**entry, "account": self.account, "op_id": uuid.uuid4().hex}
-        return self._locked(entry, rid, fill_id, precheck)
+    @property
+    def reservations_key(self) -> str:
+        """The hash of the open reservations, by reservation id."""
+        return self._keys[2]
 
-    def _locked(self, entry: dict[str, str], rid: str | None, fill_id: str | None, precheck: Any) -> Outcome:
+    def _mutate(self, entry: dict[str, str], *, rid: str | None = None, fill_id: str | None = None,
+                precheck: Any = None, then: Callable[[Pipeline], None] | None = None) -> Outcome:
+        entry = {**entry, "account": self.account, "op_id": uuid.uuid4().hex}
+        return self._locked(entry, rid, fill_id, precheck, then)
+
+    def _locked(self, entry: dict[str, str], rid: str | None, fill_id: str | None, precheck: Any,
+                then: Callable[[Pipeline], None] | None) -> Outcome:
         """Lock (reading the state in the same round trip, after the lock is taken), decide, write."""
         lock = FencedLock.from_settings(self.redis, self.keys, lock_resource(self.account),
                                         self.lock_settings, self.clock)
@@ -270,11 +282,11 @@ class Portfolio:
             self._release_quietly(lock)
             return outcome
         try:
-            self._commit(lock, token, state, entry, outcome)
+            followed = self._commit(lock, token, state, entry, outcome, then)
         except PortfolioError:  # refused: nothing was written and the lock is still held
             self._release_quietly(lock)
             raise
-        return outcome
+        return outcome if then is None else replace(outcome, followed=followed)
 
     def _release_quietly(self, lock: FencedLock) -> None:
         try:
@@ -283,8 +295,9 @@ class Portfolio:
             log.warning("portfolio.lock_release_failed", account=self.account, error=str(exc))
 
     def _commit(self, lock: FencedLock, token: int, state: State, entry: dict[str, str],
-                outcome: Outcome) -> None:
-        """Write ``state``'s changed parts and ``entry`` atomically under ``token``, releasing the lock.
+                outcome: Outcome, then: Callable[[Pipeline], None] | None = None) -> tuple[Any, ...]:
+        """Write ``state``'s changed parts and ``entry`` atomically under ``token``, releasing the lock;
+        the replies of what ``then`` queued behind the write.
 
         Raises StaleFencingToken / PortfolioConflict if the script refused (nothing written, the
         lock still held), or RedisUnavailable if the round trip failed (the write may or may not
@@ -312,28 +325,40 @@ class Portfolio:
         if outcome.fill_id:
             ledger["realized"] = fmt(outcome.realized)
         args += [len(ledger), *(x for pair in ledger.items() for x in pair)]
+        followed: tuple[Any, ...] = ()
         try:
-            result = self._write(keys=self._keys, args=args, client=self.redis)
+            if then is None:
+                result = self._write(keys=self._keys, args=args, client=self.redis)
+            else:
+                with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.eval(WRITE_SCRIPT, len(self._keys), *self._keys, *args)  # EVAL: no SCRIPT EXISTS
+                    then(pipe)
+                    result, *rest = pipe.execute(raise_on_error=False)
+                if isinstance(result, redis.ResponseError):
+                    raise result
+                followed = tuple(rest)
         except redis.ResponseError as exc:
-            raise self._refusal(exc, token) from exc
+            raise PortfolioError(self.account, f"write refused: {exc}") from exc
         except _REDIS_DOWN as exc:
             lock.released_by_store()
             raise RedisUnavailable(f"portfolio {self.account!r}: write of {entry['op']} failed, it may or "
                                    f"may not have been applied; retry the same call: {exc}") from exc
+        verdict = reply_text(result[0])
+        if verdict in (STALE_FENCE, CONFLICT):  # refused: nothing written, the lock still held
+            raise self._refusal(verdict, int(result[1]), int(result[2]))
         lock.released_by_store()
         if not int(result[3]):  # accepted, so the fence counter had not moved: nobody took the lock
             log.warning("portfolio.lease_expired_during_write", account=self.account, token=token)
+        return followed
 
-    def _refusal(self, exc: redis.ResponseError, token: int) -> PortfolioError:
-        """The typed error for the script's refusal (its error reply names the reason)."""
-        words = str(exc).split()
-        if words and words[0] == STALE_FENCE:
-            log.warning("portfolio.stale_fence_refused", account=self.account, token=token, newest=words[2])
-            return StaleFencingToken(self.account, token, int(words[2]))
-        if words and words[0] == CONFLICT:
-            return PortfolioConflict(self.account, f"state version moved from {words[1]} to {words[2]} "
-                                                   "between read and write")
-        return PortfolioError(self.account, f"write refused: {exc}")
+    def _refusal(self, verdict: str, sent: int, found: int) -> PortfolioError:
+        """The typed error for the write script's refusal: ``verdict``, what the writer sent (its
+        token or the version it read) and what the store has (the newest token or the version)."""
+        if verdict == STALE_FENCE:
+            log.warning("portfolio.stale_fence_refused", account=self.account, token=sent, newest=found)
+            return StaleFencingToken(self.account, sent, found)
+        return PortfolioConflict(self.account,
+                                 f"state version moved from {sent} to {found} between read and write")
 
 
 def read_state(client: redis.Redis, keys: Keys, account: str, *, history: bool = False) -> State:

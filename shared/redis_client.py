@@ -41,6 +41,11 @@ return 0
 """
 
 
+def reply_text(value: Any) -> str:
+    """A Redis reply (bytes, or str under ``decode_responses``) as str."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def script(client: redis.Redis, text: str) -> Any:
     """The Script for Lua ``text``, registered once per process.
 

@@ -415,6 +415,27 @@ class TestIdempotency:
         assert len(entries) == 1 and codec.decode(entries[0][1]) == codec.decode(fields)
         assert once.seen("m1") and 0 < redis_client.ttl(keys.applied("scope", "m1")) <= 60
 
+    def test_queued_publish_needs_its_hash_field(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """A queued publish with a condition adds nothing and sets no marker while the hash lacks the
+        field, then publishes once it is there, and once only."""
+        once = Idempotency(redis_client, keys, "scope", ttl_s=60)
+        stream, held = keys.stream("out"), f"{keys.prefix}:held"
+        fields = codec.encode(Alert(time=LiveClock().now(), severity=AlertSeverity.INFO, source="t", kind="k",
+                                    text="x"))
+
+        def publish() -> bool | None:
+            with redis_client.pipeline(transaction=False) as pipe:
+                once.queue_publish_once(pipe, "m1", stream, fields, 1000, provided=(held, "r1"))
+                [reply] = pipe.execute(raise_on_error=False)
+            return once.published(reply)
+
+        assert publish() is None
+        assert redis_client.xlen(stream) == 0 and not once.seen("m1")
+        redis_client.hset(held, "r1", "x")
+        assert publish() is True
+        assert publish() is False
+        assert redis_client.xlen(stream) == 1 and once.seen("m1")
+
     def test_scopes_are_independent(self, redis_client: redis.Redis, keys: Keys) -> None:
         """The same message id is applied once in each scope."""
         for scope in ("risk", "executor"):

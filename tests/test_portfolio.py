@@ -15,6 +15,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from shared.bus import Idempotency
 from shared.cli import main as cli_main
 from shared.clock import LiveClock, SimulatedClock
 from shared.config import LockSettings, PortfolioSettings
@@ -223,11 +224,12 @@ class _Hooked(Portfolio):
 
     before_write: Any = None
 
-    def _commit(self, lock: FencedLock, token: int, state: Any, entry: Any, outcome: Any) -> None:
+    def _commit(self, lock: FencedLock, token: int, state: Any, entry: Any, outcome: Any,
+                then: Any = None) -> tuple[Any, ...]:
         if self.before_write is not None:
             hook, self.before_write = self.before_write, None
             hook()
-        super()._commit(lock, token, state, entry, outcome)
+        return super()._commit(lock, token, state, entry, outcome, then)
 
 
 class TestWriteRefusals:
@@ -244,6 +246,29 @@ class TestWriteRefusals:
         assert not redis_client.exists(keys.lock(lock_resource("acct")))
         assert book.reserve("r1", "AAPL", "buy", D(1), D(10)).changed
         assert verify(redis_client, keys, "acct", allow_short=False).ok
+
+    def test_commands_queued_behind_a_write_see_it_and_a_refused_write_publishes_nothing(
+            self, redis_client: redis.Redis, keys: Keys) -> None:
+        """A publish queued behind the reservation's write (``then``) goes out with it; behind a
+        refused write it finds no reservation and adds nothing; an open reservation queues nothing."""
+        book = handle(redis_client, keys, cls=_Hooked)
+        book.open(D(10000))
+        once = Idempotency(redis_client, keys, "risk", ttl_s=60)
+        stream = keys.stream("orders")
+        fields = {"k": "v"}
+
+        def publish(pipe: Any) -> None:
+            once.queue_publish_once(pipe, "r1", stream, fields, 1000, provided=(book.reservations_key, "r1"))
+
+        book.before_write = lambda: redis_client.incr(keys.fence(lock_resource("acct")))  # type: ignore[attr-defined]
+        with pytest.raises(StaleFencingToken):
+            book.reserve("r1", "AAPL", "buy", D(1), D(10), then=publish)
+        assert redis_client.xlen(stream) == 0 and not once.seen("r1")
+        outcome = book.reserve("r1", "AAPL", "buy", D(1), D(10), then=publish)
+        assert outcome.followed is not None and once.published(outcome.followed[0]) is True
+        assert redis_client.xlen(stream) == 1
+        again = book.reserve("r1", "AAPL", "buy", D(1), D(10), then=publish)
+        assert again.duplicate and again.followed is None
 
     def test_version_moved_refused(self, redis_client: redis.Redis, keys: Keys) -> None:
         """A state version that moved between read and write makes the script refuse (PortfolioConflict)."""

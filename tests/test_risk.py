@@ -122,6 +122,16 @@ class TestApproval:
         assert len(desk.orders()) == 1
         assert desk.risk.portfolio.snapshot().reserved == Decimal("1501.5")
 
+    def test_intent_reserved_but_never_published_is_published_on_redelivery(self, desk: Desk) -> None:
+        """A delivery that died after the reservation's write but before its order went out (the
+        reservation is there, no order, no marker) publishes the order on the next delivery."""
+        wish = intent()
+        desk.risk.portfolio.reserve(wish.id, "AAPL", Side.BUY, Decimal(10), Decimal(150))
+        desk.send(wish)
+        [order] = desk.orders()
+        assert order.reservation_id == wish.id
+        assert desk.risk.portfolio.snapshot().reserved == Decimal("1501.5")
+
     def test_limit_price_is_rounded_never_worse(self, desk: Desk) -> None:
         """A buy limit of 150.129 goes out at 150.12 (a tick down), a sub-dollar one to $0.0001."""
         desk.send(intent(order_type=OrderType.LIMIT, limit_price=Decimal("150.129")))

@@ -72,6 +72,7 @@ from datetime import datetime, timedelta
 from decimal import ROUND_DOWN, Decimal
 
 import redis
+from redis.client import Pipeline
 
 from services.risk._account import AccountView, Reads, client_order_id
 from shared import codec
@@ -172,14 +173,15 @@ class RiskService:
 
     def _decide_and_publish(self, intent: Intent, queued: DeferredIntent | None, reads: Reads) -> None:
         try:
-            order = self.decide(intent, reads)
+            order, published = self.decide(intent, reads)
         except BaseException as exc:
             self._refund(reads)
             if not isinstance(exc, (Deferred, Refused)):
                 raise
             self._refused(intent, queued, exc)
             return
-        self._publish_once(intent.id, order, ORDERS)
+        if not published:  # the reservation was there already (a redelivery): publish it now
+            self._publish_once(intent.id, order, ORDERS)
         log.info("risk.approved", client_order_id=order.client_order_id, quantity=str(order.quantity),
                  side=order.side.value, deferred=queued is not None)
 
@@ -197,10 +199,13 @@ class RiskService:
         self._publish_once(intent.id, rejection, REJECTIONS)
         log.info("risk.rejected", reason=reason)
 
-    def decide(self, intent: Intent, reads: Reads) -> Order:
+    def decide(self, intent: Intent, reads: Reads) -> tuple[Order, bool]:
         """The order ``intent`` becomes, with its reservation made; Refused or Deferred otherwise.
 
-        ``reads``: what :meth:`AccountView.read` returned for it.
+        ``reads``: what :meth:`AccountView.read` returned for it. The order is published on
+        ``orders`` in the round trip of the reservation's write, provided the reservation is
+        there (the second value says whether that happened: not when the reservation was made
+        before, by an earlier delivery of the intent).
         """
         book = reads.book
         held = book.positions.get(intent.symbol)
@@ -234,17 +239,25 @@ class RiskService:
                 raise Deferred(f"{reason} (counting pending orders)")
             raise Refused(reason)
         _refuse_if(reads.admission)
-        self._reserve(intent, book, quantity, price)
-        return Order(time=self.clock.now(), intent_id=intent.id, client_order_id=client_order_id(intent.id),
-                     account=self.portfolio.account, symbol=intent.symbol, side=intent.side,
-                     quantity=quantity, order_type=intent.order_type,
-                     limit_price=prepared.limit_price,
-                     stop_price=intent.stop_price, time_in_force=intent.time_in_force,
-                     reservation_id=intent.id)
+        order = Order(time=self.clock.now(), intent_id=intent.id, client_order_id=client_order_id(intent.id),
+                      account=self.portfolio.account, symbol=intent.symbol, side=intent.side,
+                      quantity=quantity, order_type=intent.order_type,
+                      limit_price=prepared.limit_price,
+                      stop_price=intent.stop_price, time_in_force=intent.time_in_force,
+                      reservation_id=intent.id)
+        return order, self._reserve(intent, book, order, price)
 
-    def _reserve(self, intent: Intent, book: Snapshot, quantity: Decimal, price: Decimal) -> None:
+    def _reserve(self, intent: Intent, book: Snapshot, order: Order, price: Decimal) -> bool:
+        """Reserve what ``order`` needs and publish it behind the write; True if it was published."""
+        def publish(pipe: Pipeline) -> None:
+            self.once.queue_publish_once(pipe, intent.id, self.keys.stream(ORDERS), codec.encode(order),
+                                         self.settings.bus.maxlen,
+                                         provided=(self.portfolio.reservations_key, intent.id))
+
+        quantity = order.quantity
         try:
-            self.portfolio.reserve(intent.id, intent.symbol, intent.side, quantity, price)
+            outcome = self.portfolio.reserve(intent.id, intent.symbol, intent.side, quantity, price,
+                                             then=publish)
         except InsufficientFunds as exc:
             reason = str(exc).split(": ", 1)[-1]
             needed = quantity * price * (1 + self.settings.portfolio.fee_buffer_bps / Decimal(10_000))
@@ -255,6 +268,11 @@ class RiskService:
             raise Refused(str(exc).split(": ", 1)[-1]) from exc
         except PortfolioError as exc:
             raise Refused(str(exc)) from exc
+        if outcome.followed is None:
+            return False  # the reservation was open already: nothing was written or queued
+        if self.once.published(outcome.followed[0]) is None:  # cannot be: the write just made it
+            raise RuntimeError(f"order of intent {intent.id} not published: its reservation is missing")
+        return True
 
     def _round(self, intent: Intent, quantity: Decimal, price: Decimal) -> PreparedOrder:
         result = SymbolProperties(intent.symbol).prepare(intent.side, quantity, intent.limit_price,
