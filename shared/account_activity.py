@@ -38,6 +38,7 @@ from redis.client import Pipeline
 from shared.errors import RedisUnavailable
 from shared.keys import Keys
 from shared.limits import trading_day
+from shared.redis_client import reply_text
 
 __all__ = ["AccountActivity", "Balance", "pending_day_trades"]
 
@@ -88,7 +89,7 @@ class AccountActivity:
     @staticmethod
     def balance_from(raw: Any) -> Balance:
         """The balance in a reply of the balance read."""
-        fields = {_text(k): _text(v) for k, v in raw.items()}
+        fields = {reply_text(k): reply_text(v) for k, v in raw.items()}
 
         def money(name: str) -> Decimal | None:
             return Decimal(fields[name]) if name in fields else None
@@ -141,7 +142,7 @@ class AccountActivity:
     @staticmethod
     def opened_from(raw: Any) -> dict[str, Decimal]:
         """What was opened today, from a reply of the opened-today read."""
-        return {_text(k): _dec(v) for k, v in raw.items() if _dec(v)}
+        return {reply_text(k): _dec(v) for k, v in raw.items() if _dec(v)}
 
     def day_trades(self, now: datetime) -> list[date]:
         """The trading day of each completed day trade within the last ``DAY_TRADE_WINDOW_DAYS``."""
@@ -177,11 +178,8 @@ def _day(stamp: int) -> date:
 
 
 def _dec(value: Any) -> Decimal:
-    return Decimal(_text(value)) if value is not None else _ZERO
+    return Decimal(reply_text(value)) if value is not None else _ZERO
 
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _call(fn: Any) -> Any:

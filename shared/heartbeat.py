@@ -24,7 +24,7 @@ import redis
 
 from shared.clock import Clock
 from shared.keys import Keys
-from shared.redis_client import script
+from shared.redis_client import reply_text, script
 
 __all__ = ["Heartbeat", "alive_instances"]
 
@@ -93,7 +93,7 @@ return removed
 def alive_instances(client: redis.Redis, keys: Keys, service: str | None = None) -> dict[str, dict[str, Any]]:
     """Every live heartbeat (``service:instance`` -> status), optionally of one service."""
     members: Any = client.smembers(keys.heartbeats)
-    names = sorted(_text(m) for m in members)
+    names = sorted(reply_text(m) for m in members)
     if service is not None:
         names = [n for n in names if n.split(":", 1)[0] == service]
     if not names:
@@ -115,7 +115,3 @@ def alive_instances(client: redis.Redis, keys: Keys, service: str | None = None)
         forget(keys=[keys.heartbeats, *(keys.heartbeat(*name.split(":", 1)) for name in gone)], args=gone,
                client=client)
     return result
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -42,7 +42,7 @@ from shared.keys import ALERTS, Keys
 from shared.limits import Refusal, Rule, is_reducing
 from shared.logging import get_logger
 from shared.models import Alert, AlertSeverity, Side
-from shared.redis_client import script
+from shared.redis_client import reply_text, script
 
 __all__ = ["ENGAGE_SCRIPT", "LEDGER", "Change", "KillSwitch", "TradingState", "TradingStatus"]
 
@@ -164,10 +164,10 @@ class KillSwitch:
         run = script(self.client, ENGAGE_SCRIPT)
         reply = self._call(lambda: run(keys=[self.keys.trading_state, self.keys.stream(LEDGER)], args=args,
                                           client=self.client))
-        outcome = _text(reply[0])
-        previous = TradingState(_text(reply[2]))
+        outcome = reply_text(reply[0])
+        previous = TradingState(reply_text(reply[2]))
         change = Change(outcome, int(reply[1]), previous, state if outcome != "kept" else previous,
-                        _text(reply[3]))
+                        reply_text(reply[3]))
         log.warning("trading_state.engage", outcome=outcome, state=state.value, previous=previous.value,
                     by=by, reason=reason, seq=change.seq, cancel_open_orders=cancel_open_orders,
                     flatten_positions=flatten_positions)
@@ -186,7 +186,7 @@ class KillSwitch:
     @staticmethod
     def status_from(raw: Any) -> TradingStatus:
         """The status in a reply of the read :meth:`queue_current` queues."""
-        fields = {_text(name): _text(value) for name, value in raw.items()}
+        fields = {reply_text(name): reply_text(value) for name, value in raw.items()}
         if "state" not in fields:
             return TradingStatus(TradingState.ACTIVE)
         at = fields.get("at")
@@ -210,7 +210,7 @@ class KillSwitch:
     def history(self, count: int = 20) -> list[dict[str, str]]:
         """The newest ``count`` ledger entries, newest first (``bastion status``)."""
         entries = self._call(lambda: self.client.xrevrange(self.keys.stream(LEDGER), count=count))
-        return [{"id": _text(entry_id), **{_text(k): _text(v) for k, v in fields.items()}}
+        return [{"id": reply_text(entry_id), **{reply_text(k): reply_text(v) for k, v in fields.items()}}
                 for entry_id, fields in entries]
 
     def _alert(self, change: Change, by: str, reason: str, at: datetime, cancel: bool, flatten: bool,
@@ -234,7 +234,3 @@ class KillSwitch:
 
 def _flag(value: bool) -> str:
     return "1" if value else "0"
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -36,6 +36,7 @@ from shared.clock import utc
 from shared.errors import RedisUnavailable
 from shared.keys import Keys
 from shared.models import Bar
+from shared.redis_client import reply_text
 
 __all__ = ["BarGate", "Verdict", "format_time"]
 
@@ -179,8 +180,4 @@ class BarGate:
     def newest(self) -> dict[str, datetime]:
         """Every symbol's newest accepted bar time."""
         raw: Any = self.client.hgetall(self.key)
-        return {_text(k): datetime.fromisoformat(_text(v)) for k, v in raw.items()}
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+        return {reply_text(k): datetime.fromisoformat(reply_text(v)) for k, v in raw.items()}

@@ -31,6 +31,7 @@ from shared.config import Settings
 from shared.heartbeat import alive_instances
 from shared.keys import Keys
 from shared.models import AlertSeverity
+from shared.redis_client import reply_text
 
 __all__ = ["Checker", "Health", "Problem", "expected_services"]
 
@@ -121,9 +122,9 @@ class Checker:
         limit = self.settings.monitor.max_lag
         prefix = f"{self.keys.prefix}:stream:"
         for raw in sorted(self.client.scan_iter(match=f"{prefix}*", count=500, _type="stream")):
-            stream = _text(raw)
+            stream = reply_text(raw)
             for group in self.client.xinfo_groups(stream):
-                name = f"{stream.removeprefix(prefix)}/{_text(group['name'])}"
+                name = f"{stream.removeprefix(prefix)}/{reply_text(group['name'])}"
                 lag = None if group.get("lag") is None else int(group["lag"])
                 pending = int(group["pending"])
                 health.groups[name] = {"lag": lag, "pending": pending}
@@ -138,7 +139,7 @@ class Checker:
         stale_after = self.settings.ingester.stale_after_s
         raw: Any = self.client.hgetall(self.keys.last_bar)
         for key, value in sorted(raw.items()):
-            symbol = _text(key)
+            symbol = reply_text(key)
             seen = self._bars.get(symbol)
             if seen is None or seen[0] != value:
                 self._bars[symbol] = (value, now)
@@ -149,9 +150,9 @@ class Checker:
                 if report:
                     health.problems.append(Problem(
                         "stale_data", symbol, AlertSeverity.WARNING,
-                        f"{symbol}: no new bar for {unchanged:.0f}s (last bar {_text(value)}, "
+                        f"{symbol}: no new bar for {unchanged:.0f}s (last bar {reply_text(value)}, "
                         f"stale after {stale_after:g}s)",
-                        {"last_bar": _text(value), "stale_after_s": f"{stale_after:g}"}))
+                        {"last_bar": reply_text(value), "stale_after_s": f"{stale_after:g}"}))
 
     def _workers(self, health: Health) -> None:
         workers = _count(Worker.all(queue=Queue(self.queue, connection=self.client)))
@@ -165,7 +166,3 @@ class Checker:
 
 def _count(items: Iterable[Any]) -> int:
     return sum(1 for _ in items)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

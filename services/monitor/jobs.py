@@ -37,6 +37,7 @@ from shared.keys import ALERTS, Keys
 from shared.logging import get_logger
 from shared.models import Alert, AlertSeverity
 from shared.portfolio import Portfolio
+from shared.redis_client import reply_text
 
 __all__ = [
     "WebhookFailed",
@@ -139,7 +140,7 @@ def summarize(client: redis.Redis, keys: Keys, account: str, clock: Clock) -> di
     snapshot = Portfolio(client, keys, account, clock=clock).snapshot()
     names = MonitorKeys(keys)
     raw_state: Any = client.hgetall(keys.trading_state)
-    state = {_text(k): _text(v) for k, v in raw_state.items()}
+    state = {reply_text(k): reply_text(v) for k, v in raw_state.items()}
     raw_deliveries: Any = client.hgetall(names.deliveries)
     raw_recon: Any = client.hget(f"{keys.prefix}:reconciliation", "status")
     positions = {s: str(p.qty) for s, p in sorted(snapshot.positions.items()) if p.qty}
@@ -148,8 +149,8 @@ def summarize(client: redis.Redis, keys: Keys, account: str, clock: Clock) -> di
             "fees": str(snapshot.fees), "positions": json.dumps(positions),
             "open_orders": str(client.scard(keys.open_orders)),
             "trading_state": state.get("state", "ACTIVE"),
-            "reconciliation": _text(raw_recon) if raw_recon is not None else "none",
-            "deliveries": json.dumps({_text(k): int(v) for k, v in raw_deliveries.items()})}
+            "reconciliation": reply_text(raw_recon) if raw_recon is not None else "none",
+            "deliveries": json.dumps({reply_text(k): int(v) for k, v in raw_deliveries.items()})}
 
 
 def daily_summary(prefix: str, account: str) -> dict[str, str]:
@@ -165,7 +166,3 @@ def daily_summary(prefix: str, account: str) -> dict[str, str]:
     publish(client, keys, ALERTS, Alert(time=clock.now(), severity=AlertSeverity.INFO, source="monitor",
                                         kind="daily_summary", text=text, details=summary))
     return summary
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -44,6 +44,7 @@ from shared.errors import RedisUnavailable
 from shared.keys import ALERTS, Keys
 from shared.logging import get_logger
 from shared.models import Alert, AlertSeverity
+from shared.redis_client import reply_text
 from shared.service import ServiceContext
 
 __all__ = ["GROUP", "Monitor", "main"]
@@ -110,8 +111,8 @@ class Monitor:
         for key, value in raw.items():
             try:
                 data = json.loads(value)
-                problems[_text(key)] = Problem(data["kind"], data["subject"], AlertSeverity(data["severity"]),
-                                               data["text"])
+                problems[reply_text(key)] = Problem(data["kind"], data["subject"],
+                                                    AlertSeverity(data["severity"]), data["text"])
             except (ValueError, KeyError):
                 continue
         return problems
@@ -173,7 +174,7 @@ class Monitor:
         now = self.clock.now()
         try:
             raw: Any = self.client.hgetall(self.names.schedule)
-            stored = {_text(k): datetime.fromisoformat(_text(v)) for k, v in raw.items()}
+            stored = {reply_text(k): datetime.fromisoformat(reply_text(v)) for k, v in raw.items()}
             enqueued = []
             for name, every, first, func, args in self.periodic_jobs():
                 due = stored.get(name)
@@ -213,9 +214,6 @@ class Monitor:
         if consumer is not None:
             consumer.join(self.settings.bus.grace_seconds)
 
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def main(ctx: ServiceContext) -> None:

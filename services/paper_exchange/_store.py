@@ -35,15 +35,12 @@ import redis
 from services.paper_exchange import _render as render
 from shared.config import PaperExchangeSettings
 from shared.keys import Keys
+from shared.redis_client import reply_text
 
 __all__ = ["OPEN_STATUSES", "Change", "Store", "SubmitView", "credentials"]
 
 OPEN_STATUSES = frozenset({"new", "partially_filled", "held", "accepted", "pending_new"})
 
-
-def text(value: Any) -> str:
-    """A Redis reply as str."""
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def credentials(client: redis.Redis, keys: Keys, settings: PaperExchangeSettings) -> tuple[str, str]:
@@ -54,7 +51,7 @@ def credentials(client: redis.Redis, keys: Keys, settings: PaperExchangeSettings
     client.hsetnx(key, "key_id", "PK" + secrets.token_hex(8).upper())
     client.hsetnx(key, "secret_key", secrets.token_urlsafe(30))
     stored = client.hmget(key, ["key_id", "secret_key"])
-    return text(stored[0]), text(stored[1])
+    return reply_text(stored[0]), reply_text(stored[1])
 
 
 @dataclass
@@ -99,10 +96,10 @@ class Store:
         self.client.hsetnx(key, "created_at", render.timestamp(now) or "")
 
     def account_fields(self) -> dict[str, str]:
-        return {text(k): text(v) for k, v in self.client.hgetall(self._k["account"]).items()}
+        return {reply_text(k): reply_text(v) for k, v in self.client.hgetall(self._k["account"]).items()}
 
     def cash(self) -> Decimal:
-        return Decimal(text(self.client.hget(self._k["account"], "cash")))
+        return Decimal(reply_text(self.client.hget(self._k["account"], "cash")))
 
     def change(self) -> Change:
         """Start building a change (its records shadow Redis for ``load`` until committed)."""
@@ -121,7 +118,7 @@ class Store:
 
     def order_id_for(self, client_order_id: str) -> str | None:
         raw = self.client.hget(self._k["client-ids"], client_order_id)
-        return None if raw is None else text(raw)
+        return None if raw is None else reply_text(raw)
 
     def all_orders(self) -> list[dict[str, Any]]:
         return [json.loads(v) for v in self.client.hvals(self._k["orders"])]
@@ -144,7 +141,7 @@ class Store:
             pipe.hgetall(self._k["positions"])
             pipe.zrange(self._k["open"], 0, -1)
             existing, cash, prices, positions, ids = pipe.execute()
-        return SubmitView(None if existing is None else text(existing), Decimal(text(cash)),
+        return SubmitView(None if existing is None else reply_text(existing), Decimal(reply_text(cash)),
                           _prices_from(prices), _positions_from(positions), self._load_many(ids))
 
     def next_seqs(self, count: int) -> list[int]:
@@ -171,12 +168,12 @@ class Store:
             _, ids = pipe.execute()
         if not ids:
             return []
-        names = [text(order_id) for order_id in ids]
+        names = [reply_text(order_id) for order_id in ids]
         with self.client.pipeline(transaction=False) as pipe:
             pipe.hmget(self._k["orders"], names)
             pipe.hmget(self._k["applied"], [f"{name}:{bar_id}" for name in names])
             raws, done = pipe.execute()
-        return [(json.loads(raw), None if qty is None else Decimal(text(qty)))
+        return [(json.loads(raw), None if qty is None else Decimal(reply_text(qty)))
                 for raw, qty in zip(raws, done, strict=True) if raw is not None]
 
     def mark_and_symbols_with_open_orders(self, prices: dict[str, Decimal]) -> set[str]:
@@ -240,10 +237,10 @@ def _positions_from(raw: Any) -> dict[str, tuple[Decimal, Decimal]]:
     result = {}
     for symbol, value in raw.items():
         data = json.loads(value)
-        result[text(symbol)] = (Decimal(data["qty"]), Decimal(data["avg"]))
+        result[reply_text(symbol)] = (Decimal(data["qty"]), Decimal(data["avg"]))
     return result
 
 
 def _prices_from(raw: Any) -> dict[str, Decimal]:
     """symbol -> last close, from HGETALL of the prices hash."""
-    return {text(k): Decimal(text(v)) for k, v in raw.items()}
+    return {reply_text(k): Decimal(reply_text(v)) for k, v in raw.items()}

@@ -54,6 +54,7 @@ from shared.keys import ALERTS, Keys
 from shared.logging import get_logger
 from shared.models import Alert, AlertSeverity
 from shared.portfolio import Portfolio
+from shared.redis_client import reply_text
 from shared.service import ServiceContext
 from shared.trading_state import KillSwitch, TradingState
 
@@ -166,7 +167,7 @@ class Reconciler:
             members: Any = self.client.smembers(self.keys.open_orders)
             open_orders = {}
             for raw in members:
-                cid = _text(raw)
+                cid = reply_text(raw)
                 record = self._record(cid)
                 if record:
                     open_orders[cid] = OurOrder.from_record(cid, record)
@@ -203,7 +204,7 @@ class Reconciler:
 
     def _record(self, cid: str) -> dict[str, str]:
         raw: Any = self.client.hgetall(self.keys.order(cid))
-        return {_text(k): _text(v) for k, v in raw.items()}
+        return {reply_text(k): reply_text(v) for k, v in raw.items()}
 
     def broker(self) -> Broker:
         """The broker, built on first use (a paper exchange not yet up is a failed pass, not a crash)."""
@@ -321,9 +322,6 @@ def _summary_theirs(theirs: Theirs) -> dict[str, Any]:
             "open_orders": sorted(theirs.open_orders)}
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
 
 def main(ctx: ServiceContext) -> None:
     """Run the reconciler until stopped."""
@@ -331,4 +329,3 @@ def main(ctx: ServiceContext) -> None:
                             lambda: build_broker(ctx.settings, client=ctx.redis, clock=ctx.clock),
                             ctx.publisher())
     reconciler.run(ctx.stop)
-

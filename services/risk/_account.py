@@ -37,6 +37,7 @@ from shared.limits import AccountSnapshot, OrderSubmissions, Refusal, last_bars_
 from shared.logging import get_logger
 from shared.portfolio import Portfolio, Snapshot
 from shared.protections import ProtectionLock, Protections
+from shared.redis_client import reply_text
 from shared.trading_state import KillSwitch, TradingStatus
 
 __all__ = ["AccountView", "Reads", "client_order_id"]
@@ -119,7 +120,7 @@ class AccountView:
             opened_today=self.activity.opened_from(opened),
             day_trades=self.activity.day_trades_from(day_trades),
             status=kill_switch.status_from(status), locks=protections.locks_from(locks), deferred=queued,
-            last_bars=last_bars_from(last_bars), open_orders=sorted(_text(m) for m in open_orders),
+            last_bars=last_bars_from(last_bars), open_orders=sorted(reply_text(m) for m in open_orders),
             admission_id=admission_id, admission=submissions.admitted(admission))
 
     def refresh_if_needed(self, reads: Reads) -> str | None:
@@ -180,7 +181,7 @@ class AccountView:
                 owners: list[Any] = pipe.execute()
             if len(self._reservation_of) + len(unknown) > _REMEMBERED_ORDERS:
                 self._reservation_of.clear()
-            self._reservation_of.update((cid, _text(rid))
+            self._reservation_of.update((cid, reply_text(rid))
                                         for cid, rid in zip(unknown, owners, strict=True) if rid is not None)
         extra = {cid for cid in cids
                  if cid not in ours and self._reservation_of.get(cid) not in reservation_ids}
@@ -209,7 +210,3 @@ class Reads:
 
 def _opt(value: Decimal | None) -> str | None:
     return None if value is None else str(value)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -64,6 +64,7 @@ from shared.heartbeat import alive_instances
 from shared.keys import INTENTS, Keys
 from shared.logging import bind_correlation, get_logger
 from shared.models import Bar, Intent
+from shared.redis_client import reply_text
 
 __all__ = ["GROUP", "SERVICE", "StoredState", "StrategyWorker", "WorkerStats", "consumer_name"]
 
@@ -222,7 +223,7 @@ class StrategyWorker:
         if reply:
             named = reply.keys() if isinstance(reply, dict) else [stream for stream, _ in reply]  # RESP3/2
             by_key = {self._stream_key(n): n for n in held}
-            self._ready = {by_key[_text(key)] for key in named if _text(key) in by_key}
+            self._ready = {by_key[reply_text(key)] for key in named if reply_text(key) in by_key}
         elif self.clock.monotonic() - started < wait_s / 2:
             self._backoff = min(max(self._backoff * 2, 0.002), 0.05)  # the server did not block
             stop.wait(self._backoff)
@@ -238,7 +239,7 @@ class StrategyWorker:
         stream_key = self._stream_key(partition)
         names: set[str] = set()
         if self.client.exists(stream_key):  # avoid the BUSYGROUP error reply in the common case
-            names = {_text(g["name"]) for g in self.client.xinfo_groups(stream_key)}
+            names = {reply_text(g["name"]) for g in self.client.xinfo_groups(stream_key)}
         if GROUP not in names:
             try:
                 self.client.xgroup_create(stream_key, GROUP, id="0", mkstream=True)
@@ -312,15 +313,15 @@ class StrategyWorker:
                 self._drained.discard(partition)
                 lost.append(partition)
             elif entries:
-                self._last_seen[partition] = _text(entries[-1][0])
+                self._last_seen[partition] = reply_text(entries[-1][0])
                 batches.append(_Batch(partition, entries, drains=True))
             elif partition not in self._last_seen:
                 last: Any = self.client.xrevrange(self._stream_key(partition), "+", "-", count=1)
-                self._last_seen[partition] = _text(last[0][0]) if last else "0-0"
+                self._last_seen[partition] = reply_text(last[0][0]) if last else "0-0"
         return batches, lost
 
     def _apply(self, batches: Sequence[_Batch]) -> int:
-        decoded = [(batch.partition, *_decode(_text(raw_id), fields))
+        decoded = [(batch.partition, *_decode(reply_text(raw_id), fields))
                    for batch in batches for raw_id, fields in batch.entries]
         bindings: dict[str, Binding] = {}
         for _, _, bar, _, _ in decoded:
@@ -336,7 +337,7 @@ class StrategyWorker:
                 pipe.watch(*lease_keys, *state_keys.values())  # type: ignore[no-untyped-call]
                 values: Any = pipe.mget([*lease_keys, *state_keys.values()])
                 owners = values[:len(lease_keys)]
-                if any(owner is None or _text(owner) != self.instance for owner in owners):
+                if any(owner is None or reply_text(owner) != self.instance for owner in owners):
                     self._lost(read, owners)  # the other batches stay pending: read again next pass
                     return len(decoded)
                 now = self.clock.now()
@@ -361,7 +362,7 @@ class StrategyWorker:
                 self.stats.refused_commits += 1
                 owners = self.client.mget(lease_keys)
                 log.warning("strategy.commit_refused", partitions=read,
-                            lease_owners=[_text(o) if o is not None else None for o in owners])
+                            lease_owners=[reply_text(o) if o is not None else None for o in owners])
                 self._lost(read, owners)
                 return len(decoded)
         self._drained.update(batch.partition for batch in batches if batch.drains)
@@ -383,7 +384,7 @@ class StrategyWorker:
         """A pass did not commit: its batches stay pending; drop the partitions no longer ours."""
         self._drained.difference_update(partitions)
         for partition, owner in zip(partitions, owners, strict=True):
-            if owner is None or _text(owner) != self.instance:
+            if owner is None or reply_text(owner) != self.instance:
                 self.leases.drop(partition)
 
     def _slot(self, symbol: str, binding: Binding, key: str, raw: Any, now: datetime) -> _Slot:
@@ -464,7 +465,7 @@ def _entries(reply: Any) -> list[tuple[Any, Any]]:
 def _pending_of(summary: Any, consumer: str) -> int:
     """How many entries ``consumer`` has pending, from an XPENDING summary."""
     for row in summary.get("consumers") or []:
-        if _text(row["name"]) == consumer:
+        if reply_text(row["name"]) == consumer:
             return int(row["pending"])
     return 0
 
@@ -480,7 +481,3 @@ def _decode(entry_id: str, fields: Any) -> tuple[str, Bar | None, Any, str]:
     if not isinstance(message, Bar):
         return entry_id, None, fields, f"not a bar: {message.TYPE}"
     return entry_id, message, fields, ""
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

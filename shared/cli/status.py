@@ -24,6 +24,7 @@ from shared.heartbeat import alive_instances
 from shared.keys import Keys
 from shared.portfolio import Portfolio
 from shared.protections import ProtectionLock
+from shared.redis_client import reply_text
 from shared.trading_state import KillSwitch
 
 __all__ = ["collect", "register"]
@@ -36,18 +37,15 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
 
 def _streams(ctx: Context) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for raw in sorted(ctx.redis.scan_iter(match=f"{ctx.keys.prefix}:stream:*", count=500, _type="stream")):
-        key = _text(raw)
+        key = reply_text(raw)
         groups = {}
         for group in ctx.redis.xinfo_groups(key):
             lag = group.get("lag")
-            groups[_text(group["name"])] = {"pending": int(group["pending"]),
+            groups[reply_text(group["name"])] = {"pending": int(group["pending"]),
                                             "consumers": int(group["consumers"]),
                                             "lag": int(lag) if lag is not None else None}
         result[key.removeprefix(f"{ctx.keys.prefix}:stream:")] = {"length": int(ctx.redis.xlen(key)),
@@ -58,9 +56,9 @@ def _streams(ctx: Context) -> dict[str, Any]:
 def _open_orders(ctx: Context, keys: Keys) -> list[dict[str, str]]:
     orders = []
     members: Any = ctx.redis.smembers(keys.open_orders)
-    for cid in sorted(_text(m) for m in members):
+    for cid in sorted(reply_text(m) for m in members):
         raw: Any = ctx.redis.hgetall(keys.order(cid))
-        record = {_text(k): _text(v) for k, v in raw.items()}
+        record = {reply_text(k): reply_text(v) for k, v in raw.items()}
         orders.append({"client_order_id": cid, **{k: record.get(k, "") for k in
                                                   ("status", "side", "quantity", "symbol", "applied_qty")}})
     return orders
@@ -80,7 +78,8 @@ def _locks(ctx: Context) -> list[dict[str, str]]:
     """Active protection locks, longest first (read as they are: expired ones are left to risk)."""
     now = LiveClock().now()
     raw: Any = ctx.redis.hgetall(ctx.keys.protection_locks)
-    locks = [lock for lock in (ProtectionLock.decode(_text(v)) for v in raw.values()) if lock.active(now)]
+    stored = (ProtectionLock.decode(reply_text(v)) for v in raw.values())
+    locks = [lock for lock in stored if lock.active(now)]
     return [{"protection": lock.protection, "symbol": lock.symbol, "side": lock.side,
              "until": lock.until.isoformat(), "reason": lock.reason, "at": lock.at.isoformat()}
             for lock in sorted(locks, key=lambda lock: lock.until, reverse=True)]
@@ -90,7 +89,7 @@ def _deferred(ctx: Context) -> list[dict[str, Any]]:
     """Live deferred intents, oldest deferral first (expired ones are left to risk's sweep)."""
     now = LiveClock().now()
     raw: Any = ctx.redis.hgetall(ctx.keys.deferred)
-    live = [e for e in (DeferredIntent.decode(_text(v)) for v in raw.values()) if now < e.expires_at]
+    live = [e for e in (DeferredIntent.decode(reply_text(v)) for v in raw.values()) if now < e.expires_at]
     return [{"symbol": e.intent.symbol, "side": e.intent.side.value, "intent_id": e.intent.id,
              "source": e.intent.source, "reason": e.reason, "deferred_at": e.deferred_at.isoformat(),
              "expires_at": e.expires_at.isoformat()} for e in sorted(live, key=lambda e: e.deferred_at)]
@@ -98,7 +97,7 @@ def _deferred(ctx: Context) -> list[dict[str, Any]]:
 
 def _reconciliation(ctx: Context) -> dict[str, Any] | None:
     raw: Any = ctx.redis.hgetall(ctx.keys.reconciliation)
-    fields = {_text(k): _text(v) for k, v in raw.items()}
+    fields = {reply_text(k): reply_text(v) for k, v in raw.items()}
     if not fields:
         return None
     try:
@@ -114,20 +113,20 @@ def _monitor(ctx: Context) -> dict[str, Any]:
     problems = {}
     for name, value in sorted(raw_problems.items()):
         try:
-            problems[_text(name)] = json.loads(_text(value))
+            problems[reply_text(name)] = json.loads(reply_text(value))
         except ValueError:
-            problems[_text(name)] = _text(value)
+            problems[reply_text(name)] = reply_text(value)
     raw_counts: Any = ctx.redis.hgetall(ctx.keys.monitor("deliveries"))
     failed_key = ctx.keys.monitor("failed-deliveries")
     latest: Any = ctx.redis.lrange(failed_key, 0, 2)
     failed = []
     for item in latest:
         try:
-            failed.append(json.loads(_text(item)))
+            failed.append(json.loads(reply_text(item)))
         except ValueError:
-            failed.append(_text(item))
+            failed.append(reply_text(item))
     return {"problems": problems,
-            "deliveries": {_text(k): int(v) for k, v in raw_counts.items()},
+            "deliveries": {reply_text(k): int(v) for k, v in raw_counts.items()},
             "failed_deliveries": {"count": int(ctx.redis.llen(failed_key)), "latest": failed},
             "rq_failed_jobs": _rq_failed(ctx)}
 

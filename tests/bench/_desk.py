@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import redis
 
@@ -28,6 +27,7 @@ from shared.clock import LiveClock, epoch_micros
 from shared.heartbeat import alive_instances
 from shared.keys import BARS, INTENTS, ORDERS, Keys
 from shared.models import Bar, OrderStatus
+from shared.redis_client import reply_text
 from tests.support.paper import KEY_ID, SECRET, PaperExchange
 from tests.support.processes import cpu_seconds, spawn, stop_all, wait_for
 
@@ -40,10 +40,6 @@ CASH = "1000000000"
 WIDE = "1000000000"  # a limit that 500 orders/s never reaches
 SUBMIT_OP = "submit"  # the broker adapter's name for POST /v2/orders in the shared rate limiter
 
-
-def text(value: Any) -> str:
-    """A Redis reply as str."""
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def flat_bar(symbol: str, when: datetime, number: int | None = None) -> Bar:
@@ -96,7 +92,7 @@ def desk_env(url: str, keys: Keys, exchange_port: int, symbols: Sequence[str], o
 def acked(client: redis.Redis, keys: Keys, cid: str) -> bool:
     """The executor recorded an answer from the exchange for order ``cid``."""
     status = client.hget(keys.order(cid), "status")
-    return status is not None and text(status) != OrderStatus.PENDING_SUBMIT.value
+    return status is not None and reply_text(status) != OrderStatus.PENDING_SUBMIT.value
 
 
 def order_cid(bar_id: str, symbol: str) -> str:
@@ -133,7 +129,7 @@ def drained(client: redis.Redis, stream_key: str, group: str) -> bool:
         return True
     last = client.xinfo_stream(stream_key)["last-generated-id"]
     for info in client.xinfo_groups(stream_key):
-        if text(info["name"]) == group:
+        if reply_text(info["name"]) == group:
             return bool(info["last-delivered-id"] == last and int(info["pending"]) == 0)
     return False
 
