@@ -186,7 +186,7 @@ from shared.clock import LiveClock, epoch_micros
 from shared.keys import INTENTS, ORDERS, REJECTIONS, Keys
 from shared.logging import configure_logging
 from shared.rate_limit import Limit, RateLimiter
-from shared.redis_client import connect_url
+from shared.redis_client import connect_url, reply_text
 from shared.redis_server import RedisServer
 from tests.bench._desk import (
     PARTITIONS,
@@ -197,7 +197,6 @@ from tests.bench._desk import (
     drain,
     order_cid,
     prime,
-    text,
 )
 from tests.bench.bus import GROUP, HOPS, Job, _bare_hop, _paced, _percentile, _plain, _run_processes
 from tests.support.processes import free_port
@@ -290,7 +289,7 @@ def _published_ms(client: redis.Redis, stream_key: str, id_field: str) -> dict[s
     entries: Any = client.xrange(stream_key, "-", "+")
     for entry_id, fields in entries:
         message = codec.decode(fields)
-        found.setdefault(str(getattr(message, id_field)), int(text(entry_id).split("-")[0]))
+        found.setdefault(str(getattr(message, id_field)), int(reply_text(entry_id).split("-")[0]))
     return found
 
 
@@ -300,7 +299,8 @@ def _created_at(client: redis.Redis, keys: Keys, cids: Sequence[str]) -> list[in
         for cid in cids:
             pipe.hget(keys.order(cid), "created_at")
         raw: list[Any] = pipe.execute()
-    return [None if value is None else epoch_micros(datetime.fromisoformat(text(value))) for value in raw]
+    return [None if value is None else epoch_micros(datetime.fromisoformat(reply_text(value)))
+            for value in raw]
 
 
 # -- the figures ---------------------------------------------------------------------------------
