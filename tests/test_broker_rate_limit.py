@@ -53,3 +53,18 @@ def test_exhausted_shared_limit_refuses_without_calling(exchange: PaperExchange,
         broker.submit(order("budget-3"))
     placed = sorted(o["client_order_id"] for o in exchange.get("/v2/orders", status="all"))
     assert placed == ["budget-1", "budget-2"]
+
+
+def test_prepaid_submit_takes_no_slot_and_a_retry_after_429_takes_one(
+        exchange: PaperExchange, client: redis.Redis, keys: Keys) -> None:
+    """A submit whose slot the caller already took sends at once, even with the budget spent; its
+    retry after a 429 waits for a slot of its own like any other request."""
+    limiter = RateLimiter.from_settings(client, keys, LimitSettings(api_rate_limit=1, api_rate_period_s=60))
+    broker = adapter(exchange, limiter, max_rate_limit_wait_s=0.5)
+    broker.submit(order("paid-1"))  # spends the whole budget
+    broker.submit(order("paid-2"), prepaid=True)
+    placed = sorted(o["client_order_id"] for o in exchange.get("/v2/orders", status="all"))
+    assert placed == ["paid-1", "paid-2"]
+    exchange.set_faults({"endpoint": "POST /v2/orders", "kind": "rate_limit", "retry_after": 0.1, "count": 1})
+    with pytest.raises(RateLimited):  # the retry needs a slot, and none is free within the wait
+        broker.submit(order("paid-3"), prepaid=True)

@@ -16,11 +16,12 @@ from shared.account_activity import AccountActivity
 from shared.brokers import BrokerCall, BrokerOrder, FakeBroker
 from shared.bus import Delivery, Publisher
 from shared.clock import SimulatedClock
-from shared.config import Settings
+from shared.config import LimitSettings, Settings
 from shared.errors import BrokerUnavailable, InsufficientBuyingPower, OrderNotFound
 from shared.keys import ALERTS, ORDER_EVENTS, ORDERS, Keys
 from shared.models import Fill, Order, OrderEvent, OrderStatus, OrderType, Side
 from shared.protections import Protections
+from shared.rate_limit import RateLimiter
 from shared.trading_state import KillSwitch
 from tests.support.processes import wait_for
 
@@ -145,6 +146,20 @@ class TestConcurrency:
         worker.join(timeout=10)
         assert not worker.is_alive()
         assert world.status() == "new"
+
+    def test_the_submit_slot_is_taken_with_the_record_and_given_back_when_unused(self, world: World) -> None:
+        """With a shared rate limit, the submit's slot is taken in the round trip that records the
+        order and the broker is told so; a redelivered order, not submitted, gives its slot back."""
+        limiter = RateLimiter.from_settings(world.client, KEYS, LimitSettings())
+        world.broker.limiter = limiter
+        granted = limiter.bucket_key("account")
+        world.deliver()
+        [call] = world.broker.calls
+        assert call.args[1] is True  # prepaid
+        assert world.client.zcard(granted) == 1
+        world.deliver()
+        assert [c.method for c in world.broker.calls] == ["submit"]
+        assert world.client.zcard(granted) == 1  # the duplicate's slot was refunded
 
     def test_events_of_one_symbol_share_a_lock_and_other_symbols_do_not(self, world: World) -> None:
         """A symbol's events are serialised on one lock; another symbol has its own."""

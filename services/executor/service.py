@@ -53,7 +53,7 @@ from typing import Any
 import redis
 
 from shared.account_activity import AccountActivity
-from shared.brokers import Broker, BrokerOrder, OrderRequest, build_broker
+from shared.brokers import SUBMIT_ENDPOINT, Broker, BrokerOrder, OrderRequest, build_broker
 from shared.bus import Delivery, Publisher, StopSignal
 from shared.clock import Clock
 from shared.config import Settings
@@ -65,6 +65,7 @@ from shared.errors import (
     OrderRejected,
     PortfolioError,
     RateLimited,
+    RedisUnavailable,
 )
 from shared.keys import ALERTS, ORDER_EVENTS, ORDERS, Keys
 from shared.limits import Refusal
@@ -72,6 +73,7 @@ from shared.logging import bind_correlation, get_logger
 from shared.models import Alert, AlertSeverity, Fill, Order, OrderEvent, OrderStatus, OrderType, Side
 from shared.portfolio import Portfolio
 from shared.protections import ClosedTrade, ProtectionLock, Protections
+from shared.rate_limit import Grant
 from shared.service import ServiceContext
 from shared.symbols import SymbolProperties
 from shared.trading_state import KillSwitch, TradingState, TradingStatus
@@ -122,20 +124,23 @@ class Executor:
         order = delivery.message
         if not isinstance(order, Order):
             return
-        record, status = self._create_record(order)
+        record, status, slot = self._create_record(order)
         if record and record["status"] != OrderStatus.PENDING_SUBMIT:
+            self._unused(slot)
             log.info("executor.duplicate_order", status=record["status"])
             return
         refusal = None if bypass_state else self._trading_state_refusal(order, status)
         if refusal is not None:
+            self._unused(slot)
             self._give_up(order, OrderStatus.REJECTED, refusal)
             return
         request = self._rounded(order)
         if isinstance(request, str):
+            self._unused(slot)
             self._give_up(order, OrderStatus.REJECTED, request)
             return
         try:
-            placed = self.broker.submit(request)
+            placed = self.broker.submit(request, prepaid=slot is not None)
         except OrderRejected as exc:
             self._give_up(order, OrderStatus.REJECTED, exc.reason)
             return
@@ -169,9 +174,11 @@ class Executor:
         log.info("executor.rounded", quantity=str(prepared.quantity), limit_price=str(prepared.limit_price))
         return replace(request, quantity=prepared.quantity, limit_price=prepared.limit_price)
 
-    def _create_record(self, order: Order) -> tuple[dict[str, str], TradingStatus]:
-        """Record ``order`` (pending submit) unless it is recorded already, and read the trading
-        state, in one round trip: (the record found before, empty if it was new; the state)."""
+    def _create_record(self, order: Order) -> tuple[dict[str, str], TradingStatus, str | None]:
+        """Record ``order`` (pending submit) unless it is recorded already, read the trading state
+        and try to take the submit's slot of the broker's shared rate limit, in one round trip:
+        (the record found before, empty if it was new; the state; the slot's grant id, None if
+        none was free or the broker has no limit -- the broker then waits for one itself)."""
         fields = {
             "status": OrderStatus.PENDING_SUBMIT.value, "intent_id": order.intent_id,
             "reservation_id": order.reservation_id, "symbol": order.symbol, "side": order.side.value,
@@ -183,9 +190,21 @@ class Executor:
             pipe.eval(_CREATE_RECORD, 2, self.keys.order(cid), self.keys.open_orders, cid,
                       *(x for pair in fields.items() for x in pair))
             self.kill_switch.queue_current(pipe)
-            found, status = pipe.execute()
+            limiter = self.broker.limiter
+            grant_id = limiter.queue_try_acquire(pipe, SUBMIT_ENDPOINT) if limiter is not None else None
+            found, status, *attempt = pipe.execute()
         record = {k.decode(): v.decode() for k, v in zip(found[::2], found[1::2], strict=True)}
-        return record, self.kill_switch.status_from(status)
+        granted = limiter is not None and isinstance(limiter.attempt_from(attempt[0], SUBMIT_ENDPOINT), Grant)
+        return record, self.kill_switch.status_from(status), grant_id if granted else None
+
+    def _unused(self, slot: str | None) -> None:
+        """Give back a rate-limit slot taken for a submit that is not made."""
+        if slot is None or self.broker.limiter is None:
+            return
+        try:
+            self.broker.limiter.refund(SUBMIT_ENDPOINT, slot)
+        except RedisUnavailable as exc:  # it counts until it leaves the window: the safe side
+            log.warning("executor.slot_refund_failed", error=str(exc))
 
     def _give_up(self, order: Order, status: OrderStatus, reason: str) -> None:
         log.warning("executor.order_failed", status=status.value, reason=reason)

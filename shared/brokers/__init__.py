@@ -15,7 +15,15 @@ import redis
 from shared.brokers._alpaca import AlpacaBroker
 from shared.brokers._fake import BrokerCall, FakeBroker
 from shared.brokers._mapping import UpdateFilter
-from shared.brokers._types import Account, Broker, BrokerOrder, OrderRequest, Position, TradeUpdates
+from shared.brokers._types import (
+    SUBMIT_ENDPOINT,
+    Account,
+    Broker,
+    BrokerOrder,
+    OrderRequest,
+    Position,
+    TradeUpdates,
+)
 from shared.clock import Clock
 from shared.config import Settings
 from shared.errors import ConfigError
@@ -23,6 +31,7 @@ from shared.keys import Keys
 from shared.rate_limit import RateLimiter
 
 __all__ = [
+    "SUBMIT_ENDPOINT",
     "Account",
     "AlpacaBroker",
     "Broker",

@@ -39,7 +39,7 @@ from alpaca.trading.client import TradingClient
 
 from shared.brokers import _mapping as mapping
 from shared.brokers._stream import AlpacaTradeUpdates
-from shared.brokers._types import Account, BrokerOrder, OrderRequest, Position
+from shared.brokers._types import SUBMIT_ENDPOINT, Account, BrokerOrder, OrderRequest, Position
 from shared.clock import Clock, LiveClock
 from shared.config import BrokerSettings
 from shared.errors import (
@@ -118,12 +118,14 @@ class AlpacaBroker:
 
     # -- the Broker interface -----------------------------------------------------------------
 
-    def submit(self, request: OrderRequest) -> BrokerOrder:
-        """Place ``request``; see the module docstring for every outcome."""
+    def submit(self, request: OrderRequest, *, prepaid: bool = False) -> BrokerOrder:
+        """Place ``request``; see the module docstring for every outcome. ``prepaid``: its slot of
+        the shared rate limit is taken already (a retry after a 429 takes a new one)."""
         cid = request.client_order_id
         body = mapping.order_body(request)
         try:
-            raw = self._call("submit", lambda: self._client.post("/orders", body), cid=cid, submit=True)
+            raw = self._call(SUBMIT_ENDPOINT, lambda: self._client.post("/orders", body), cid=cid,
+                             submit=True, prepaid=prepaid)
         except _Ambiguous as exc:
             log.warning("broker.submit_ambiguous", client_order_id=cid, detail=exc.detail)
             return self._resolve(cid, exc)
@@ -209,13 +211,16 @@ class AlpacaBroker:
                               "resolve it later",
                               client_order_id=cid)
 
-    def _call(self, op: str, fn: Callable[[], Any], *, cid: str | None = None, submit: bool = False) -> Any:
+    def _call(self, op: str, fn: Callable[[], Any], *, cid: str | None = None, submit: bool = False,
+              prepaid: bool = False) -> Any:
         rate_limited = failures = 0
         while True:
             wait = self._not_before - self.clock.monotonic()
             if wait > 0:
                 self.clock.sleep(wait)
-            self._take_slot(op, cid)
+            if not prepaid:
+                self._take_slot(op, cid)
+            prepaid = False  # a retry takes its own slot
             try:
                 with self._lock:
                     result = fn()

@@ -23,6 +23,7 @@ from typing import Any
 
 from shared.brokers._types import Account, BrokerOrder, OrderRequest, Position
 from shared.models import OrderEvent
+from shared.rate_limit import RateLimiter
 
 __all__ = ["BrokerCall", "FakeBroker"]
 
@@ -58,6 +59,7 @@ class FakeBroker:
 
     def __init__(self, handler: Callable[[BrokerCall], Any]) -> None:
         self.handler = handler
+        self.limiter: RateLimiter | None = None
         self.calls: list[BrokerCall] = []
         self._subscriptions: set[_FakeUpdates] = set()
 
@@ -66,8 +68,8 @@ class FakeBroker:
         self.calls.append(call)
         return self.handler(call)
 
-    def submit(self, request: OrderRequest) -> BrokerOrder:
-        return self._call("submit", request)  # type: ignore[no-any-return]
+    def submit(self, request: OrderRequest, *, prepaid: bool = False) -> BrokerOrder:
+        return self._call("submit", request, prepaid)  # type: ignore[no-any-return]
 
     def cancel(self, client_order_id: str) -> None:
         self._call("cancel", client_order_id)

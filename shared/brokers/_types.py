@@ -8,6 +8,7 @@ from decimal import Decimal
 from typing import Protocol
 
 from shared.models import Order, OrderEvent, OrderStatus, OrderType, Side, TimeInForce
+from shared.rate_limit import RateLimiter
 
 __all__ = ["Account", "Broker", "BrokerOrder", "OrderRequest", "Position", "TradeUpdates"]
 
@@ -100,6 +101,9 @@ class TradeUpdates(Protocol):
         ...
 
 
+SUBMIT_ENDPOINT = "submit"  # the name order submits take slots under in the shared rate limit
+
+
 class Broker(Protocol):
     """Everything a service asks of a broker. Every failure is a :class:`~shared.errors.BrokerError`.
 
@@ -108,7 +112,12 @@ class Broker(Protocol):
     order. Updates may repeat or arrive out of order at the broker; the stream removes repeats.
     """
 
-    def submit(self, request: OrderRequest) -> BrokerOrder: ...
+    limiter: RateLimiter | None  # the shared request rate limit the broker's requests take slots of
+
+    def submit(self, request: OrderRequest, *, prepaid: bool = False) -> BrokerOrder:
+        """Place ``request``; ``prepaid``: the caller took its ``submit`` slot of :attr:`limiter`
+        already (batched into one of its own round trips), so the first attempt takes none."""
+        ...
 
     def cancel(self, client_order_id: str) -> None: ...
 

@@ -57,11 +57,12 @@ here, so one clock is shared; nothing is compared across hosts):
 * ``t0``: the bar's own ``time``, ``LiveClock.now()`` taken immediately before the bar is built,
   encoded and published (the envelope ``time`` field carries it).
 * ``t_submit``: the score of the executor's rate-limit grant for the order's ``POST /v2/orders``:
-  Redis ``TIME`` (µs) inside the limiter's acquire script, which the broker adapter runs for
-  every request, last thing before sending it. The grants of the submit endpoint sit in their
+  Redis ``TIME`` (µs) inside the limiter's acquire script, which the executor runs in the round
+  trip that records the order (the adapter then sends without taking another slot; it would take
+  one itself, last thing before sending, had none been free). The grants of the submit endpoint sit in their
   own bucket (``ratelimit:{alpaca}:endpoint:submit``) because the bench configures an (unbinding)
   ``submit`` endpoint limit. A grant is matched to its order as the single grant between the
-  order record's ``created_at`` (written by the executor before the submit) and ``t_ack``; the
+  order record's ``created_at`` (stamped by the executor before that round trip) and ``t_ack``; the
   executor submits one order at a time, so these windows never overlap (a window without exactly
   one grant is counted in ``unmatched_grants`` and left out of the figures that need it).
 * ``t_ack``: the ``timestamp`` of the executor's ``broker.submitted`` log line for the order's
@@ -79,8 +80,9 @@ that became orders, ``orders_counted`` of them; the bars that made no order have
 * ``bar_to_ack`` = ``t_ack - t0``: bar published -> strategy worker -> ``intents`` -> risk (checks,
   reservation under the portfolio lock) -> ``orders`` -> executor (record, trading state, limiter)
   -> HTTP to the exchange and back.
-* ``http_hop`` = ``t_ack - t_submit``: the limiter's reply reaching the executor, the adapter
-  lock, alpaca-py building and sending the POST, the exchange accepting the order (its Redis
+* ``http_hop`` = ``t_ack - t_submit``: the reply of the round trip that recorded the order and
+  took its slot reaching the executor, the order's rounding, the adapter lock, alpaca-py
+  building and sending the POST, the exchange accepting the order (its Redis
   transaction), the reply, its JSON parse.
 * ``excl_http`` = ``bar_to_ack - http_hop`` = ``t_submit - t0``: everything but that hop (nothing
   lies between the reply and ``t_ack`` but the parse, counted in the hop).
@@ -118,8 +120,8 @@ each figure is within about 1 ms and an id's floor makes a stage read up to 1 ms
 ``strategy`` = the intent's entry on ``intents`` - t0 (the worker's wake-up, read, state
 transaction), ``risk`` = the order's entry on ``orders`` - the intent's (reads, checks,
 submission count, reservation under the lock, publish), ``executor`` = t_submit - the order's
-entry (record, trading state, the limiter's grant). ``BENCH_PIPELINE_LOGS=<dir>`` keeps the desk
-processes' logs there.
+entry (the executor's wake-up and one round trip: record, trading state, the limiter's grant).
+``BENCH_PIPELINE_LOGS=<dir>`` keeps the desk processes' logs there.
 
 **Rates.** ``rate_per_s`` is the bar rate asked for, ``order_every`` is k and ``orders_per_s``
 the order rate that makes (``rate_per_s / order_every``); ``published_per_s`` is the bar rate
