@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from datetime import timedelta
 from decimal import Decimal
@@ -117,6 +118,20 @@ class TestFills:
         legs = [leg["id"] for leg in exchange.get(parent["id"])["legs"]]
         seqs = [exchange.store.load(i)["seq"] for i in (parent["id"], *legs, later["id"])]  # type: ignore[index]
         assert seqs == list(range(seqs[0], seqs[0] + 4))
+
+    def test_accepting_an_order_reads_every_open_order_past_a_thousand(self) -> None:
+        """The open orders an acceptance weighs are read in chunks: 1,500 of them all count."""
+        exchange, _, _ = make()
+        resting = exchange.submit(order("1", type_="limit", limit_price="1"))
+        record = exchange.store.load(resting["id"])
+        assert record is not None
+        client = exchange.store.client
+        copies = {f"copy-{n}": json.dumps({**record, "id": f"copy-{n}"}) for n in range(1499)}
+        client.hset("t:paper:orders", mapping=copies)
+        client.zadd("t:paper:open", {name: record["seq"] for name in copies})
+        view = exchange.store.submit_view("new-cid", seqs=1)
+        assert len(view.open_orders) == 1500
+        assert {o["id"] for o in view.open_orders} == {resting["id"], *copies}
 
     def test_open_order_index_is_rebuilt_at_start(self) -> None:
         """Open orders written without the per-symbol index (an older book) still fill after a restart."""

@@ -122,14 +122,14 @@ class Exchange:
             now = self.clock.now()
             parent = parse_order(body, now)
             cid = parent["client_order_id"]
-            view = self.store.submit_view(cid)
+            legs = parse_legs(body, parent, now)
+            view = self.store.submit_view(cid, seqs=1 + len(legs))
             if view.existing is not None:
                 raise invalid("client_order_id must be unique")
             self._check_buying_power(parent, view)
-            legs = parse_legs(body, parent, now)
             parent["legs"] = [leg["id"] for leg in legs]
             change = self.store.change()
-            for record, seq in zip((parent, *legs), self.store.next_seqs(1 + len(legs)), strict=True):
+            for record, seq in zip((parent, *legs), view.seqs, strict=True):
                 record["seq"] = seq
                 change.orders[record["id"]] = record
             change.events.append(self._event("new", parent, now))

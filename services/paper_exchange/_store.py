@@ -63,6 +63,20 @@ class SubmitView:
     prices: dict[str, Decimal]
     positions: dict[str, tuple[Decimal, Decimal]]
     open_orders: list[dict[str, Any]]
+    seqs: list[int]  # acceptance sequence numbers taken for the order and its legs
+
+
+# KEYS[1] = the open-orders zset, KEYS[2] = the orders hash; returns every open order's JSON
+# record (false for an id without one), read 1000 at a time (unpack has a stack limit)
+_OPEN_RECORDS = """
+local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
+local out = {}
+for i = 1, #ids, 1000 do
+    local part = redis.call('HMGET', KEYS[2], unpack(ids, i, math.min(i + 999, #ids)))
+    for j = 1, #part do out[#out + 1] = part[j] end
+end
+return out
+"""
 
 
 @dataclass
@@ -132,22 +146,22 @@ class Store:
         raws = self.client.hmget(self._k["orders"], list(ids))
         return [json.loads(raw) for raw in raws if raw is not None]
 
-    def submit_view(self, client_order_id: str) -> SubmitView:
-        """The client_order_id's owner, cash, prices, positions and open orders: two round trips."""
+    def submit_view(self, client_order_id: str, seqs: int) -> SubmitView:
+        """The client_order_id's owner, cash, prices, positions and open orders, and ``seqs``
+        consecutive acceptance sequence numbers, in one round trip (an order then refused leaves
+        a gap in the numbers, which only order the orders)."""
         with self.client.pipeline(transaction=False) as pipe:
             pipe.hget(self._k["client-ids"], client_order_id)
             pipe.hget(self._k["account"], "cash")
             pipe.hgetall(self._k["prices"])
             pipe.hgetall(self._k["positions"])
-            pipe.zrange(self._k["open"], 0, -1)
-            existing, cash, prices, positions, ids = pipe.execute()
+            pipe.eval(_OPEN_RECORDS, 2, self._k["open"], self._k["orders"])
+            pipe.incrby(self._k["seq"], seqs)
+            existing, cash, prices, positions, records, last = pipe.execute()
         return SubmitView(None if existing is None else reply_text(existing), Decimal(reply_text(cash)),
-                          _prices_from(prices), _positions_from(positions), self._load_many(ids))
-
-    def next_seqs(self, count: int) -> list[int]:
-        """``count`` consecutive acceptance sequence numbers (one round trip)."""
-        last = int(self.client.incrby(self._k["seq"], count))
-        return list(range(last - count + 1, last + 1))
+                          _prices_from(prices), _positions_from(positions),
+                          [json.loads(raw) for raw in records if raw is not None],
+                          list(range(int(last) - seqs + 1, int(last) + 1)))
 
     def index_open_orders(self) -> int:
         """Rebuild every symbol's open-order index from ``open`` (at start); the orders indexed."""
