@@ -257,6 +257,40 @@ class TestWorker:
         assert redis_client.xpending(stream, GROUP)["pending"] == 3
         assert redis_client.get(lease_key) == b"someone-else"
 
+    def test_a_state_written_by_someone_else_is_never_overwritten(self, redis_client: redis.Redis,
+                                                                  keys: Keys) -> None:
+        """A state changed behind the worker's back (another holder's commit while this one stalled)
+        refuses the worker's next commit, which writes nothing; the pass after it starts from the
+        stored state."""
+        publish(redis_client, keys, series(["AAPL"], 2))
+        config = settings(batch=1)
+        w = worker(redis_client, keys, config)
+        w.upkeep()
+        assert w.step() == 1  # AAPL:0 applied; the worker remembers the state it wrote
+        state_key = keys.strategy_state("recorder", "AAPL")
+        elsewhere = StoredState(state={"count": 40, "last_seq": 0}, entry="0-1", bar_time=T0)
+        redis_client.set(state_key, elsewhere.dump())
+        w.step()
+        assert w.stats.refused_commits == 1
+        assert StoredState.parse(redis_client.get(state_key)).state == {"count": 40, "last_seq": 0}
+        w.upkeep()
+        w.run(threading.Event(), burst=True)
+        assert StoredState.parse(redis_client.get(state_key)).state == {"count": 41, "last_seq": 1}
+        assert processed(redis_client, keys) == ["AAPL:0", "AAPL:1"]
+
+    def test_a_held_partition_reads_its_states_once(self, redis_client: redis.Redis, keys: Keys,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+        """While its commits go through, a worker does not read back the states it wrote."""
+        publish(redis_client, keys, series(["AAPL", "MSFT"], 6))
+        w = worker(redis_client, keys, settings(batch=1))
+        reads: list[Any] = []
+        real_mget = redis_client.mget
+        monkeypatch.setattr(redis_client, "mget", lambda *a, **k: reads.append(a) or real_mget(*a, **k))
+        w.run(threading.Event(), burst=True)
+        assert per_symbol(processed(redis_client, keys)) == {"AAPL": list(range(6)), "MSFT": list(range(6))}
+        read_keys = sorted(key for (names,) in reads for key in names)
+        assert read_keys == sorted(keys.strategy_state("recorder", s) for s in ("AAPL", "MSFT"))  # once each
+
     def test_a_refused_pass_leaves_every_batch_pending_and_the_others_are_applied_next(
             self, redis_client: redis.Redis, keys: Keys) -> None:
         """A pass refused over one lost lease writes nothing; the other partition's bars follow, in order."""

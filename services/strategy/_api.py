@@ -23,10 +23,10 @@ A strategy is a subclass of :class:`Strategy` registered under a name with :func
 
 One instance serves one symbol for one batch of bars: the worker builds it from the state
 stored in Redis (``<prefix>:strategy:<name>:<SYMBOL>``), calls ``on_bar`` for each new bar in
-order, and writes the state back in the same transaction that publishes the intents. So
+order, and writes the state back in the same atomic commit that publishes the intents. So
 ``on_bar`` must be deterministic and keep everything it needs to remember in ``self.state``
 (a pydantic model: Decimals stay exact as JSON strings); it must not talk to Redis or the
-outside world. A strategy that needs more Redis writes in that same transaction queues them in
+outside world. A strategy that needs more Redis writes in that same commit queues them in
 :meth:`Strategy.queue_effects`.
 """
 
@@ -85,7 +85,8 @@ class Strategy(ABC, Generic[P, S]):
         """React to the next bar of ``self.symbol``; return zero or more intents."""
 
     def queue_effects(self, pipe: Pipeline, keys: Keys) -> None:
-        """Queue extra writes into the batch's transaction (runs once per batch, after the bars)."""
+        """Queue extra writes into the batch's commit (runs once per batch, after the bars): they
+        are run inside the commit script, after its checks, so their replies are not returned."""
         return None
 
     def intent(self, bar: Bar, side: Side, quantity: Decimal, reason: str) -> Intent:

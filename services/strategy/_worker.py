@@ -21,25 +21,29 @@ never reached us: a dropped connection, or a stalled former holder's read), so t
 aside and the pending list read at once instead. Entries are thus applied in stream order,
 which is each symbol's time order.
 
-Exactly-once effect, per pass, in one MULTI/EXEC under WATCH of the lease keys of the partitions
-read and of the state keys of the symbols in their batches:
+Exactly-once effect, per pass, in one script (``_COMMIT``, atomic, one round trip):
 
-* every lease still names this worker (checked after WATCH, so a holder that stalled past its
-  lease can never commit: the new holder's ``SET NX`` changed the key);
+* every lease of the partitions read still names this worker (checked inside the script, so a
+  holder that stalled past its lease can never commit: the new holder's ``SET NX`` changed it);
+* every state key of the batches' symbols still holds what this worker last read or wrote
+  (the worker keeps that value between passes instead of reading it back: a state is read
+  only on a symbol's first bar, after a refused commit, a Redis error or a lease change);
 * every symbol's state document records the stream entry and the bar time last applied; a bar
   not newer than that is skipped (a redelivery, or a duplicate XADD from a retried publish);
 * the states, the intents (``XADD intents``, ids derived from strategy, symbol and bar), any
-  dead letters, and the ``XACK`` of every entry of every batch commit together or not at all.
+  dead letters, the strategies' :meth:`~services.strategy.Strategy.queue_effects` and the
+  ``XACK`` of every entry of every batch commit together or not at all; a refused commit
+  writes nothing and leaves every batch pending.
 
 A redelivery, as a timeline::
 
     time 0   worker A reads entries 7-0..9-0 of partition 2 (pending for "partition-2")
-    time 1   A is SIGKILLed before EXEC: no state, no intent, no ack was written
+    time 1   A is SIGKILLed before its commit: no state, no intent, no ack was written
     time 6   A's lease expires; worker B's upkeep takes partition 2
     time 6   B reads partition-2's pending list from 0: 7-0..9-0 again, applies them in order
 
 An entry that is not a bar, cannot be decoded, or whose strategy raised is dead-lettered (with
-the reason) in the same transaction; a failing strategy's state is rebuilt from the committed
+the reason) in the same commit; a failing strategy's state is rebuilt from the committed
 state plus the batch's earlier bars, so the failure leaves no half-applied state.
 """
 
@@ -64,7 +68,7 @@ from shared.heartbeat import alive_instances
 from shared.keys import INTENTS, Keys
 from shared.logging import bind_correlation, get_logger
 from shared.models import Bar, Intent
-from shared.redis_client import reply_text
+from shared.redis_client import reply_text, script
 
 __all__ = ["GROUP", "SERVICE", "StoredState", "StrategyWorker", "WorkerStats", "consumer_name"]
 
@@ -72,6 +76,32 @@ log = get_logger(component="strategy")
 GROUP = "strategy"
 SERVICE = "strategy"
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+
+# A pass's commit, checked and applied atomically.
+# KEYS[1..n] = the lease keys of the partitions read; KEYS[n+1..] = the state keys of their symbols
+# ARGV[1] = this worker's name; ARGV[2] = n; ARGV[3..2+m] = each state key's value as this worker
+# last read or wrote it ("" for none); then the number of commands, then each command as its
+# argument count followed by its arguments (the states, intents, dead letters, effects, XACKs)
+# returns {"ok"}; or, writing nothing, {"lease", i} when lease KEYS[i] no longer names this worker,
+# {"state", i} when state KEYS[i] is not what this worker last saw
+_COMMIT = """
+local unpack = unpack or table.unpack
+local n = tonumber(ARGV[2])
+for i = 1, n do
+    if redis.call('GET', KEYS[i]) ~= ARGV[1] then return {'lease', i} end
+end
+for i = n + 1, #KEYS do
+    if (redis.call('GET', KEYS[i]) or '') ~= ARGV[2 + i - n] then return {'state', i} end
+end
+local at = 3 + #KEYS - n
+local commands = tonumber(ARGV[at]); at = at + 1
+for _ = 1, commands do
+    local count = tonumber(ARGV[at]); at = at + 1
+    redis.call(unpack(ARGV, at, at + count - 1))
+    at = at + count
+end
+return {'ok'}
+"""
 
 
 def consumer_name(partition: int) -> str:
@@ -162,6 +192,7 @@ class StrategyWorker:
         self._ready: set[int] | None = None  # partitions the idle wait saw news on (None: all)
         self._more = False  # the last pass may have left entries to read (a full batch, a pending list)
         self._intents_since_trim = 0
+        self._states: dict[str, bytes | None] = {}  # state key -> its value as last read or committed
         self._next_upkeep = 0.0
         self._backoff = 0.0
 
@@ -183,6 +214,7 @@ class StrategyWorker:
                     self._idle(stop)
                 except (RedisUnavailable, *_REDIS_DOWN) as exc:
                     self._drained.clear()  # a reply lost on the way may have left entries pending
+                    self._states.clear()  # and a commit may or may not have been applied
                     self._backoff = min(max(self._backoff * 2, 0.1), 2.0)
                     log.warning("strategy.redis_unavailable", error=str(exc), retry_in_s=self._backoff)
                     stop.wait(self._backoff)
@@ -206,6 +238,8 @@ class StrategyWorker:
         for partition in gained:
             self._last_seen.pop(partition, None)
         self._drained.difference_update(gained + lost)
+        if gained or lost:
+            self._states.clear()  # another holder may have written states meanwhile
         self._next_upkeep = self.clock.monotonic() + self.config.lease_ms / 3000
         self.status["partitions"] = sorted(self.leases.held)
         self.status["applied"] = self.stats.applied
@@ -330,41 +364,15 @@ class StrategyWorker:
                 if binding is not None:
                     bindings[bar.symbol] = binding
         state_keys = {symbol: self.keys.strategy_state(b.cls.name, symbol) for symbol, b in bindings.items()}
-        lease_keys = [self.leases.key(batch.partition) for batch in batches]
-        read = [batch.partition for batch in batches]
-        with self.client.pipeline(transaction=True) as pipe:
-            try:
-                pipe.watch(*lease_keys, *state_keys.values())  # type: ignore[no-untyped-call]
-                values: Any = pipe.mget([*lease_keys, *state_keys.values()])
-                owners = values[:len(lease_keys)]
-                if any(owner is None or reply_text(owner) != self.instance for owner in owners):
-                    self._lost(read, owners)  # the other batches stay pending: read again next pass
-                    return len(decoded)
-                now = self.clock.now()
-                slots = {symbol: self._slot(symbol, bindings[symbol], state_keys[symbol], raw, now)
-                         for symbol, raw in zip(state_keys, values[len(lease_keys):], strict=True)}
-                intents, dead = self._run_bars(decoded, slots, now)
-                pipe.multi()
-                states = {slot.key: slot.stored.dump() for slot in slots.values() if slot.dirty}
-                if states:
-                    pipe.mset(states)
-                for slot in slots.values():
-                    slot.strategy.queue_effects(pipe, self.keys)
-                for intent in intents:
-                    pipe.xadd(self._intents_key, codec.encode(intent))  # type: ignore[arg-type]
-                for partition, entry_id, fields, reason in dead:
-                    pipe.xadd(self.keys.dead_letter, self._dead_record(partition, entry_id, fields, reason))
-                for batch in batches:
-                    ids = [raw_id for raw_id, _ in batch.entries]
-                    pipe.xack(self._stream_key(batch.partition), GROUP, *ids)
-                pipe.execute()
-            except redis.WatchError:
-                self.stats.refused_commits += 1
-                owners = self.client.mget(lease_keys)
-                log.warning("strategy.commit_refused", partitions=read,
-                            lease_owners=[reply_text(o) if o is not None else None for o in owners])
-                self._lost(read, owners)
-                return len(decoded)
+        unknown = [key for key in state_keys.values() if key not in self._states]
+        if unknown:
+            self._states.update(zip(unknown, self.client.mget(unknown), strict=True))  # type: ignore[arg-type]
+        now = self.clock.now()
+        slots = {symbol: self._slot(symbol, bindings[symbol], key, self._states[key], now)
+                 for symbol, key in state_keys.items()}
+        intents, dead = self._run_bars(decoded, slots, now)
+        if not self._commit(batches, slots, intents, dead):
+            return len(decoded)
         self._drained.update(batch.partition for batch in batches if batch.drains)
         self.stats.batches += len(batches)
         self.stats.intents += len(intents)
@@ -379,6 +387,50 @@ class StrategyWorker:
             trim(self.client, self._intents_key, self.settings.bus.maxlen)
             self._intents_since_trim = 0
         return len(decoded)
+
+    def _commit(self, batches: Sequence[_Batch], slots: Mapping[str, _Slot], intents: Sequence[Intent],
+                dead: Sequence[tuple[int, str, Any, str]]) -> bool:
+        """Write the pass in one script, provided every lease is still this worker's and every
+        state is what it last saw: the states, the intents, the dead letters, the strategies'
+        effects and the XACK of every batch, all or nothing. False (nothing written) if refused."""
+        states = {slot.key: slot.stored.dump() for slot in slots.values() if slot.dirty}
+        with self.client.pipeline(transaction=False) as recorder:  # never sent: it collects the commands
+            if states:
+                recorder.mset(states)
+            for slot in slots.values():
+                slot.strategy.queue_effects(recorder, self.keys)
+            for intent in intents:
+                recorder.xadd(self._intents_key, codec.encode(intent))  # type: ignore[arg-type]
+            for partition, entry_id, fields, reason in dead:
+                recorder.xadd(self.keys.dead_letter, self._dead_record(partition, entry_id, fields, reason))
+            for batch in batches:
+                ids = [raw_id for raw_id, _ in batch.entries]
+                recorder.xack(self._stream_key(batch.partition), GROUP, *ids)
+            commands = [command for command, _ in recorder.command_stack]
+        lease_keys = [self.leases.key(batch.partition) for batch in batches]
+        state_keys = [slot.key for slot in slots.values()]
+        args: list[Any] = [self.instance, len(lease_keys), *(self._states[k] or "" for k in state_keys)]
+        args.append(len(commands))
+        for command in commands:
+            args += [len(command), *command]
+        keys = [*lease_keys, *state_keys]
+        verdict = script(self.client, _COMMIT)(keys=keys, args=args, client=self.client)
+        if reply_text(verdict[0]) != "ok":
+            self._refused(batches, keys[int(verdict[1]) - 1], lease_keys)
+            return False
+        self._states.update((key, value.encode()) for key, value in states.items())
+        return True
+
+    def _refused(self, batches: Sequence[_Batch], key: str, lease_keys: Sequence[str]) -> None:
+        """A commit the script refused (``key``: the lease or state that changed): nothing was
+        written, every batch stays pending; forget the states seen, drop the partitions lost."""
+        self.stats.refused_commits += 1
+        self._states.clear()
+        read = [batch.partition for batch in batches]
+        owners = self.client.mget(lease_keys)
+        log.warning("strategy.commit_refused", partitions=read, changed=key,
+                    lease_owners=[reply_text(o) if o is not None else None for o in owners])
+        self._lost(read, owners)
 
     def _lost(self, partitions: Sequence[int], owners: Sequence[Any]) -> None:
         """A pass did not commit: its batches stay pending; drop the partitions no longer ours."""
