@@ -127,10 +127,11 @@ def random_ops(client: Any, args: argparse.Namespace) -> int:
 class _Stalling(Portfolio):
     """Stops its own process between the decision and the write (a GC pause, a SIGSTOP)."""
 
-    def _commit(self, lock: FencedLock, token: int, state: Any, entry: Any, outcome: Any) -> None:
+    def _commit(self, lock: FencedLock, token: int, state: Any, entry: Any, outcome: Any,
+                then: Any = None) -> tuple[Any, ...]:
         self.redis.set(f"{self.keys.prefix}:test:stalled", os.getpid())
         os.kill(os.getpid(), signal.SIGSTOP)
-        super()._commit(lock, token, state, entry, outcome)
+        return super()._commit(lock, token, state, entry, outcome, then)
 
 
 def stall(client: Any, args: argparse.Namespace) -> int:
