@@ -7,7 +7,7 @@ arrives as decimal strings computed in Python; the script compares integers only
 
 from __future__ import annotations
 
-__all__ = ["CONFLICT", "FULL_READ_SCRIPT", "READ_SCRIPT", "STALE_FENCE", "WRITE_SCRIPT"]
+__all__ = ["CONFLICT", "FULL_READ_SCRIPT", "HELD_READ", "READ_SCRIPT", "STALE_FENCE", "WRITE_SCRIPT"]
 
 STALE_FENCE = "STALE_FENCE"
 CONFLICT = "CONFLICT"
@@ -101,4 +101,14 @@ local function part(key)
 end
 return {redis.call('hgetall', KEYS[1]), redis.call('hgetall', KEYS[2]), redis.call('hgetall', KEYS[3]),
         part(KEYS[4]), part(KEYS[5])}
+"""
+
+# The read of a decision that tries to take the lock in its batched reads (a LockedRead body for
+# the lock's TRY_THEN_READ: it runs whether or not the lock was taken).
+# KEYS[1..4] = state, positions, reservations and closed hashes; ARGV[1] = the id of the
+# reservation the decision may make
+# returns {state, positions, reservations (flat HGETALLs), that reservation's close reason or ""}
+HELD_READ = """
+return {redis.call('hgetall', KEYS[1]), redis.call('hgetall', KEYS[2]), redis.call('hgetall', KEYS[3]),
+        redis.call('hget', KEYS[4], ARGV[1]) or ''}
 """

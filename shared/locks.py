@@ -50,6 +50,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 import redis
+from redis.client import Pipeline
 from redis.exceptions import LockNotOwnedError
 from redis.lock import Lock
 
@@ -85,6 +86,20 @@ if not redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
     return {0}
 end
 local token = redis.call('incr', KEYS[2])
+local function read(KEYS, ARGV)
+--READ--
+end
+return {token, read({unpack(KEYS, 3)}, {unpack(ARGV, 3)})}
+"""
+
+# As ACQUIRE_THEN_READ, but the read runs whether or not the lock was taken
+# returns {fencing token, or 0 if the lock is held by another, whatever the read returns}
+TRY_THEN_READ = """
+local unpack = unpack or table.unpack
+local token = 0
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    token = redis.call('incr', KEYS[2])
+end
 local function read(KEYS, ARGV)
 --READ--
 end
@@ -136,6 +151,7 @@ class FencedLock(Lock):
         self.backoff_ms = backoff_ms
         self.fencing_token: int | None = None
         self.reads: Any = None
+        self._queued_owner = b""  # the owner token of an attempt queued by queue_try
 
     @classmethod
     def from_settings(
@@ -171,6 +187,27 @@ class FencedLock(Lock):
             self.fencing_token = fence
             self.reads = result[1] if reads is not None else None
         return fence
+
+    def queue_try(self, pipe: Pipeline, reads: LockedRead) -> None:
+        """Queue on ``pipe`` one attempt to take the lock, for a caller batching its round trips:
+        ``reads`` runs in the same script whether the lock was taken (then after it) or not;
+        :meth:`tried_from` reads the reply."""
+        if self.local.token is not None:
+            raise LockError(self.resource, "already held by this FencedLock (it is not re-entrant)")
+        self._queued_owner = uuid.uuid4().hex.encode()
+        keys: list[Any] = [self.name, self.fence_key, *reads.keys]
+        args: list[Any] = [self._queued_owner, self.lease_ms, *reads.args]
+        pipe.eval(TRY_THEN_READ.replace("--READ--", reads.lua), len(keys), *keys, *args)
+
+    def tried_from(self, reply: Any) -> bool:
+        """Whether the attempt :meth:`queue_try` queued took the lock (then it is held, with its
+        fencing token); ``self.reads`` is the read's reply either way."""
+        fence, self.reads = int(reply[0]), reply[1]
+        if fence <= 0:
+            return False
+        self.fencing_token = fence
+        self.local.token = self._queued_owner
+        return True
 
     def acquire(
         self,

@@ -56,7 +56,14 @@ from typing import Any
 import redis
 from redis.client import Pipeline
 
-from shared._portfolio_scripts import CONFLICT, FULL_READ_SCRIPT, READ_SCRIPT, STALE_FENCE, WRITE_SCRIPT
+from shared._portfolio_scripts import (
+    CONFLICT,
+    FULL_READ_SCRIPT,
+    HELD_READ,
+    READ_SCRIPT,
+    STALE_FENCE,
+    WRITE_SCRIPT,
+)
 from shared._portfolio_state import (
     Outcome,
     Position,
@@ -83,6 +90,7 @@ from shared.models import Fill, Side
 from shared.redis_client import reply_text
 
 __all__ = [
+    "Held",
     "Outcome",
     "Portfolio",
     "Position",
@@ -131,6 +139,17 @@ class Snapshot:
                                Decimal(0))
 
 
+@dataclass
+class Held:
+    """The account lock, taken by a caller's batched read, and the state read right after it
+    (:meth:`Portfolio.held_from`); spent by :meth:`Portfolio.reserve` or :meth:`Portfolio.let_go`."""
+
+    lock: FencedLock
+    token: int
+    reservation_id: str
+    raw: Any  # HELD_READ's reply
+
+
 class Portfolio:
     """A handle on one account. It holds no state: constructing it early is harmless."""
 
@@ -164,7 +183,8 @@ class Portfolio:
                             precheck=lambda s: Outcome(changed=False, duplicate=True) if s.opened else None)
 
     def reserve(self, reservation_id: str, symbol: str, side: Side | str, quantity: Decimal,
-                price: Decimal, *, then: Callable[[Pipeline], None] | None = None) -> Outcome:
+                price: Decimal, *, then: Callable[[Pipeline], None] | None = None,
+                held: Held | None = None) -> Outcome:
         """Hold cash for a buy (quantity x price + the fee buffer) or quantity for a sell.
 
         ``outcome.amount`` is what is held. InsufficientFunds / InsufficientPosition when it cannot
@@ -174,6 +194,9 @@ class Portfolio:
         transaction: they run even if the write is refused, so they must check for themselves
         that the reservation exists, in :attr:`reservations_key`); their replies are
         ``outcome.followed``, None when nothing was written (a refusal or the open reservation).
+
+        ``held``: the lock taken for this reservation id by :meth:`queue_reads_holding`, and the
+        state read under it: the reservation is decided on that state without locking again.
         """
         side = Side(side)
         entry = {"op": "reserve", "rid": _id(reservation_id), "side": side.value, "symbol": symbol,
@@ -191,7 +214,7 @@ class Portfolio:
             return Outcome(changed=False, symbol=symbol, reservation_id=reservation_id,
                            amount=existing.held, duplicate=True)
 
-        return self._mutate(entry, rid=reservation_id, precheck=already, then=then)
+        return self._mutate(entry, rid=reservation_id, precheck=already, then=then, held=held)
 
     def release(self, reservation_id: str, reason: str = "released") -> Outcome:
         """Give back what a reservation still holds (cancel, reject, expiry); ``outcome.amount``."""
@@ -221,6 +244,33 @@ class Portfolio:
         names = self._keys[:5]  # the state hash and its parts, as read_state reads them
         pipe.eval(FULL_READ_SCRIPT, len(names), *names, "0")  # EVAL: no NOSCRIPT to recover from
         pipe.hgetall(self.keys.portfolio_part(self.account, "marks"))
+
+    def queue_reads_holding(self, pipe: Pipeline, reservation_id: str) -> FencedLock:
+        """As :meth:`queue_reads`, but the snapshot read first tries to take the account lock, in
+        the same script, for the caller to make ``reservation_id`` under it without locking
+        again: :meth:`held_from` (instead of :meth:`snapshot_from`) says whether it was taken."""
+        lock = self._lock()
+        lock.queue_try(pipe, LockedRead(HELD_READ, self._keys[:4], [reservation_id]))
+        pipe.hgetall(self.keys.portfolio_part(self.account, "marks"))
+        return lock
+
+    def held_from(self, lock: FencedLock, raw: Any, reservation_id: str) -> tuple[Snapshot, Held | None]:
+        """The snapshot in the reply of :meth:`queue_reads_holding`'s read, and the lock if it was taken
+        (then the snapshot was read under it; the caller must spend it: :meth:`reserve` or
+        :meth:`let_go`)."""
+        taken = lock.tried_from(raw)
+        snapshot = self._snapshot(_state_from_held(lock.reads, ""))
+        if not taken or lock.fencing_token is None:
+            return snapshot, None
+        return snapshot, Held(lock, lock.fencing_token, reservation_id, lock.reads)
+
+    def _lock(self) -> FencedLock:
+        return FencedLock.from_settings(self.redis, self.keys, lock_resource(self.account),
+                                        self.lock_settings, self.clock)
+
+    def let_go(self, held: Held) -> None:
+        """Release a lock :meth:`held_from` returned without writing anything under it."""
+        self._release_quietly(held.lock)
 
     def snapshot_from(self, raw: Any) -> Snapshot:
         """The snapshot in a reply of the snapshot read."""
@@ -260,18 +310,25 @@ class Portfolio:
         return self._keys[2]
 
     def _mutate(self, entry: dict[str, str], *, rid: str | None = None, fill_id: str | None = None,
-                precheck: Any = None, then: Callable[[Pipeline], None] | None = None) -> Outcome:
+                precheck: Any = None, then: Callable[[Pipeline], None] | None = None,
+                held: Held | None = None) -> Outcome:
         entry = {**entry, "account": self.account, "op_id": uuid.uuid4().hex}
-        return self._locked(entry, rid, fill_id, precheck, then)
+        return self._locked(entry, rid, fill_id, precheck, then, held)
 
     def _locked(self, entry: dict[str, str], rid: str | None, fill_id: str | None, precheck: Any,
-                then: Callable[[Pipeline], None] | None) -> Outcome:
-        """Lock (reading the state in the same round trip, after the lock is taken), decide, write."""
-        lock = FencedLock.from_settings(self.redis, self.keys, lock_resource(self.account),
-                                        self.lock_settings, self.clock)
-        token = lock.acquire(reads=LockedRead(READ_SCRIPT, self._keys[:5], [rid or "", fill_id or ""]))
+                then: Callable[[Pipeline], None] | None, held: Held | None = None) -> Outcome:
+        """Lock (reading the state in the same round trip, after the lock is taken), decide, write;
+        with ``held``, the lock is taken and the state read already."""
+        if held is not None:
+            lock, token = held.lock, held.token
+        else:
+            lock = self._lock()
+            token = lock.acquire(reads=LockedRead(READ_SCRIPT, self._keys[:5], [rid or "", fill_id or ""]))
         try:
-            state = _state_from_read(lock.reads, rid, fill_id)
+            if held is not None and held.reservation_id != rid:
+                raise ValueError(f"the lock was taken for reservation {held.reservation_id!r}, not {rid!r}")
+            state = (_state_from_held(held.raw, rid or "") if held is not None
+                     else _state_from_read(lock.reads, rid, fill_id))
             outcome = precheck(state) if precheck is not None else None
             if outcome is None:
                 outcome = apply_entry(state, entry, allow_short=self.settings.allow_short)
@@ -395,6 +452,15 @@ def _base_state(head: Mapping[bytes, bytes], positions: Mapping[bytes, bytes]) -
 
 def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _state_from_held(raw: list[Any], rid: str) -> State:
+    """The state HELD_READ returned (see its contract), with ``rid``'s close reason if closed."""
+    head, positions, reservations, closed = raw
+    state = _state_from_full_read([head, positions, reservations, 0, 0], history=False)
+    if rid and closed:
+        state.closed[rid] = closed.decode()
+    return state
 
 
 def _state_from_read(raw: list[Any], rid: str | None, fill_id: str | None) -> State:

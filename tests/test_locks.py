@@ -93,6 +93,27 @@ class TestFencedLock:
         assert lock.reads == lock.owner_token + b"!"
         lock.release()
 
+    def test_a_queued_attempt_takes_a_free_lock_and_reads_either_way(self, redis_client: redis.Redis,
+                                                                     keys: Keys) -> None:
+        """An attempt queued on a caller's pipeline takes a free lock (its read sees it held) and,
+        on a busy one, takes nothing, burns no token, and still returns its read."""
+        read = LockedRead("return redis.call('get', KEYS[1]) or 'free'", [keys.lock("r")])
+        first = make(redis_client, keys)
+        with redis_client.pipeline(transaction=False) as pipe:
+            first.queue_try(pipe, read)
+            [reply] = pipe.execute()
+        assert first.tried_from(reply) and first.reads == first.owner_token
+        assert first.fencing_token == int(redis_client.get(keys.fence("r")))
+        second = make(redis_client, keys)
+        with redis_client.pipeline(transaction=False) as pipe:
+            second.queue_try(pipe, read)
+            [reply] = pipe.execute()
+        assert not second.tried_from(reply)
+        assert second.reads == first.owner_token and second.fencing_token is None
+        assert int(redis_client.get(keys.fence("r"))) == first.fencing_token
+        first.release()
+        assert not redis_client.exists(keys.lock("r"))
+
     def test_store_released_lock_is_forgotten(self, redis_client: redis.Redis, keys: Keys) -> None:
         """After a store's script deleted the key by owner token, the holder no longer claims the lock."""
         lock = make(redis_client, keys)

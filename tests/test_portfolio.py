@@ -270,6 +270,31 @@ class TestWriteRefusals:
         again = book.reserve("r1", "AAPL", "buy", D(1), D(10), then=publish)
         assert again.duplicate and again.followed is None
 
+    def test_a_reservation_made_under_a_lock_taken_with_the_reads_does_not_lock_again(
+            self, redis_client: redis.Redis, keys: Keys) -> None:
+        """The lock taken in a batched read is the one the reservation is written under (one
+        fencing token for read, decision and write); a busy lock gives the snapshot and no hold."""
+        book = handle(redis_client, keys)
+        book.open(D(10000))
+        fence_key = keys.fence(lock_resource("acct"))
+        before = int(redis_client.get(fence_key))
+        with redis_client.pipeline(transaction=False) as pipe:
+            lock = book.queue_reads_holding(pipe, "r1")
+            raw, _ = pipe.execute()
+        snapshot, held = book.held_from(lock, raw, "r1")
+        assert held is not None and snapshot.cash == D(10000)
+        assert book.reserve("r1", "AAPL", "buy", D(1), D(10), held=held).changed
+        assert int(redis_client.get(fence_key)) == before + 1
+        assert not redis_client.exists(keys.lock(lock_resource("acct")))
+        with FencedLock.from_settings(redis_client, keys, lock_resource("acct"), LockSettings(),
+                                      LiveClock()):
+            with redis_client.pipeline(transaction=False) as pipe:
+                lock = book.queue_reads_holding(pipe, "r2")
+                raw, _ = pipe.execute()
+            snapshot, held = book.held_from(lock, raw, "r2")
+        assert held is None and set(snapshot.reservations) == {"r1"}
+        assert verify(redis_client, keys, "acct", allow_short=False).ok
+
     def test_version_moved_refused(self, redis_client: redis.Redis, keys: Keys) -> None:
         """A state version that moved between read and write makes the script refuse (PortfolioConflict)."""
         book = handle(redis_client, keys, cls=_Hooked)

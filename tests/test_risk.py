@@ -21,6 +21,7 @@ from shared.config import Settings
 from shared.errors import BrokerUnavailable
 from shared.keys import BARS, INTENTS, ORDERS, REJECTIONS, Keys
 from shared.models import Bar, Fill, Intent, IntentRejected, Order, OrderType, Side
+from shared.portfolio import lock_resource
 from shared.protections import ClosedTrade, Protections
 from shared.trading_state import KillSwitch
 
@@ -131,6 +132,25 @@ class TestApproval:
         [order] = desk.orders()
         assert order.reservation_id == wish.id
         assert desk.risk.portfolio.snapshot().reserved == Decimal("1501.5")
+
+    def test_a_decision_takes_the_account_lock_once_and_leaves_it_free(
+            self, desk: Desk, monkeypatch: pytest.MonkeyPatch) -> None:
+        """An approval reads, decides and reserves under one lock taken with its reads; a refusal
+        lets it go as well."""
+        fence_key = KEYS.fence(lock_resource(desk.risk.portfolio.account))
+        lock_key = KEYS.lock(lock_resource(desk.risk.portfolio.account))
+        desk.send(intent())  # the first decision also refreshes the balance (the lock is let go for that)
+        before = int(desk.client.get(fence_key))
+        locked_while_deciding: list[bool] = []
+        decide = desk.risk.decide
+        monkeypatch.setattr(desk.risk, "decide", lambda *a: locked_while_deciding.append(
+            bool(desk.client.exists(lock_key))) or decide(*a))
+        desk.send(intent(quantity=Decimal(2)))
+        assert len(desk.orders()) == 2 and locked_while_deciding == [True]
+        assert int(desk.client.get(fence_key)) == before + 1 and not desk.client.exists(lock_key)
+        desk.send(intent(quantity=Decimal(1_000_000)))
+        assert len(desk.reasons()) == 1
+        assert not desk.client.exists(lock_key)
 
     def test_limit_price_is_rounded_never_worse(self, desk: Desk) -> None:
         """A buy limit of 150.129 goes out at 150.12 (a tick down), a sub-dollar one to $0.0001."""

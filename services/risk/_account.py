@@ -35,7 +35,7 @@ from shared.errors import BrokerError, ConfigError, RedisUnavailable
 from shared.keys import Keys
 from shared.limits import AccountSnapshot, OrderSubmissions, Refusal, last_bars_from, needs_refresh
 from shared.logging import get_logger
-from shared.portfolio import Portfolio, Snapshot
+from shared.portfolio import Held, Portfolio, Snapshot
 from shared.protections import ProtectionLock, Protections
 from shared.redis_client import reply_text
 from shared.trading_state import KillSwitch, TradingStatus
@@ -97,13 +97,21 @@ class AccountView:
     def read(self, intent_id: str, *, once: Idempotency, kill_switch: KillSwitch, protections: Protections,
              deferred: DeferredQueue, submissions: OrderSubmissions) -> Reads:
         """Everything one decision reads, in one pipelined round trip, with a submission counted
-        in the same trip (the caller refunds it unless the decision becomes an order)."""
+        in the same trip (the caller refunds it unless the decision becomes an order).
+
+        The same trip tries to take the account lock before reading the portfolio: when it is
+        free (``reads.held``), the whole decision is made under it, read after it, and the
+        reservation is written without locking again; the caller must spend it
+        (``Portfolio.reserve(held=...)`` or :meth:`let_go`). A market clock due for a refresh is
+        asked first, so that no broker call is made under the lock.
+        """
+        self.market_closed()
         now = self.clock.now()
         try:
             with self.client.pipeline(transaction=False) as pipe:
                 admission_id = submissions.queue_admit(pipe)
                 once.queue_seen(pipe, intent_id)
-                self.portfolio.queue_reads(pipe)
+                lock = self.portfolio.queue_reads_holding(pipe, intent_id)
                 self.activity.queue_reads(pipe, now)
                 kill_switch.queue_current(pipe)
                 protections.queue_locks(pipe)
@@ -114,8 +122,9 @@ class AccountView:
                  open_orders) = pipe.execute()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise RedisUnavailable(f"risk: reading the account failed: {exc}") from exc
+        snapshot, held = self.portfolio.held_from(lock, book, intent_id)
         return Reads(
-            now=now, seen=bool(seen), book=self.portfolio.snapshot_from(book),
+            now=now, seen=bool(seen), book=snapshot, held=held,
             marks=self.portfolio.marks_from(marks), balance=self.activity.balance_from(balance),
             opened_today=self.activity.opened_from(opened),
             day_trades=self.activity.day_trades_from(day_trades),
@@ -130,6 +139,7 @@ class AccountView:
         now = self.clock.now()
         if not needs_refresh(balance.refreshed_at, balance.fills_since, now, self.limits):
             return None
+        self.let_go(reads)  # no broker call under the lock: the reservation will lock again
         try:
             account = self.broker().account()
         except (BrokerError, ConfigError) as exc:
@@ -143,6 +153,12 @@ class AccountView:
                  buying_power=str(account.buying_power), fills_since=balance.fills_since,
                  previous_refresh=balance.refreshed_at.isoformat() if balance.refreshed_at else None)
         return None
+
+    def let_go(self, reads: Reads) -> None:
+        """Release the account lock ``reads`` holds, if it still holds it."""
+        if reads.held is not None:
+            held, reads.held = reads.held, None
+            self.portfolio.let_go(held)
 
     def snapshot(self, reads: Reads) -> AccountSnapshot:
         """Everything the limits decide on, from one decision's reads."""
@@ -194,7 +210,8 @@ class Reads:
 
     now: datetime
     seen: bool  # the intent was decided already
-    book: Snapshot
+    book: Snapshot  # read under ``held`` when that is set
+    held: Held | None  # the account lock, taken in the same round trip (None: it was busy, or let go)
     marks: dict[str, Decimal]
     balance: Balance
     opened_today: dict[str, Decimal]

@@ -94,7 +94,7 @@ from shared.limits import (
 )
 from shared.logging import get_logger
 from shared.models import Alert, AlertSeverity, Bar, Intent, IntentRejected, Order, OrderType, Side
-from shared.portfolio import Portfolio, Snapshot
+from shared.portfolio import Portfolio
 from shared.protections import ProtectionLock, Protections
 from shared.service import ServiceContext
 from shared.symbols import PreparedOrder, SymbolProperties
@@ -150,12 +150,16 @@ class RiskService:
         if not isinstance(intent, Intent):
             return
         reads = self._read(intent)
-        if reads.seen:
-            self._refund(reads)
-            log.info("risk.duplicate_intent")
-            return
-        self._cancel_opposite(intent, reads)
-        self._decide_and_publish(intent, None, reads)
+        try:
+            if reads.seen:
+                self.account.let_go(reads)
+                self._refund(reads)
+                log.info("risk.duplicate_intent")
+                return
+            self._cancel_opposite(intent, reads)
+            self._decide_and_publish(intent, None, reads)
+        finally:
+            self.account.let_go(reads)
 
     def _read(self, intent: Intent) -> Reads:
         return self.account.read(intent.id, once=self.once, kill_switch=self.kill_switch,
@@ -175,6 +179,7 @@ class RiskService:
         try:
             order, published = self.decide(intent, reads)
         except BaseException as exc:
+            self.account.let_go(reads)  # before anything else: the executor may be waiting for it
             self._refund(reads)
             if not isinstance(exc, (Deferred, Refused)):
                 raise
@@ -245,19 +250,21 @@ class RiskService:
                       limit_price=prepared.limit_price,
                       stop_price=intent.stop_price, time_in_force=intent.time_in_force,
                       reservation_id=intent.id)
-        return order, self._reserve(intent, book, order, price)
+        return order, self._reserve(intent, reads, order, price)
 
-    def _reserve(self, intent: Intent, book: Snapshot, order: Order, price: Decimal) -> bool:
-        """Reserve what ``order`` needs and publish it behind the write; True if it was published."""
+    def _reserve(self, intent: Intent, reads: Reads, order: Order, price: Decimal) -> bool:
+        """Reserve what ``order`` needs (under the lock ``reads`` holds, if it does) and publish it
+        behind the write; True if it was published."""
         def publish(pipe: Pipeline) -> None:
             self.once.queue_publish_once(pipe, intent.id, self.keys.stream(ORDERS), codec.encode(order),
                                          self.settings.bus.maxlen,
                                          provided=(self.portfolio.reservations_key, intent.id))
 
-        quantity = order.quantity
+        quantity, book = order.quantity, reads.book
+        held, reads.held = reads.held, None  # spent by the reserve, whatever its outcome
         try:
             outcome = self.portfolio.reserve(intent.id, intent.symbol, intent.side, quantity, price,
-                                             then=publish)
+                                             then=publish, held=held)
         except InsufficientFunds as exc:
             reason = str(exc).split(": ", 1)[-1]
             needed = quantity * price * (1 + self.settings.portfolio.fee_buffer_bps / Decimal(10_000))
@@ -343,10 +350,14 @@ class RiskService:
         ready = self.deferred.drain(self._revalidate)
         for entry in ready:
             reads = self._read(entry.intent)
-            if reads.seen:
-                self._refund(reads)
-                continue
-            self._decide_and_publish(entry.intent, entry, reads)
+            try:
+                if reads.seen:
+                    self.account.let_go(reads)
+                    self._refund(reads)
+                    continue
+                self._decide_and_publish(entry.intent, entry, reads)
+            finally:
+                self.account.let_go(reads)
         return len(ready)
 
     # -- bars -----------------------------------------------------------------------------------
