@@ -135,6 +135,7 @@ class Outcome:
     completed: bool = False         # the reservation closed (filled or released)
     duplicate: bool = False         # a fill id already applied, or a release of a closed reservation
     followed: tuple[Any, ...] | None = None  # replies of the commands queued after the write (None: none ran)
+    position_before: Decimal = ZERO  # a fill's symbol's position quantity before it (signed)
 
 
 def apply_entry(state: State, entry: Mapping[str, str], *, allow_short: bool) -> Outcome:
@@ -225,6 +226,8 @@ def _fill(state: State, entry: Mapping[str, str]) -> Outcome:
     if reservation is None:
         raise UnknownReservation(account, rid)
     qty, price, fee = dec(entry["qty"]), dec(entry["price"]), dec(entry["fee"])
+    held = state.positions.get(reservation.symbol)
+    before = held.qty if held is not None else ZERO
     if reservation.filled + qty > reservation.qty:
         raise FillRefused(account, fill_id, f"over-fill: {fmt(reservation.filled)} already filled + "
                                             f"{fmt(qty)} > order quantity {fmt(reservation.qty)}")
@@ -257,7 +260,7 @@ def _fill(state: State, entry: Mapping[str, str]) -> Outcome:
         returned = _close(state, rid, "filled")
     _tidy(state, reservation.symbol)
     return Outcome(changed=True, symbol=reservation.symbol, reservation_id=rid, fill_id=fill_id,
-                   amount=returned, realized=realized, completed=completed)
+                   amount=returned, realized=realized, completed=completed, position_before=before)
 
 
 def _trade(position: Position, signed_qty: Decimal, price: Decimal) -> Decimal:

@@ -181,6 +181,25 @@ class TestFills:
         assert world.status() == "filled"
         assert not world.client.sismember(KEYS.open_orders, "bst-i1")
 
+    def test_only_a_reservation_left_open_is_released(self, world: World,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+        """An order whose last fill closed its reservation asks no release of it; a canceled one does."""
+        released: list[str] = []
+        release = world.executor.portfolio.release
+        monkeypatch.setattr(world.executor.portfolio, "release",
+                            lambda rid, reason="released": released.append(rid) or release(rid, reason))
+        world.deliver()
+        world.executor.apply_event(world.event(OrderStatus.FILLED, "10", "150", ("x1", "10", "150")))
+        assert world.status() == "filled" and released == []
+        assert world.executor.portfolio.snapshot().reserved == 0
+        world.order = world.order.model_copy(update={"intent_id": "i2", "client_order_id": "bst-i2",
+                                                     "reservation_id": "i2"})
+        world.executor.portfolio.reserve("i2", "AAPL", Side.BUY, Decimal(1), Decimal(150))
+        world.executor.handle_order(Delivery(ORDERS, "2-0", world.order, 1))
+        world.executor.apply_event(world.event(OrderStatus.CANCELED, "0").model_copy(
+            update={"client_order_id": "bst-i2"}))
+        assert released == ["i2"] and world.executor.portfolio.snapshot().reserved == 0
+
     def test_repeated_and_out_of_order_updates_apply_once(self, world: World) -> None:
         """A repeated update and an older one arriving late change nothing the second time."""
         world.deliver()

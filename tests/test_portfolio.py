@@ -142,6 +142,7 @@ class TestFills:
         assert not first.completed and book.snapshot().reserved == D("6006") - D("1490.5")
         last = book.apply_fill("r1", fill("f2", "30", "150", "0.5"))
         assert last.completed and last.amount == D("6006") - D("1490.5") - D("4500.5")
+        assert (first.position_before, last.position_before) == (D(0), D(10))
         snap = book.snapshot()
         assert (snap.cash, snap.reserved, snap.fees) == (D("4009"), D(0), D(1))
         assert snap.positions["AAPL"].qty == 40

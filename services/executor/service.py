@@ -234,7 +234,7 @@ class Executor:
             if not record:
                 log.warning("executor.unknown_order_event", status=event.status.value)
                 return
-            changed = self._apply_fill_increase(event, record)
+            changed, reservation_closed = self._apply_fill_increase(event, record)
             status = OrderStatus(record["status"])
             new_status = event.status
             if status.is_terminal or (new_status == OrderStatus.NEW and status != OrderStatus.PENDING_SUBMIT):
@@ -246,7 +246,7 @@ class Executor:
                 self.client.hset(self.keys.order(event.client_order_id), "broker_order_id",
                                  event.broker_order_id)
             if new_status.is_terminal:
-                self._close(event.client_order_id, record, new_status)
+                self._close(event.client_order_id, record, new_status, release=not reservation_closed)
             if changed:
                 self.publisher.publish(ORDER_EVENTS, event.model_copy(update={
                     "status": new_status, "intent_id": record.get("intent_id"), "time": self.clock.now()}))
@@ -257,12 +257,14 @@ class Executor:
         with self._locks_guard:
             return self._locks.setdefault(symbol, threading.Lock())
 
-    def _apply_fill_increase(self, event: OrderEvent, record: dict[str, str]) -> bool:
+    def _apply_fill_increase(self, event: OrderEvent, record: dict[str, str]) -> tuple[bool, bool]:
+        """Apply the fill the event adds over what was applied: (anything applied, the fill
+        completed the reservation -- nothing is left to release)."""
         applied_qty = Decimal(record["applied_qty"])
         applied_cost = Decimal(record["applied_cost"])
         filled = event.filled_quantity  # cumulative: Alpaca's updates carry the order's filled_qty
         if filled <= applied_qty:
-            return False
+            return False, False
         delta = filled - applied_qty
         fee = Decimal(0)
         if event.fill is not None and event.fill.quantity == delta:
@@ -271,11 +273,9 @@ class Executor:
             price = ((event.filled_avg_price * filled - applied_cost) / delta).quantize(PRICE_PLACES)
         else:
             log.warning("executor.fill_without_price", filled=str(filled))
-            return False
+            return False, False
         fill = Fill(fill_id=f"{event.client_order_id}:{filled}", quantity=delta, price=price, fee=fee,
                     time=event.fill.time if event.fill is not None else self.clock.now())
-        held = self.portfolio.snapshot().positions.get(record["symbol"])
-        before = held.qty if held is not None else Decimal(0)
         try:
             outcome = self.portfolio.apply_fill(record["reservation_id"], fill)
         except PortfolioError as exc:
@@ -283,7 +283,8 @@ class Executor:
             self.publisher.publish(ALERTS, Alert(time=self.clock.now(), severity=AlertSeverity.CRITICAL,
                                                  source="executor", kind="fill_refused", text=str(exc),
                                                  details={"client_order_id": event.client_order_id}))
-            return False
+            return False, False
+        before = outcome.position_before  # read under the portfolio lock, just before this fill
         signed = delta if record["side"] == Side.BUY else -delta
         reduced = min(delta, abs(before)) if before and (before > 0) != (signed > 0) else Decimal(0)
         updates = {"applied_qty": str(filled), "applied_cost": str(applied_cost + delta * price)}
@@ -297,13 +298,16 @@ class Executor:
             record.update(updates)
         self.client.hset(self.keys.order(event.client_order_id), mapping=updates)  # type: ignore[arg-type]
         log.info("executor.fill_applied", fill_id=fill.fill_id, quantity=str(delta), price=str(price))
-        return True
+        return True, outcome.completed
 
-    def _close(self, cid: str, record: dict[str, str], status: OrderStatus) -> None:
-        try:
-            self.portfolio.release(record["reservation_id"], reason=status.value)
-        except PortfolioError as exc:
-            log.warning("executor.release_failed", error=str(exc))
+    def _close(self, cid: str, record: dict[str, str], status: OrderStatus, *, release: bool) -> None:
+        """An order ended: release what its reservation still holds (``release``: unless its last
+        fill closed it), drop it from the open orders, hand a closed trade to the protections."""
+        if release:
+            try:
+                self.portfolio.release(record["reservation_id"], reason=status.value)
+            except PortfolioError as exc:
+                log.warning("executor.release_failed", error=str(exc))
         self.client.srem(self.keys.open_orders, cid)
         if Decimal(record.get("reduced_qty", "0")) > 0:
             self._record_trade_closed(cid, record)
