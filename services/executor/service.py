@@ -239,12 +239,14 @@ class Executor:
             new_status = event.status
             if status.is_terminal or (new_status == OrderStatus.NEW and status != OrderStatus.PENDING_SUBMIT):
                 new_status = status  # never move back from a later state
+            fields: dict[str, str] = {}
             if new_status != status:
-                self.client.hset(self.keys.order(event.client_order_id), "status", new_status.value)
+                fields["status"] = new_status.value
                 changed = True
             if event.broker_order_id and record.get("broker_order_id") != event.broker_order_id:
-                self.client.hset(self.keys.order(event.client_order_id), "broker_order_id",
-                                 event.broker_order_id)
+                fields["broker_order_id"] = event.broker_order_id
+            if fields:
+                self.client.hset(self.keys.order(event.client_order_id), mapping=fields)  # type: ignore[arg-type]
             if new_status.is_terminal:
                 self._close(event.client_order_id, record, new_status, release=not reservation_closed)
             if changed:
