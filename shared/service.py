@@ -10,6 +10,7 @@ the service has a live heartbeat and 1 otherwise (for supervisors and scripts).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -86,6 +87,11 @@ def run_service(name: str, main: Callable[[ServiceContext], None], argv: Sequenc
     ctx = ServiceContext(name, instance, settings, clock, client, keys, stop, heartbeat, log)
     heartbeat.start()
     log.info("service.started", instance=instance)
+    # What start-up made (modules, settings, clients) lives as long as the process: keep it out
+    # of every collection, so a collection walks only what the service allocates while it runs
+    # (a full one then takes a few ms, not ~50, on the message path).
+    gc.collect()
+    gc.freeze()
     try:
         main(ctx)
     except RedisUnavailable as exc:
