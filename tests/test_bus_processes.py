@@ -34,6 +34,13 @@ def env_for(url: str, keys: Keys, **bus: int) -> dict[str, str]:
     return env
 
 
+def create_group(client: redis.Redis, keys: Keys, group: str = "effects") -> None:
+    """Create the consumers' group before any producer publishes: a stream trimmed while no group
+    exists loses its oldest entries (no group needs them yet), which a consumer starting a moment
+    after the producers would then never see."""
+    client.xgroup_create(keys.stream(BARS), group, id="0", mkstream=True)
+
+
 def effects(client: redis.Redis, keys: Keys) -> list[str]:
     """Every effect applied, in the order applied."""
     return [item.decode() for item in client.lrange(f"{keys.prefix}:effects", 0, -1)]
@@ -50,6 +57,7 @@ def test_exactly_once_effect_with_a_consumer_killed_mid_run(
 ) -> None:
     """4 producers x 2,500 messages, 3 consumers, one SIGKILLed mid-run: every effect exactly once."""
     env = env_for(server_url, keys)
+    create_group(client, keys)
     consumers = [spawn("tests.procs.bus_consumer", "--name", f"c{i}", env=env, log=tmp_path / f"c{i}.log")
                  for i in range(3)]
     producers = [spawn("tests.procs.bus_producer", "--symbol", f"P{i}", "--count", str(PER_PRODUCER), env=env,
@@ -83,6 +91,7 @@ def test_single_consumer_applies_in_publish_order(
 ) -> None:
     """With one consumer, effects are applied in exactly the order the messages were published."""
     env = env_for(server_url, keys)
+    create_group(client, keys)
     producer = spawn("tests.procs.bus_producer", "--symbol", "FIFO", "--count", "1000", env=env,
                      log=tmp_path / "producer.log")
     consumer = spawn("tests.procs.bus_consumer", "--name", "solo", env=env, log=tmp_path / "consumer.log")
