@@ -149,15 +149,22 @@ class RiskService:
         intent = delivery.message
         if not isinstance(intent, Intent):
             return
+        self._read_and_decide(intent, None)
+
+    def _read_and_decide(self, intent: Intent, queued: DeferredIntent | None) -> None:
+        """Read (taking the account lock if it is free), then approve, refuse or defer ``intent``
+        (``queued``: its deferred-queue entry when it is decided again); the lock is let go in
+        every case."""
         reads = self._read(intent)
         try:
             if reads.seen:
                 self.account.let_go(reads)
                 self._refund(reads)
-                log.info("risk.duplicate_intent")
+                log.info("risk.duplicate_intent", deferred=queued is not None)
                 return
-            self._cancel_opposite(intent, reads)
-            self._decide_and_publish(intent, None, reads)
+            if queued is None:
+                self._cancel_opposite(intent, reads)
+            self._decide_and_publish(intent, queued, reads)
         finally:
             self.account.let_go(reads)
 
@@ -349,15 +356,7 @@ class RiskService:
         """Drain the deferred queue and decide each entry again; returns how many were drained."""
         ready = self.deferred.drain(self._revalidate)
         for entry in ready:
-            reads = self._read(entry.intent)
-            try:
-                if reads.seen:
-                    self.account.let_go(reads)
-                    self._refund(reads)
-                    continue
-                self._decide_and_publish(entry.intent, entry, reads)
-            finally:
-                self.account.let_go(reads)
+            self._read_and_decide(entry.intent, entry)
         return len(ready)
 
     # -- bars -----------------------------------------------------------------------------------
