@@ -122,45 +122,62 @@ class Publisher:
             raise RedisUnavailable(f"publish to {stream!r} failed: {exc}") from exc
 
 
+# Trim one stream in one round trip, never past the oldest entry a group still needs.
+# KEYS[1] = the stream; ARGV[1] = maxlen
+# returns {removed, floor}: floor = the oldest id some group needs ("" when none does) when it held
+# the cut back, else ""
+# The floor of a group is the entry after its last delivered one, or its oldest pending entry if
+# older. Exact ids go to XDEL, not XTRIM MINID: exact under concurrent XADDs, and fakeredis's
+# XTRIM MINID removes nothing. At most 1,000 ids per XDEL call (Lua's unpack limit).
+TRIM_SCRIPT = """
+local unpack = unpack or table.unpack
+local excess = redis.call('XLEN', KEYS[1]) - tonumber(ARGV[1])
+if excess <= 0 then return {0, ''} end
+local function parse(id)
+    local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+    return {tonumber(ms), tonumber(seq)}
+end
+local function older(a, b) return a[1] < b[1] or (a[1] == b[1] and a[2] < b[2]) end
+local floor = nil
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+    local info = {}
+    for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
+    local next_id = parse(info['last-delivered-id'])
+    next_id[2] = next_id[2] + 1
+    if floor == nil or older(next_id, floor) then floor = next_id end
+    if tonumber(info['pending']) > 0 then
+        local oldest = parse(redis.call('XPENDING', KEYS[1], info['name'])[2])
+        if older(oldest, floor) then floor = oldest end
+    end
+end
+local doomed, held = {}, ''
+for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', excess)) do
+    if floor ~= nil and not older(parse(entry[1]), floor) then
+        held = floor[1] .. '-' .. floor[2]
+        break
+    end
+    doomed[#doomed + 1] = entry[1]
+end
+local removed = 0
+for start = 1, #doomed, 1000 do
+    removed = removed + redis.call('XDEL', KEYS[1], unpack(doomed, start, math.min(start + 999, #doomed)))
+end
+return {removed, held}
+"""
+
+
 def trim(client: redis.Redis, stream_key: str, maxlen: int) -> int:
     """Trim ``stream_key`` to about ``maxlen`` entries, keeping every entry a group still needs.
 
     An entry is still needed while it is pending (delivered, not acknowledged) in any group or
     not yet delivered to some group. The cut is the later of "keep the newest ``maxlen``" and
     never past that floor; returns how many entries were removed. Groups created after a trim
-    start from what is left.
+    start from what is left. One script, one round trip (:data:`TRIM_SCRIPT`).
     """
-    length = int(client.xlen(stream_key))
-    if length <= maxlen:
-        return 0
-    entries: Any = client.xrange(stream_key, "-", "+", count=length - maxlen)
-    if not entries:
-        return 0
-    floor = _needed_floor(client, stream_key)
-    doomed = [entry_id for entry_id, _ in entries if floor is None or _id_tuple(entry_id) < floor]
-    if len(doomed) < len(entries):
-        log.warning("bus.trim_held_back", stream=stream_key, length=length, maxlen=maxlen,
-                    oldest_needed=_id_text(floor) if floor else None)
-    # XDEL of exact ids, not XTRIM MINID: exact under concurrent XADDs, and fakeredis 2.40's
-    # XTRIM MINID removes nothing.
-    return int(client.xdel(stream_key, *doomed)) if doomed else 0
-
-
-def _needed_floor(client: redis.Redis, stream_key: str) -> tuple[int, int] | None:
-    """The oldest entry id some group still needs, or None when no group needs any."""
-    floor: tuple[int, int] | None = None
-    for group in client.xinfo_groups(stream_key):
-        name = group["name"]
-        candidates = []
-        last = _id_tuple(group["last-delivered-id"])
-        candidates.append((last[0], last[1] + 1))  # everything after it is undelivered
-        if int(group["pending"]):
-            summary = client.xpending(stream_key, name)
-            if summary.get("min"):
-                candidates.append(_id_tuple(summary["min"]))
-        oldest = min(candidates)
-        floor = oldest if floor is None else min(floor, oldest)
-    return floor
+    removed, held = script(client, TRIM_SCRIPT)(keys=[stream_key], args=[maxlen], client=client)
+    if held:
+        log.warning("bus.trim_held_back", stream=stream_key, maxlen=maxlen, oldest_needed=reply_text(held))
+    return int(removed)
 
 
 class StopSignal:
@@ -586,7 +603,3 @@ class Idempotency:
 def _id_tuple(entry_id: Any) -> tuple[int, int]:
     ms, _, seq = reply_text(entry_id).partition("-")
     return int(ms), int(seq or 0)
-
-
-def _id_text(entry_id: tuple[int, int]) -> str:
-    return f"{entry_id[0]}-{entry_id[1]}"

@@ -354,6 +354,16 @@ class TestTrim:
         assert trim(redis_client, stream, maxlen=10) == 60
         assert redis_client.xlen(stream) == 10
 
+    def test_trim_removes_more_than_one_xdel_chunk(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """trim cuts a stream far past maxlen in one call (the script's XDELs go 1,000 ids at a time)."""
+        stream = keys.stream(BARS)
+        with redis_client.pipeline(transaction=False) as pipe:
+            for seq in range(2510):
+                pipe.xadd(stream, {"n": str(seq)})
+            ids = pipe.execute()
+        assert trim(redis_client, stream, maxlen=10) == 2500
+        assert [entry_id for entry_id, _ in redis_client.xrange(stream)] == ids[2500:]
+
     def test_publisher_keeps_stream_bounded(self, redis_client: redis.Redis, keys: Keys) -> None:
         """A Publisher trims every trim_every publishes, so the stream stays near maxlen."""
         publisher = Publisher(redis_client, keys, BusSettings(maxlen=20, trim_every=10))
