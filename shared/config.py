@@ -67,6 +67,9 @@ class EmbeddedRedisSettings(_Section):
 
     port: Annotated[int, Field(gt=0, lt=65536)] = 6390
     data_dir: Path = Path("var/redis")
+    # on a stop signal, how long the server keeps serving while other clients are still
+    # connected (services finishing their work); under honcho keep it below its 5 s SIGKILL
+    stop_wait_s: Annotated[float, Field(ge=0)] = 3.0
 
 
 class BusSettings(_Section):
@@ -215,6 +218,9 @@ class PaperExchangeSettings(_Section):
     always_open: bool = True  # /v2/clock says open at any hour (bars drive the session)
     consumer_group: Annotated[str, Field(min_length=1)] = "paper-exchange"
     faults: str = ""  # a JSON fault plan (see docs/BROKERS.md); empty: no faults
+    # on a stop signal, how long the exchange keeps serving while a trade-update stream is still
+    # connected (an executor finishing its order in hand)
+    stop_wait_s: Annotated[float, Field(ge=0)] = 3.0
 
 
 class ServiceSettings(_Section):

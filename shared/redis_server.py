@@ -6,10 +6,18 @@ only, noeviction), on port 6390 by default, with its data and a generated passwo
 ``var/redis/``. ``python -m shared.redis_server`` runs it in the foreground (the Procfile's
 ``redis`` process); with ``REDIS_URL`` set it starts nothing and just waits to be stopped, so
 honcho keeps the other processes running.
+
+Stopping: honcho signals every process at once (each process group). The server runs in its own
+process group, so that signal reaches only this wrapper, which keeps the server up while other
+clients are still connected (services finishing the message in hand, the rq worker releasing its
+locks), at most ``embedded_redis.stop_wait_s``, then stops it (SIGTERM: the AOF is flushed). On
+Linux the server also gets SIGTERM if the wrapper dies without stopping it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import secrets
 import shutil
@@ -20,6 +28,10 @@ import threading
 from pathlib import Path
 from types import FrameType
 from typing import Literal
+
+import redis
+
+from shared.clock import LiveClock
 
 __all__ = ["RedisServer", "embedded_url", "find_binary", "main"]
 
@@ -102,12 +114,14 @@ class RedisServer:
             "--logfile", str(self.data_dir / "redis.log"),
         ]
 
-    def start(self, wait_s: float = 15.0) -> None:
-        """Start the server and return once it answers PING."""
+    def start(self, wait_s: float = 15.0, *, own_group: bool = False) -> None:
+        """Start the server and return once it answers PING (``own_group``: in its own process
+        group, which a signal to the caller's group does not reach, and tied to the caller's life)."""
         from shared.redis_client import connect_url  # circular at import time
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, start_new_session=own_group,
+                                        preexec_fn=_die_with_parent if own_group else None)
         try:
             connect_url(self.url, wait_s=wait_s).close()
         except Exception:
@@ -115,6 +129,25 @@ class RedisServer:
             raise
         if self.process.poll() is not None:
             raise RuntimeError(f"redis-server exited at start (see {self.data_dir / 'redis.log'})")
+
+    def other_clients(self, wait_s: float, stop_polling: threading.Event) -> list[str]:
+        """Wait until no client but this call's is connected, at most ``wait_s``; return the
+        addresses (and names) of those still connected."""
+        clock = LiveClock()
+        deadline = clock.monotonic() + wait_s
+        client = redis.Redis.from_url(self.url, socket_timeout=5)
+        try:
+            own = client.client_id()
+            while True:
+                others = [f"{c['addr']} {c.get('name') or ''}".strip()
+                          for c in client.client_list() if int(c["id"]) != own]
+                if not others or clock.monotonic() >= deadline:
+                    return others
+                stop_polling.wait(0.05)
+        except redis.RedisError:
+            return []  # the server is gone already: nothing to wait for
+        finally:
+            client.close()
 
     def stop(self, wait_s: float = 10.0) -> None:
         """Stop the server (SIGTERM, which flushes the AOF), killing it after ``wait_s``."""
@@ -132,6 +165,12 @@ class RedisServer:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+def _die_with_parent() -> None:
+    """Run in the child before exec: ask Linux for SIGTERM when the parent dies (PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the wrapper's own stop is the only one
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
 
 
 def main() -> int:
@@ -154,13 +193,18 @@ def main() -> int:
         stop.wait()
         return 0
     server = RedisServer(settings.embedded_redis.port, settings.embedded_redis.data_dir)
-    server.start()
+    server.start(own_group=True)
     log.info("redis.started", port=server.port, binary=str(server.binary), data_dir=str(server.data_dir))
     assert server.process is not None
     while not stop.wait(0.5):
         if server.process.poll() is not None:
             log.error("redis.exited", returncode=server.process.returncode)
             return 1
+    wait_s = settings.embedded_redis.stop_wait_s
+    log.info("redis.stopping", waits_for_clients_s=wait_s)
+    remaining = server.other_clients(wait_s, threading.Event())
+    if remaining:
+        log.warning("redis.stopping_with_clients", clients=remaining)
     server.stop()
     log.info("redis.stopped")
     return 0

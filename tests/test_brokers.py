@@ -4,6 +4,7 @@ handling, the mapping of Alpaca's JSON onto our models, and the fake broker."""
 from __future__ import annotations
 
 import json
+import logging
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -391,6 +392,18 @@ class TestRestart:
             broker.submit(market("after", "1"))
             event = next_event(updates)
         assert (event.client_order_id, event.status) == ("after", OrderStatus.NEW)
+
+    def test_closing_the_stream_is_not_a_connection_error(self, exchange: PaperExchange, broker: AlpacaBroker,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+        """Closing a subscription stops alpaca-py's stream without its "websocket error, restarting"
+        warning (the one a dropped connection gives), and the exchange sees the listener leave."""
+        with caplog.at_level(logging.INFO, logger="alpaca.trading.stream"):
+            with broker.trade_updates() as updates:
+                assert updates.wait_ready(10)
+            wait_for(lambda: exchange.get("/_paper/health")["listeners"] == 0, message="the listener to go")
+        messages = [r.getMessage() for r in caplog.records if r.name == "alpaca.trading.stream"]
+        assert "Trading stream stopped" in messages
+        assert not [m for m in messages if "websocket error" in m]
 
 
 class TestBuildBroker:

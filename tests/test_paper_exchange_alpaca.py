@@ -186,3 +186,18 @@ class TestProcess:
         assert exchange.proc is not None
         exchange.proc.send_signal(signal.SIGTERM)
         assert exchange.proc.wait(timeout=30) == 0
+
+    def test_sigterm_keeps_serving_while_a_stream_is_connected(self, exchange: PaperExchange) -> None:
+        """After SIGTERM the exchange keeps serving while a trade-update stream is connected (under
+        honcho a stopping executor still needs it), and exits 0 as soon as that stream closes."""
+        assert exchange.proc is not None
+        log = exchange.log_dir / f"paper-exchange-{exchange.starts}.log"
+        with connect(exchange.stream_url) as ws:
+            ws.send(json.dumps({"action": "authenticate", "data": {"key_id": KEY_ID, "secret_key": SECRET}}))
+            assert json.loads(ws.recv(timeout=5))["data"]["status"] == "authorized"
+            exchange.proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: b"paper_exchange.stopping" in log.read_bytes(), message="the stop to begin")
+            assert exchange.get("/_paper/health")["status"] == "ok"
+            assert exchange.proc.poll() is None
+        assert exchange.proc.wait(timeout=30) == 0
+        assert b"stopping_with_streams" not in log.read_bytes()

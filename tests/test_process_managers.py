@@ -40,10 +40,13 @@ def services_up(client: redis.Redis, keys: Keys) -> bool:
     return alive >= SERVICES
 
 
-def test_honcho_runs_the_procfile(server_url: str, client: redis.Redis, keys: Keys) -> None:
-    """`honcho start` brings every Procfile process up, orders flow, and SIGTERM stops them all."""
-    proc = subprocess.Popen([str(BIN / "honcho"), "start"], cwd=REPO_ROOT, env=desk_env(server_url, keys),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+def test_honcho_runs_the_procfile(server_url: str, client: redis.Redis, keys: Keys, tmp_path: Path) -> None:
+    """`honcho start` brings every Procfile process up, orders flow, and SIGTERM stops them all
+    cleanly: each exits 0, and none prints a traceback or leaves work pending on its way out."""
+    output = tmp_path / "honcho.log"
+    with output.open("wb") as sink:
+        proc = subprocess.Popen([str(BIN / "honcho"), "start"], cwd=REPO_ROOT, env=desk_env(server_url, keys),
+                                stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for(lambda: services_up(client, keys), timeout=60, message="every service's heartbeat")
         wait_for(lambda: client.xlen(keys.stream(ORDERS)) > 0, timeout=90, message="an approved order")
@@ -53,6 +56,12 @@ def test_honcho_runs_the_procfile(server_url: str, client: redis.Redis, keys: Ke
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    text = output.read_text(errors="replace")
+    names = [line.split(":", 1)[0] for line in (REPO_ROOT / "Procfile").read_text().splitlines()
+             if line and not line.startswith("#")]
+    assert sorted(n for n in names if f"{n}.1 stopped (rc=0)" in text) == sorted(names), text[-3000:]
+    for sign in ("Traceback", "stop_with_pending", "websocket error"):
+        assert sign not in text, text[-3000:]
 
 
 def test_supervisor_runs_ops_config(server_url: str, client: redis.Redis, keys: Keys) -> None:

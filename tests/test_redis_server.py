@@ -171,7 +171,63 @@ class TestMain:
                  if not name.upper().startswith("BASTION_") and name.upper() != "REDIS_URL"}
         return subprocess.Popen([sys.executable, "-m", "shared.redis_server"], cwd=REPO_ROOT,
                                 env=clean | env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                stdin=subprocess.DEVNULL, text=True)
+                                stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+
+    def started(self, proc: subprocess.Popen[str], port: int, data_dir: Path) -> redis.Redis:
+        """A client of the server ``proc`` started, once it logged redis.started."""
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert '"event": "redis.started"' in line, line
+        return redis.Redis.from_url(embedded_url(port, data_dir), socket_timeout=10)
+
+    def test_group_sigterm_waits_for_connected_clients(self, tmp_path: Path) -> None:
+        """SIGTERM to the process group (as honcho sends it) leaves Redis serving a connected client
+        until that client leaves; then the server stops and the wrapper exits 0."""
+        port = free_port()
+        proc = self.spawn({"BASTION_EMBEDDED_REDIS__PORT": str(port),
+                           "BASTION_EMBEDDED_REDIS__DATA_DIR": str(tmp_path),
+                           "BASTION_EMBEDDED_REDIS__STOP_WAIT_S": "120"})
+        try:
+            client = self.started(proc, port, tmp_path)
+            assert client.ping()
+            os.killpg(proc.pid, signal.SIGTERM)
+            assert proc.stdout is not None
+            assert '"event": "redis.stopping"' in proc.stdout.readline()
+            client.set("still", "serving")
+            assert client.get("still") == b"serving"
+            client.close()
+            assert proc.wait(30) == 0
+            rest = proc.stdout.read()
+            assert '"event": "redis.stopped"' in rest and "stopping_with_clients" not in rest
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        with pytest.raises(redis.ConnectionError):
+            redis.Redis(host="127.0.0.1", port=port, retry=NO_RETRY).ping()
+
+    def test_stops_after_its_wait_with_a_client_still_connected(self, tmp_path: Path) -> None:
+        """A client that never leaves holds the stop back only ``stop_wait_s``; the wrapper names it
+        in a warning, stops the server and exits 0."""
+        port = free_port()
+        proc = self.spawn({"BASTION_EMBEDDED_REDIS__PORT": str(port),
+                           "BASTION_EMBEDDED_REDIS__DATA_DIR": str(tmp_path),
+                           "BASTION_EMBEDDED_REDIS__STOP_WAIT_S": "0.5"})
+        try:
+            client = self.started(proc, port, tmp_path)
+            client.client_setname("lingering")
+            os.killpg(proc.pid, signal.SIGTERM)
+            assert proc.wait(30) == 0
+            assert proc.stdout is not None
+            rest = proc.stdout.read()
+            assert '"event": "redis.stopping_with_clients"' in rest and "lingering" in rest
+            assert '"event": "redis.stopped"' in rest
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        with pytest.raises(redis.ConnectionError):
+            client.ping()
 
     def test_runs_embedded_redis_until_sigterm(self, tmp_path: Path) -> None:
         """`python -m shared.redis_server` starts Redis, logs redis.started, and exits 0 on SIGTERM."""

@@ -93,6 +93,14 @@ class Server:
         self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await self._site.start()
 
+    async def streams_closed(self, wait_s: float) -> int:
+        """Keep serving while a websocket client is still connected, at most ``wait_s``; return how
+        many still are (a stopping executor closes its trade-update stream before it exits)."""
+        deadline = self.clock.monotonic() + wait_s
+        while self._sockets and self.clock.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return len(self._sockets)
+
     async def stop(self) -> None:
         for queue in list(self._listeners):
             queue.put_nowait(None)

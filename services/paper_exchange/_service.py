@@ -2,10 +2,12 @@
 
 Shape of the loop (shared.service.run_service, as every Bastion service): settings validated
 (a bad fault plan too: exit 2 before Redis is touched), signal handlers, heartbeat
-``paper-exchange``; the first SIGTERM/SIGINT stops accepting work and lets the bar in hand finish
-within ``bus.grace_seconds``; a second exits at once; ``finally`` stops the consumer and closes
-the server. A bar consumer that dies takes the process down (exit 1) rather than leave an
-exchange that never fills.
+``paper-exchange``; the first SIGTERM/SIGINT keeps the exchange serving (HTTP, bars) while a
+trade-update stream is still connected, at most ``paper_exchange.stop_wait_s`` (under honcho
+every process gets the signal at once, and a stopping executor still needs the exchange for the
+order in hand), then stops the consumer, lets the bar in hand finish within ``bus.grace_seconds``
+and closes the server; a second signal exits at once. A bar consumer that dies takes the process
+down (exit 1) rather than leave an exchange that never fills.
 
 Concurrency model: one asyncio loop (HTTP, websockets) in the main thread plus one bar-consumer
 thread; the book serialises them with its lock. The bar consumer lingers ``BARS_LINGER_MS`` after
@@ -78,20 +80,24 @@ def serve(ctx: ServiceContext) -> None:
             stop.set()
 
     consumer = threading.Thread(target=consume, name="bars")
-    asyncio.run(_serve(server, ctx.stop, stop, consumer, ctx.settings.bus.grace_seconds))
+    asyncio.run(_serve(server, ctx.stop, stop, consumer, ctx.settings.bus.grace_seconds, pe.stop_wait_s))
     if failed.is_set():
         raise SystemExit(1)
 
 
 async def _serve(server: Server, signal: StopSignal, stop: threading.Event, consumer: threading.Thread,
-                 grace_s: float) -> None:
+                 grace_s: float, stop_wait_s: float) -> None:
     loop = asyncio.get_running_loop()
     try:
         await server.start()
         consumer.start()
         while not signal.is_set() and not stop.is_set():
             await asyncio.sleep(0.1)
-        log.info("paper_exchange.stopping")
+        log.info("paper_exchange.stopping", waits_for_streams_s=stop_wait_s)
+        if not stop.is_set():  # stopping on request, not because the consumer died
+            left = await server.streams_closed(stop_wait_s)
+            if left:
+                log.warning("paper_exchange.stopping_with_streams", streams=left)
     finally:
         stop.set()
         await server.stop()

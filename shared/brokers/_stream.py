@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Any
 
+import websockets
 from alpaca.trading.stream import TradingStream
 
 from shared.brokers._mapping import UpdateFilter
@@ -45,6 +46,14 @@ class _Stream(TradingStream):
         if msg.get("stream") == "listening" and "trade_updates" in (msg.get("data") or {}).get("streams", []):
             self._ready.set()
         await super()._dispatch(msg)
+
+    async def _consume(self) -> None:
+        try:
+            await super()._consume()  # type: ignore[no-untyped-call]
+        except websockets.ConnectionClosed:
+            if self._should_run:
+                raise  # the connection dropped: alpaca-py logs it and reconnects
+            # our own stop closed it (stop_now): not an error, nothing to reconnect
 
     async def close(self) -> None:
         self._ready.clear()  # not listening until the broker confirms again after a reconnect
