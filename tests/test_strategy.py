@@ -187,6 +187,19 @@ def per_symbol(items: list[str]) -> dict[str, list[int]]:
 SYMBOLS = ["AAPL", "MSFT", "SPY", "QQQ", "IWM", "TSLA"]
 
 
+def undelivered(client: redis.Redis, stream: str) -> int:
+    """How many entries of ``stream`` the strategy group has not been delivered yet."""
+    [group] = [g for g in client.xinfo_groups(stream) if g["name"] == GROUP.encode()]
+    last = group["last-delivered-id"]
+    return sum(1 for entry_id, _ in client.xrange(stream) if _id(entry_id) > _id(last))
+
+
+def _id(entry_id: bytes | str) -> tuple[int, int]:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq)
+
+
 class TestWorker:
     def test_applies_every_bar_once_in_order_and_publishes_intents(self, redis_client: redis.Redis,
                                                                    keys: Keys) -> None:
@@ -242,7 +255,8 @@ class TestWorker:
         assert redis_client.xpending(stream, GROUP)["pending"] == 0
 
     def test_a_holder_that_lost_its_lease_cannot_commit(self, redis_client: redis.Redis, keys: Keys) -> None:
-        """If the lease changes hands mid-batch, nothing of the batch is written and it stays pending."""
+        """If the lease changes hands mid-batch, nothing of the batch is written and the group is
+        delivered none of it (the next holder reads it after the same cursor)."""
         partition = partition_of("AAPL", PARTITIONS)
         lease_key = PartitionLeases(redis_client, keys, "w1", PARTITIONS, 5000).key(partition)
         recording_strategy.Thief.client = redis_client
@@ -253,8 +267,7 @@ class TestWorker:
         assert stats.refused_commits == 1 and partition not in victim.leases.held
         assert redis_client.get(keys.strategy_state("thief", "AAPL")) is None
         assert redis_client.xlen(keys.stream(INTENTS)) == 0
-        stream = keys.stream(keys.bar_partition(partition))
-        assert redis_client.xpending(stream, GROUP)["pending"] == 3
+        assert undelivered(redis_client, keys.stream(keys.bar_partition(partition))) == 3
         assert redis_client.get(lease_key) == b"someone-else"
 
     def test_a_state_written_by_someone_else_is_never_overwritten(self, redis_client: redis.Redis,
@@ -291,9 +304,10 @@ class TestWorker:
         read_keys = sorted(key for (names,) in reads for key in names)
         assert read_keys == sorted(keys.strategy_state("recorder", s) for s in ("AAPL", "MSFT"))  # once each
 
-    def test_a_refused_pass_leaves_every_batch_pending_and_the_others_are_applied_next(
+    def test_a_refused_pass_delivers_no_batch_and_the_others_are_applied_next(
             self, redis_client: redis.Redis, keys: Keys) -> None:
-        """A pass refused over one lost lease writes nothing; the other partition's bars follow, in order."""
+        """A pass refused over one lost lease writes nothing and leaves every batch undelivered; the
+        other partition's bars follow, in order."""
         partition = partition_of("AAPL", PARTITIONS)
         other = next(s for s in SYMBOLS if partition_of(s, PARTITIONS) != partition)
         lease_key = PartitionLeases(redis_client, keys, "w1", PARTITIONS, 5000).key(partition)
@@ -310,11 +324,14 @@ class TestWorker:
         assert [i.symbol for i in intents(redis_client, keys)] == [other]  # the recorder's intent at seq 0
         other_stream = keys.stream(keys.bar_partition(partition_of(other, PARTITIONS)))
         assert redis_client.xpending(other_stream, GROUP)["pending"] == 0
-        assert redis_client.xpending(keys.stream(keys.bar_partition(partition)), GROUP)["pending"] == 3
+        assert undelivered(redis_client, other_stream) == 0
+        assert undelivered(redis_client, keys.stream(keys.bar_partition(partition))) == 3
 
-    def test_entries_of_a_read_whose_reply_was_lost_are_applied_first(self, redis_client: redis.Redis,
-                                                                      keys: Keys) -> None:
-        """Entries a lost read moved to the pending list are applied before the later ones, in order."""
+    def test_entries_delivered_behind_the_workers_back_refuse_its_commit_and_are_applied_first(
+            self, redis_client: redis.Redis, keys: Keys) -> None:
+        """Entries the group was delivered after the worker read past its cursor (a stalled former
+        holder's read arriving late) refuse the worker's commit, which writes nothing; they are
+        then read from the pending list and applied first, the rest after them, in order."""
         partition = partition_of("AAPL", PARTITIONS)
         stream = keys.stream(keys.bar_partition(partition))
         victim = worker(redis_client, keys, settings())
@@ -322,17 +339,43 @@ class TestWorker:
         publish(redis_client, keys, series(["AAPL"], 3))
         assert victim.step() == 3
         publish(redis_client, keys, series(["AAPL"], 6, start=3))
-        redis_client.xreadgroup(GROUP, consumer_name(partition), {stream: ">"}, count=2)  # reply "lost"
+        victim._idle(threading.Event())  # reads 3..8 after the cursor
+        redis_client.xreadgroup(GROUP, consumer_name(partition), {stream: ">"}, count=2)
         with capture_logs() as logs:
             assert victim.step() == 6
-        assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["strategy.lost_reply"]
+        assert [(e["event"], e["check"]) for e in logs if e["log_level"] == "warning"] == [
+            ("strategy.commit_refused", "cursor")]
+        assert processed(redis_client, keys) == [f"AAPL:{n}" for n in range(3)]
+        victim.run(threading.Event(), burst=True)
         assert processed(redis_client, keys) == [f"AAPL:{n}" for n in range(9)]
-        assert redis_client.xpending(stream, GROUP)["pending"] == 0
-        victim.leases.release_all()
+        assert redis_client.xpending(stream, GROUP)["pending"] == 0 == undelivered(redis_client, stream)
 
-    def test_after_an_idle_wait_only_partitions_with_news_are_read_and_the_rest_next(
+    def test_an_entry_deleted_between_read_and_commit_refuses_it_and_the_rest_is_applied_once(
             self, redis_client: redis.Redis, keys: Keys) -> None:
-        """A pass after a wait that saw AAPL's partition only reads that one; a bar that reached another
+        """If the entries after the cursor changed between the read and the commit (one deleted, one
+        added), the commit writes nothing; what the group was delivered is applied from the pending
+        list, each entry once, in order."""
+        partition = partition_of("AAPL", PARTITIONS)
+        stream = keys.stream(keys.bar_partition(partition))
+        victim = worker(redis_client, keys, settings())
+        victim.upkeep()
+        assert victim.step() == 0  # learns every partition's cursor
+        publish(redis_client, keys, series(["AAPL"], 3))
+        victim._idle(threading.Event())  # reads 0..2 after the cursor
+        publish(redis_client, keys, series(["AAPL"], 1, start=3))
+        redis_client.xdel(stream, redis_client.xrange(stream)[1][0])  # AAPL:1, never delivered
+        with capture_logs() as logs:
+            assert victim.step() == 3
+        assert [(e["event"], e["check"]) for e in logs if e["log_level"] == "warning"] == [
+            ("strategy.commit_refused", "claim")]
+        assert processed(redis_client, keys) == []
+        victim.run(threading.Event(), burst=True)
+        assert processed(redis_client, keys) == ["AAPL:0", "AAPL:2", "AAPL:3"]
+        assert redis_client.xpending(stream, GROUP)["pending"] == 0 == undelivered(redis_client, stream)
+
+    def test_after_an_idle_wait_only_partitions_with_news_are_applied_and_the_rest_next(
+            self, redis_client: redis.Redis, keys: Keys) -> None:
+        """A pass after a wait applies what the wait read, AAPL's partition; a bar that reached another
         partition meanwhile wakes the next wait at once and is applied by the next pass."""
         other = next(s for s in SYMBOLS if partition_of(s, PARTITIONS) != partition_of("AAPL", PARTITIONS))
         victim = worker(redis_client, keys, settings())

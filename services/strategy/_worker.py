@@ -2,24 +2,30 @@
 
 Concurrency model: one thread. The loop (1) every ``lease_ms/3`` renews its leases and takes or
 gives up partitions to hold its fair share (:mod:`._leases`); (2) reads a batch of at most
-``strategy.batch`` entries from every held partition, all in one pipelined round trip, and
-applies those batches in one transaction; (3) when that pass can have left nothing behind (no
-full batch, every pending list known empty), blocks in one ``XREAD`` over every held partition
-for at most ``strategy.idle_wait_ms`` (never past the next lease upkeep); the next pass reads
-new entries only from the partitions that wait saw news on. A stop request ends the loop after
-the batches in hand; ``finally`` releases the leases.
+``strategy.batch`` entries from every held partition, all in one round trip, and applies those
+batches in one atomic commit; (3) when that pass can have left nothing behind (no full batch,
+every pending list known empty), the next read is a wait: one blocking ``XREAD`` over every held
+partition for at most ``strategy.idle_wait_ms`` (never past the next lease upkeep), whose reply
+is the next pass's batches. A stop request ends the loop after the batches in hand; ``finally``
+releases the leases.
 
 Each partition stream is read in consumer group ``strategy`` under the consumer name
 ``partition-<n>`` -- the partition's name, not the process's -- so whoever holds the lease sees
-the entries a previous holder read and never acknowledged. A partition's pending list is read
-first (``XREADGROUP ... 0``), and new entries (``>``) only once that list is known to be empty:
-it is not known on gaining the partition, nor after a Redis error, a refused commit or a lost
-reply, until a read of it comes back empty, or short of a full batch that then commits. Each
-``>`` read is followed, in the same round trip, by ``XPENDING``: a partition with more pending
-than the read returned had a reply lost (the server moved entries to the pending list that
-never reached us: a dropped connection, or a stalled former holder's read), so that read is set
-aside and the pending list read at once instead. Entries are thus applied in stream order,
-which is each symbol's time order.
+the entries a previous holder was delivered and never acknowledged. Two ways to read:
+
+* **the pending list** (``XREADGROUP ... 0``), on gaining a partition, and after a Redis error or
+  a refused commit, until a read of it comes back empty or short of a full batch that then
+  commits; that same round trip reads the group's ``last-delivered-id`` (``XINFO GROUPS``): the
+  partition's **cursor**;
+* **after the cursor** (``XREAD``, the usual way, once the pending list is known empty): a look at
+  the entries the group has not been delivered yet, changing nothing on the server. The commit
+  delivers them to the group (``XREADGROUP ... >`` inside the script) and acknowledges them,
+  atomically with their effects, after checking that the group's ``last-delivered-id`` is still
+  the cursor they were read after. So the usual pass costs two round trips, the read (which is
+  also the wait) and the commit, and a lost reply of either leaves nothing half done: the read
+  changed nothing, and the commit happened entirely or not at all.
+
+Entries are thus applied in stream order, which is each symbol's time order.
 
 Exactly-once effect, per pass, in one script (``_COMMIT``, atomic, one round trip):
 
@@ -28,19 +34,22 @@ Exactly-once effect, per pass, in one script (``_COMMIT``, atomic, one round tri
 * every state key of the batches' symbols still holds what this worker last read or wrote
   (the worker keeps that value between passes instead of reading it back: a state is read
   only on a symbol's first bar, after a refused commit, a Redis error or a lease change);
+* every batch read after a cursor: the group's ``last-delivered-id`` is still that cursor, and the
+  group is then delivered exactly the entries read (else nothing is written and what it was
+  delivered stays pending, to be read from the pending list);
 * every symbol's state document records the stream entry and the bar time last applied; a bar
   not newer than that is skipped (a redelivery, or a duplicate XADD from a retried publish);
 * the states, the intents (``XADD intents``, ids derived from strategy, symbol and bar), any
   dead letters, the strategies' :meth:`~services.strategy.Strategy.queue_effects` and the
   ``XACK`` of every entry of every batch commit together or not at all; a refused commit
-  writes nothing and leaves every batch pending.
+  writes nothing: a pending batch stays pending, a batch read after a cursor stays undelivered.
 
 A redelivery, as a timeline::
 
-    time 0   worker A reads entries 7-0..9-0 of partition 2 (pending for "partition-2")
-    time 1   A is SIGKILLed before its commit: no state, no intent, no ack was written
+    time 0   worker A reads entries 7-0..9-0 of partition 2 after its cursor 6-0
+    time 1   A is SIGKILLed before its commit: no state, no intent, no ack; nothing delivered
     time 6   A's lease expires; worker B's upkeep takes partition 2
-    time 6   B reads partition-2's pending list from 0: 7-0..9-0 again, applies them in order
+    time 6   B finds partition-2's pending list empty and the cursor at 6-0: reads 7-0..9-0 again
 
 An entry that is not a bar, cannot be decoded, or whose strategy raised is dead-lettered (with
 the reason) in the same commit; a failing strategy's state is rebuilt from the committed
@@ -78,22 +87,51 @@ SERVICE = "strategy"
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
 # A pass's commit, checked and applied atomically.
-# KEYS[1..n] = the lease keys of the partitions read; KEYS[n+1..] = the state keys of their symbols
-# ARGV[1] = this worker's name; ARGV[2] = n; ARGV[3..2+m] = each state key's value as this worker
-# last read or wrote it ("" for none); then the number of commands, then each command as its
-# argument count followed by its arguments (the states, intents, dead letters, effects, XACKs)
+# KEYS[1..n] = the lease keys of the partitions read; KEYS[n+1..n+m] = the state keys of their
+# symbols; KEYS[n+m+1..] = the partition streams of the batches read after a cursor (c of them)
+# ARGV[1] = this worker's name; ARGV[2] = n; ARGV[3] = m; ARGV[4..3+m] = each state key's value as
+# this worker last read or wrote it ("" for none); then the group; then for each of the c streams
+# its consumer, cursor, entry count and last entry id; then the number of commands, then each
+# command as its argument count followed by its arguments (the states, intents, dead letters,
+# effects, XACKs)
 # returns {"ok"}; or, writing nothing, {"lease", i} when lease KEYS[i] no longer names this worker,
-# {"state", i} when state KEYS[i] is not what this worker last saw
+# {"state", i} when state KEYS[i] is not what this worker last saw, {"cursor", i} when the group's
+# last-delivered-id on stream KEYS[i] is not the cursor its batch was read after, {"claim", i}
+# when the group was then delivered other entries than the batch's (they stay pending)
 _COMMIT = """
 local unpack = unpack or table.unpack
-local n = tonumber(ARGV[2])
+local n, m = tonumber(ARGV[2]), tonumber(ARGV[3])
 for i = 1, n do
     if redis.call('GET', KEYS[i]) ~= ARGV[1] then return {'lease', i} end
 end
-for i = n + 1, #KEYS do
-    if (redis.call('GET', KEYS[i]) or '') ~= ARGV[2 + i - n] then return {'state', i} end
+for i = n + 1, n + m do
+    if (redis.call('GET', KEYS[i]) or '') ~= ARGV[3 + i - n] then return {'state', i} end
 end
-local at = 3 + #KEYS - n
+local group = ARGV[4 + m]
+local claims = {}
+local at = 5 + m
+for i = n + m + 1, #KEYS do
+    claims[#claims + 1] = {i, ARGV[at], ARGV[at + 1], tonumber(ARGV[at + 2]), ARGV[at + 3]}
+    at = at + 4
+end
+for _, claim in ipairs(claims) do
+    local delivered = nil
+    for _, info in ipairs(redis.call('XINFO', 'GROUPS', KEYS[claim[1]])) do
+        local fields = {}
+        for j = 1, #info, 2 do fields[info[j]] = info[j + 1] end
+        if fields['name'] == group then delivered = fields['last-delivered-id'] end
+    end
+    if delivered ~= claim[3] then return {'cursor', claim[1]} end
+end
+for _, claim in ipairs(claims) do
+    local got = redis.call('XREADGROUP', 'GROUP', group, claim[2], 'COUNT', claim[4],
+                           'STREAMS', KEYS[claim[1]], '>')
+    local entries = {}
+    if got and #got > 0 then  -- {{stream, entries}}; fakeredis: {stream, entries}, or {} for none
+        entries = type(got[1]) == 'table' and got[1][2] or got[2]
+    end
+    if #entries ~= claim[4] or entries[#entries][1] ~= claim[5] then return {'claim', claim[1]} end
+end
 local commands = tonumber(ARGV[at]); at = at + 1
 for _ = 1, commands do
     local count = tonumber(ARGV[at]); at = at + 1
@@ -162,11 +200,16 @@ class _Slot:
 
 @dataclass
 class _Batch:
-    """Entries of one partition read in one pass."""
+    """Entries of one partition read in one pass: from its pending list, or after its cursor."""
 
     partition: int
     entries: list[tuple[Any, Any]]
-    drains: bool  # once it commits, the partition's pending list is empty
+    drains: bool = True  # once it commits, the partition's pending list is empty
+    cursor: str | None = None  # read after this cursor (delivered by the commit); None: pending
+
+    @property
+    def last_id(self) -> str:
+        return reply_text(self.entries[-1][0])
 
 
 class StrategyWorker:
@@ -187,9 +230,9 @@ class StrategyWorker:
         self.stats = WorkerStats()
         self._intents_key = keys.stream(INTENTS)
         self._groups: set[int] = set()
-        self._last_seen: dict[int, str] = {}
+        self._cursors: dict[int, str] = {}  # partition -> the group's last-delivered-id, as last known
         self._drained: set[int] = set()  # partitions whose pending list is known to be empty
-        self._ready: set[int] | None = None  # partitions the idle wait saw news on (None: all)
+        self._waited: list[_Batch] | None = None  # what the idle wait read (None: no wait since)
         self._more = False  # the last pass may have left entries to read (a full batch, a pending list)
         self._intents_since_trim = 0
         self._states: dict[str, bytes | None] = {}  # state key -> its value as last read or committed
@@ -213,8 +256,7 @@ class StrategyWorker:
                         break
                     self._idle(stop)
                 except (RedisUnavailable, *_REDIS_DOWN) as exc:
-                    self._drained.clear()  # a reply lost on the way may have left entries pending
-                    self._states.clear()  # and a commit may or may not have been applied
+                    self._forget()  # a commit whose reply was lost may or may not have been applied
                     self._backoff = min(max(self._backoff * 2, 0.1), 2.0)
                     log.warning("strategy.redis_unavailable", error=str(exc), retry_in_s=self._backoff)
                     stop.wait(self._backoff)
@@ -223,7 +265,7 @@ class StrategyWorker:
                         raise
                     log.warning("strategy.group_missing", error=str(exc))  # Redis restarted empty
                     self._groups.clear()
-                    self._drained.clear()
+                    self._forget()
         finally:
             try:
                 self.leases.release_all()
@@ -235,30 +277,34 @@ class StrategyWorker:
         """Renew leases and rebalance to a fair share of the partitions."""
         live = len(alive_instances(self.client, self.keys, SERVICE))
         gained, lost = self.leases.upkeep(live)
-        for partition in gained:
-            self._last_seen.pop(partition, None)
         self._drained.difference_update(gained + lost)
+        for partition in gained + lost:
+            self._cursors.pop(partition, None)
         if gained or lost:
             self._states.clear()  # another holder may have written states meanwhile
+            self._waited = None
         self._next_upkeep = self.clock.monotonic() + self.config.lease_ms / 3000
         self.status["partitions"] = sorted(self.leases.held)
         self.status["applied"] = self.stats.applied
 
+    def _forget(self) -> None:
+        """Drop what this worker knows of the server (after an error): re-read it before using it."""
+        self._drained.clear()
+        self._cursors.clear()
+        self._states.clear()
+        self._waited = None
+
     def _idle(self, stop: Any) -> None:
-        """Wait for a new entry on any held partition, at most until the next upkeep."""
+        """Wait for a new entry on any held partition, at most until the next upkeep; what the wait
+        read is the next pass's batches."""
         wait_s = min(self.config.idle_wait_ms / 1000, max(0.001, self._next_upkeep - self.clock.monotonic()))
-        held = list(self.leases.held)
-        if not held or any(n not in self._last_seen for n in held):
+        held = [n for n in self.leases.held if n in self._cursors]
+        if not held or len(held) < len(self.leases.held):
             stop.wait(wait_s)
             return
         started = self.clock.monotonic()
-        streams: Any = {self._stream_key(n): self._last_seen[n] for n in held}
-        reply = self.client.xread(streams, count=1, block=max(1, int(wait_s * 1000)))
-        if reply:
-            named = reply.keys() if isinstance(reply, dict) else [stream for stream, _ in reply]  # RESP3/2
-            by_key = {self._stream_key(n): n for n in held}
-            self._ready = {by_key[reply_text(key)] for key in named if reply_text(key) in by_key}
-        elif self.clock.monotonic() - started < wait_s / 2:
+        self._waited = self._read_after_cursors(held, block_ms=max(1, int(wait_s * 1000)))
+        if not self._waited and self.clock.monotonic() - started < wait_s / 2:
             self._backoff = min(max(self._backoff * 2, 0.002), 0.05)  # the server did not block
             stop.wait(self._backoff)
 
@@ -283,39 +329,42 @@ class StrategyWorker:
         self._groups.add(partition)
 
     def step(self) -> int:
-        """One pass: a batch of every held partition, read in one round trip, applied in one transaction.
+        """One pass: a batch of every held partition, read in one round trip, applied in one commit.
 
-        Returns the number of entries the pass had in hand: applied, or (commit refused) left
-        pending to be read again by the next pass. After an idle wait only the partitions it saw
-        news on are read for new entries (the others' news wakes the next wait at once).
+        Returns the number of entries the pass had in hand: applied, or (commit refused) left to
+        be read again by the next pass. After an idle wait the batches are what the wait read.
         """
         held = list(self.leases.held)
-        ready, self._ready = self._ready, None
+        waited, self._waited = self._waited, None
         for partition in held:
             self._ensure_group(partition)
-        batches = self._read_pending([n for n in held if n not in self._drained])
-        wanted = [n for n in held if n in self._drained and (ready is None or n in ready)]
-        fresh, lost = self._read_new(wanted)
-        if lost:  # their entries are pending now: read them from the start, in order
-            batches += self._read_pending(lost)
-        batches += fresh
+        unknown = [n for n in held if n not in self._drained or n not in self._cursors]
+        batches = self._read_pending(unknown) if unknown else []
+        if waited is not None and not unknown:
+            batches += [b for b in waited if b.partition in self.leases.held
+                        and self._cursors.get(b.partition) == b.cursor]
+        elif not batches:
+            batches = self._read_after_cursors([n for n in held if n in self._cursors], block_ms=None)
         count = self._apply(batches) if batches else 0
         self._more = any(len(b.entries) >= self.config.batch for b in batches) or any(
-            n not in self._drained or n not in self._last_seen for n in self.leases.held)
+            n not in self._drained or n not in self._cursors for n in self.leases.held)
         return count
 
     def _read_pending(self, partitions: Sequence[int]) -> list[_Batch]:
-        """Each partition's pending entries, from the start; a partition with none is marked drained."""
-        if not partitions:
-            return []
+        """Each partition's pending entries, from the start, and its cursor; a partition with none
+        pending is marked drained."""
         with self.client.pipeline(transaction=False) as pipe:
             for partition in partitions:
-                pipe.xreadgroup(GROUP, consumer_name(partition), {self._stream_key(partition): "0"},
-                                count=self.config.batch)
+                stream_key = self._stream_key(partition)
+                pipe.xreadgroup(GROUP, consumer_name(partition), {stream_key: "0"}, count=self.config.batch)
+                pipe.xinfo_groups(stream_key)
             replies = pipe.execute()
         batches = []
-        for partition, reply in zip(partitions, replies, strict=True):
-            entries = _entries(reply)
+        for index, partition in enumerate(partitions):
+            entries = _entries(replies[2 * index])
+            for group in replies[2 * index + 1]:
+                if reply_text(group["name"]) == GROUP:
+                    self._cursors[partition] = reply_text(group["last-delivered-id"])
             if entries:
                 # shorter than a full batch: that was the whole pending list
                 batches.append(_Batch(partition, entries, drains=len(entries) < self.config.batch))
@@ -323,36 +372,22 @@ class StrategyWorker:
                 self._drained.add(partition)
         return batches
 
-    def _read_new(self, partitions: Sequence[int]) -> tuple[list[_Batch], list[int]]:
-        """Each partition's next new entries, and the partitions where a reply was found lost.
-
-        Each read is checked against the partition's pending count in the same round trip.
-        """
+    def _read_after_cursors(self, partitions: Sequence[int], *, block_ms: int | None) -> list[_Batch]:
+        """The next entries after each partition's cursor, in one XREAD (``block_ms``: waiting up
+        to that long for the first); nothing changes on the server."""
         if not partitions:
-            return [], []
-        with self.client.pipeline(transaction=False) as pipe:
-            for partition in partitions:
-                stream_key = self._stream_key(partition)
-                pipe.xreadgroup(GROUP, consumer_name(partition), {stream_key: ">"}, count=self.config.batch)
-                pipe.xpending(stream_key, GROUP)
-            replies = pipe.execute()
-        batches, lost = [], []
-        for index, partition in enumerate(partitions):
-            entries = _entries(replies[2 * index])
-            pending = _pending_of(replies[2 * index + 1], consumer_name(partition))
-            if pending > len(entries):
-                # the server moved entries to our pending list in a read whose reply never reached
-                # us: those come before this read's, so set this read aside
-                log.warning("strategy.lost_reply", partition=partition, pending=pending, read=len(entries))
-                self._drained.discard(partition)
-                lost.append(partition)
-            elif entries:
-                self._last_seen[partition] = reply_text(entries[-1][0])
-                batches.append(_Batch(partition, entries, drains=True))
-            elif partition not in self._last_seen:
-                last: Any = self.client.xrevrange(self._stream_key(partition), "+", "-", count=1)
-                self._last_seen[partition] = reply_text(last[0][0]) if last else "0-0"
-        return batches, lost
+            return []
+        streams: Any = {self._stream_key(n): self._cursors[n] for n in partitions}
+        reply = self.client.xread(streams, count=self.config.batch, block=block_ms)
+        by_key = {self._stream_key(n): n for n in partitions}
+        # RESP3 replies {stream: [entries]}, RESP2 [[stream, entries], ...]
+        pairs: Any = [(k, v[0]) for k, v in reply.items()] if isinstance(reply, dict) else reply or []
+        batches = []
+        for key, entries in pairs:
+            partition = by_key.get(reply_text(key))
+            if partition is not None and entries:
+                batches.append(_Batch(partition, list(entries), cursor=self._cursors[partition]))
+        return batches
 
     def _apply(self, batches: Sequence[_Batch]) -> int:
         decoded = [(batch.partition, *_decode(reply_text(raw_id), fields))
@@ -373,7 +408,11 @@ class StrategyWorker:
         intents, dead = self._run_bars(decoded, slots, now)
         if not self._commit(batches, slots, intents, dead):
             return len(decoded)
-        self._drained.update(batch.partition for batch in batches if batch.drains)
+        for batch in batches:
+            if batch.drains:
+                self._drained.add(batch.partition)
+            if batch.cursor is not None:
+                self._cursors[batch.partition] = batch.last_id
         self.stats.batches += len(batches)
         self.stats.intents += len(intents)
         self.stats.dead_lettered += len(dead)
@@ -409,32 +448,39 @@ class StrategyWorker:
             commands = [command for command, _ in recorder.command_stack]
         lease_keys = [self.leases.key(batch.partition) for batch in batches]
         state_keys = [slot.key for slot in slots.values()]
-        args: list[Any] = [self.instance, len(lease_keys), *(self._states[k] or "" for k in state_keys)]
+        claimed = [batch for batch in batches if batch.cursor is not None]
+        args: list[Any] = [self.instance, len(lease_keys), len(state_keys),
+                           *(self._states[k] or "" for k in state_keys), GROUP]
+        for batch in claimed:
+            args += [consumer_name(batch.partition), batch.cursor, len(batch.entries), batch.last_id]
         args.append(len(commands))
         for command in commands:
             args += [len(command), *command]
-        keys = [*lease_keys, *state_keys]
+        keys = [*lease_keys, *state_keys, *(self._stream_key(batch.partition) for batch in claimed)]
         verdict = script(self.client, _COMMIT)(keys=keys, args=args, client=self.client)
         if reply_text(verdict[0]) != "ok":
-            self._refused(batches, keys[int(verdict[1]) - 1], lease_keys)
+            self._refused(batches, reply_text(verdict[0]), keys[int(verdict[1]) - 1], lease_keys)
             return False
         self._states.update((key, value.encode()) for key, value in states.items())
         return True
 
-    def _refused(self, batches: Sequence[_Batch], key: str, lease_keys: Sequence[str]) -> None:
-        """A commit the script refused (``key``: the lease or state that changed): nothing was
-        written, every batch stays pending; forget the states seen, drop the partitions lost."""
+    def _refused(self, batches: Sequence[_Batch], check: str, key: str, lease_keys: Sequence[str]) -> None:
+        """A commit the script refused (``check`` failed on ``key``: a lease, a state, a group's
+        cursor or what the group delivered): nothing was written, no batch was acknowledged;
+        forget the states seen and each partition's pending list and cursor, drop those lost."""
         self.stats.refused_commits += 1
         self._states.clear()
         read = [batch.partition for batch in batches]
         owners = self.client.mget(lease_keys)
-        log.warning("strategy.commit_refused", partitions=read, changed=key,
+        log.warning("strategy.commit_refused", partitions=read, check=check, changed=key,
                     lease_owners=[reply_text(o) if o is not None else None for o in owners])
         self._lost(read, owners)
 
     def _lost(self, partitions: Sequence[int], owners: Sequence[Any]) -> None:
-        """A pass did not commit: its batches stay pending; drop the partitions no longer ours."""
+        """A pass did not commit: read its partitions afresh; drop those no longer ours."""
         self._drained.difference_update(partitions)
+        for partition in partitions:
+            self._cursors.pop(partition, None)
         for partition, owner in zip(partitions, owners, strict=True):
             if owner is None or reply_text(owner) != self.instance:
                 self.leases.drop(partition)
@@ -512,14 +558,6 @@ def _entries(reply: Any) -> list[tuple[Any, Any]]:
     if isinstance(reply, dict):  # RESP3
         return list(next(iter(reply.values()))[0])
     return list(reply[0][1])
-
-
-def _pending_of(summary: Any, consumer: str) -> int:
-    """How many entries ``consumer`` has pending, from an XPENDING summary."""
-    for row in summary.get("consumers") or []:
-        if reply_text(row["name"]) == consumer:
-            return int(row["pending"])
-    return 0
 
 
 def _decode(entry_id: str, fields: Any) -> tuple[str, Bar | None, Any, str]:
