@@ -203,7 +203,8 @@ def _id(entry_id: bytes | str) -> tuple[int, int]:
 class TestWorker:
     def test_applies_every_bar_once_in_order_and_publishes_intents(self, redis_client: redis.Redis,
                                                                    keys: Keys) -> None:
-        """One worker applies each bar once, in order per symbol; intents and states are written."""
+        """One worker applies each bar once, in order per symbol; intents and states are written; the
+        group has read every entry, and its count of them (hence its lag) is exact."""
         assert recording_strategy.Recorder.name == "recorder"
         publish(redis_client, keys, series(SYMBOLS, 12))
         stats = worker(redis_client, keys, settings(batch=16)).run(threading.Event(), burst=True)
@@ -215,7 +216,10 @@ class TestWorker:
         stored = StoredState.parse(redis_client.get(keys.strategy_state("recorder", "AAPL")))
         assert stored.state == {"count": 12, "last_seq": 11} and stored.bar_time == T0 + timedelta(minutes=11)
         for n in range(PARTITIONS):
-            assert redis_client.xpending(keys.stream(keys.bar_partition(n)), GROUP)["pending"] == 0
+            stream = keys.stream(keys.bar_partition(n))
+            assert redis_client.xpending(stream, GROUP)["pending"] == 0
+            [group] = [g for g in redis_client.xinfo_groups(stream) if g["name"] == GROUP.encode()]
+            assert (group["entries-read"] or 0, group["lag"]) == (redis_client.xlen(stream), 0)  # counts kept
 
     def test_restart_continues_where_it_stopped(self, redis_client: redis.Redis, keys: Keys) -> None:
         """A new worker resumes from the persisted state: same intents and state as one long run."""

@@ -97,7 +97,11 @@ _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 # returns {"ok"}; or, writing nothing, {"lease", i} when lease KEYS[i] no longer names this worker,
 # {"state", i} when state KEYS[i] is not what this worker last saw, {"cursor", i} when the group's
 # last-delivered-id on stream KEYS[i] is not the cursor its batch was read after, {"claim", i}
-# when the group was then delivered other entries than the batch's (they stay pending)
+# when the group, delivered the batch by XREADGROUP, got other entries (they stay pending)
+# A batch read after a cursor is delivered by XGROUP SETID to its last id with ENTRIESREAD moved
+# on by its size (no entry can appear between the cursor and that id, and none the group was not
+# delivered is ever trimmed); where the group's entries-read is unknown (nil), by XREADGROUP,
+# which lets the server count.
 _COMMIT = """
 local unpack = unpack or table.unpack
 local n, m = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -115,22 +119,33 @@ for i = n + m + 1, #KEYS do
     at = at + 4
 end
 for _, claim in ipairs(claims) do
-    local delivered = nil
+    local found = nil
     for _, info in ipairs(redis.call('XINFO', 'GROUPS', KEYS[claim[1]])) do
         local fields = {}
         for j = 1, #info, 2 do fields[info[j]] = info[j + 1] end
-        if fields['name'] == group then delivered = fields['last-delivered-id'] end
+        if fields['name'] == group then found = fields end
     end
-    if delivered ~= claim[3] then return {'cursor', claim[1]} end
+    if found == nil or found['last-delivered-id'] ~= claim[3] then return {'cursor', claim[1]} end
+    claim[6] = tonumber(found['entries-read'])
+end
+-- deliver: where the group's read count is unknown, by reading (the server counts), checked to
+-- be exactly the batch (else stop: what was delivered stays pending); then, where it is known,
+-- by moving the cursor and the count (nothing can be refused after that)
+for _, claim in ipairs(claims) do
+    if claim[6] == nil then
+        local got = redis.call('XREADGROUP', 'GROUP', group, claim[2], 'COUNT', claim[4],
+                               'STREAMS', KEYS[claim[1]], '>')
+        local entries = {}
+        if got and #got > 0 then  -- {{stream, entries}}; fakeredis: {stream, entries}, or {} for none
+            entries = type(got[1]) == 'table' and got[1][2] or got[2]
+        end
+        if #entries ~= claim[4] or entries[#entries][1] ~= claim[5] then return {'claim', claim[1]} end
+    end
 end
 for _, claim in ipairs(claims) do
-    local got = redis.call('XREADGROUP', 'GROUP', group, claim[2], 'COUNT', claim[4],
-                           'STREAMS', KEYS[claim[1]], '>')
-    local entries = {}
-    if got and #got > 0 then  -- {{stream, entries}}; fakeredis: {stream, entries}, or {} for none
-        entries = type(got[1]) == 'table' and got[1][2] or got[2]
+    if claim[6] ~= nil then
+        redis.call('XGROUP', 'SETID', KEYS[claim[1]], group, claim[5], 'ENTRIESREAD', claim[6] + claim[4])
     end
-    if #entries ~= claim[4] or entries[#entries][1] ~= claim[5] then return {'claim', claim[1]} end
 end
 local commands = tonumber(ARGV[at]); at = at + 1
 for _ = 1, commands do
