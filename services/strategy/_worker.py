@@ -19,11 +19,11 @@ the entries a previous holder was delivered and never acknowledged. Two ways to 
   partition's **cursor**;
 * **after the cursor** (``XREAD``, the usual way, once the pending list is known empty): a look at
   the entries the group has not been delivered yet, changing nothing on the server. The commit
-  delivers them to the group (``XREADGROUP ... >`` inside the script) and acknowledges them,
-  atomically with their effects, after checking that the group's ``last-delivered-id`` is still
-  the cursor they were read after. So the usual pass costs two round trips, the read (which is
-  also the wait) and the commit, and a lost reply of either leaves nothing half done: the read
-  changed nothing, and the commit happened entirely or not at all.
+  moves the group past them (``XGROUP SETID`` with ``ENTRIESREAD``, inside the script; see
+  ``_COMMIT``), atomically with their effects, after checking that the group's
+  ``last-delivered-id`` is still the cursor they were read after. So the usual pass costs two
+  round trips, the read (which is also the wait) and the commit, and a lost reply of either
+  leaves nothing half done: the read changed nothing, and the commit happened whole or not at all.
 
 Entries are thus applied in stream order, which is each symbol's time order.
 
@@ -34,15 +34,15 @@ Exactly-once effect, per pass, in one script (``_COMMIT``, atomic, one round tri
 * every state key of the batches' symbols still holds what this worker last read or wrote
   (the worker keeps that value between passes instead of reading it back: a state is read
   only on a symbol's first bar, after a refused commit, a Redis error or a lease change);
-* every batch read after a cursor: the group's ``last-delivered-id`` is still that cursor, and the
-  group is then delivered exactly the entries read (else nothing is written and what it was
-  delivered stays pending, to be read from the pending list);
+* every batch read after a cursor: the group's ``last-delivered-id`` is still that cursor (the
+  group is then moved past exactly the entries read);
 * every symbol's state document records the stream entry and the bar time last applied; a bar
   not newer than that is skipped (a redelivery, or a duplicate XADD from a retried publish);
 * the states, the intents (``XADD intents``, ids derived from strategy, symbol and bar), any
-  dead letters, the strategies' :meth:`~services.strategy.Strategy.queue_effects` and the
-  ``XACK`` of every entry of every batch commit together or not at all; a refused commit
-  writes nothing: a pending batch stays pending, a batch read after a cursor stays undelivered.
+  dead letters, the strategies' :meth:`~services.strategy.Strategy.queue_effects`, the ``XACK``
+  of every pending batch and the group's move past every batch read after a cursor commit
+  together or not at all; a refused commit writes nothing: a pending batch stays pending, a
+  batch read after a cursor stays undelivered.
 
 A redelivery, as a timeline::
 
@@ -93,7 +93,7 @@ _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 # this worker last read or wrote it ("" for none); then the group; then for each of the c streams
 # its consumer, cursor, entry count and last entry id; then the number of commands, then each
 # command as its argument count followed by its arguments (the states, intents, dead letters,
-# effects, XACKs)
+# effects, the XACKs of the pending batches)
 # returns {"ok"}; or, writing nothing, {"lease", i} when lease KEYS[i] no longer names this worker,
 # {"state", i} when state KEYS[i] is not what this worker last saw, {"cursor", i} when the group's
 # last-delivered-id on stream KEYS[i] is not the cursor its batch was read after, {"claim", i}
@@ -101,7 +101,7 @@ _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 # A batch read after a cursor is delivered by XGROUP SETID to its last id with ENTRIESREAD moved
 # on by its size (no entry can appear between the cursor and that id, and none the group was not
 # delivered is ever trimmed); where the group's entries-read is unknown (nil), by XREADGROUP,
-# which lets the server count.
+# which lets the server count, and XACK.
 _COMMIT = """
 local unpack = unpack or table.unpack
 local n, m = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -140,11 +140,18 @@ for _, claim in ipairs(claims) do
             entries = type(got[1]) == 'table' and got[1][2] or got[2]
         end
         if #entries ~= claim[4] or entries[#entries][1] ~= claim[5] then return {'claim', claim[1]} end
+        claim[7] = entries
     end
 end
 for _, claim in ipairs(claims) do
     if claim[6] ~= nil then
         redis.call('XGROUP', 'SETID', KEYS[claim[1]], group, claim[5], 'ENTRIESREAD', claim[6] + claim[4])
+    else
+        local ids = {}
+        for j, entry in ipairs(claim[7]) do ids[j] = entry[1] end
+        for start = 1, #ids, 1000 do  -- unpack has a stack limit
+            redis.call('XACK', KEYS[claim[1]], group, unpack(ids, start, math.min(start + 999, #ids)))
+        end
     end
 end
 local commands = tonumber(ARGV[at]); at = at + 1
@@ -458,8 +465,9 @@ class StrategyWorker:
             for partition, entry_id, fields, reason in dead:
                 recorder.xadd(self.keys.dead_letter, self._dead_record(partition, entry_id, fields, reason))
             for batch in batches:
-                ids = [raw_id for raw_id, _ in batch.entries]
-                recorder.xack(self._stream_key(batch.partition), GROUP, *ids)
+                if batch.cursor is None:  # pending; one read after a cursor is acknowledged by its delivery
+                    ids = [raw_id for raw_id, _ in batch.entries]
+                    recorder.xack(self._stream_key(batch.partition), GROUP, *ids)
             commands = [command for command, _ in recorder.command_stack]
         lease_keys = [self.leases.key(batch.partition) for batch in batches]
         state_keys = [slot.key for slot in slots.values()]
