@@ -10,6 +10,7 @@ and the ids are worked out only when a line is actually written. Values under se
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -39,15 +40,23 @@ def redact(value: Any, key: str = "") -> Any:
     """Return ``value`` with secrets replaced, recursing into mappings and lists."""
     if isinstance(value, SecretStr):
         return REDACTED
-    if key and key not in _NOT_SECRET and _SECRET_KEY.search(key) and value not in (None, ""):
+    if key and _secret_name(key) and value not in (None, ""):
         return REDACTED
     if isinstance(value, str):
+        if "@" not in value or "://" not in value:  # no URL with credentials (most values): no regex
+            return value
         return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", value)
     if isinstance(value, Mapping):
         return {k: redact(v, str(k)) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [redact(v) for v in value]
     return value
+
+
+@functools.lru_cache(maxsize=4096)
+def _secret_name(key: str) -> bool:
+    """Whether a field called ``key`` holds a secret (a log line has a few dozen distinct keys)."""
+    return key not in _NOT_SECRET and _SECRET_KEY.search(key) is not None
 
 
 def _redact_processor(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
