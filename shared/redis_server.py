@@ -26,7 +26,6 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from types import FrameType
 from typing import Literal
 
 import redis
@@ -175,22 +174,19 @@ def _die_with_parent() -> None:
 
 def main() -> int:
     """Run the embedded Redis in the foreground until SIGTERM/SIGINT (the Procfile's ``redis``)."""
+    from shared.bus import StopSignal  # late: shared.bus imports shared.redis_client, which imports us
     from shared.config import settings_or_exit
     from shared.logging import configure_logging, get_logger
 
     settings = settings_or_exit()
     configure_logging("redis", settings.log.level)
     log = get_logger()
-    stop = threading.Event()
-
-    def _on_signal(signum: int, _: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    stop = StopSignal()  # a second signal, or the server still up 15 s after the wait: exit 1 now
+    stop.install(grace_seconds=settings.embedded_redis.stop_wait_s + 15)
     if settings.redis_url is not None:
         log.info("redis.external", detail="REDIS_URL is set: no embedded Redis started")
-        stop.wait()
+        while not stop.wait(3600):
+            pass
         return 0
     server = RedisServer(settings.embedded_redis.port, settings.embedded_redis.data_dir)
     server.start(own_group=True)

@@ -159,3 +159,15 @@ def test_bad_setting_stops_start_up_naming_the_field(keys: Keys) -> None:
     assert b"bus.max_deliveries" in err
 
 
+
+
+def test_sigterm_while_writing_a_log_line_still_stops(tmp_path: Path) -> None:
+    """A SIGTERM that lands while the main thread holds the log writer's lock sets the stop flag
+    and logs stop.requested; the handler takes no lock, so the process does not hang on itself."""
+    log = tmp_path / "signalled.log"
+    proc = spawn("tests.procs.signal_while_logging", log=log)
+    try:
+        assert proc.wait(60) == 0, log.read_text()
+        assert '"event": "stop.requested"' in log.read_text()
+    finally:
+        stop_all([proc])
