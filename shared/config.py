@@ -219,7 +219,7 @@ class PaperExchangeSettings(_Section):
     consumer_group: Annotated[str, Field(min_length=1)] = "paper-exchange"
     faults: str = ""  # a JSON fault plan (see docs/BROKERS.md); empty: no faults
     # on a stop signal, how long the exchange keeps serving while a trade-update stream is still
-    # connected (an executor finishing its order in hand)
+    # connected or another service still runs (an executor finishing its order in hand)
     stop_wait_s: Annotated[float, Field(ge=0)] = 3.0
 
 

@@ -341,6 +341,29 @@ class TestSchedule:
 
 
 class TestWorker:
+
+    def test_failed_jobs_are_logged_as_one_line_a_bastion_error_without_traceback(
+            self, real: Real, real_redis_url: str) -> None:
+        """A job failing with a Bastion error is logged as rq_job.failed with its message only; one
+        failing with anything else, with its traceback; both end in rq's failed registry."""
+        client, keys = real
+        queue = Queue(keys.prefix, connection=client)
+        queue.enqueue("tests.procs.failing_jobs.broker_down", job_id=f"{keys.prefix}-down")
+        queue.enqueue("tests.procs.failing_jobs.bug", job_id=f"{keys.prefix}-bug")
+        proc = spawn("services.monitor.worker", "--burst",
+                     env={"REDIS_URL": real_redis_url, "BASTION_KEY_PREFIX": keys.prefix})
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.decode()
+        failed = [json.loads(line) for line in out.decode().splitlines()
+                  if line.startswith("{") and '"rq_job.failed"' in line]
+        assert [(f["job_id"], f["error"]) for f in failed] == [
+            (f"{keys.prefix}-down", "BrokerUnavailable: account: broker unreachable (connection refused)"),
+            (f"{keys.prefix}-bug", "ValueError: a bug in a job")]
+        assert "exception" not in failed[0] and "Traceback" not in out.decode()
+        assert "ValueError" in str(failed[1]["exception"])
+        assert sorted(FailedJobRegistry(queue=queue).get_job_ids()) == sorted(
+            [f"{keys.prefix}-down", f"{keys.prefix}-bug"])
+
     def test_no_worker_on_the_queue_is_a_problem(self, real: Real) -> None:
         """With require_worker, an rq queue nobody listens on is reported; a registered worker clears it."""
         client, keys = real

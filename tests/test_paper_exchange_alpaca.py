@@ -23,6 +23,9 @@ from alpaca.trading.requests import (
 from alpaca.trading.stream import TradingStream
 from websockets.sync.client import connect
 
+from shared.clock import LiveClock
+from shared.heartbeat import Heartbeat
+from shared.redis_client import connect_url
 from tests.support.paper import KEY_ID, SECRET, PaperExchange
 from tests.support.processes import spawn, wait_for
 
@@ -200,4 +203,23 @@ class TestProcess:
             assert exchange.get("/_paper/health")["status"] == "ok"
             assert exchange.proc.poll() is None
         assert exchange.proc.wait(timeout=30) == 0
-        assert b"stopping_with_streams" not in log.read_bytes()
+        assert b"stopping_with_clients" not in log.read_bytes()
+
+    def test_sigterm_keeps_serving_while_another_service_runs(self, exchange: PaperExchange) -> None:
+        """After SIGTERM the exchange keeps serving while another service's heartbeat is alive (a
+        stopping risk or rq job may still call it), and exits 0 once that service has stopped."""
+        assert exchange.proc is not None
+        log = exchange.log_dir / f"paper-exchange-{exchange.starts}.log"
+        client = connect_url(exchange.redis_url)
+        beat = Heartbeat(client, exchange.keys, "risk", "elsewhere", LiveClock(), interval_s=60, ttl_s=120)
+        beat.beat()
+        try:
+            exchange.proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: b"paper_exchange.stopping" in log.read_bytes(), message="the stop to begin")
+            assert exchange.get("/_paper/health")["status"] == "ok"
+            assert exchange.proc.poll() is None
+            beat.stop()
+            assert exchange.proc.wait(timeout=30) == 0
+        finally:
+            client.close()
+        assert b"stopping_with_clients" not in log.read_bytes()

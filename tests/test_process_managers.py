@@ -22,7 +22,8 @@ from shared.keys import ORDERS, Keys
 from tests.support.processes import REPO_ROOT, free_port, wait_for
 
 pytestmark = pytest.mark.multiprocess
-SERVICES = {"paper-exchange", "ingester", "strategy", "risk", "executor", "reconciler", "monitor"}
+SERVICES = {"paper-exchange", "ingester", "strategy", "risk", "executor", "reconciler", "monitor",
+            "rq-worker"}
 BIN = Path(sys.executable).parent
 
 

@@ -6,8 +6,13 @@ password: :func:`shared.redis_client.resolve_url`), waiting for Redis to come up
 is ``monitor.queue`` (default: the key prefix, ``bastion``). The scheduler runs alongside, so
 retries with an interval (``monitor.webhook_retry_intervals_s``) are enqueued when due.
 
-rq handles the signals: the first SIGTERM lets the job in hand finish (warm shutdown), a second
-stops it now. ``--burst`` runs every queued job and exits (scripts, tests). Jobs import from
+It beats a heartbeat like every service (``rq-worker:<name>``: ``bastion status`` lists it, and
+a stopping paper exchange waits for it, since a job may call the broker). rq handles the
+signals: the first SIGTERM lets the job in hand finish (warm shutdown), a second stops it now.
+A job that fails is logged as one JSON line (``rq_job.failed``): a Bastion error (typed, with a
+clear message: the broker unreachable, say) by its message, anything else with its traceback;
+rq still records it in its failed registry and retries it as the job says.
+``--burst`` runs every queued job and exits (scripts, tests). Jobs import from
 :mod:`services.monitor.jobs`; the worker needs the same settings (environment, config file) as
 the monitor, since :func:`~services.monitor.jobs.refresh_balance` builds the broker from them.
 """
@@ -19,16 +24,41 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from rq import Queue, Worker
+from rq.exceptions import DeserializationError
+from rq.job import Job
 
 from services.monitor._names import queue_name
+from shared.clock import LiveClock
 from shared.config import settings_or_exit
-from shared.errors import RedisUnavailable
+from shared.errors import BastionError, RedisUnavailable
+from shared.heartbeat import Heartbeat
+from shared.keys import Keys
 from shared.logging import configure_logging, get_logger
 from shared.redis_client import connect
 
 __all__ = ["main"]
+
+log = get_logger(component="rq_worker")
+
+
+class _Worker(Worker):
+    """rq's Worker, logging a failed job through structlog instead of rq's traceback text."""
+
+    def handle_exception(self, job: Job, *exc_info: Any) -> None:
+        exc_type, exc, _ = exc_info
+        fields: dict[str, Any] = {"job_id": job.id, "queue": job.origin,
+                                  "error": f"{exc_type.__name__}: {exc}"}
+        try:
+            fields["func"] = job.func_name
+        except DeserializationError:
+            fields["func"] = "<cannot be deserialized>"
+        if isinstance(exc, BastionError):
+            log.error("rq_job.failed", **fields)
+        else:
+            log.error("rq_job.failed", exc_info=exc_info, **fields)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,7 +69,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = settings_or_exit()
     configure_logging("rq-worker", settings.log.level)
-    log = get_logger()
     try:
         client = connect(settings)
     except RedisUnavailable as exc:
@@ -47,11 +76,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     queue = Queue(queue_name(settings), connection=client)
     name = args.name or f"rq-{socket.gethostname()}-{os.getpid()}"
-    worker = Worker([queue], connection=client, name=name)
+    worker = _Worker([queue], connection=client, name=name)
+    heartbeat = Heartbeat(client, Keys(settings.key_prefix), "rq-worker", name, LiveClock(),
+                          settings.service.heartbeat_interval_s, settings.service.heartbeat_ttl_s)
+    heartbeat.start()
     log.info("rq_worker.started", queue=queue.name, name=name, burst=args.burst)
     try:
         worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log.level)
     finally:
+        heartbeat.stop()
         client.close()
     log.info("rq_worker.stopped", queue=queue.name, name=name)
     return 0

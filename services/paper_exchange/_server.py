@@ -93,13 +93,15 @@ class Server:
         self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await self._site.start()
 
-    async def streams_closed(self, wait_s: float) -> int:
-        """Keep serving while a websocket client is still connected, at most ``wait_s``; return how
-        many still are (a stopping executor closes its trade-update stream before it exits)."""
+    async def clients_gone(self, wait_s: float, others: Callable[[], list[str]]) -> list[str]:
+        """Keep serving while a websocket client is connected or ``others()`` names anyone (the
+        other services still running), at most ``wait_s``; return who is still there."""
         deadline = self.clock.monotonic() + wait_s
-        while self._sockets and self.clock.monotonic() < deadline:
+        while True:
+            left = [*(["trade-update stream"] * len(self._sockets)), *others()]
+            if not left or self.clock.monotonic() >= deadline:
+                return left
             await asyncio.sleep(0.05)
-        return len(self._sockets)
 
     async def stop(self) -> None:
         for queue in list(self._listeners):

@@ -3,9 +3,10 @@
 Shape of the loop (shared.service.run_service, as every Bastion service): settings validated
 (a bad fault plan too: exit 2 before Redis is touched), signal handlers, heartbeat
 ``paper-exchange``; the first SIGTERM/SIGINT keeps the exchange serving (HTTP, bars) while a
-trade-update stream is still connected, at most ``paper_exchange.stop_wait_s`` (under honcho
-every process gets the signal at once, and a stopping executor still needs the exchange for the
-order in hand), then stops the consumer, lets the bar in hand finish within ``bus.grace_seconds``
+trade-update stream is still connected or another service's heartbeat is alive, at most
+``paper_exchange.stop_wait_s`` (under honcho every process gets the signal at once, and a
+stopping executor or risk still needs the exchange for the message in hand), then stops the
+consumer, lets the bar in hand finish within ``bus.grace_seconds``
 and closes the server; a second signal exits at once. A bar consumer that dies takes the process
 down (exit 1) rather than leave an exchange that never fills.
 
@@ -30,6 +31,7 @@ from services.paper_exchange._server import Server
 from shared.bus import Delivery, StopSignal
 from shared.config import Settings, settings_or_exit
 from shared.errors import ConfigError
+from shared.heartbeat import alive_instances
 from shared.keys import BARS
 from shared.logging import get_logger
 from shared.models import Bar
@@ -80,24 +82,28 @@ def serve(ctx: ServiceContext) -> None:
             stop.set()
 
     consumer = threading.Thread(target=consume, name="bars")
-    asyncio.run(_serve(server, ctx.stop, stop, consumer, ctx.settings.bus.grace_seconds, pe.stop_wait_s))
+    def others() -> list[str]:  # the other services still running (they may still call us)
+        return [name for name in alive_instances(ctx.redis, ctx.keys) if not name.startswith(f"{SERVICE}:")]
+
+    asyncio.run(_serve(server, ctx.stop, stop, consumer, ctx.settings.bus.grace_seconds, pe.stop_wait_s,
+                       others))
     if failed.is_set():
         raise SystemExit(1)
 
 
 async def _serve(server: Server, signal: StopSignal, stop: threading.Event, consumer: threading.Thread,
-                 grace_s: float, stop_wait_s: float) -> None:
+                 grace_s: float, stop_wait_s: float, others: Callable[[], list[str]]) -> None:
     loop = asyncio.get_running_loop()
     try:
         await server.start()
         consumer.start()
         while not signal.is_set() and not stop.is_set():
             await asyncio.sleep(0.1)
-        log.info("paper_exchange.stopping", waits_for_streams_s=stop_wait_s)
+        log.info("paper_exchange.stopping", waits_for_clients_s=stop_wait_s)
         if not stop.is_set():  # stopping on request, not because the consumer died
-            left = await server.streams_closed(stop_wait_s)
+            left = await server.clients_gone(stop_wait_s, others)
             if left:
-                log.warning("paper_exchange.stopping_with_streams", streams=left)
+                log.warning("paper_exchange.stopping_with_clients", clients=left)
     finally:
         stop.set()
         await server.stop()
