@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -173,22 +174,29 @@ class TestMain:
                                 env=clean | env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 stdin=subprocess.DEVNULL, text=True, start_new_session=True)
 
-    def started(self, proc: subprocess.Popen[str], port: int, data_dir: Path) -> redis.Redis:
-        """A client of the server ``proc`` started, once it logged redis.started."""
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert '"event": "redis.started"' in line, line
-        return redis.Redis.from_url(embedded_url(port, data_dir), socket_timeout=10)
+    @contextlib.contextmanager
+    def embedded(self, data_dir: Path,
+                 stop_wait_s: str) -> Iterator[tuple[subprocess.Popen[str], int, redis.Redis]]:
+        """The wrapper on a free port with ``stop_wait_s``, once it logged redis.started, with a
+        client of its server; SIGKILLed (its group) at the end if still running."""
+        port = free_port()
+        proc = self.spawn({"BASTION_EMBEDDED_REDIS__PORT": str(port),
+                           "BASTION_EMBEDDED_REDIS__DATA_DIR": str(data_dir),
+                           "BASTION_EMBEDDED_REDIS__STOP_WAIT_S": stop_wait_s})
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert '"event": "redis.started"' in line, line
+            yield proc, port, redis.Redis.from_url(embedded_url(port, data_dir), socket_timeout=10)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
     def test_group_sigterm_waits_for_connected_clients(self, tmp_path: Path) -> None:
         """SIGTERM to the process group (as honcho sends it) leaves Redis serving a connected client
         until that client leaves; then the server stops and the wrapper exits 0."""
-        port = free_port()
-        proc = self.spawn({"BASTION_EMBEDDED_REDIS__PORT": str(port),
-                           "BASTION_EMBEDDED_REDIS__DATA_DIR": str(tmp_path),
-                           "BASTION_EMBEDDED_REDIS__STOP_WAIT_S": "120"})
-        try:
-            client = self.started(proc, port, tmp_path)
+        with self.embedded(tmp_path, stop_wait_s="120") as (proc, port, client):
             assert client.ping()
             os.killpg(proc.pid, signal.SIGTERM)
             assert proc.stdout is not None
@@ -200,22 +208,13 @@ class TestMain:
             assert proc.wait(30) == 0
             rest = proc.stdout.read()
             assert '"event": "redis.stopped"' in rest and "stopping_with_clients" not in rest
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
         with pytest.raises(redis.ConnectionError):
             redis.Redis(host="127.0.0.1", port=port, retry=NO_RETRY).ping()
 
     def test_stops_after_its_wait_with_a_client_still_connected(self, tmp_path: Path) -> None:
         """A client that never leaves holds the stop back only ``stop_wait_s``; the wrapper names it
         in a warning, stops the server and exits 0."""
-        port = free_port()
-        proc = self.spawn({"BASTION_EMBEDDED_REDIS__PORT": str(port),
-                           "BASTION_EMBEDDED_REDIS__DATA_DIR": str(tmp_path),
-                           "BASTION_EMBEDDED_REDIS__STOP_WAIT_S": "0.5"})
-        try:
-            client = self.started(proc, port, tmp_path)
+        with self.embedded(tmp_path, stop_wait_s="0.5") as (proc, _, client):
             client.client_setname("lingering")
             os.killpg(proc.pid, signal.SIGTERM)
             assert proc.wait(30) == 0
@@ -223,10 +222,6 @@ class TestMain:
             rest = proc.stdout.read()
             assert '"event": "redis.stopping_with_clients"' in rest and "lingering" in rest
             assert '"event": "redis.stopped"' in rest
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
         with pytest.raises(redis.ConnectionError):
             client.ping()
 
