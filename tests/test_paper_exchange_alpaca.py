@@ -6,6 +6,7 @@ import asyncio
 import json
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,9 +26,11 @@ from websockets.sync.client import connect
 
 from shared.clock import LiveClock
 from shared.heartbeat import Heartbeat
+from shared.keys import Keys
 from shared.redis_client import connect_url
-from tests.support.paper import KEY_ID, SECRET, PaperExchange
-from tests.support.processes import spawn, wait_for
+from shared.redis_server import RedisServer
+from tests.support.paper import KEY_ID, SECRET, PaperExchange, running_exchange
+from tests.support.processes import free_port, spawn, wait_for
 
 pytestmark = pytest.mark.multiprocess
 
@@ -204,6 +207,20 @@ class TestProcess:
             assert exchange.proc.poll() is None
         assert exchange.proc.wait(timeout=30) == 0
         assert b"stopping_with_clients" not in log.read_bytes()
+
+    def test_sigterm_with_redis_gone_still_stops_cleanly(self, tmp_path: Path) -> None:
+        """With its Redis gone (no heartbeat can be read), a stopping exchange does not wait for
+        other services: SIGTERM ends it with status 0."""
+        server = RedisServer(free_port(), tmp_path / "redis", appendonly=False)
+        server.start()
+        try:
+            with running_exchange(server.url, Keys("gone"), tmp_path) as exchange:
+                assert exchange.proc is not None
+                server.kill()
+                exchange.proc.send_signal(signal.SIGTERM)
+                assert exchange.proc.wait(timeout=30) == 0
+        finally:
+            server.kill()
 
     def test_sigterm_keeps_serving_while_another_service_runs(self, exchange: PaperExchange) -> None:
         """After SIGTERM the exchange keeps serving while another service's heartbeat is alive (a

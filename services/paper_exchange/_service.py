@@ -25,6 +25,8 @@ import sys
 import threading
 from collections.abc import Callable
 
+import redis
+
 from services.paper_exchange._engine import Exchange, credentials
 from services.paper_exchange._faults import FaultPlan, Faults, parse_plan
 from services.paper_exchange._server import Server
@@ -83,7 +85,11 @@ def serve(ctx: ServiceContext) -> None:
 
     consumer = threading.Thread(target=consume, name="bars")
     def others() -> list[str]:  # the other services still running (they may still call us)
-        return [name for name in alive_instances(ctx.redis, ctx.keys) if not name.startswith(f"{SERVICE}:")]
+        try:
+            alive = alive_instances(ctx.redis, ctx.keys)
+        except redis.RedisError:
+            return []  # Redis is gone: nobody can be seen, and the services need it more than us
+        return [name for name in alive if not name.startswith(f"{SERVICE}:")]
 
     asyncio.run(_serve(server, ctx.stop, stop, consumer, ctx.settings.bus.grace_seconds, pe.stop_wait_s,
                        others))
