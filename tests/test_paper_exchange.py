@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 from datetime import timedelta
 from decimal import Decimal
@@ -10,6 +9,7 @@ from typing import Any
 
 import fakeredis
 import pytest
+import redis
 
 from services.paper_exchange import ApiError, Exchange, parse_plan
 from services.paper_exchange._matching import match, round_price
@@ -85,16 +85,14 @@ class TestFills:
         assert exchange.get(placed["id"])["status"] == "filled"
 
     def test_a_bar_trades_only_its_symbols_orders(self) -> None:
-        """A bar of MSFT leaves AAPL's order open and fills MSFT's; each symbol's index holds its own."""
+        """A bar of MSFT leaves AAPL's order open and fills MSFT's; Redis's open set keeps AAPL's only."""
         exchange, clock, _ = make()
         apple = exchange.submit(order("1"))
         microsoft = exchange.submit({**order("1"), "symbol": "MSFT"})
         assert exchange.on_bar(bar(clock, "50", "50", "50", "50", symbol="MSFT")) == 1
         assert exchange.get(apple["id"])["status"] == "new"
         assert exchange.get(microsoft["id"])["status"] == "filled"
-        client = exchange.store.client
-        assert client.zrange("t:paper:open:AAPL", 0, -1) == [apple["id"].encode()]
-        assert client.zrange("t:paper:open:MSFT", 0, -1) == []
+        assert exchange.store.client.zrange("t:paper:open", 0, -1) == [apple["id"].encode()]
 
     def test_a_batch_of_bars_trades_in_order_and_marks_every_symbol(self) -> None:
         """on_bars fills AAPL's order on its first bar in the batch and leaves each symbol's last close
@@ -118,30 +116,6 @@ class TestFills:
         legs = [leg["id"] for leg in exchange.get(parent["id"])["legs"]]
         seqs = [exchange.store.load(i)["seq"] for i in (parent["id"], *legs, later["id"])]  # type: ignore[index]
         assert seqs == list(range(seqs[0], seqs[0] + 4))
-
-    def test_accepting_an_order_reads_every_open_order_past_a_thousand(self) -> None:
-        """The open orders an acceptance weighs are read in chunks: 1,500 of them all count."""
-        exchange, _, _ = make()
-        resting = exchange.submit(order("1", type_="limit", limit_price="1"))
-        record = exchange.store.load(resting["id"])
-        assert record is not None
-        client = exchange.store.client
-        copies = {f"copy-{n}": json.dumps({**record, "id": f"copy-{n}"}) for n in range(1499)}
-        client.hset("t:paper:orders", mapping=copies)
-        client.zadd("t:paper:open", {name: record["seq"] for name in copies})
-        view = exchange.store.submit_view("new-cid", seqs=1)
-        assert len(view.open_orders) == 1500
-        assert {o["id"] for o in view.open_orders} == {resting["id"], *copies}
-
-    def test_open_order_index_is_rebuilt_at_start(self) -> None:
-        """Open orders written without the per-symbol index (an older book) still fill after a restart."""
-        exchange, clock, _ = make()
-        placed = exchange.submit(order("2"))
-        client = exchange.store.client
-        client.delete("t:paper:open:AAPL")
-        restarted = Exchange(client, Keys("t"), PaperExchangeSettings(), clock)
-        assert restarted.on_bar(bar(clock, "100", "100", "100", "100")) == 1
-        assert restarted.get(placed["id"])["status"] == "filled"
 
     def test_slippage_and_commission(self) -> None:
         """10 bps slippage moves a buy up (rounded against the buyer) and commission comes off cash."""
@@ -191,6 +165,89 @@ class TestFills:
             with pytest.raises(ApiError, match=words) as bad:
                 exchange.submit(body)
             assert bad.value.status == 422
+
+
+class _BrokenPipeline:
+    """A MULTI/EXEC that loses its connection at EXEC (every queued command is accepted)."""
+
+    def __enter__(self) -> _BrokenPipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+    def execute(self) -> None:
+        raise redis.ConnectionError("Redis went away")
+
+
+class TestBookInMemory:
+    def test_a_restarted_exchange_reads_back_the_book(self) -> None:
+        """A new exchange on the same keys has the same cash, positions and orders, refuses a used
+        client_order_id, numbers after the last order, skips a fill it already applied and goes
+        on filling the rest."""
+        exchange, clock, _ = make(max_volume_fraction=Decimal("0.5"))
+        partly = exchange.submit(order("10", client_order_id="partly"))
+        resting = exchange.submit(order("3", type_="limit", limit_price="9"))
+        seen = bar(clock, "10", "10", "10", "10", volume="8", bar_id="bar-1")
+        assert exchange.on_bar(seen) == 1  # 4 of the 10; the limit at 9 rests
+        before = (exchange.account(), exchange.positions(), exchange.list_orders(status="all"))
+        restarted = Exchange(exchange.store.client, Keys("t"),
+                             PaperExchangeSettings(max_volume_fraction=Decimal("0.5")), clock)
+        assert (restarted.account(), restarted.positions(), restarted.list_orders(status="all")) == before
+        assert {o["id"] for o in restarted.list_orders()} == {partly["id"], resting["id"]}
+        with pytest.raises(ApiError, match="client_order_id must be unique"):
+            restarted.submit(order("1", client_order_id="partly"))
+        later = restarted.submit(order("1"))
+        assert restarted.store.load(later["id"])["seq"] > restarted.store.load(partly["id"])["seq"]  # type: ignore[index]
+        assert restarted.on_bar(seen) == 0  # delivered again after the restart: already applied
+        assert restarted.get(partly["id"])["filled_qty"] == "4"
+        restarted.on_bar(bar(clock, "9", "9", "9", "9", volume="8", bar_id="bar-2"))
+        assert restarted.get(partly["id"])["filled_qty"] == "8"
+        assert restarted.get(resting["id"])["status"] == "new"  # the 4-share budget went to the older order
+
+    def test_a_failed_write_changes_nothing(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """An order or a fill whose transaction fails leaves the book as it was: the order unknown and
+        its client_order_id free, the fill unapplied; once Redis is back both go through once."""
+        exchange, clock, events = make()
+        client = exchange.store.client
+        with monkeypatch.context() as patch:
+            patch.setattr(client, "pipeline", lambda *a, **k: _BrokenPipeline())
+            with pytest.raises(redis.ConnectionError):
+                exchange.submit(order("5", client_order_id="first"))
+        assert exchange.list_orders(status="all") == [] and events == []
+        with pytest.raises(ApiError, match="order not found"):
+            exchange.get_by_client_id("first")
+        placed = exchange.submit(order("5", client_order_id="first"))
+        fill_bar = bar(clock, "100", "100", "100", "100", bar_id="bar-1")
+        with monkeypatch.context() as patch:
+            patch.setattr(client, "pipeline", lambda *a, **k: _BrokenPipeline())
+            with pytest.raises(redis.ConnectionError):
+                exchange.on_bar(fill_bar)
+        assert exchange.get(placed["id"])["status"] == "new"
+        assert exchange.account()["cash"] == "100000" and exchange.positions() == []
+        assert exchange.on_bar(fill_bar) == 1
+        assert exchange.on_bar(fill_bar) == 0
+        assert exchange.account()["cash"] == "99500"
+        assert [e["event"] for e in events] == ["new", "fill"]
+
+    def test_prices_reach_redis_at_most_a_second_late(self) -> None:
+        """Batches of bars that trade nothing keep their prices in memory and write every one not yet
+        written once a second has passed since the last write (a change writes them at once)."""
+        exchange, clock, _ = make()
+        exchange.on_bars([bar(clock, "100", "100", "100", "100")])
+        prices_key = "t:paper:prices"
+        assert exchange.store.client.hgetall(prices_key) == {}
+        assert exchange.store.prices() == {"AAPL": Decimal("100")}
+        clock.advance(timedelta(seconds=1))
+        exchange.on_bars([bar(clock, "50", "50", "50", "50", symbol="MSFT")])
+        assert exchange.store.client.hgetall(prices_key) == {b"AAPL": b"100", b"MSFT": b"50"}
+        exchange.on_bars([bar(clock, "400", "400", "400", "400", symbol="SPY")])
+        assert b"SPY" not in exchange.store.client.hgetall(prices_key)
+        exchange.submit(order("1"))
+        assert exchange.store.client.hget(prices_key, "SPY") == b"400"
 
 
 class TestMatching:

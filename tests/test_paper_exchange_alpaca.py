@@ -26,7 +26,7 @@ from websockets.sync.client import connect
 
 from shared.clock import LiveClock
 from shared.heartbeat import Heartbeat
-from shared.keys import Keys
+from shared.keys import BARS, Keys
 from shared.redis_client import connect_url
 from shared.redis_server import RedisServer
 from tests.support.paper import KEY_ID, SECRET, PaperExchange, running_exchange
@@ -216,6 +216,10 @@ class TestProcess:
         try:
             with running_exchange(server.url, Keys("gone"), tmp_path) as exchange:
                 assert exchange.proc is not None
+                bars = Keys("gone").stream(BARS)
+                with connect_url(server.url) as client:  # Redis goes once the bar consumer is reading
+                    wait_for(lambda: client.exists(bars) and client.xinfo_consumers(bars, "paper-exchange"),
+                             message="the bar consumer to read")
                 server.kill()
                 exchange.proc.send_signal(signal.SIGTERM)
                 assert exchange.proc.wait(timeout=30) == 0

@@ -2,8 +2,9 @@
 
 Run it with ``python -m services.paper_exchange``. It speaks enough of Alpaca's REST API and the
 ``trade_updates`` websocket for alpaca-py's TradingClient and TradingStream (see
-docs/BROKERS.md for the subset), keeps its book in Redis under ``<prefix>:paper:*`` so a restart
-loses and replays nothing, and fills orders from the ``bars`` stream with no look-ahead.
+docs/BROKERS.md for the subset), holds its book in memory, written through to Redis under
+``<prefix>:paper:*`` before anything is answered, so a restart reads it back and loses and replays
+nothing, and fills orders from the ``bars`` stream with no look-ahead.
 """
 
 from services.paper_exchange._engine import ApiError, Exchange, credentials

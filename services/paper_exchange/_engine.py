@@ -1,10 +1,11 @@
-"""The paper exchange's book: orders, positions, cash and fills, kept in Redis.
+"""The paper exchange's book: orders, positions, cash and fills, held in memory and kept in Redis.
 
 Guarantees:
 
 * **Durable before visible.** Every change (an order accepted, a fill, a cancel) is one MULTI/EXEC
   that writes the order, the position, the cash, the fill record and the trade update together;
-  the reply or the websocket event goes out only after EXEC. A restart loses nothing it answered.
+  memory takes the change, and the reply or the websocket event goes out, only after EXEC. A
+  restart reads the book back from Redis and loses nothing it answered.
 * **A fill is applied once.** A fill's id is ``<order id>:<bar message id>``; it is recorded in
   the same transaction as its effect, and a bar delivered again (the bus is at-least-once) finds
   it recorded and changes nothing. Restarting the exchange never replays a fill.
@@ -12,8 +13,8 @@ Guarantees:
   bracket leg: strictly after the bar that filled its parent). See :mod:`._matching`.
 
 Left to the caller: **one exchange process per key prefix.** This class serialises its own
-threads with a lock and reads state fresh from Redis inside it, but two processes on one prefix
-would race. The redelivery case, as a timeline::
+threads with a lock and holds the book in memory (see :mod:`._store`); two processes on one prefix
+would each trust their own copy. The redelivery case, as a timeline::
 
     time 0   bar B (id b1) arrives; order O fills 10 @ 100: MULTI writes O, position, cash,
              applied["O:b1"]=10, fill, trade update; EXEC
@@ -37,7 +38,7 @@ import redis
 from services.paper_exchange import _render as render
 from services.paper_exchange._matching import match
 from services.paper_exchange._requests import ApiError, invalid, parse_legs, parse_order
-from services.paper_exchange._store import OPEN_STATUSES, Change, Store, SubmitView, credentials
+from services.paper_exchange._store import OPEN_STATUSES, PRICES_EVERY_S, Change, Store, credentials
 from shared.clock import Clock
 from shared.config import PaperExchangeSettings
 from shared.keys import Keys
@@ -57,7 +58,7 @@ def _opt(record: dict[str, Any], name: str) -> Decimal | None:
 
 
 class Exchange:
-    """The book. Thread-safe; every public method reads Redis fresh under one lock."""
+    """The book. Thread-safe: every public method runs under one lock."""
 
     def __init__(self, client: redis.Redis, keys: Keys, settings: PaperExchangeSettings, clock: Clock,
                  publish: Callable[[list[dict[str, Any]]], None] = lambda events: None) -> None:
@@ -68,8 +69,8 @@ class Exchange:
         self.partial_fraction: Callable[[], Decimal | None] = lambda: None
         self._lock = threading.RLock()
         self._hidden: dict[str, int] = {}  # order id -> look-ups left that answer "not found"
-        self.store.init_account(settings.starting_cash, clock.now())
-        self.store.index_open_orders()
+        self._prices_written = clock.monotonic()
+        self.store.load_book(settings.starting_cash, clock.now())
 
     @contextmanager
     def _op(self) -> Iterator[None]:
@@ -123,13 +124,12 @@ class Exchange:
             parent = parse_order(body, now)
             cid = parent["client_order_id"]
             legs = parse_legs(body, parent, now)
-            view = self.store.submit_view(cid, seqs=1 + len(legs))
-            if view.existing is not None:
+            if self.store.order_id_for(cid) is not None:
                 raise invalid("client_order_id must be unique")
-            self._check_buying_power(parent, view)
+            self._check_buying_power(parent)
             parent["legs"] = [leg["id"] for leg in legs]
             change = self.store.change()
-            for record, seq in zip((parent, *legs), view.seqs, strict=True):
+            for record, seq in zip((parent, *legs), self.store.take_seqs(1 + len(legs)), strict=True):
                 record["seq"] = seq
                 change.orders[record["id"]] = record
             change.events.append(self._event("new", parent, now))
@@ -141,22 +141,24 @@ class Exchange:
                      side=parent["side"], qty=parent["qty"], type=parent["type"])
             return self._render(parent)
 
-    def _check_buying_power(self, record: dict[str, Any], view: SubmitView) -> None:
+    def _check_buying_power(self, record: dict[str, Any]) -> None:
         qty = Decimal(record["qty"])
+        open_orders = self.store.open_orders()
         if record["side"] == "sell":
             if self.settings.allow_short:
                 return
-            held = view.positions.get(record["symbol"], (Decimal(0), Decimal(0)))[0]
-            available = held - self._held_for_sells(record["symbol"], view.open_orders)
+            held = self.store.positions().get(record["symbol"], (Decimal(0), Decimal(0)))[0]
+            available = held - self._held_for_sells(record["symbol"], open_orders)
             if qty > available:
                 raise ApiError(403, 40310000, "insufficient qty available for order (requested: "
                                               f"{render.num(qty)}, available: {render.num(available)})")
             return
-        price = self._estimate(record, view.prices)
+        prices = self.store.prices()
+        price = self._estimate(record, prices)
         if price is None:
             return  # no price seen yet for the symbol: nothing to estimate with
         cost = qty * price + qty * self.settings.commission_per_share
-        available = view.cash - self._reserved_cash(view.open_orders, view.prices)
+        available = self.store.cash() - self._reserved_cash(open_orders, prices)
         if cost > available:
             raise ApiError(403, 40310000, f"insufficient buying power (needed: {render.num(cost)}, "
                                           f"available: {render.num(available)})")
@@ -214,7 +216,7 @@ class Exchange:
                     nested: bool = False, symbols: set[str] | None = None) -> list[dict[str, Any]]:
         """Orders filtered as GET /v2/orders does (status open/closed/all)."""
         with self._op():
-            records = self.store.all_orders()
+            records = self.store.open_orders() if status == "open" else self.store.all_orders()
             chosen = []
             for record in records:
                 is_open = record["status"] in OPEN_STATUSES
@@ -256,8 +258,7 @@ class Exchange:
         with self._op():
             results: list[dict[str, Any]] = []
             for record in self.store.open_orders():
-                current = self.store.load(record["id"])
-                if current is not None and current["status"] in OPEN_STATUSES:
+                if self.store.open_order(record["id"]) is not None:  # not closed as an earlier one's leg
                     results.extend({"id": closed, "status": 200} for closed in self.cancel(record["id"]))
             return results
 
@@ -289,13 +290,20 @@ class Exchange:
 
     def on_bars(self, bars: list[Bar]) -> int:
         """Trade a batch of bars in order (:meth:`on_bar` each), but a symbol without open orders
-        only gets its last price written: one round trip for a batch that trades nothing."""
+        only takes its last price: a batch that trades nothing touches no Redis, except to write
+        the last prices once every ``PRICES_EVERY_S`` (outside the lock)."""
         last = {bar.symbol: bar.close for bar in bars}
         if not last:
             return 0
         with self._op():
-            trading = self.store.mark_and_symbols_with_open_orders(last)
-            return sum(self.on_bar(bar) for bar in bars if bar.symbol in trading)
+            trading = self.store.mark(last)
+            applied = sum(self.on_bar(bar) for bar in bars if bar.symbol in trading)
+            prices = {}
+            if self.clock.monotonic() - self._prices_written >= PRICES_EVERY_S:
+                self._prices_written = self.clock.monotonic()
+                prices = self.store.take_unwritten_prices()
+        self.store.write_prices(prices)
+        return applied
 
     def on_bar(self, bar: Bar) -> int:
         """Trade open orders of ``bar.symbol`` against it; return the number of fills applied."""
@@ -303,10 +311,14 @@ class Exchange:
             budget = bar.volume * self.settings.max_volume_fraction
             applied = 0
             committed = False
-            for record, done in self.store.mark_and_open_orders(bar.symbol, bar.close, bar.id):
-                if committed:  # an earlier fill on this bar may have closed it (its OCO sibling)
-                    record = self.store.load(record["id"]) or record
-                if record["status"] not in OPEN_STATUSES or record["status"] == "held":
+            self.store.mark({bar.symbol: bar.close})
+            for record, done in self.store.open_orders_of(bar.symbol, bar.id):
+                if committed:  # an earlier fill on this bar may have changed or closed it (OCO)
+                    current = self.store.open_order(record["id"])
+                    if current is None:
+                        continue
+                    record = current
+                if record["status"] == "held":
                     continue
                 not_before = datetime.fromisoformat(record["not_before"].replace("Z", "+00:00"))
                 if bar.time < not_before or (record["strict"] and bar.time == not_before):

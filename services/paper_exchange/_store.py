@@ -1,4 +1,5 @@
-"""Where the paper exchange's book lives: its Redis keys, read fresh, each change one MULTI/EXEC.
+"""The paper exchange's book: held in memory by its one process, each change written through to
+Redis in one MULTI/EXEC before memory (or anyone) sees it.
 
 Keys, under ``<prefix>:paper:`` (see shared/keys.py's ``Keys.paper``)::
 
@@ -7,14 +8,18 @@ Keys, under ``<prefix>:paper:`` (see shared/keys.py's ``Keys.paper``)::
     orders        hash: order id -> the order's record (JSON; numbers as strings)
     client-ids    hash: client_order_id -> order id (uniqueness)
     open          sorted set: open order ids, scored by acceptance sequence
-    open:<SYM>    sorted set: the open order ids of one symbol (the same scores; a bar reads only
-                  its symbol's), rebuilt from ``open`` at start
-    seq           counter: acceptance sequence
+    seq           the last acceptance sequence number taken by a written order
     positions     hash: symbol -> {"qty", "avg"}
-    prices        hash: symbol -> last bar close
+    prices        hash: symbol -> last bar close (written with the next change, or at most
+                  ``PRICES_EVERY_S`` late)
     applied       hash: fill id -> quantity (a fill recorded here is never applied again)
     fills         stream: every fill (never trimmed)
     events        stream: every trade update sent (about the last 10,000)
+
+In memory, read from those keys at start (:meth:`Store.load_book`): the cash, the open orders in
+full, every client_order_id, the sequence, the positions, the prices and the applied fills of
+the open orders. So accepting an order or applying a fill reads nothing from Redis and writes
+once; a closed order is read from Redis when asked for.
 
 Left to the caller: a read-decide-commit sequence is only safe with one writer per prefix; the
 exchange holds its lock around it and runs one process per prefix.
@@ -31,16 +36,17 @@ from decimal import Decimal
 from typing import Any
 
 import redis
+from redis.typing import EncodableT, FieldT
 
 from services.paper_exchange import _render as render
 from shared.config import PaperExchangeSettings
 from shared.keys import Keys
 from shared.redis_client import reply_text
 
-__all__ = ["OPEN_STATUSES", "Change", "Store", "SubmitView", "credentials"]
+__all__ = ["OPEN_STATUSES", "PRICES_EVERY_S", "Change", "Store", "credentials"]
 
 OPEN_STATUSES = frozenset({"new", "partially_filled", "held", "accepted", "pending_new"})
-
+PRICES_EVERY_S = 1.0  # the last prices reach Redis at most this late (only a restart reads them)
 
 
 def credentials(client: redis.Redis, keys: Keys, settings: PaperExchangeSettings) -> tuple[str, str]:
@@ -55,31 +61,6 @@ def credentials(client: redis.Redis, keys: Keys, settings: PaperExchangeSettings
 
 
 @dataclass
-class SubmitView:
-    """What accepting an order decides on, read together (:meth:`Store.submit_view`)."""
-
-    existing: str | None  # the order id already using the client_order_id
-    cash: Decimal
-    prices: dict[str, Decimal]
-    positions: dict[str, tuple[Decimal, Decimal]]
-    open_orders: list[dict[str, Any]]
-    seqs: list[int]  # acceptance sequence numbers taken for the order and its legs
-
-
-# KEYS[1] = the open-orders zset, KEYS[2] = the orders hash; returns every open order's JSON
-# record (false for an id without one), read 1000 at a time (unpack has a stack limit)
-_OPEN_RECORDS = """
-local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
-local out = {}
-for i = 1, #ids, 1000 do
-    local part = redis.call('HMGET', KEYS[2], unpack(ids, i, math.min(i + 999, #ids)))
-    for j = 1, #part do out[#out + 1] = part[j] end
-end
-return out
-"""
-
-
-@dataclass
 class Change:
     """Everything one transaction writes; ``events`` are sent only once it has committed."""
 
@@ -91,8 +72,14 @@ class Change:
     fill: dict[str, str] | None = None  # the fill record (has fill_id and qty)
 
 
+def _copy(record: dict[str, Any]) -> dict[str, Any]:
+    """A record the caller may change without touching the book (its only mutable value: legs)."""
+    return {**record, "legs": list(record["legs"])}
+
+
 class Store:
-    """Reads and writes of the book; records of the change being built are visible to ``load``."""
+    """The book. Records it hands out are copies; a change's records shadow the book for ``load``
+    until :meth:`commit` writes them to Redis and then to memory."""
 
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self.client = client
@@ -100,23 +87,58 @@ class Store:
             "account", "orders", "client-ids", "open", "seq", "positions", "prices", "applied", "fills",
             "events")}
         self._staged: dict[str, dict[str, Any]] = {}
+        self._account: dict[str, str] = {}
+        self._cash = Decimal(0)
+        self._open: dict[str, dict[str, Any]] = {}  # open order id -> record
+        self._open_of: dict[str, set[str]] = {}  # symbol -> its open order ids
+        self._client_ids: dict[str, str] = {}
+        self._seq = 0  # the last sequence number taken
+        self._written_seq = 0
+        self._positions: dict[str, tuple[Decimal, Decimal]] = {}
+        self._prices: dict[str, Decimal] = {}
+        self._unwritten_prices: dict[str, Decimal] = {}
+        self._applied: dict[str, Decimal] = {}  # fill id -> quantity, for the open orders
 
-    def init_account(self, starting_cash: Decimal, now: datetime) -> None:
-        """Create the account once (a restart keeps the existing one)."""
+    def load_book(self, starting_cash: Decimal, now: datetime) -> None:
+        """Create the account once (a restart keeps the existing one) and read the book into memory."""
         key = self._k["account"]
         self.client.hsetnx(key, "id", str(uuid.uuid4()))
         self.client.hsetnx(key, "account_number", "PA" + secrets.token_hex(5).upper())
         self.client.hsetnx(key, "cash", render.num(starting_cash) or "0")
         self.client.hsetnx(key, "created_at", render.timestamp(now) or "")
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.hgetall(key)
+            pipe.get(self._k["seq"])
+            pipe.hgetall(self._k["client-ids"])
+            pipe.hgetall(self._k["positions"])
+            pipe.hgetall(self._k["prices"])
+            pipe.zrange(self._k["open"], 0, -1)
+            account, seq, client_ids, positions, prices, open_ids = pipe.execute()
+        self._account = {reply_text(k): reply_text(v) for k, v in account.items()}
+        self._cash = Decimal(self._account["cash"])
+        self._seq = self._written_seq = int(seq or 0)
+        self._client_ids = {reply_text(k): reply_text(v) for k, v in client_ids.items()}
+        self._positions = _positions_from(positions)
+        self._prices = _prices_from(prices)
+        self._open, self._open_of = {}, {}
+        if open_ids:
+            for raw in self.client.hmget(self._k["orders"], list(open_ids)):
+                if raw is not None:
+                    self._remember(json.loads(raw))
+        self._applied = {}
+        for fill_id, qty in self.client.hscan_iter(self._k["applied"], count=1000):
+            name = reply_text(fill_id)
+            if name.partition(":")[0] in self._open:
+                self._applied[name] = Decimal(reply_text(qty))
 
     def account_fields(self) -> dict[str, str]:
-        return {reply_text(k): reply_text(v) for k, v in self.client.hgetall(self._k["account"]).items()}
+        return {**self._account, "cash": render.num(self._cash) or "0"}
 
     def cash(self) -> Decimal:
-        return Decimal(reply_text(self.client.hget(self._k["account"], "cash")))
+        return self._cash
 
     def change(self) -> Change:
-        """Start building a change (its records shadow Redis for ``load`` until committed)."""
+        """Start building a change (its records shadow the book for ``load`` until committed)."""
         change = Change()
         self._staged = change.orders
         return change
@@ -125,99 +147,77 @@ class Store:
         self._staged = {}
 
     def load(self, order_id: str) -> dict[str, Any] | None:
+        """An order by id: staged, open (from memory) or closed (from Redis)."""
         if order_id in self._staged:
             return self._staged[order_id]
+        if order_id in self._open:
+            return _copy(self._open[order_id])
         raw = self.client.hget(self._k["orders"], order_id)
         return None if raw is None else dict(json.loads(raw))
 
+    def open_order(self, order_id: str) -> dict[str, Any] | None:
+        """An open order by id (None once it has closed)."""
+        record = self._open.get(order_id)
+        return None if record is None else _copy(record)
+
     def order_id_for(self, client_order_id: str) -> str | None:
-        raw = self.client.hget(self._k["client-ids"], client_order_id)
-        return None if raw is None else reply_text(raw)
+        return self._client_ids.get(client_order_id)
 
     def all_orders(self) -> list[dict[str, Any]]:
         return [json.loads(v) for v in self.client.hvals(self._k["orders"])]
 
     def open_orders(self) -> list[dict[str, Any]]:
-        return self._load_many(self.client.zrange(self._k["open"], 0, -1))
+        """Every open order, in acceptance order."""
+        return sorted((_copy(r) for r in self._open.values()), key=lambda r: int(r["seq"]))
 
-    def _load_many(self, ids: Any) -> list[dict[str, Any]]:
-        if not ids:
-            return []
-        raws = self.client.hmget(self._k["orders"], list(ids))
-        return [json.loads(raw) for raw in raws if raw is not None]
+    def take_seqs(self, count: int) -> list[int]:
+        """``count`` consecutive acceptance sequence numbers (an order then refused leaves a gap in
+        the numbers, which only order the orders)."""
+        first = self._seq + 1
+        self._seq += count
+        return list(range(first, self._seq + 1))
 
-    def submit_view(self, client_order_id: str, seqs: int) -> SubmitView:
-        """The client_order_id's owner, cash, prices, positions and open orders, and ``seqs``
-        consecutive acceptance sequence numbers, in one round trip (an order then refused leaves
-        a gap in the numbers, which only order the orders)."""
-        with self.client.pipeline(transaction=False) as pipe:
-            pipe.hget(self._k["client-ids"], client_order_id)
-            pipe.hget(self._k["account"], "cash")
-            pipe.hgetall(self._k["prices"])
-            pipe.hgetall(self._k["positions"])
-            pipe.eval(_OPEN_RECORDS, 2, self._k["open"], self._k["orders"])
-            pipe.incrby(self._k["seq"], seqs)
-            existing, cash, prices, positions, records, last = pipe.execute()
-        return SubmitView(None if existing is None else reply_text(existing), Decimal(reply_text(cash)),
-                          _prices_from(prices), _positions_from(positions),
-                          [json.loads(raw) for raw in records if raw is not None],
-                          list(range(int(last) - seqs + 1, int(last) + 1)))
+    def mark(self, prices: dict[str, Decimal]) -> set[str]:
+        """Take each symbol's last price; return those of them with open orders."""
+        self._prices.update(prices)
+        self._unwritten_prices.update(prices)
+        return {symbol for symbol in prices if self._open_of.get(symbol)}
 
-    def index_open_orders(self) -> int:
-        """Rebuild every symbol's open-order index from ``open`` (at start); the orders indexed."""
-        records = self.open_orders()
-        with self.client.pipeline(transaction=True) as pipe:
-            for record in records:
-                pipe.zadd(self._open_of(record["symbol"]), {record["id"]: record["seq"]})
-            pipe.execute()
-        return len(records)
+    def open_orders_of(self, symbol: str, bar_id: str) -> list[tuple[dict[str, Any], Decimal | None]]:
+        """``symbol``'s open orders in acceptance order, each with the quantity already filled on
+        bar ``bar_id`` (None if none)."""
+        records = sorted((self._open[i] for i in self._open_of.get(symbol, ())), key=lambda r: int(r["seq"]))
+        return [(_copy(r), self._applied.get(f"{r['id']}:{bar_id}")) for r in records]
 
-    def mark_and_open_orders(self, symbol: str, price: Decimal, bar_id: str
-                             ) -> list[tuple[dict[str, Any], Decimal | None]]:
-        """Record ``symbol``'s last price and read its open orders, in acceptance order, each with
-        the quantity already filled on bar ``bar_id`` (None if none): two round trips at most."""
-        with self.client.pipeline(transaction=False) as pipe:
-            pipe.hset(self._k["prices"], symbol, render.num(price) or "0")
-            pipe.zrange(self._open_of(symbol), 0, -1)
-            _, ids = pipe.execute()
-        if not ids:
-            return []
-        names = [reply_text(order_id) for order_id in ids]
-        with self.client.pipeline(transaction=False) as pipe:
-            pipe.hmget(self._k["orders"], names)
-            pipe.hmget(self._k["applied"], [f"{name}:{bar_id}" for name in names])
-            raws, done = pipe.execute()
-        return [(json.loads(raw), None if qty is None else Decimal(reply_text(qty)))
-                for raw, qty in zip(raws, done, strict=True) if raw is not None]
+    def take_unwritten_prices(self) -> dict[str, Decimal]:
+        """The prices marked since the last call, for :meth:`write_prices` (which needs no lock)."""
+        taken, self._unwritten_prices = self._unwritten_prices, {}
+        return taken
 
-    def mark_and_symbols_with_open_orders(self, prices: dict[str, Decimal]) -> set[str]:
-        """Record each symbol's last price and return those of them with open orders (one round trip)."""
-        with self.client.pipeline(transaction=False) as pipe:
-            pipe.hset(self._k["prices"], mapping={s: render.num(p) or "0" for s, p in prices.items()})
-            for symbol in prices:
-                pipe.exists(self._open_of(symbol))
-            found = pipe.execute()[1:]
-        return {symbol for symbol, exists in zip(prices, found, strict=True) if exists}
-
-    def _open_of(self, symbol: str) -> str:
-        return f"{self._k['open']}:{symbol}"
+    def write_prices(self, prices: dict[str, Decimal]) -> None:
+        """Write last prices to Redis (for a restart's estimates until its first bar)."""
+        if prices:
+            self.client.hset(self._k["prices"], mapping=_price_fields(prices))
 
     def save_order(self, record: dict[str, Any]) -> None:
-        """Write one record outside a change (a stop's trigger flag: no event, no money)."""
+        """Write one open record outside a change (a stop's trigger flag: no event, no money)."""
         self.client.hset(self._k["orders"], record["id"], json.dumps(record))
+        self._remember(_copy(record))
 
     def positions(self) -> dict[str, tuple[Decimal, Decimal]]:
-        return _positions_from(self.client.hgetall(self._k["positions"]))
+        return dict(self._positions)
 
     def prices(self) -> dict[str, Decimal]:
-        return _prices_from(self.client.hgetall(self._k["prices"]))
+        return dict(self._prices)
 
     def commit(self, change: Change) -> None:
-        """Write ``change`` in one MULTI/EXEC."""
+        """Write ``change`` in one MULTI/EXEC, then into memory (an error leaves memory as it was)."""
         try:
             with self.client.pipeline(transaction=True) as pipe:
                 if change.client_ids:
                     pipe.hset(self._k["client-ids"], mapping=change.client_ids)  # type: ignore[arg-type]
+                if self._seq != self._written_seq:
+                    pipe.set(self._k["seq"], self._seq)
                 if change.position is not None:
                     symbol, quantity, average = change.position
                     if quantity == 0:
@@ -227,6 +227,9 @@ class Store:
                                   json.dumps({"qty": render.num(quantity), "avg": render.num(average)}))
                 if change.cash is not None:
                     pipe.hset(self._k["account"], "cash", render.num(change.cash) or "0")
+                prices = self._unwritten_prices
+                if prices:
+                    pipe.hset(self._k["prices"], mapping=_price_fields(prices))
                 if change.fill is not None:
                     pipe.hset(self._k["applied"], change.fill["fill_id"], change.fill["qty"])
                     pipe.xadd(self._k["fills"], change.fill)  # type: ignore[arg-type]
@@ -234,16 +237,48 @@ class Store:
                     pipe.hset(self._k["orders"], order_id, json.dumps(record))
                     if record["status"] in OPEN_STATUSES:
                         pipe.zadd(self._k["open"], {order_id: record["seq"]})
-                        pipe.zadd(self._open_of(record["symbol"]), {order_id: record["seq"]})
                     else:
                         pipe.zrem(self._k["open"], order_id)
-                        pipe.zrem(self._open_of(record["symbol"]), order_id)
                 for event in change.events:
                     pipe.xadd(self._k["events"], {"event": json.dumps(event)}, maxlen=10_000,
                               approximate=True)
                 pipe.execute()
+            self._apply(change)
         finally:
             self._staged = {}
+
+    def _apply(self, change: Change) -> None:
+        self._written_seq = self._seq
+        self._unwritten_prices = {}
+        self._client_ids.update(change.client_ids)
+        if change.position is not None:
+            symbol, quantity, average = change.position
+            if quantity == 0:
+                self._positions.pop(symbol, None)
+            else:
+                self._positions[symbol] = (quantity, average)
+        if change.cash is not None:
+            self._cash = change.cash
+        if change.fill is not None:
+            self._applied[change.fill["fill_id"]] = Decimal(change.fill["qty"])
+        for record in change.orders.values():
+            if record["status"] in OPEN_STATUSES:
+                self._remember(_copy(record))
+            else:
+                self._forget(record)
+
+    def _remember(self, record: dict[str, Any]) -> None:
+        self._open[record["id"]] = record
+        self._open_of.setdefault(record["symbol"], set()).add(record["id"])
+
+    def _forget(self, record: dict[str, Any]) -> None:
+        """A closed order leaves memory, with its applied fills (no bar can fill it again)."""
+        order_id = record["id"]
+        self._open.pop(order_id, None)
+        self._open_of.get(record["symbol"], set()).discard(order_id)
+        prefix = f"{order_id}:"
+        for fill_id in [name for name in self._applied if name.startswith(prefix)]:
+            del self._applied[fill_id]
 
 
 def _positions_from(raw: Any) -> dict[str, tuple[Decimal, Decimal]]:
@@ -253,6 +288,10 @@ def _positions_from(raw: Any) -> dict[str, tuple[Decimal, Decimal]]:
         data = json.loads(value)
         result[reply_text(symbol)] = (Decimal(data["qty"]), Decimal(data["avg"]))
     return result
+
+
+def _price_fields(prices: dict[str, Decimal]) -> dict[FieldT, EncodableT]:
+    return {symbol: render.num(price) or "0" for symbol, price in prices.items()}
 
 
 def _prices_from(raw: Any) -> dict[str, Decimal]:
