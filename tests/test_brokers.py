@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from datetime import timedelta
 from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+import urllib3
 from alpaca.common.exceptions import APIError
 
 from shared.brokers import AlpacaBroker, BrokerCall, FakeBroker, OrderRequest, UpdateFilter, build_broker
@@ -433,18 +436,60 @@ class TestBuildBroker:
         assert broker._stream_args["api_key"] == "gen"
 
     def test_client_has_retries_off_and_a_timeout(self) -> None:
-        """alpaca-py's own 429/504 retry loop is off on the adapter's client (these internals exist)."""
-        broker = build_broker(Settings(paper_exchange={"api_key": "k", "secret_key": "s"}))
-        assert (broker._client._retry, broker._client._retry_codes, broker._client._timeout) == (0, [], 10.0)
+        """alpaca-py's own 429/504 retry loop is off on the adapter's client (these internals exist),
+        and its connection pool neither retries nor redirects and times out every request."""
+        client = build_broker(Settings(paper_exchange={"api_key": "k", "secret_key": "s"}))._client
+        assert (client._retry, client._retry_codes) == (0, [])
+        options = client._pool.connection_pool_kw
+        assert options["retries"].total is False
+        assert (options["timeout"].connect_timeout, options["timeout"].read_timeout) == (10.0, 10.0)
 
     def test_environment_proxy_is_read_once_at_construction(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """A proxy in the environment still applies, read once for the broker's host (not per request)."""
         monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
         monkeypatch.delenv("NO_PROXY", raising=False)
         monkeypatch.delenv("no_proxy", raising=False)
-        session = build_broker(Settings(paper_exchange={"api_key": "k", "secret_key": "s"}))._client._session
-        assert session.proxies.get("http") == "http://proxy.example:3128"
-        assert session.trust_env is False
+        pool = build_broker(Settings(paper_exchange={"api_key": "k", "secret_key": "s"}))._client._pool
+        assert isinstance(pool, urllib3.ProxyManager)
+        assert pool.proxy is not None and pool.proxy.url == "http://proxy.example:3128"
+        monkeypatch.delenv("HTTP_PROXY")
+        pool = build_broker(Settings(paper_exchange={"api_key": "k", "secret_key": "s"}))._client._pool
+        assert not isinstance(pool, urllib3.ProxyManager)
+
+    def test_a_reply_that_is_not_json_is_a_broken_reply(self) -> None:
+        """A 200 whose body is not JSON: a read is retried and then BrokerUnavailable; a submit is
+        ambiguous (it may have been placed) and, not found by look-up, AmbiguousSubmit."""
+        class Garbage(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self._reply()
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self._reply()
+
+            def _reply(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", "11")
+                self.end_headers()
+                self.wfile.write(b"<html>oops!")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Garbage)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            settings = Settings().broker.model_copy(update={"read_retries": 1, "resolve_attempts": 1})
+            broker = AlpacaBroker(settings, api_key="k", secret_key="s", stream_url=None,
+                                  base_url=f"http://127.0.0.1:{server.server_port}")
+            with pytest.raises(BrokerUnavailable, match="not JSON"):
+                broker.account()
+            with pytest.raises(AmbiguousSubmit, match="not JSON"):
+                broker.submit(market("garbage", "1"))
+        finally:
+            server.shutdown()
+            server.server_close()
 
 
 class TestUpdateFilter:

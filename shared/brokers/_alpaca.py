@@ -30,12 +30,17 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import urlencode
 
-import requests
+import certifi
+import urllib3
 from alpaca.common.exceptions import APIError
 from alpaca.trading.client import TradingClient
+from requests.utils import select_proxy
+from urllib3.exceptions import ConnectTimeoutError, ProtocolError
 
 from shared.brokers import _mapping as mapping
 from shared.brokers._stream import AlpacaTradeUpdates
@@ -62,8 +67,29 @@ __all__ = ["AlpacaBroker"]
 log = get_logger(component="broker")
 
 
+@dataclass(frozen=True)
+class _Reply:
+    """An error reply, as alpaca-py's APIError reads it (``http_error.response``)."""
+
+    status_code: int
+    headers: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class _HttpError:
+    response: _Reply
+
+
 class _Client(TradingClient):
-    """TradingClient with alpaca-py's retries off, a timeout on every request, headers kept."""
+    """TradingClient with alpaca-py's retries off, a timeout on every request, headers kept, and
+    requests sent with urllib3 directly.
+
+    alpaca-py sends through a requests Session, which re-merges its settings, cookies and hooks
+    on every request: more than half of an order's HTTP CPU on the client. urllib3 (what requests
+    sends with) keeps one connection pool; the proxy and CA bundle are read from the environment
+    once, as requests would read them. Failures stay urllib3's: a connect timeout or refusal is
+    :class:`ConnectTimeoutError` (nothing was sent), anything later another ``urllib3`` error.
+    """
 
     def __init__(self, api_key: str, secret_key: str, *, paper: bool, url: str | None,
                  timeout: float) -> None:
@@ -71,24 +97,34 @@ class _Client(TradingClient):
                          url_override=url)
         self._retry = 0  # RESTClient's own loop: one attempt; the adapter decides about retries
         self._retry_codes = []
-        self._timeout = timeout
         self.last_headers: Mapping[str, str] = {}
-        # requests reads the proxy and CA-bundle variables from the environment on every request
-        # (about half of the adapter's CPU per order); every request goes to one host, so read them
-        # once, for it, here
         found = self._session.merge_environment_settings(str(self._base_url), {}, None, None, None)
-        self._session.proxies.update(found["proxies"])
-        self._session.verify = found["verify"]
-        self._session.trust_env = False
+        verify = found["verify"]
+        options: dict[str, Any] = {
+            "retries": False, "timeout": urllib3.Timeout(connect=timeout, read=timeout), "maxsize": 2,
+            "ca_certs": verify if isinstance(verify, str) else certifi.where()}
+        proxy = select_proxy(str(self._base_url), found["proxies"])
+        self._pool = urllib3.ProxyManager(proxy, **options) if proxy else urllib3.PoolManager(**options)
 
     def _one_request(self, method: str, url: str, opts: dict[str, Any], retry: int) -> Any:
-        response = self._session.request(method, url, timeout=self._timeout, **opts)
-        self.last_headers = response.headers
+        headers = dict(opts["headers"])
+        body = None
+        if opts.get("json") is not None:
+            body = json.dumps(opts["json"], allow_nan=False).encode()
+            headers["Content-Type"] = "application/json"
+        params = opts.get("params")
+        if params:
+            url += "?" + urlencode([(k, v) for k, v in params.items() if v is not None], doseq=True)
+        reply = self._pool.request(method, url, body=body, headers=headers, redirect=False)
+        self.last_headers = reply.headers
+        text = reply.data.decode("utf-8", errors="replace")
+        if reply.status >= 400:
+            error = _HttpError(_Reply(reply.status, reply.headers))
+            raise APIError(text, error)  # type: ignore[no-untyped-call]
         try:
-            response.raise_for_status()
-        except requests.HTTPError as http_error:
-            raise APIError(response.text, http_error) from None  # type: ignore[no-untyped-call]
-        return response.json() if response.text != "" else None
+            return json.loads(text) if text != "" else None
+        except ValueError:
+            raise ProtocolError(f"HTTP {reply.status} reply is not JSON: {text[:200]!r}") from None
 
 
 class _Ambiguous(Exception):
@@ -250,8 +286,8 @@ class AlpacaBroker:
                         self.clock.sleep(min(0.1 * 2 ** failures, 2.0))
                         continue
                 raise _translate(op, status, exc, cid) from exc
-            except requests.RequestException as exc:
-                refused = _refused(exc)
+            except urllib3.exceptions.HTTPError as exc:
+                refused = isinstance(exc, ConnectTimeoutError)  # no connection: nothing reached the broker
                 if submit and not refused:
                     raise _Ambiguous(f"{type(exc).__name__}: {exc}", placed_nothing=False) from exc
                 if not submit and failures < self.settings.read_retries:
@@ -296,15 +332,6 @@ class AlpacaBroker:
             delay = min(self._rate_limit_delay({"X-Ratelimit-Reset": headers.get("X-Ratelimit-Reset", "")}),
                         self.settings.max_rate_limit_wait_s)
             self._not_before = self.clock.monotonic() + delay
-
-
-def _refused(exc: requests.RequestException) -> bool:
-    """True when nothing reached the broker (the TCP connection was never made)."""
-    if isinstance(exc, requests.ConnectTimeout):
-        return True
-    text = repr(exc)
-    return isinstance(exc, requests.ConnectionError) and (
-        "NewConnectionError" in text or "Connection refused" in text or "Failed to establish" in text)
 
 
 def _message(exc: APIError) -> str:

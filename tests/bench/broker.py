@@ -3,8 +3,9 @@
 Prints one JSON line. Every figure is measured in the same run, against the same exchange
 process, alternating sample by sample so background load falls on all of them:
 
-* ``http_bare``: one ``GET /_paper/health`` through a ``requests.Session`` on loopback (the HTTP
-  stack alpaca-py uses, on the exchange's own aiohttp server, no Redis, no auth): the floor.
+* ``http_bare``: one ``GET /_paper/health`` through a ``urllib3`` connection pool on loopback
+  (the HTTP stack the adapter sends alpaca-py's requests with, on the exchange's own aiohttp
+  server, no Redis, no auth): the floor.
 * ``submit``: ``AlpacaBroker.submit`` of a market order (alpaca-py's TradingClient, POST
   /v2/orders, the book's Redis transaction) until the reply is parsed.
 * ``submit_to_new``: submit until the ``new`` trade update arrives through TradingStream.
@@ -30,7 +31,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import requests
+import urllib3
 
 from shared.brokers import OrderRequest
 from shared.bus import publish
@@ -71,7 +72,7 @@ def measure(redis_url: str, orders: int) -> dict[str, Any]:
 
 
 def _samples(exchange: PaperExchange, orders: int) -> dict[str, Any]:
-    session = requests.Session()
+    pool = urllib3.PoolManager(retries=False)
     client = connect_url(exchange.redis_url)
     clock = LiveClock()
     ten = Decimal(10)
@@ -85,7 +86,8 @@ def _samples(exchange: PaperExchange, orders: int) -> dict[str, Any]:
             raise RuntimeError("trade_updates never confirmed")
         for n in range(orders + WARMUP):
             started = time.perf_counter()
-            session.get(exchange.url + "/_paper/health", timeout=5).raise_for_status()
+            if pool.request("GET", exchange.url + "/_paper/health", timeout=5).status != 200:
+                raise RuntimeError("the exchange is not healthy")
             bare_s = time.perf_counter() - started
             cid = f"bench-{n}"
             started = time.perf_counter()
