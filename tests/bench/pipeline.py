@@ -96,6 +96,10 @@ that became orders, ``orders_counted`` of them; the bars that made no order have
 
 Targets (printed, never asserted): ``bar_to_ack`` p50 <= 2x ``bare_relay`` p50 (``p50_ratio``;
 ``p50_ratio_excl_http`` beside it), and ``excl_http`` p99 < 10 ms (``bar_to_ack`` p99 beside it).
+When the machine cannot carry the desk and the relay together, the relay beside the desk queues
+and its p50 grows with the run's length, so a ratio against it says nothing: if the same-run relay
+p50 is more than ``SATURATED_RELAY`` (3) times ``bare_alone``'s, ``relay_saturated`` is true and
+``p50_target_met`` is ``null`` (not judged), whatever the ratio.
 
 **Warm-up.** Before the timed run, priming bars (one per symbol every 50 ms) are published until
 every symbol has had an order acknowledged (a priming bar is numbered 0, so each one orders):
@@ -205,6 +209,7 @@ from tests.support.processes import free_port
 
 ACK_EVENT = "broker.submitted"
 P50_TARGET_RATIO = 2.0
+SATURATED_RELAY = 3.0  # same-run relay p50 over the relay-alone p50 beyond which no ratio is judged
 P99_TARGET_MS = 10.0
 
 
@@ -435,6 +440,7 @@ def measure(url: str, rate: float, order_every: int, seconds: float, warmup_s: f
     p50_excl = _late_ms(followed.excl_http, followed.missing, 0.50)
     p99_excl = _late_ms(followed.excl_http, followed.missing, 0.99)
     bare_p50, alone_p50 = _ns_ms(bare, 0.50), _ns_ms(alone, 0.50)
+    saturated = bare_p50 > SATURATED_RELAY * alone_p50
     return {
         "bench": "pipeline",
         "unit": "ms",
@@ -463,7 +469,8 @@ def measure(url: str, rate: float, order_every: int, seconds: float, warmup_s: f
         "p50_ratio_excl_http": _ratio(p50_excl, bare_p50),
         "p50_ratio_vs_bare_alone": _ratio(p50, alone_p50),
         "p50_target_ratio": P50_TARGET_RATIO,
-        "p50_target_met": p50 is not None and p50 <= P50_TARGET_RATIO * bare_p50,
+        "relay_saturated": saturated,
+        "p50_target_met": None if saturated else p50 is not None and p50 <= P50_TARGET_RATIO * bare_p50,
         "p99_excl_http_target_ms": P99_TARGET_MS,
         "p99_excl_http_target_met": p99_excl is not None and p99_excl < P99_TARGET_MS,
         "published_per_s": round((len(sent) - 1) / publish_span_s, 1),
