@@ -85,7 +85,7 @@ class _Client(TradingClient):
     requests sent with urllib3 directly.
 
     alpaca-py sends through a requests Session, which re-merges its settings, cookies and hooks
-    on every request: more than half of an order's HTTP CPU on the client. urllib3 (what requests
+    on every request: a third to a half of the client's CPU per request. urllib3 (what requests
     sends with) keeps one connection pool; the proxy and CA bundle are read from the environment
     once, as requests would read them. Failures stay urllib3's: a connect timeout or refusal is
     :class:`ConnectTimeoutError` (nothing was sent), anything later another ``urllib3`` error.
