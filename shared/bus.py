@@ -581,14 +581,18 @@ class Idempotency:
         return bool(added)
 
     def queue_publish_once(self, pipe: Pipeline, message_id: str, stream_key: str,
-                           fields: Mapping[str, str | bytes], maxlen: int, *, provided: tuple[str, str]
-                           ) -> None:
-        """Queue on ``pipe`` :meth:`publish_once`'s script, applied only while the hash
-        ``provided[0]`` has the field ``provided[1]`` (for a publish sent behind the write that
-        creates that field, in the same round trip); read its reply with :meth:`published`."""
-        hash_key, hash_field = provided
+                           fields: Mapping[str, str | bytes], maxlen: int, *,
+                           provided: tuple[str, str] | None = None) -> None:
+        """Queue on ``pipe`` :meth:`publish_once`'s script (for a caller batching its round trips),
+        with ``provided`` applied only while the hash ``provided[0]`` has the field ``provided[1]``
+        (for a publish sent behind the write that creates that field, in the same round trip);
+        read its reply with :meth:`published`."""
         flat = [x for pair in fields.items() for x in pair]
-        keys = [self.keys.applied(self.scope, message_id), stream_key, hash_key]
+        keys = [self.keys.applied(self.scope, message_id), stream_key]
+        hash_field = ""
+        if provided is not None:
+            keys.append(provided[0])
+            hash_field = provided[1]
         pipe.eval(_PUBLISH_ONCE, len(keys), *keys, self.ttl_s, maxlen, hash_field, *flat)
 
     @staticmethod

@@ -407,6 +407,10 @@ class OrderSubmissions:
         """Uncount a submission that did not become an order."""
         self._limiter.refund(self.ENDPOINT, admission_id)
 
+    def queue_refund(self, pipe: Pipeline, admission_id: str) -> None:
+        """Queue :meth:`refund` on ``pipe`` (for a caller batching its round trips)."""
+        self._limiter.queue_refund(pipe, self.ENDPOINT, admission_id)
+
     def _refusal(self, attempt: Grant | Denied) -> Refusal | None:
         if isinstance(attempt, Grant):
             return None

@@ -259,6 +259,23 @@ class FencedLock(Lock):
         except _REDIS_DOWN as exc:
             raise RedisUnavailable(f"releasing lock {self.resource!r}: {exc}") from exc
 
+    def queue_release(self, pipe: Pipeline) -> None:
+        """Queue on ``pipe`` the release of this hold (:meth:`release` in a caller's round trip);
+        the lock counts as given up at once; :meth:`released_from` reads the reply."""
+        owner = self.local.token
+        if owner is None:
+            raise LockError(self.resource, "cannot release a lock that is not held")
+        self.local.token = None
+        self.fencing_token = None
+        pipe.eval(self.LUA_RELEASE_SCRIPT, 1, self.name, owner)
+
+    def released_from(self, reply: Any) -> None:
+        """Raise as :meth:`release` would on the reply of the release :meth:`queue_release` queued."""
+        if isinstance(reply, Exception):
+            raise LockError(self.resource, f"release failed: {reply}")
+        if not int(reply):
+            raise LockNotOwned(self.resource, "released after its lease expired")
+
     def extend(self, additional_time: float, replace_ttl: bool = False) -> Literal[True]:
         """Add ``additional_time`` seconds to the lease (or set it, with ``replace_ttl``).
 

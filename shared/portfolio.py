@@ -272,6 +272,18 @@ class Portfolio:
         """Release a lock :meth:`held_from` returned without writing anything under it."""
         self._release_quietly(held.lock)
 
+    def queue_let_go(self, pipe: Pipeline, held: Held) -> None:
+        """Queue :meth:`let_go` on ``pipe`` (for a caller batching its round trips);
+        :meth:`let_go_from` reads the reply."""
+        held.lock.queue_release(pipe)
+
+    def let_go_from(self, held: Held, reply: Any) -> None:
+        """Log a queued let-go that failed (nothing was written under the lock: it only expires)."""
+        try:
+            held.lock.released_from(reply)
+        except LockError as exc:
+            log.warning("portfolio.lock_release_failed", account=self.account, error=str(exc))
+
     def snapshot_from(self, raw: Any) -> Snapshot:
         """The snapshot in a reply of the snapshot read."""
         return self._snapshot(_state_from_full_read(raw, history=False))

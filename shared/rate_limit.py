@@ -245,12 +245,16 @@ class RateLimiter:
 
     def refund(self, endpoint: str, grant_id: str, weight: int = 1) -> None:
         """Give back a grant that was not used (its units count again at once)."""
+        with self.client.pipeline(transaction=True) as pipe:
+            self.queue_refund(pipe, endpoint, grant_id, weight)
+            self._call(pipe.execute)
+
+    def queue_refund(self, pipe: Pipeline, endpoint: str, grant_id: str, weight: int = 1) -> None:
+        """Queue :meth:`refund`'s writes on ``pipe`` (for a caller batching its round trips)."""
         keys, _ = self._buckets(endpoint)
         members = [f"{grant_id}:{unit}" for unit in range(1, weight + 1)]
-        with self.client.pipeline(transaction=True) as pipe:
-            for key in keys[1:]:  # not the pause key
-                pipe.zrem(key, *members)
-            self._call(pipe.execute)
+        for key in keys[1:]:  # not the pause key
+            pipe.zrem(key, *members)
 
     def _attempt(self, endpoint: str, weight: int) -> tuple[int, int]:
         if weight < 1:

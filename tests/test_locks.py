@@ -114,6 +114,32 @@ class TestFencedLock:
         first.release()
         assert not redis_client.exists(keys.lock("r"))
 
+    def test_a_queued_release_frees_the_lock_and_only_its_own(self, redis_client: redis.Redis,
+                                                              keys: Keys) -> None:
+        """A release queued on a caller's pipeline frees the lock (the holder forgets its token at
+        once); one queued after the lease was lost leaves the new holder's lock and says so."""
+        lock = make(redis_client, keys)
+        lock.acquire()
+        with redis_client.pipeline(transaction=False) as pipe:
+            lock.queue_release(pipe)
+            assert lock.fencing_token is None and lock.owner_token is None
+            [reply] = pipe.execute()
+        lock.released_from(reply)
+        assert not redis_client.exists(keys.lock("r"))
+        with pytest.raises(LockError, match="not held"):
+            lock.queue_release(redis_client.pipeline())
+        lock.acquire()
+        redis_client.delete(keys.lock("r"))  # what the lease expiring does
+        other = make(redis_client, keys)
+        other.acquire()
+        with redis_client.pipeline(transaction=False) as pipe:
+            lock.queue_release(pipe)
+            [reply] = pipe.execute()
+        with pytest.raises(LockNotOwned):
+            lock.released_from(reply)
+        assert redis_client.get(keys.lock("r")) == other.owner_token
+        other.release()
+
     def test_store_released_lock_is_forgotten(self, redis_client: redis.Redis, keys: Keys) -> None:
         """After a store's script deleted the key by owner token, the holder no longer claims the lock."""
         lock = make(redis_client, keys)

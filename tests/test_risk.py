@@ -266,6 +266,30 @@ class TestRefusal:
         assert len(desk.orders()) == 2
         assert [r.split(":")[0] for r in desk.reasons()] == ["insufficient AAPL"]
 
+    def test_a_refusal_settles_in_one_round_trip_after_its_reads(
+            self, desk: Desk, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A refused intent costs two round trips: its reads (which take the lock and count the
+        submission), then one that lets the lock go, uncounts the submission and publishes the
+        rejection; a redelivered one, its reads and one that lets go and uncounts."""
+        desk.send(intent(quantity=Decimal(1)))  # the first decision also refreshes the balance
+        submissions = desk.client.zcard(desk.risk.submissions._limiter.bucket_key("account"))
+        trips: list[str] = []
+        execute, command = redis.client.Pipeline.execute, desk.client.execute_command
+        monkeypatch.setattr(redis.client.Pipeline, "execute",
+                            lambda pipe, *a, **k: trips.append("pipeline") or execute(pipe, *a, **k))
+        monkeypatch.setattr(desk.client, "execute_command",
+                            lambda *a, **k: trips.append(str(a[0])) or command(*a, **k))
+        refused = intent(quantity=Decimal(100))
+        desk.send(refused)
+        assert trips == ["pipeline", "pipeline"]
+        trips.clear()
+        desk.send(refused)
+        assert trips == ["pipeline", "pipeline"]
+        monkeypatch.undo()
+        assert [r.split(":")[0] for r in desk.reasons()] == ["max_position_fraction"]
+        assert not desk.client.exists(KEYS.lock(lock_resource(desk.risk.portfolio.account)))
+        assert desk.client.zcard(desk.risk.submissions._limiter.bucket_key("account")) == submissions
+
     def test_max_orders_per_minute(self) -> None:
         """The third order within a minute, with a limit of 2 per minute, is refused."""
         desk = Desk(max_orders_per_minute="2")

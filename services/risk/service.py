@@ -158,8 +158,7 @@ class RiskService:
         reads = self._read(intent)
         try:
             if reads.seen:
-                self.account.let_go(reads)
-                self._refund(reads)
+                self._settle(reads)
                 log.info("risk.duplicate_intent", deferred=queued is not None)
                 return
             if queued is None:
@@ -173,42 +172,62 @@ class RiskService:
                                  protections=self.protections, deferred=self.deferred,
                                  submissions=self.submissions)
 
-    def _refund(self, reads: Reads) -> None:
-        """Uncount the submission counted with ``reads`` (the decision made no order)."""
-        if reads.admission is not None:
-            return  # nothing was counted
+    def _settle(self, reads: Reads, rejection: IntentRejected | None = None) -> None:
+        """After a decision that made no order, in one round trip: let the account lock go (first:
+        the executor may be waiting for it), uncount the submission counted with ``reads``, and
+        publish ``rejection`` if there is one. A failed let-go or refund is logged (the lock
+        expires; the count leaves the window); a failed publish raises."""
+        held, reads.held = reads.held, None
+        refund = reads.admission is None  # None: the submission was counted
+        if held is None and not refund and rejection is None:
+            return
         try:
-            self.submissions.refund(reads.admission_id)
-        except (redis.RedisError, RedisUnavailable) as exc:  # counted until it leaves the window
-            log.warning("risk.submission_refund_failed", error=str(exc))
+            with self.client.pipeline(transaction=False) as pipe:
+                if held is not None:
+                    self.portfolio.queue_let_go(pipe, held)
+                if refund:
+                    self.submissions.queue_refund(pipe, reads.admission_id)
+                if rejection is not None:
+                    self.once.queue_publish_once(pipe, rejection.intent_id, self.keys.stream(REJECTIONS),
+                                                 codec.encode(rejection), self.settings.bus.maxlen)
+                replies = pipe.execute(raise_on_error=False)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if rejection is not None:
+                raise RedisUnavailable(f"risk: publishing the rejection failed: {exc}") from exc
+            log.warning("risk.settle_failed", error=str(exc))
+            return
+        if held is not None:
+            self.portfolio.let_go_from(held, replies.pop(0))
+        if rejection is not None:
+            self.once.published(replies.pop())
+        if any(isinstance(reply, Exception) for reply in replies):  # the refund's
+            log.warning("risk.submission_refund_failed", error=str(replies))
 
     def _decide_and_publish(self, intent: Intent, queued: DeferredIntent | None, reads: Reads) -> None:
         try:
             order, published = self.decide(intent, reads)
         except BaseException as exc:
-            self.account.let_go(reads)  # before anything else: the executor may be waiting for it
-            self._refund(reads)
             if not isinstance(exc, (Deferred, Refused)):
+                self._settle(reads)
                 raise
-            self._refused(intent, queued, exc)
+            reason = _rejection_reason(intent, exc)
+            rejection = None if reason is None else self._rejected(intent, reason)
+            self._settle(reads, rejection)
+            if rejection is None:
+                self._defer(intent, f"waiting: {exc}", queued)
+            else:
+                log.info("risk.rejected", reason=rejection.reason)
             return
         if not published:  # the reservation was there already (a redelivery): publish it now
             self._publish_once(intent.id, order, ORDERS)
         log.info("risk.approved", client_order_id=order.client_order_id, quantity=str(order.quantity),
                  side=order.side.value, deferred=queued is not None)
 
-    def _refused(self, intent: Intent, queued: DeferredIntent | None, outcome: Deferred | Refused) -> None:
-        if isinstance(outcome, Refused):
-            self._reject(intent, str(outcome))
-        elif intent.source.startswith("strategy:"):
-            self._defer(intent, f"waiting: {outcome}", queued)
-        else:
-            self._reject(intent, f"{outcome} (not now; a manual intent is not deferred)")
+    def _rejected(self, intent: Intent, reason: str) -> IntentRejected:
+        return IntentRejected(time=self.clock.now(), intent_id=intent.id, symbol=intent.symbol, reason=reason)
 
     def _reject(self, intent: Intent, reason: str) -> None:
-        rejection = IntentRejected(time=self.clock.now(), intent_id=intent.id, symbol=intent.symbol,
-                                   reason=reason)
-        self._publish_once(intent.id, rejection, REJECTIONS)
+        self._publish_once(intent.id, self._rejected(intent, reason), REJECTIONS)
         log.info("risk.rejected", reason=reason)
 
     def decide(self, intent: Intent, reads: Reads) -> tuple[Order, bool]:
@@ -409,6 +428,15 @@ class RiskService:
                      f"{lock.until.isoformat()}: {lock.reason}",
                 details={"protection": lock.protection, "symbol": lock.symbol, "side": lock.side,
                          "until": lock.until.isoformat()}))
+
+
+def _rejection_reason(intent: Intent, outcome: Deferred | Refused) -> str | None:
+    """Why an intent refused or deferred is rejected; None when it waits in the deferred queue."""
+    if isinstance(outcome, Refused):
+        return str(outcome)
+    if intent.source.startswith("strategy:"):
+        return None
+    return f"{outcome} (not now; a manual intent is not deferred)"
 
 
 def _refuse_if(refusal: Refusal | None) -> None:
