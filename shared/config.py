@@ -68,8 +68,10 @@ class EmbeddedRedisSettings(_Section):
     port: Annotated[int, Field(gt=0, lt=65536)] = 6390
     data_dir: Path = Path("var/redis")
     # on a stop signal, how long the server keeps serving while other clients are still
-    # connected (services finishing their work); under honcho keep it below its 5 s SIGKILL
-    stop_wait_s: Annotated[float, Field(ge=0)] = 3.0
+    # connected (services finishing their work); longer than the paper exchange's own wait
+    # (``paper_exchange.stop_wait_s``, after which it still finishes a read), and under honcho
+    # below its 5 s SIGKILL
+    stop_wait_s: Annotated[float, Field(ge=0)] = 4.0
 
 
 class BusSettings(_Section):

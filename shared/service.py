@@ -46,11 +46,16 @@ class ServiceContext:
     log: Any = field(default=None)
 
     def consumer(self, stream: str, group: str, handler: Handler, consumer_name: str | None = None, *,
-                 linger_ms: int = 0, flush: Callable[[], None] | None = None) -> Consumer:
+                 linger_ms: int = 0, flush: Callable[[], None] | None = None,
+                 block_ms: int | None = None) -> Consumer:
         """A consumer of ``stream`` in ``group`` with this service's bus settings (``linger_ms`` and
-        ``flush`` as :class:`~shared.bus.Consumer` takes them)."""
+        ``flush`` as :class:`~shared.bus.Consumer` takes them; ``block_ms`` replaces
+        ``bus.block_ms``, the longest a read waits, so the longest a stop waits for the read)."""
+        settings = self.settings.bus
+        if block_ms is not None:
+            settings = settings.model_copy(update={"block_ms": block_ms})
         return Consumer(self.redis, self.keys, stream=stream, group=group, handler=handler,
-                        settings=self.settings.bus, clock=self.clock, name=consumer_name or self.instance,
+                        settings=settings, clock=self.clock, name=consumer_name or self.instance,
                         linger_ms=linger_ms, flush=flush)
 
     def publisher(self) -> Publisher:

@@ -6,9 +6,10 @@ Shape of the loop (shared.service.run_service, as every Bastion service): settin
 trade-update stream is still connected or another service's heartbeat is alive, at most
 ``paper_exchange.stop_wait_s`` (under honcho every process gets the signal at once, and a
 stopping executor or risk still needs the exchange for the message in hand), then stops the
-consumer, lets the bar in hand finish within ``bus.grace_seconds``
-and closes the server; a second signal exits at once. A bar consumer that dies takes the process
-down (exit 1) rather than leave an exchange that never fills.
+consumer (its reads block at most ``BARS_BLOCK_MS``, so it notices within that; the embedded Redis
+waits a second longer than the exchange for its clients), lets the bar in hand finish within
+``bus.grace_seconds`` and closes the server; a second signal exits at once. A bar consumer that
+dies takes the process down (exit 1) rather than leave an exchange that never fills.
 
 Concurrency model: one asyncio loop (HTTP, websockets) in the main thread plus one bar-consumer
 thread; the book serialises them with its lock. The bar consumer lingers ``BARS_LINGER_MS`` after
@@ -44,6 +45,7 @@ __all__ = ["consume_bars", "main", "serve"]
 log = get_logger(component="paper_exchange")
 SERVICE = "paper-exchange"
 BARS_LINGER_MS = 10  # the bar consumer's wait after a short read (see the docstring)
+BARS_BLOCK_MS = 200  # its longest read: a stop waits no longer for it (the embedded Redis waits for us)
 
 
 def consume_bars(ctx: ServiceContext, on_bars: Callable[[list[Bar]], object], stop: threading.Event) -> None:
@@ -62,7 +64,7 @@ def consume_bars(ctx: ServiceContext, on_bars: Callable[[list[Bar]], object], st
             batch.clear()
 
     ctx.consumer(BARS, ctx.settings.paper_exchange.consumer_group, handle, linger_ms=BARS_LINGER_MS,
-                 flush=flush).run(stop)
+                 flush=flush, block_ms=BARS_BLOCK_MS).run(stop)
 
 
 def serve(ctx: ServiceContext) -> None:
