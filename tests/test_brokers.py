@@ -37,7 +37,7 @@ from shared.models import OrderEvent, OrderStatus, OrderType, Side, TimeInForce
 from shared.redis_client import connect_url
 from tests.conftest import FAKE_TCP, REAL, delete_keys
 from tests.support.paper import HEADERS, PaperExchange, running_exchange
-from tests.support.processes import wait_for
+from tests.support.processes import free_port, wait_for
 
 
 @pytest.fixture
@@ -407,6 +407,23 @@ class TestRestart:
         messages = [r.getMessage() for r in caplog.records if r.name == "alpaca.trading.stream"]
         assert "Trading stream stopped" in messages
         assert not [m for m in messages if "websocket error" in m]
+
+
+    def test_a_stream_started_before_the_exchange_listens_retries_without_a_traceback(
+            self, caplog: pytest.LogCaptureFixture) -> None:
+        """Under honcho the executor may subscribe before the exchange listens: each refused attempt
+        is one warning line naming the stream as unreachable (no traceback), and it keeps trying."""
+        port = free_port()
+        with caplog.at_level(logging.INFO, logger="alpaca.trading.stream"):
+            broker = AlpacaBroker(Settings().broker, api_key="k", secret_key="s",
+                                  base_url=f"http://127.0.0.1:{port}", stream_url=f"ws://127.0.0.1:{port}/stream")
+            with broker.trade_updates() as updates:
+                wait_for(lambda: sum("unreachable" in r.getMessage() for r in caplog.records) >= 2,
+                         message="two refused attempts")
+                assert not updates.wait_ready(0)
+        records = [r for r in caplog.records
+                   if r.name == "alpaca.trading.stream" and r.levelno >= logging.WARNING]
+        assert records and all(r.exc_info is None and "unreachable" in r.getMessage() for r in records)
 
 
 class TestBuildBroker:

@@ -29,6 +29,10 @@ __all__ = ["AlpacaTradeUpdates"]
 log = get_logger(component="broker.stream")
 
 
+class _Unreachable(websockets.exceptions.WebSocketException):
+    """The stream's server could not be reached (refused, unreachable): nothing was said yet."""
+
+
 class _Stream(TradingStream):
     """TradingStream that reports when the broker confirmed ``listen`` and can stop at once."""
 
@@ -40,7 +44,10 @@ class _Stream(TradingStream):
 
     async def _start_ws(self) -> None:
         self._ready.clear()
-        await super()._start_ws()  # type: ignore[no-untyped-call]
+        try:
+            await super()._start_ws()  # type: ignore[no-untyped-call]
+        except OSError as exc:  # alpaca-py logs a WebSocketException as one line and reconnects
+            raise _Unreachable(f"trade-update stream unreachable: {exc}") from exc
 
     async def _dispatch(self, msg: dict[str, Any]) -> None:
         if msg.get("stream") == "listening" and "trade_updates" in (msg.get("data") or {}).get("streams", []):
