@@ -298,6 +298,51 @@ class TestIngester:
         assert (counts.read, counts.accepted) == (15, 15)
         assert fake.xlen(keys.stream(BARS)) == 15
 
+    @pytest.mark.parametrize(("eager", "read_when_asked_again"), [(True, 0), (False, 2)])
+    def test_only_an_eager_source_has_its_next_batch_sent_before_the_verdicts_are_read(
+            self, redis_client: redis.Redis, keys: Keys, eager: bool, read_when_asked_again: int) -> None:
+        """From an eager source a batch is still in flight when the next is asked for; otherwise settled."""
+        ing = ingester(redis_client, keys)
+        seen: list[int] = []
+
+        def recording() -> Iterator[list[Bar]]:
+            yield [make_bar("AAPL", 0), make_bar("MSFT", 0)]
+            seen.append(ing.counts.read)
+            yield [make_bar("AAPL", 1)]
+
+        counts = ing.run(ListSource(recording(), eager), threading.Event())
+        assert seen == [read_when_asked_again]
+        assert (counts.read, counts.accepted) == (3, 3)
+        assert [(b.symbol, b.time) for b in stream_bars(redis_client, keys.stream(BARS))] == [
+            ("AAPL", T0), ("MSFT", T0), ("AAPL", T0 + timedelta(minutes=1))]
+
+    def test_batches_in_flight_are_judged_in_order(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """Duplicates and older bars spread over batches in flight get the verdicts one by one would."""
+        batches = [[make_bar("AAPL", 1), make_bar("MSFT", 0)], [make_bar("AAPL", 1), make_bar("AAPL", 2)],
+                   [make_bar("AAPL", 0), make_bar("MSFT", 1)], [make_bar("MSFT", 1), make_bar("AAPL", 3)]]
+        ing = ingester(redis_client, keys)
+        counts = ing.run(ListSource(iter(batches), eager=True), threading.Event())
+        assert (counts.read, counts.accepted, counts.duplicates, counts.out_of_order) == (8, 5, 2, 1)
+        published = [(b.symbol, b.time) for b in stream_bars(redis_client, keys.stream(BARS))]
+        minute = timedelta(minutes=1)
+        assert published == [("AAPL", T0 + minute), ("MSFT", T0), ("AAPL", T0 + 2 * minute),
+                             ("MSFT", T0 + minute), ("AAPL", T0 + 3 * minute)]
+
+    def test_a_run_that_fails_with_a_batch_in_flight_leaves_no_stray_reply(self, redis_client: redis.Redis,
+                                                                           keys: Keys) -> None:
+        """An error with a reply unread closes that connection: the next command gets its own reply."""
+        ing = ingester(redis_client, keys)
+
+        def failing() -> Iterator[list[Bar]]:
+            yield [make_bar("AAPL", 0)]
+            raise RuntimeError("source broke")
+
+        redis_client.set(keys.prefix + ":probe", "answer")
+        with pytest.raises(RuntimeError, match="source broke"):
+            ing.run(ListSource(failing(), eager=True), threading.Event())
+        assert redis_client.get(keys.prefix + ":probe") == b"answer"
+        assert ing.gate.newest() == {"AAPL": T0}
+
     def test_trims_streams_as_it_goes(self, fake: redis.Redis, keys: Keys) -> None:
         """With no consumer group, bars and partition streams stay near bus.maxlen."""
         ing = Ingester(fake, keys, IngesterSettings(partitions=2), BusSettings(maxlen=50, trim_every=20),
@@ -306,6 +351,20 @@ class TestIngester:
             ing.offer([make_bar(s, minute) for s in SYMBOLS])
         assert fake.xlen(keys.stream(BARS)) <= 50 + 20 + 3
         assert all(fake.xlen(keys.stream(keys.bar_partition(n))) <= 50 + 20 + 3 for n in range(2))
+
+
+class ListSource:
+    """A source that yields the given batches; ``eager`` as a replay's."""
+
+    def __init__(self, batches: Iterator[list[Bar]], eager: bool) -> None:
+        self._batches = batches
+        self.eager = eager
+
+    def batches(self, stop: Any) -> Iterator[list[Bar]]:
+        return self._batches
+
+    def close(self) -> None:
+        return None
 
 
 class FakeStockDataStream:

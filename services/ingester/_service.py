@@ -4,7 +4,10 @@ Concurrency model: one thread (plus alpaca-py's own thread for the live source).
 a batch from the source and runs it through :class:`~services.ingester._gate.BarGate`: one
 atomic script admits each bar and publishes every accepted one twice -- to ``bars`` for
 everyone and to ``bars:<n>`` (``n = crc32(symbol) % partitions``) for strategy workers -- then
-trims and checks staleness. A stop request ends the loop after the batch in hand.
+counts the verdicts, trims and checks staleness. From an eager source (an unpaced replay) the
+script's reply is read one batch late, after the next batch was encoded and sent on the same
+connection (:class:`~services.ingester._gate.AdmissionLane`), so Redis and the ingester work at
+once. A stop request ends the loop after the batch in hand (and the one in flight).
 
 Guarantees: per symbol, the bars published are strictly increasing in time, across any number
 of ingester instances (the gate is atomic). A bar reaches both streams and is marked seen, or,
@@ -15,6 +18,7 @@ about ``bus.maxlen`` every ``bus.trim_every`` bars, never past an entry a group 
 from __future__ import annotations
 
 import zlib
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -86,9 +90,17 @@ class Ingester:
 
     def offer(self, bars: Sequence[Bar]) -> list[Verdict]:
         """Admit ``bars`` (in arrival order) and publish the accepted ones; one verdict per bar."""
-        known = self._partitions
-        partitions = [known[b.symbol] if b.symbol in known else self._partition(b.symbol) for b in bars]
+        partitions = self._partitions_of(bars)
         verdicts = self.gate.admit_and_publish(bars, self._bars_key, self._partition_keys, partitions)
+        self._settle(bars, partitions, verdicts)
+        return verdicts
+
+    def _partitions_of(self, bars: Sequence[Bar]) -> list[int]:
+        known = self._partitions
+        return [known[b.symbol] if b.symbol in known else self._partition(b.symbol) for b in bars]
+
+    def _settle(self, bars: Sequence[Bar], partitions: Sequence[int], verdicts: Sequence[Verdict]) -> None:
+        """Count, log and watch what the gate decided about ``bars``; trim what grew."""
         accepted = 0
         now = self.clock.monotonic()
         touched: dict[str, int] = {}
@@ -109,7 +121,6 @@ class Ingester:
         if accepted:
             touched[self._bars_key] = accepted
             self._trim(touched)
-        return verdicts
 
     def _partition(self, symbol: str) -> int:
         partition = self._partitions[symbol] = partition_of(symbol, self.settings.partitions)
@@ -174,19 +185,36 @@ class Ingester:
             raise RedisUnavailable(f"publishing an alert failed: {exc}") from exc
 
     def run(self, source: BarSource, stop: Waiter, max_bars: int = 0) -> Counts:
-        """Feed ``source`` through :meth:`offer` until it ends, ``stop`` is set, or ``max_bars`` were read."""
+        """Feed ``source`` through the gate until it ends, ``stop`` is set, or ``max_bars`` were read.
+
+        From an eager source (an unpaced replay) a batch is sent before the verdicts of the one
+        before it are read: Redis runs one batch while the next is encoded. From any other
+        source each batch's verdicts are read before waiting for the next, so a bar is counted
+        and watched as soon as it is published.
+        """
+        ahead = 1 if source.eager else 0  # batches sent whose verdicts may wait
+        in_flight: deque[tuple[list[Bar], list[int]]] = deque()
+        sent = 0
         try:
-            for batch in source.batches(stop):
-                if max_bars:
-                    batch = batch[:max_bars - self.counts.read]
-                if batch:
-                    self.offer(batch)
-                now = self.clock.monotonic()
-                if now >= self._next_stale_check:
-                    self._next_stale_check = now + min(1.0, self.settings.stale_after_s / 4)
-                    self.check_stale()
-                if (max_bars and self.counts.read >= max_bars) or stop.is_set():
-                    break
+            with self.gate.lane(self._bars_key, self._partition_keys) as lane:
+                for batch in source.batches(stop):
+                    if max_bars:
+                        batch = batch[:max_bars - sent]
+                    if batch:
+                        partitions = self._partitions_of(batch)
+                        lane.send(batch, partitions)
+                        in_flight.append((batch, partitions))
+                        sent += len(batch)
+                    while len(in_flight) > ahead:
+                        self._settle(*in_flight.popleft(), lane.receive())
+                    now = self.clock.monotonic()
+                    if now >= self._next_stale_check:
+                        self._next_stale_check = now + min(1.0, self.settings.stale_after_s / 4)
+                        self.check_stale()
+                    if (max_bars and sent >= max_bars) or stop.is_set():
+                        break
+                while in_flight:
+                    self._settle(*in_flight.popleft(), lane.receive())
         finally:
             source.close()
         return self.counts

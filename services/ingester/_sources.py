@@ -61,6 +61,12 @@ class Waiter(Protocol):
 class BarSource(Protocol):
     """Yields batches of bars until exhausted or stopped; ``close`` frees what it holds."""
 
+    @property
+    def eager(self) -> bool:
+        """True when :meth:`batches` never waits (an unpaced replay): the ingester then sends a
+        batch before reading the verdicts of the one before it."""
+        ...
+
     def batches(self, stop: Waiter) -> Iterator[list[Bar]]: ...
 
     def close(self) -> None: ...
@@ -118,6 +124,11 @@ class SyntheticSource:
         for symbol in self.symbols:
             rng = random.Random(f"{self.seed}:{symbol}")
             self._walks[symbol] = _Walk(rng, rng.randint(2_000, 50_000), rng.randint(20_000, 200_000))
+
+    @property
+    def eager(self) -> bool:
+        """Unpaced, a batch is ready as soon as it is taken."""
+        return not self.paced
 
     def bars(self) -> Iterator[Bar]:
         """Every bar of the walk, tick by tick, forever."""
@@ -201,6 +212,11 @@ class CsvSource:
     batch: int = 256
     default_symbol: str | None = None
     bad_rows: int = 0
+
+    @property
+    def eager(self) -> bool:
+        """Unpaced, a batch is ready as soon as it is read."""
+        return not self.paced
 
     def rows(self) -> Iterator[Bar]:
         """Every valid bar of the file, in file order."""
@@ -292,6 +308,8 @@ class AlpacaSource:
     ``run()`` returns or raises, the source ends and the service exits for its supervisor to
     restart it. ``stream_factory`` builds the stream (a fake in tests).
     """
+
+    eager = False  # a batch comes when the market sends it
 
     def __init__(self, symbols: Sequence[str], stream_factory: StreamFactory, *, batch: int = 256,
                  poll_s: float = 0.5) -> None:
