@@ -126,9 +126,9 @@ class DeferredQueue:
         field = f"{symbol}:{Side(side).value}"
         return next((entry for name, _, entry in self._live(raw) if name == field), None)
 
-    def queue_count(self, pipe: Pipeline) -> None:
-        """Queue on ``pipe`` a count of the entries (live or not yet swept)."""
-        pipe.hlen(self.keys.deferred)
+    def count(self) -> int:
+        """How many entries there are (live or not yet swept): one HLEN."""
+        return int(self._call(lambda: self.client.hlen(self.keys.deferred)))
 
     def queue_read(self, pipe: Pipeline) -> None:
         """Queue on ``pipe`` the read of the whole queue (for a caller batching reads)."""

@@ -22,6 +22,7 @@ Read this module to learn what to type into ``redis-cli``. With the default pref
 ``bastion:lease:<resource>``        a worker's lease (a strategy partition), expires unless renewed
 ``bastion:strategy:<name>:<SYM>``   a strategy's persisted per-symbol state
 ``bastion:last-bar``                symbol -> time of its newest bar (staleness)
+``bastion:last-price``              symbol -> close of its newest bar (marks: equity, sizing)
 ``bastion:order:<client_order_id>`` an order the executor tracks (hash)
 ``bastion:open-orders``             client_order_ids of orders not yet terminal (set)
 ``bastion:trading-state``           ACTIVE / REDUCING / HALTED with who, why, when (hash)
@@ -129,6 +130,11 @@ class Keys:
     def last_bar(self) -> str:
         """Hash: symbol -> ISO time of its newest bar."""
         return f"{self.prefix}:last-bar"
+
+    @property
+    def last_price(self) -> str:
+        """Hash: symbol -> close of its newest bar (the mark positions are valued at)."""
+        return f"{self.prefix}:last-price"
 
     def order(self, client_order_id: str) -> str:
         """The executor's record of one order."""

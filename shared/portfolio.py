@@ -30,7 +30,6 @@ Keys (all share the hash tag ``{<account>}``; ``redis-cli`` reads them as they a
                                               filled=0" (open reservations only)
     <prefix>:portfolio:{acct}:closed          <rid> -> why it closed (filled, canceled...)
     <prefix>:portfolio:{acct}:fills           <fill_id> -> <rid> (applied fills: a repeat is ignored)
-    <prefix>:portfolio:{acct}:marks           <SYM> -> last price (for equity; not ledgered)
     <prefix>:ledger:{acct}                    one entry per mutation, never trimmed
     <prefix>:lock:portfolio:{acct}            the lock's owner token, expires with the lease
     <prefix>:fence:portfolio:{acct}           the fencing counter
@@ -243,7 +242,7 @@ class Portfolio:
         reads; :meth:`snapshot_from`, :meth:`marks_from`)."""
         names = self._keys[:5]  # the state hash and its parts, as read_state reads them
         pipe.eval(FULL_READ_SCRIPT, len(names), *names, "0")  # EVAL: no NOSCRIPT to recover from
-        pipe.hgetall(self.keys.portfolio_part(self.account, "marks"))
+        pipe.hgetall(self.keys.last_price)
 
     def queue_reads_holding(self, pipe: Pipeline, reservation_id: str) -> FencedLock:
         """As :meth:`queue_reads`, but the snapshot read first tries to take the account lock, in
@@ -251,7 +250,7 @@ class Portfolio:
         again: :meth:`held_from` (instead of :meth:`snapshot_from`) says whether it was taken."""
         lock = self._lock()
         lock.queue_try(pipe, LockedRead(HELD_READ, self._keys[:4], [reservation_id]))
-        pipe.hgetall(self.keys.portfolio_part(self.account, "marks"))
+        pipe.hgetall(self.keys.last_price)
         return lock
 
     def held_from(self, lock: FencedLock, raw: Any, reservation_id: str) -> tuple[Snapshot, Held | None]:
@@ -298,21 +297,15 @@ class Portfolio:
         return read_state(self.redis, self.keys, self.account, history=True)
 
     def marks(self) -> dict[str, Decimal]:
-        """Last prices by symbol (for equity)."""
-        key = self.keys.portfolio_part(self.account, "marks")
-        return self.marks_from(_call(lambda: self.redis.hgetall(key)))
+        """Last prices by symbol (for equity): the close of each symbol's newest bar, which the
+        ingester writes to ``<prefix>:last-price`` as it publishes the bar (market data, shared
+        by every account; not portfolio state)."""
+        return self.marks_from(_call(lambda: self.redis.hgetall(self.keys.last_price)))
 
     @staticmethod
     def marks_from(raw: Any) -> dict[str, Decimal]:
         """The marks in a reply of the marks read."""
         return {k.decode(): dec(v) for k, v in raw.items()}
-
-    def set_mark(self, symbol: str, price: Decimal, pipe: Pipeline | None = None) -> None:
-        """Record ``symbol``'s last price (not portfolio state: no lock, no ledger entry); with
-        ``pipe``, queue the write there instead."""
-        target = self.redis if pipe is None else pipe
-        _call(lambda: target.hset(self.keys.portfolio_part(self.account, "marks"), symbol,
-                                  fmt(_positive(price, "price"))))
 
     # -- the protocol -------------------------------------------------------------------------
 

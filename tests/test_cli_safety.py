@@ -53,7 +53,7 @@ def risk_service(client: redis.Redis, keys: Keys) -> RiskService:
     service.portfolio.reserve("h", "AAPL", Side.BUY, Decimal(20), Decimal(150))
     service.portfolio.apply_fill("h", Fill(fill_id="h:1", quantity=Decimal(20), price=Decimal(150),
                                            time=LiveClock().now()))
-    service.portfolio.set_mark("AAPL", Decimal(150))
+    client.hset(keys.last_price, "AAPL", "150")  # as the ingester writes it
     client.hset(keys.last_bar, "AAPL", LiveClock().now().isoformat())
     return service
 

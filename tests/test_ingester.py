@@ -192,6 +192,14 @@ class TestGate:
         assert published == [("MSFT", T0 + 2 * minute), ("AAPL", T0 + minute), ("SPY", T0),
                              ("MSFT", T0 + 3 * minute), ("AAPL", T0 + 2 * minute)]
 
+    def test_the_newest_accepted_close_of_each_symbol_is_its_last_price(self, redis_client: redis.Redis,
+                                                                        keys: Keys) -> None:
+        """last-price holds each symbol's newest accepted close; a duplicate or older bar changes nothing."""
+        ing = ingester(redis_client, keys)
+        ing.offer([make_bar("AAPL", 1, "101.50"), make_bar("MSFT", 0, "300"), make_bar("AAPL", 2, "102.25")])
+        ing.offer([make_bar("AAPL", 2, "999"), make_bar("AAPL", 0, "1"), make_bar("MSFT", 1, "301.10")])
+        assert redis_client.hgetall(keys.last_price) == {b"AAPL": b"102.25", b"MSFT": b"301.10"}
+
     def test_a_batch_stopped_by_a_server_error_marks_no_unpublished_bar(self, client: redis.Redis,
                                                                         keys: Keys) -> None:
         """An XADD failing mid-batch leaves its bars published and unmarked (offered again, they go out)."""

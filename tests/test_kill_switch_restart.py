@@ -111,7 +111,7 @@ def test_engaged_kill_switch_survives_risk_and_redis_restarts(desk: Desk, keys: 
     portfolio.reserve("h", "AAPL", Side.BUY, Decimal(20), Decimal(150))
     portfolio.apply_fill("h", Fill(fill_id="h:1", quantity=Decimal(20), price=Decimal(150),
                                    time=LiveClock().now()))
-    portfolio.set_mark("AAPL", Decimal(150))
+    client.hset(keys.last_price, "AAPL", "150")  # as the ingester writes it
     engaged = desk.cli("kill-switch", "on", "--reason", "restart drill")
     assert engaged.returncode == 0, engaged.stderr
     desk.start_risk(client)

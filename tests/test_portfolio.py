@@ -438,7 +438,7 @@ class TestCli:
             book.open(D(10000))
             book.reserve("r1", "AAPL", "buy", D(10), D(100))
             book.apply_fill("r1", fill("f1", "10", "100", "1"))
-            book.set_mark("AAPL", D(110))
+            client.hset(keys.last_price, "AAPL", "110")  # as the ingester writes it
             monkeypatch.setenv("REDIS_URL", server_url)
             monkeypatch.setenv("BASTION_KEY_PREFIX", keys.prefix)
             monkeypatch.setenv("BASTION_PORTFOLIO__ACCOUNT", "acct")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -11,19 +12,21 @@ import pytest
 import redis
 from structlog.testing import capture_logs
 
-from services.risk.service import RiskService, client_order_id
+from services.ingester import BarGate
+from services.risk.service import RiskService, client_order_id, retire_marks_group
 from shared import codec
 from shared.account_activity import AccountActivity
 from shared.brokers import Account, BrokerCall, FakeBroker
 from shared.bus import Delivery
 from shared.clock import SimulatedClock
 from shared.config import Settings
-from shared.errors import BrokerUnavailable
+from shared.errors import BrokerUnavailable, RedisUnavailable
 from shared.keys import BARS, INTENTS, ORDERS, REJECTIONS, Keys
 from shared.models import Bar, Fill, Intent, IntentRejected, Order, OrderType, Side
 from shared.portfolio import lock_resource
 from shared.protections import ClosedTrade, Protections
 from shared.trading_state import KillSwitch
+from tests.support.processes import wait_for
 
 T0 = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)  # a Monday, 10:00 in New York
 KEYS = Keys("t")
@@ -58,12 +61,11 @@ class Desk:
         return []
 
     def bar(self, symbol: str, price: str) -> None:
-        """A bar as the ingester would publish it (last-bar hash) and risk would consume it."""
-        bar = Bar(time=self.clock.now(), symbol=symbol, open=Decimal(price), high=Decimal(price),
-                  low=Decimal(price), close=Decimal(price), volume=Decimal(100))
-        self.client.hset(KEYS.last_bar, symbol, bar.time.isoformat())
-        self.risk.handle_bar(Delivery(BARS, "1-0", bar, 1))
-        self.risk.flush_bars()
+        """A bar's traces as the ingester leaves them (its time in last-bar, its close in
+        last-price), then a tick of risk's ticker."""
+        self.client.hset(KEYS.last_bar, symbol, self.clock.now().isoformat())
+        self.client.hset(KEYS.last_price, symbol, price)
+        self.risk.tick()
 
     def send(self, wish: Intent) -> None:
         """Hand ``wish`` to the service as the bus would."""
@@ -222,18 +224,16 @@ class TestRefusal:
         [reason] = desk.reasons()
         assert reason.startswith("max_open_orders") and "not deferred" in reason
 
-    def test_a_new_symbols_first_bar_is_marked_at_once_later_ones_at_the_flush(self) -> None:
-        """A bar of a symbol not yet marked writes its mark without waiting for the batch; a later bar's
-        price is written by flush_bars."""
+    def test_a_notional_is_sized_at_the_close_the_ingester_published(self) -> None:
+        """The bar the ingester publishes prices the symbol for risk: $3,000 of MSFT at 300 is 10 shares."""
         desk = Desk()
-        msft = Bar(time=desk.clock.now(), symbol="MSFT", open=Decimal(300), high=Decimal(300),
-                   low=Decimal(300), close=Decimal(300), volume=Decimal(100))
-        desk.risk.handle_bar(Delivery(BARS, "2-0", msft, 1))
+        msft = Bar(time=desk.clock.now(), symbol="MSFT", open=Decimal(290), high=Decimal(301),
+                   low=Decimal(289), close=Decimal(300), volume=Decimal(100))
+        BarGate(desk.client, KEYS).admit_and_publish([msft], KEYS.stream(BARS), [KEYS.stream("p0")], [0])
+        desk.send(intent(symbol="MSFT", quantity=None, notional=Decimal(3000)))
+        [order] = desk.orders()
+        assert (order.symbol, order.quantity) == ("MSFT", Decimal(10))
         assert desk.risk.portfolio.marks()["MSFT"] == Decimal(300)
-        desk.risk.handle_bar(Delivery(BARS, "3-0", msft.model_copy(update={"close": Decimal(310)}), 1))
-        assert desk.risk.portfolio.marks()["MSFT"] == Decimal(300)
-        desk.risk.flush_bars()
-        assert desk.risk.portfolio.marks()["MSFT"] == Decimal(310)
 
     def test_open_orders_count_each_order_once(self) -> None:
         """An order the executor tracks counts once with its open reservation; one whose reservation
@@ -333,17 +333,17 @@ class TestProtections:
         assert reason.startswith("protection_lock") and "cooldown" in reason
 
     def test_equity_samples_trigger_max_drawdown(self, desk: Desk) -> None:
-        """Equity sampled on bars falling 10% from its peak locks every entry."""
+        """Equity sampled on the ticker falling 10% from its peak locks every entry."""
         desk.hold("AAPL", "20")  # cash 7,000 + 20 x 150 = 10,000
         desk.risk.sample_equity(force=True)
         desk.clock.advance(timedelta(seconds=61))
-        desk.bar("AAPL", "100")  # 7,000 + 2,000 = 9,000: a 10% drawdown, sampled on the bar
+        desk.bar("AAPL", "100")  # 7,000 + 2,000 = 9,000: a 10% drawdown, sampled on the tick
         desk.send(intent(symbol="AAPL", quantity=Decimal(1)))
         [reason] = desk.reasons()
         assert reason.startswith("protection_lock") and "max_drawdown" in reason
 
     def test_equity_is_sampled_at_most_once_a_minute(self, desk: Desk) -> None:
-        """Bars within a minute of the last sample record no new equity sample."""
+        """Ticks within a minute of the last sample record no new equity sample."""
         protections = Protections(desk.client, KEYS, desk.settings.protections, desk.clock)
         before = desk.client.zcard(protections.equity_key)
         desk.bar("AAPL", "151")
@@ -432,7 +432,7 @@ class TestDeferred:
 
     def test_strategy_intent_waits_for_cash_and_runs_once_when_it_frees_up(self, desk: Desk) -> None:
         """A strategy buy blocked by a pending order's reservation is deferred, then approved once on
-        the first bar after the reservation is released."""
+        the first tick after the reservation is released."""
         desk.risk.portfolio.reserve("p1", "AAPL", Side.BUY, Decimal(40), Decimal(150))
         wish = self.strategy_intent()
         desk.send(wish)
@@ -448,8 +448,8 @@ class TestDeferred:
         assert desk.risk.deferred.entries() == []
 
     def test_strategy_intent_without_a_mark_waits_for_its_bar(self, desk: Desk) -> None:
-        """A strategy market buy of a symbol risk has no mark for yet is deferred, and approved once its
-        bar is marked."""
+        """A strategy market buy of a symbol with no price yet is deferred, and approved once its bar
+        has priced it."""
         wish = intent(symbol="MSFT", quantity=Decimal(1), source="strategy:sma_crossover", time=T0)
         desk.send(wish)
         [queued] = desk.risk.deferred.entries()
@@ -513,3 +513,42 @@ class TestDeferred:
         desk.bar("AAPL", "150")
         assert desk.orders() == [] and desk.risk.deferred.entries() == []
         assert "HALTED" in desk.reasons()[0]
+
+
+class TestTicker:
+    def test_a_failed_tick_is_logged_and_the_next_one_drains_the_queue(self, desk: Desk) -> None:
+        """The ticker survives a tick that raises: the deferred intent is decided on a later tick."""
+        desk.risk.portfolio.reserve("p1", "AAPL", Side.BUY, Decimal(40), Decimal(150))
+        wish = intent(quantity=Decimal(40), source="strategy:sma_crossover")
+        desk.send(wish)
+        desk.risk.portfolio.release("p1", "canceled")
+        real_count, calls = desk.risk.deferred.count, []
+
+        def count_failing_once() -> int:
+            calls.append(1)
+            if len(calls) == 1:
+                raise RedisUnavailable("deferred: connection reset")
+            return real_count()
+
+        desk.risk.deferred.count = count_failing_once  # type: ignore[method-assign]
+        stop = threading.Event()
+        ticker = threading.Thread(target=desk.risk.run_ticks, args=(stop,))
+        with capture_logs() as logs:
+            ticker.start()
+            try:
+                wait_for(lambda: desk.orders() != [], timeout=30, message="the deferred intent's order")
+            finally:
+                stop.set()
+                ticker.join(30)
+        assert [o.intent_id for o in desk.orders()] == [wish.id]
+        assert [e["event"] for e in logs if e["log_level"] == "error"] == ["risk.tick_failed"]
+
+    def test_the_retired_marks_group_is_destroyed_once(self) -> None:
+        """The bars group an older risk consumed is destroyed at start; other groups stay."""
+        client = fakeredis.FakeRedis()
+        assert retire_marks_group(client, KEYS) is False  # no bars stream yet
+        for group in ("risk-marks", "paper-exchange"):
+            client.xgroup_create(KEYS.stream(BARS), group, id="0", mkstream=True)
+        assert retire_marks_group(client, KEYS) is True
+        assert retire_marks_group(client, KEYS) is False
+        assert [g["name"] for g in client.xinfo_groups(KEYS.stream(BARS))] == [b"paper-exchange"]

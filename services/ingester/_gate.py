@@ -12,7 +12,9 @@ Times are written in one fixed-width ISO-8601 form (``2026-01-02T14:30:00.000000
 the script compares them as strings and ``datetime.fromisoformat`` reads them back.
 
 :meth:`BarGate.admit_and_publish` does the check, the hash update and the XADDs of every
-accepted bar to ``bars`` and to its partition stream in the same script: a bar is marked seen if
+accepted bar to ``bars`` and to its partition stream in the same script, and writes each
+symbol's newest close to ``<prefix>:last-price`` (the marks risk sizes orders with and equity is
+valued at: a symbol is priced before any strategy can see its bar): a bar is marked seen if
 and only if it was published (one round trip per batch, too: this is what makes 20,000 bars/s
 possible from one Python process, where two pipelined XADDs per bar managed about 12,000).
 :class:`AdmissionLane` sends the same script on a connection of its own and reads the reply
@@ -66,20 +68,22 @@ return out
 """
 
 
-# KEYS[1] = the last-bar hash; KEYS[2] = the bars stream; KEYS[3..] = partition streams 0..P-1
+# KEYS[1] = the last-bar hash; KEYS[2] = the last-price hash; KEYS[3] = the bars stream;
+# KEYS[4..] = partition streams 0..P-1
 # ARGV[1] = N, the number of envelope fields; ARGV[2..N+1] = their names (the same for every bar)
-# then per bar: symbol, fixed-width ISO time, partition number (0-based), and the N field values
-# returns   one integer per bar, as ADMIT; each accepted bar was XADDed to KEYS[2] and its partition
-# Each symbol's newest time is read once (HGET) and written once (HSET), after the bars' XADDs:
-# a script stopped part-way by a server error (out of memory) can leave a bar published and not
-# marked -- published again if offered again: at least once, like every stream -- but never a
-# bar marked and not published.
+# then per bar: symbol, fixed-width ISO time, partition number (0-based), close (a decimal
+# string), and the N field values
+# returns   one integer per bar, as ADMIT; each accepted bar was XADDed to KEYS[3] and its partition
+# Each symbol's newest time is read once (HGET) and written once (HSET, with its close), after the
+# bars' XADDs: a script stopped part-way by a server error (out of memory) can leave a bar
+# published and not marked -- published again if offered again: at least once, like every
+# stream -- but never a bar marked and not published.
 # Never errors (fakeredis's TCP server drops the connection on a Lua error).
 ADMIT_AND_PUBLISH = """
 local n = tonumber(ARGV[1])
 local fields = {}
 for j = 1, n do fields[2 * j - 1] = ARGV[1 + j] end
-local newest = {}
+local newest, close = {}, {}
 local touched, order = {}, {}
 local out = {}
 local i = n + 2
@@ -91,24 +95,26 @@ while i <= #ARGV do
     newest[symbol] = last
   end
   if (not last) or t > last then
-    for j = 1, n do fields[2 * j] = ARGV[i + 2 + j] end
-    redis.call('XADD', KEYS[2], '*', unpack(fields))
-    redis.call('XADD', KEYS[3 + partition], '*', unpack(fields))
+    for j = 1, n do fields[2 * j] = ARGV[i + 3 + j] end
+    redis.call('XADD', KEYS[3], '*', unpack(fields))
+    redis.call('XADD', KEYS[4 + partition], '*', unpack(fields))
     if not touched[symbol] then
       touched[symbol] = true
       order[#order + 1] = symbol
     end
     newest[symbol] = t
+    close[symbol] = ARGV[i + 3]
     out[#out + 1] = 1
   elseif t == last then
     out[#out + 1] = 0
   else
     out[#out + 1] = -1
   end
-  i = i + 3 + n
+  i = i + 4 + n
 end
 for k = 1, #order do
   redis.call('HSET', KEYS[1], order[k], newest[order[k]])
+  redis.call('HSET', KEYS[2], order[k], close[order[k]])
 end
 return out
 """
@@ -136,6 +142,7 @@ class BarGate:
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self.client = client
         self.key = keys.last_bar
+        self.price_key = keys.last_price
         self._script = client.register_script(ADMIT)
         self._publish = client.register_script(ADMIT_AND_PUBLISH)
 
@@ -162,7 +169,7 @@ class BarGate:
         if not bars:
             return []
         try:
-            reply: Any = self._publish(keys=[self.key, bars_key, *partition_keys],
+            reply: Any = self._publish(keys=[self.key, self.price_key, bars_key, *partition_keys],
                                        args=self.publish_args(bars, partitions))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise RedisUnavailable(f"bar admission failed: {exc}") from exc
@@ -183,7 +190,7 @@ class BarGate:
             when = times.get(bar.time)
             if when is None:
                 when = times[bar.time] = format_time(bar.time)
-            args += [bar.symbol, when, partition, *fields.values()]
+            args += [bar.symbol, when, partition, str(bar.close), *fields.values()]
         return args
 
     def lane(self, bars_key: str, partition_keys: Sequence[str]) -> AdmissionLane:
@@ -215,7 +222,7 @@ class AdmissionLane:
 
     def __init__(self, gate: BarGate, bars_key: str, partition_keys: Sequence[str]) -> None:
         self._gate = gate
-        self._keys = [gate.key, bars_key, *partition_keys]
+        self._keys = [gate.key, gate.price_key, bars_key, *partition_keys]
         self._connection: Any = gate.client.connection_pool.get_connection()
         self.in_flight = 0
 

@@ -33,19 +33,23 @@ that every limit :func:`shared.limits.check_order` finds is reported together):
    ``rejections`` with its reason (``<rule>: <sentence>``).
 
 Deferral: a *strategy's* intent (source ``strategy:*``) that cannot execute now -- the market is
-closed, its symbol has no mark yet (the bar it came from is still in the marks batch), or it
-fails only because of what pending orders hold: the limits pass when pending
-orders are left out, or the reservation lacks free cash that the account's cash would cover --
-waits in the :class:`~shared.deferred.DeferredQueue`
+closed, its symbol has no price yet, or it fails only because of what pending orders hold: the
+limits pass when pending orders are left out, or the reservation lacks free cash that the
+account's cash would cover -- waits in the :class:`~shared.deferred.DeferredQueue`
 (one per symbol and side; expires ``limits.deferred_max_age_s`` after it was first deferred). A
-manual intent is never deferred: the person waiting gets an answer. After every batch of bars
-(below) the queue, if not empty, is drained: each entry is revalidated (the trading state and
-protections must still allow it) and decided again from step 1; one that still cannot go is
-queued again with its first deferral time. A new intent of one side cancels the queued intent
-of the other side for its symbol and source (a downgraded signal).
+manual intent is never deferred: the person waiting gets an answer. Every ``TICK_S`` the queue,
+if not empty, is drained: each entry is revalidated (the trading state and protections must
+still allow it) and decided again from step 1; one that still cannot go is queued again with
+its first deferral time. A new intent of one side cancels the queued intent of the other side
+for its symbol and source (a downgraded signal).
 
-Equity samples for MaxDrawdown are recorded on bars, at most every ``EQUITY_SAMPLE_S`` seconds
-(portfolio equity at marks); locks a sample or an intent writes are alerted on ``alerts``.
+Equity samples for MaxDrawdown are recorded on the same tick, at most every ``EQUITY_SAMPLE_S``
+seconds (portfolio equity at marks); locks a sample or an intent writes are alerted on ``alerts``.
+
+Marks (the last price of each symbol, for sizing a notional or market order and for equity) are
+read with everything else a decision reads, from ``<prefix>:last-price``: the ingester writes a
+symbol's close there in the script that publishes its bar, so a strategy's intent always finds
+the price of the bar it came from. Risk consumes no bars.
 
 Idempotent: the reservation id is the intent id (reserving it again with the same terms is a
 no-op), the client_order_id is derived from the intent id (the executor deduplicates on it), and
@@ -53,16 +57,11 @@ the publish is applied once per intent id through :meth:`shared.bus.Idempotency.
 (marker and XADD in one script). A deferred intent is not marked: its decision is published
 once, later.
 
-Concurrency model: two threads, each one bus consumer -- intents, and bars (group ``risk-marks``,
-which keeps the portfolio's last prices current, samples equity and drains the deferred queue).
-They share nothing in memory but the equity sample time. The bars consumer is off the latency
-path, so it takes bars in batches: after a read it waits ``MARKS_LINGER_MS`` and then handles
-whatever arrived meanwhile together, writing each symbol's last price once per batch in one
-round trip (marks lag the bars by about that much, except a symbol's first mark, written at
-once; at 500 bars/s that saves a wake-up and two round trips per bar, CPU the latency path then
-has). Each batch still costs three round trips and their CPU: lingering 100 ms rather than 20
-cut the service's CPU per bar by a quarter at 500 bars/s and by a third at 250 (marks 100 ms old
-size an order as well as fresh ones for bar-driven strategies).
+Concurrency model: two threads -- the intents consumer, and the ticker (the deferred queue and
+equity samples, :meth:`RiskService.run_ticks`). They share nothing in memory but the equity
+sample time. Before the ingester wrote prices, a second consumer read every bar (group
+``risk-marks`` on ``bars``) to write them; that group is destroyed at start
+(:func:`retire_marks_group`), or the monitor would report its lag growing forever.
 """
 
 from __future__ import annotations
@@ -79,7 +78,7 @@ from redis.client import Pipeline
 from services.risk._account import AccountView, Reads, client_order_id
 from shared import codec
 from shared.brokers import Broker, build_broker
-from shared.bus import Delivery, Idempotency, publish
+from shared.bus import Delivery, Idempotency, StopSignal, publish
 from shared.clock import Clock, epoch_micros
 from shared.config import Settings
 from shared.deferred import DEFER_SCRIPT, DeferredIntent, DeferredQueue
@@ -95,20 +94,21 @@ from shared.limits import (
     is_reducing,
 )
 from shared.logging import get_logger
-from shared.models import Alert, AlertSeverity, Bar, Intent, IntentRejected, Order, OrderType, Side
+from shared.models import Alert, AlertSeverity, Intent, IntentRejected, Order, OrderType, Side
 from shared.portfolio import Portfolio
 from shared.protections import ProtectionLock, Protections
 from shared.service import ServiceContext
 from shared.symbols import PreparedOrder, SymbolProperties
 from shared.trading_state import KillSwitch
 
-__all__ = ["EQUITY_SAMPLE_S", "MARKS_LINGER_MS", "Deferred", "Refused", "RiskService", "client_order_id",
-           "main"]
+__all__ = ["EQUITY_SAMPLE_S", "TICK_S", "Deferred", "Refused", "RiskService", "client_order_id", "main",
+           "retire_marks_group"]
 
 log = get_logger(component="risk")
 GROUP = "risk"
 EQUITY_SAMPLE_S = 60.0
-MARKS_LINGER_MS = 100  # how long the bars consumer waits after a short read (see the docstring)
+TICK_S = 0.1  # how often the deferred queue is looked at (one HLEN) and equity sampling is due
+RETIRED_GROUP = "risk-marks"  # the bars group risk consumed for marks before the ingester wrote them
 _PENDING_RULES = {Rule.MAX_GROSS_EXPOSURE, Rule.MAX_POSITION_FRACTION, Rule.MAX_POSITION_QUANTITY,
                   Rule.MAX_OPEN_ORDERS, Rule.PATTERN_DAY_TRADING}
 
@@ -140,8 +140,6 @@ class RiskService:
         factory = broker_factory if broker is None else (lambda: broker)
         self.account = AccountView(client, keys, self.portfolio, settings.limits, clock, factory)
         self._last_equity_sample: datetime | None = None
-        self._marks: dict[str, Decimal] = {}  # last prices noted by the bar batch in hand
-        self._marked: set[str] = set()  # symbols whose mark this process has written
         self._sample_lock = threading.Lock()
 
     # -- intents --------------------------------------------------------------------------------
@@ -380,32 +378,23 @@ class RiskService:
             self._read_and_decide(entry.intent, entry)
         return len(ready)
 
-    # -- bars -----------------------------------------------------------------------------------
+    # -- the ticker -----------------------------------------------------------------------------
 
-    def handle_bar(self, delivery: Delivery) -> None:
-        """Note the bar's symbol's last price (:meth:`flush_bars` writes it); the first price of a
-        symbol is written at once, so its first intent never waits for a batch to find a mark."""
-        bar = delivery.message
-        if not isinstance(bar, Bar):
-            return
-        if bar.symbol in self._marked:
-            self._marks[bar.symbol] = bar.close
-            return
-        self.portfolio.set_mark(bar.symbol, bar.close)
-        self._marked.add(bar.symbol)
-
-    def flush_bars(self) -> None:
-        """After a batch of bars: write the last prices noted (one round trip, which also counts
-        the deferred queue), sample equity now and then, run deferred intents if any wait."""
-        marks, self._marks = self._marks, {}
-        with self.client.pipeline(transaction=False) as pipe:
-            for symbol, price in marks.items():
-                self.portfolio.set_mark(symbol, price, pipe)
-            self.deferred.queue_count(pipe)
-            waiting = pipe.execute()[-1]
+    def tick(self) -> int:
+        """The periodic work: sample equity when due, and decide again the deferred intents if
+        any wait (one HLEN when none do); returns how many were drained."""
         self.sample_equity()
-        if waiting:
-            self.run_deferred()
+        if not self.deferred.count():
+            return 0
+        return self.run_deferred()
+
+    def run_ticks(self, stop: threading.Event | StopSignal) -> None:
+        """:meth:`tick` every ``TICK_S`` until ``stop``; a failed tick is logged and the next one runs."""
+        while not stop.wait(TICK_S):
+            try:
+                self.tick()
+            except Exception:
+                log.exception("risk.tick_failed")
 
     def sample_equity(self, *, force: bool = False) -> list[ProtectionLock]:
         """Record portfolio equity at marks for MaxDrawdown, at most every EQUITY_SAMPLE_S seconds."""
@@ -451,6 +440,17 @@ def _without_pending(snapshot: AccountSnapshot) -> AccountSnapshot:
     return replace(snapshot, pending={}, open_orders=0, pending_day_trades=0)
 
 
+def retire_marks_group(client: redis.Redis, keys: Keys) -> bool:
+    """Destroy the ``risk-marks`` group an older risk consumed ``bars`` with; True if there was one."""
+    try:
+        retired = bool(client.xgroup_destroy(keys.stream(BARS), RETIRED_GROUP))
+    except redis.ResponseError:  # no bars stream yet
+        return False
+    if retired:
+        log.info("risk.group_retired", stream=BARS, group=RETIRED_GROUP)
+    return retired
+
+
 def main(ctx: ServiceContext) -> None:
     """Run the risk service until stopped."""
     def broker() -> Broker:
@@ -458,10 +458,8 @@ def main(ctx: ServiceContext) -> None:
 
     service = RiskService(ctx.redis, ctx.keys, ctx.settings, ctx.clock, broker_factory=broker)
     service.portfolio.open()
-    marks = ctx.consumer(BARS, "risk-marks", service.handle_bar, linger_ms=MARKS_LINGER_MS,
-                         flush=service.flush_bars)
-    thread = threading.Thread(target=marks.run, args=(ctx.stop,), name="risk-marks", daemon=True)
-    thread.start()
+    retire_marks_group(ctx.redis, ctx.keys)
+    ticker = threading.Thread(target=service.run_ticks, args=(ctx.stop,), name="risk-ticks", daemon=True)
+    ticker.start()
     ctx.consumer(INTENTS, GROUP, service.handle_intent).run(ctx.stop)
-    thread.join(ctx.settings.bus.grace_seconds)
-
+    ticker.join(ctx.settings.bus.grace_seconds)

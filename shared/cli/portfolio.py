@@ -1,9 +1,8 @@
 """``bastion portfolio [--account A] [--json]``: cash, reserved, buying power, positions, equity.
 
-Equity is cash plus every position at its last price from the account's marks hash
-(``<prefix>:portfolio:{<account>}:marks``, symbol -> price, written with
-:meth:`shared.portfolio.Portfolio.set_mark`); a position with no mark is valued at its average
-cost and flagged ``"mark": null``. Read-only: it takes no lock.
+Equity is cash plus every position at its last price (``<prefix>:last-price``, symbol -> the
+close of its newest bar, which the ingester writes as it publishes the bar); a position with no
+mark is valued at its average cost and flagged ``"mark": null``. Read-only: it takes no lock.
 """
 
 from __future__ import annotations

@@ -195,7 +195,7 @@ def drain(client: redis.Redis, keys: Keys, symbols: Sequence[str], timeout: floa
     keep-alive bars published).
 
     A bar per symbol every 100 ms goes to ``bars`` only (``shared.bus.publish``, as the tests' paper
-    exchange helper does): the exchange fills on it, risk marks it, no strategy sees it, so it makes
+    exchange helper does): the exchange fills on it, no strategy sees it, so it makes
     no order. Without it an order reaching the exchange after the last bar would stay open, and
     the exchange's per-order work grows with its open orders.
     """

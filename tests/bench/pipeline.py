@@ -6,10 +6,11 @@ measured in the same run. Targets: p50 within 2x the bare relay, p99 under 10 ms
 exchange path excluding the HTTP hop (report both)."
 
 **What is measured.** Bars flow at ``BENCH_PIPELINE_RATE`` bars/s (default 500) through every
-process that consumes bars: the strategy worker applies each one, risk marks each one, the
-exchange sees each one. One bar in ``BENCH_PIPELINE_ORDER_EVERY`` (k, default 25) becomes an
-order: at the defaults 20 orders/s beside 500 bars/s. The latencies are those of the bars that
-became orders, from the bar's publication to the exchange's acknowledgement of its order.
+process that consumes bars: the strategy worker applies each one, the exchange sees each one
+(risk reads the marks the publishing script writes; it consumes no bars). One bar in
+``BENCH_PIPELINE_ORDER_EVERY`` (k, default 25) becomes an order: at the defaults 20 orders/s
+beside 500 bars/s. The latencies are those of the bars that became orders, from the bar's
+publication to the exchange's acknowledgement of its order.
 
 **Why one order per k bars.** A real strategy orders on a small fraction of the bars it reads,
 so "500 bars/s" is a bar load, not 500 orders/s. One order per bar at 500 bars/s is 500

@@ -88,12 +88,14 @@ class PaperExchange:
         assert reply.ok, reply.text
 
     def bar(self, symbol: str, open_: str, high: str, low: str, close: str, volume: str = "100000") -> Bar:
-        """Publish a bar starting now (so every order accepted before this call may use it)."""
+        """Publish a bar starting now (so every order accepted before this call may use it) on
+        ``bars``, and its close as the symbol's last price, as the ingester would."""
         bar = Bar(symbol=symbol, time=LiveClock().now(), open=Decimal(open_), high=Decimal(high),
                   low=Decimal(low), close=Decimal(close), volume=Decimal(volume))
         client = connect_url(self.redis_url)
         try:
             publish(client, self.keys, BARS, bar)
+            client.hset(self.keys.last_price, symbol, close)
         finally:
             client.close()
         return bar
