@@ -23,9 +23,9 @@ machine, with 2 strategy workers: 0.21-0.23 of the same run's bare XADD rate, ag
 reading each reply before encoding the next batch).
 
 What is left to the caller: trimming the streams (the script never trims, so it can never cut an
-entry a group still needs), and, on a Redis Cluster, putting ``last-bar``, ``bars`` and the
-partition streams in one hash slot (a shared hash tag in the key prefix's scheme) -- the script
-touches all of them.
+entry a group still needs), and, on a Redis Cluster, putting ``last-bar``, ``last-price``,
+``bars`` and the partition streams in one hash slot (a shared hash tag in the key prefix's
+scheme) -- the script touches all of them.
 """
 
 from __future__ import annotations
