@@ -516,21 +516,27 @@ class TestDeferred:
 
 
 class TestTicker:
-    def test_a_failed_tick_is_logged_and_the_next_one_drains_the_queue(self, desk: Desk) -> None:
-        """The ticker survives a tick that raises: the deferred intent is decided on a later tick."""
+    @pytest.mark.parametrize(("error", "event"), [
+        (RedisUnavailable("deferred: connection reset"), "risk.tick_redis_unavailable"),
+        (RuntimeError("a bug"), "risk.tick_failed"),
+    ])
+    def test_failed_ticks_back_off_and_a_later_one_drains_the_queue(self, desk: Desk, error: Exception,
+                                                                    event: str) -> None:
+        """The ticker survives failing ticks, waiting twice as long after each, and then decides the
+        deferred intent."""
         desk.risk.portfolio.reserve("p1", "AAPL", Side.BUY, Decimal(40), Decimal(150))
         wish = intent(quantity=Decimal(40), source="strategy:sma_crossover")
         desk.send(wish)
         desk.risk.portfolio.release("p1", "canceled")
         real_count, calls = desk.risk.deferred.count, []
 
-        def count_failing_once() -> int:
+        def count_failing_thrice() -> int:
             calls.append(1)
-            if len(calls) == 1:
-                raise RedisUnavailable("deferred: connection reset")
+            if len(calls) <= 3:
+                raise error
             return real_count()
 
-        desk.risk.deferred.count = count_failing_once  # type: ignore[method-assign]
+        desk.risk.deferred.count = count_failing_thrice  # type: ignore[method-assign]
         stop = threading.Event()
         ticker = threading.Thread(target=desk.risk.run_ticks, args=(stop,))
         with capture_logs() as logs:
@@ -541,7 +547,8 @@ class TestTicker:
                 stop.set()
                 ticker.join(30)
         assert [o.intent_id for o in desk.orders()] == [wish.id]
-        assert [e["event"] for e in logs if e["log_level"] == "error"] == ["risk.tick_failed"]
+        assert [(e["event"], e["retry_in_s"]) for e in logs if "retry_in_s" in e] == [
+            (event, 0.2), (event, 0.4), (event, 0.8)]
 
     def test_the_retired_marks_group_is_destroyed_once(self) -> None:
         """The bars group an older risk consumed is destroyed at start; other groups stay."""

@@ -389,12 +389,20 @@ class RiskService:
         return self.run_deferred()
 
     def run_ticks(self, stop: threading.Event | StopSignal) -> None:
-        """:meth:`tick` every ``TICK_S`` until ``stop``; a failed tick is logged and the next one runs."""
-        while not stop.wait(TICK_S):
+        """:meth:`tick` every ``TICK_S`` until ``stop``. A failed tick is logged and retried after
+        a wait that doubles up to 2 s (Redis down: one warning line per try, no traceback)."""
+        delay = TICK_S
+        while not stop.wait(delay):
             try:
                 self.tick()
+            except (RedisUnavailable, redis.ConnectionError, redis.TimeoutError) as exc:
+                delay = _backoff(delay)
+                log.warning("risk.tick_redis_unavailable", error=str(exc), retry_in_s=delay)
             except Exception:
-                log.exception("risk.tick_failed")
+                delay = _backoff(delay)
+                log.exception("risk.tick_failed", retry_in_s=delay)
+            else:
+                delay = TICK_S
 
     def sample_equity(self, *, force: bool = False) -> list[ProtectionLock]:
         """Record portfolio equity at marks for MaxDrawdown, at most every EQUITY_SAMPLE_S seconds."""
@@ -419,6 +427,11 @@ class RiskService:
                      f"{lock.until.isoformat()}: {lock.reason}",
                 details={"protection": lock.protection, "symbol": lock.symbol, "side": lock.side,
                          "until": lock.until.isoformat()}))
+
+
+def _backoff(delay: float) -> float:
+    """The wait after a failed tick that followed a wait of ``delay``."""
+    return min(max(delay * 2, 0.2), 2.0)
 
 
 def _rejection_reason(intent: Intent, outcome: Deferred | Refused) -> str | None:
