@@ -33,6 +33,8 @@ from shared.clock import LiveClock, SimulatedClock
 from shared.config import BusSettings, IngesterSettings
 from shared.keys import ALERTS, BARS, Keys
 from shared.models import Alert, Bar
+from shared.redis_client import connect_url
+from tests.conftest import delete_keys
 from tests.support.processes import wait_for
 
 T0 = datetime(2026, 3, 2, 14, 30, tzinfo=UTC)
@@ -335,6 +337,31 @@ class TestIngester:
         minute = timedelta(minutes=1)
         assert published == [("AAPL", T0 + minute), ("MSFT", T0), ("AAPL", T0 + 2 * minute),
                              ("MSFT", T0 + minute), ("AAPL", T0 + 3 * minute)]
+
+    def test_a_connection_dropped_with_a_batch_in_flight_is_reconnected_and_nothing_doubles(
+            self, real_redis_url: str, keys: Keys) -> None:
+        """Redis killing the ingester's connection mid-run: the batches in flight go again, each bar once."""
+        client, admin = connect_url(real_redis_url), connect_url(real_redis_url)
+        ing = ingester(client, keys)
+        killed: list[int] = []
+
+        def dropping() -> Iterator[list[Bar]]:
+            yield [make_bar("AAPL", 0), make_bar("MSFT", 0)]
+            for entry in admin.client_list():  # the lane's connection: its last command was the EVAL
+                if entry["cmd"] == "eval" and int(entry["id"]) != admin.client_id():
+                    killed.append(admin.client_kill_filter(_id=entry["id"]))
+            yield [make_bar("AAPL", 1)]
+
+        try:
+            counts = ing.run(ListSource(dropping(), eager=True), threading.Event())
+            published = [(b.symbol, b.time) for b in stream_bars(client, keys.stream(BARS))]
+        finally:
+            delete_keys(real_redis_url, keys)
+            client.close()
+            admin.close()
+        assert killed == [1]
+        assert published == [("AAPL", T0), ("MSFT", T0), ("AAPL", T0 + timedelta(minutes=1))]
+        assert (counts.read, counts.accepted + counts.duplicates, counts.out_of_order) == (3, 3, 0)
 
     def test_a_run_that_fails_with_a_batch_in_flight_leaves_no_stray_reply(self, redis_client: redis.Redis,
                                                                            keys: Keys) -> None:

@@ -30,7 +30,8 @@ scheme) -- the script touches all of them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from enum import IntEnum
 from typing import Any
@@ -214,40 +215,56 @@ class AdmissionLane:
 
     :meth:`send` and :meth:`receive` pair up first in, first out. The script goes as EVAL with
     its body (Redis hashes it, ~1.5 KB, once per batch: no NOSCRIPT to recover from after a
-    Redis restart). A connection error raises :class:`RedisUnavailable`; the batches in flight
-    then are in doubt, as a lost reply always is: offered again, the gate drops what went out.
-    Use as a context manager: the connection goes back to the pool, or is closed if a reply may
-    still be on its way.
+    Redis restart). A dropped connection is handled as the client's own commands are (its
+    ``Retry``: a few tries with back-off): reconnect, send every batch still in flight again
+    (their replies are lost; the gate drops as duplicates the bars that had gone out) and go on;
+    when the tries run out, :class:`RedisUnavailable`. Use as a context manager: the connection
+    goes back to the pool, or is closed if a reply may still be on its way.
     """
 
     def __init__(self, gate: BarGate, bars_key: str, partition_keys: Sequence[str]) -> None:
         self._gate = gate
         self._keys = [gate.key, gate.price_key, bars_key, *partition_keys]
         self._connection: Any = gate.client.connection_pool.get_connection()
-        self.in_flight = 0
+        self._in_flight: deque[list[Any]] = deque()  # the ARGV of each batch sent, oldest first
+        self._sent = 0  # how many of them went out on the current connection
 
     def __enter__(self) -> AdmissionLane:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self.in_flight:
+        if self._in_flight:
             self._connection.disconnect()
         self._gate.client.connection_pool.release(self._connection)
 
     def send(self, bars: Sequence[Bar], partitions: Sequence[int]) -> None:
         """Send the admission of ``bars`` (non-empty); its verdicts come from a later :meth:`receive`."""
-        args = self._gate.publish_args(bars, partitions)
-        try:
-            self._connection.send_command("EVAL", ADMIT_AND_PUBLISH, len(self._keys), *self._keys, *args)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise RedisUnavailable(f"bar admission failed: {exc}") from exc
-        self.in_flight += 1
+        self._in_flight.append(self._gate.publish_args(bars, partitions))
+        self._retrying(self._send_unsent)
 
     def receive(self) -> list[Verdict]:
         """The verdicts of the oldest batch sent and not yet received."""
+        def read() -> Any:
+            self._send_unsent()
+            return self._connection.read_response()
+
+        reply = self._retrying(read)
+        self._in_flight.popleft()
+        self._sent -= 1
+        return _verdicts_of(reply)
+
+    def _send_unsent(self) -> None:
+        while self._sent < len(self._in_flight):
+            self._connection.send_command("EVAL", ADMIT_AND_PUBLISH, len(self._keys), *self._keys,
+                                          *self._in_flight[self._sent])
+            self._sent += 1
+
+    def _retrying(self, do: Callable[[], Any]) -> Any:
+        def dropped(_: Exception) -> None:
+            self._connection.disconnect()
+            self._sent = 0
+
         try:
-            reply = self._connection.read_response()
+            return self._connection.retry.call_with_retry(do, dropped)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise RedisUnavailable(f"bar admission failed: {exc}") from exc
-        self.in_flight -= 1
-        return _verdicts_of(reply)
