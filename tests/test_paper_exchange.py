@@ -136,6 +136,32 @@ class TestFills:
         assert exchange.get(gtc["id"])["status"] == "new"
         assert events[-1]["event"] == "expired"
 
+    def test_a_market_ahead_of_the_wall_clock_fills_day_orders_and_expires_them_by_its_own_date(self) -> None:
+        """Bars days ahead of the wall clock (the synthetic market): a day order fills on the next bar,
+        and one left open expires only when the market's New York date moves on."""
+        exchange, clock, _ = make()
+        ahead = timedelta(days=3)
+        exchange.on_bar(bar(clock, "10", "10", "10", "10", offset_s=ahead.total_seconds()))
+        day = {"time_in_force": "day"}
+        market = exchange.submit({**order("1"), **day})
+        resting = exchange.submit({**order("1", type_="limit", limit_price="1"), **day})
+        assert exchange.on_bar(bar(clock, "11", "11", "11", "11", offset_s=ahead.total_seconds() + 60)) == 1
+        assert exchange.get(market["id"])["status"] == "filled"
+        assert exchange.get(resting["id"])["status"] == "new"
+        next_day = (ahead + timedelta(days=1)).total_seconds()
+        exchange.on_bar(bar(clock, "11", "11", "11", "11", offset_s=next_day))
+        assert exchange.get(resting["id"])["status"] == "expired"
+
+    def test_a_bar_older_than_the_market_at_acceptance_is_not_used(self) -> None:
+        """With the market ahead of the wall clock, a bar older than the newest one seen when the
+        order was accepted does not fill it (no look-back), a newer one does."""
+        exchange, clock, _ = make()
+        ahead = timedelta(days=3).total_seconds()
+        exchange.on_bar(bar(clock, "10", "10", "10", "10", symbol="MSFT", offset_s=ahead))
+        exchange.submit(order("1"))
+        assert exchange.on_bar(bar(clock, "9", "9", "9", "9", offset_s=ahead - 60)) == 0
+        assert exchange.on_bar(bar(clock, "10", "10", "10", "10", offset_s=ahead + 60)) == 1
+
     def test_sell_side_and_short_refusal(self) -> None:
         """Selling more than held is refused (403); a held position sells at the bar's price."""
         exchange, clock, _ = make()

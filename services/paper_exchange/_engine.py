@@ -70,6 +70,7 @@ class Exchange:
         self._lock = threading.RLock()
         self._hidden: dict[str, int] = {}  # order id -> look-ups left that answer "not found"
         self._prices_written = clock.monotonic()
+        self._market_time: datetime | None = None  # the newest bar time seen (see market_now)
         self.store.load_book(settings.starting_cash, clock.now())
 
     @contextmanager
@@ -122,6 +123,7 @@ class Exchange:
         with self._op():
             now = self.clock.now()
             parent = parse_order(body, now)
+            parent["not_before"] = render.timestamp(self.market_now())
             cid = parent["client_order_id"]
             legs = parse_legs(body, parent, now)
             if self.store.order_id_for(cid) is not None:
@@ -288,6 +290,21 @@ class Exchange:
 
     # -- market data --------------------------------------------------------------------------
 
+    def market_now(self) -> datetime:
+        """The exchange's now for trading: the wall clock, or the newest bar's time when the
+        bars run ahead of it (the synthetic market's minutes pass 60 to a second). A new order
+        trades on bars from this time on, and a day order expires on a later New York date than
+        this one's; judged by the wall clock alone, every day order would expire on the first
+        bar of a market a day ahead."""
+        now = self.clock.now()
+        market = self._market_time
+        return market if market is not None and market > now else now
+
+    def _saw(self, bars: list[Bar]) -> None:
+        newest = max(bar.time for bar in bars)
+        if self._market_time is None or newest > self._market_time:
+            self._market_time = newest
+
     def on_bars(self, bars: list[Bar]) -> int:
         """Trade a batch of bars in order (:meth:`on_bar` each), but a symbol without open orders
         only takes its last price: a batch that trades nothing touches no Redis, except to write
@@ -296,6 +313,7 @@ class Exchange:
         if not last:
             return 0
         with self._op():
+            self._saw(bars)
             trading = self.store.mark(last)
             applied = sum(self.on_bar(bar) for bar in bars if bar.symbol in trading)
             prices = {}
@@ -311,6 +329,7 @@ class Exchange:
             budget = bar.volume * self.settings.max_volume_fraction
             applied = 0
             committed = False
+            self._saw([bar])
             self.store.mark({bar.symbol: bar.close})
             for record, done in self.store.open_orders_of(bar.symbol, bar.id):
                 if committed:  # an earlier fill on this bar may have changed or closed it (OCO)
@@ -355,8 +374,8 @@ class Exchange:
     def _expired(self, record: dict[str, Any], bar: Bar) -> bool:
         if record["time_in_force"] != "day":
             return False
-        created = datetime.fromisoformat(record["created_at"].replace("Z", "+00:00"))
-        return bar.time.astimezone(render.NEW_YORK).date() > created.astimezone(render.NEW_YORK).date()
+        since = datetime.fromisoformat(record["not_before"].replace("Z", "+00:00"))
+        return bar.time.astimezone(render.NEW_YORK).date() > since.astimezone(render.NEW_YORK).date()
 
     def _fill_quantity(self, record: dict[str, Any], budget: Decimal) -> Decimal:
         remaining = Decimal(record["qty"]) - Decimal(record["filled_qty"])
