@@ -403,12 +403,9 @@ class OrderSubmissions:
         """None if the queued attempt counted a submission, else the refusal."""
         return self._refusal(self._limiter.attempt_from(reply, self.ENDPOINT))
 
-    def refund(self, admission_id: str) -> None:
-        """Uncount a submission that did not become an order."""
-        self._limiter.refund(self.ENDPOINT, admission_id)
-
     def queue_refund(self, pipe: Pipeline, admission_id: str) -> None:
-        """Queue :meth:`refund` on ``pipe`` (for a caller batching its round trips)."""
+        """Queue on ``pipe`` the uncounting of a submission that did not become an order (for a
+        caller batching its round trips)."""
         self._limiter.queue_refund(pipe, self.ENDPOINT, admission_id)
 
     def _refusal(self, attempt: Grant | Denied) -> Refusal | None:

@@ -237,17 +237,11 @@ class Portfolio:
         """The account as it is now (a consistent read; decide nothing on it outside the lock)."""
         return self._snapshot(read_state(self.redis, self.keys, self.account))
 
-    def queue_reads(self, pipe: Pipeline) -> None:
-        """Queue on ``pipe`` the snapshot and marks reads, in that order (for a caller batching
-        reads; :meth:`snapshot_from`, :meth:`marks_from`)."""
-        names = self._keys[:5]  # the state hash and its parts, as read_state reads them
-        pipe.eval(FULL_READ_SCRIPT, len(names), *names, "0")  # EVAL: no NOSCRIPT to recover from
-        pipe.hgetall(self.keys.last_price)
-
     def queue_reads_holding(self, pipe: Pipeline, reservation_id: str) -> FencedLock:
-        """As :meth:`queue_reads`, but the snapshot read first tries to take the account lock, in
-        the same script, for the caller to make ``reservation_id`` under it without locking
-        again: :meth:`held_from` (instead of :meth:`snapshot_from`) says whether it was taken."""
+        """Queue on ``pipe`` the snapshot read and the marks read, in that order (for a caller
+        batching its reads; :meth:`held_from`, :meth:`marks_from`). The snapshot read first tries
+        to take the account lock, in the same script, for the caller to make ``reservation_id``
+        under it without locking again: :meth:`held_from` says whether it was taken."""
         lock = self._lock()
         lock.queue_try(pipe, LockedRead(HELD_READ, self._keys[:4], [reservation_id]))
         pipe.hgetall(self.keys.last_price)
@@ -282,10 +276,6 @@ class Portfolio:
             held.lock.released_from(reply)
         except LockError as exc:
             log.warning("portfolio.lock_release_failed", account=self.account, error=str(exc))
-
-    def snapshot_from(self, raw: Any) -> Snapshot:
-        """The snapshot in a reply of the snapshot read."""
-        return self._snapshot(_state_from_full_read(raw, history=False))
 
     def _snapshot(self, state: State) -> Snapshot:
         return Snapshot(account=self.account, opened=state.opened, cash=state.cash, reserved=state.reserved,

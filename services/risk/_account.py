@@ -221,7 +221,7 @@ class Reads:
     deferred: Any  # the deferred queue's raw read (for DeferredQueue.get)
     last_bars: dict[str, datetime]
     open_orders: list[str]  # client_order_ids the executor tracks as open
-    admission_id: str  # the submission counted for this decision (OrderSubmissions.refund)
+    admission_id: str  # the submission counted for this decision (OrderSubmissions.queue_refund)
     admission: Refusal | None  # None: counted; else why the submissions limit refuses
 
 
