@@ -58,6 +58,13 @@ def stream_bars(client: redis.Redis, key: str) -> list[Bar]:
     return out
 
 
+def publish_through(gate: BarGate, keys: Keys, bars: list[Bar], partitions: int = 4) -> list[Verdict]:
+    """``bars`` offered to ``gate`` as the ingester offers them: admitted and published in one script."""
+    partition_keys = [keys.stream(keys.bar_partition(n)) for n in range(partitions)]
+    return gate.admit_and_publish(bars, keys.stream(BARS), partition_keys,
+                                  [partition_of(bar.symbol, partitions) for bar in bars])
+
+
 def take(source: SyntheticSource, count: int) -> list[Bar]:
     """The first ``count`` bars of a synthetic source."""
     return list(itertools.islice(source.bars(), count))
@@ -172,11 +179,15 @@ class TestGate:
     def test_accepts_new_drops_duplicates_refuses_older(self, redis_client: redis.Redis, keys: Keys) -> None:
         """Per symbol: newer bars accepted, the same time again a duplicate, older out of order."""
         gate = BarGate(redis_client, keys)
-        verdicts = gate.admit([make_bar("AAPL", 1), make_bar("MSFT", 0), make_bar("AAPL", 1),
-                               make_bar("AAPL", 0), make_bar("AAPL", 2), make_bar("MSFT", 0)])
+        offered = [make_bar("AAPL", 1), make_bar("MSFT", 0), make_bar("AAPL", 1),
+                   make_bar("AAPL", 0), make_bar("AAPL", 2), make_bar("MSFT", 0)]
+        verdicts = publish_through(gate, keys, offered)
         assert verdicts == [Verdict.ACCEPTED, Verdict.ACCEPTED, Verdict.DUPLICATE, Verdict.OUT_OF_ORDER,
                             Verdict.ACCEPTED, Verdict.DUPLICATE]
         assert gate.newest() == {"AAPL": T0 + timedelta(minutes=2), "MSFT": T0}
+        published = [(b.symbol, b.time) for b in stream_bars(redis_client, keys.stream(BARS))]
+        minute = timedelta(minutes=1)
+        assert published == [("AAPL", T0 + minute), ("MSFT", T0), ("AAPL", T0 + 2 * minute)]
 
     def test_each_symbol_is_judged_against_its_own_newest_bar_within_a_batch(self, redis_client: redis.Redis,
                                                                               keys: Keys) -> None:
@@ -218,14 +229,14 @@ class TestGate:
         assert [b.symbol for b in stream_bars(client, broken)] == ["AAPL"]
 
     def test_two_instances_accept_each_bar_once(self, redis_client: redis.Redis, keys: Keys) -> None:
-        """Two gates fed the same bars concurrently accept each bar exactly once between them."""
+        """Two gates fed the same bars concurrently accept and publish each bar exactly once between them."""
         bars = [make_bar(s, m) for m in range(60) for s in ("AAPL", "MSFT")]
         results: list[list[Verdict]] = [[], []]
 
         def feed(index: int) -> None:
             gate = BarGate(redis_client, keys)
             for start in range(0, len(bars), 8):
-                results[index].extend(gate.admit(bars[start:start + 8]))
+                results[index].extend(publish_through(gate, keys, bars[start:start + 8]))
 
         threads = [threading.Thread(target=feed, args=(i,)) for i in range(2)]
         for thread in threads:
@@ -235,6 +246,7 @@ class TestGate:
         accepted = [a is Verdict.ACCEPTED or b is Verdict.ACCEPTED for a, b in zip(*results, strict=True)]
         assert all(accepted)
         assert sum(v is Verdict.ACCEPTED for r in results for v in r) == len(bars)
+        assert [b.id for b in stream_bars(redis_client, keys.stream(BARS))] == [b.id for b in bars]
 
 
 def ingester(client: redis.Redis, keys: Keys, clock: Any = None, **settings: Any) -> Ingester:

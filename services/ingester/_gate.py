@@ -47,34 +47,13 @@ from shared.redis_client import reply_text
 
 __all__ = ["AdmissionLane", "BarGate", "Verdict", "format_time"]
 
-# KEYS[1] = the last-bar hash (symbol -> fixed-width ISO time of its newest accepted bar)
-# ARGV    = symbol1, time1, symbol2, time2, ... in arrival order
-# returns   one integer per pair: 1 accepted (hash updated), 0 duplicate, -1 out of order
-# Never errors (fakeredis's TCP server drops the connection on a Lua error).
-ADMIT = """
-local out = {}
-for i = 1, #ARGV, 2 do
-  local symbol, t = ARGV[i], ARGV[i + 1]
-  local last = redis.call('HGET', KEYS[1], symbol)
-  if (not last) or t > last then
-    redis.call('HSET', KEYS[1], symbol, t)
-    out[#out + 1] = 1
-  elseif t == last then
-    out[#out + 1] = 0
-  else
-    out[#out + 1] = -1
-  end
-end
-return out
-"""
-
-
 # KEYS[1] = the last-bar hash; KEYS[2] = the last-price hash; KEYS[3] = the bars stream;
 # KEYS[4..] = partition streams 0..P-1
 # ARGV[1] = N, the number of envelope fields; ARGV[2..N+1] = their names (the same for every bar)
 # then per bar: symbol, fixed-width ISO time, partition number (0-based), close (a decimal
 # string), and the N field values
-# returns   one integer per bar, as ADMIT; each accepted bar was XADDed to KEYS[3] and its partition
+# returns   one integer per bar: 1 accepted (XADDed to KEYS[3] and its partition), 0 duplicate (the
+#           symbol's newest time again), -1 out of order (older than that)
 # Each symbol's newest time is read once (HGET) and written once (HSET, with its close), after the
 # bars' XADDs: a script stopped part-way by a server error (out of memory) can leave a bar
 # published and not marked -- published again if offered again: at least once, like every
@@ -144,22 +123,7 @@ class BarGate:
         self.client = client
         self.key = keys.last_bar
         self.price_key = keys.last_price
-        self._script = client.register_script(ADMIT)
         self._publish = client.register_script(ADMIT_AND_PUBLISH)
-
-    def admit(self, bars: Sequence[Bar]) -> list[Verdict]:
-        """One verdict per bar, in order; the hash is updated for every accepted bar."""
-        if not bars:
-            return []
-        args: list[str] = []
-        for bar in bars:
-            args.append(bar.symbol)
-            args.append(format_time(bar.time))
-        try:
-            reply: Any = self._script(keys=[self.key], args=args)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise RedisUnavailable(f"bar admission failed: {exc}") from exc
-        return [_VERDICTS[int(code)] for code in reply]
 
     def admit_and_publish(self, bars: Sequence[Bar], bars_key: str, partition_keys: Sequence[str],
                           partitions: Sequence[int]) -> list[Verdict]:
