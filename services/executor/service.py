@@ -34,7 +34,9 @@ The seq acted on is kept in ``<prefix>:trading-state:acted`` and written *after*
 a crash in between repeats the actions, which are idempotent (a cancel of a canceled order is
 accepted; a flatten order's client_order_id is deterministic, so the broker never sees two).
 
-Not done here: broker calls are not yet rate limited through :mod:`shared.rate_limit`.
+Rate limits: every broker call takes a slot of the limit shared by all processes
+(:mod:`shared.rate_limit`, through the adapter); a submit's slot is tried in the round trip that
+records the order, so the adapter sends without another round trip when one was free.
 
 Concurrency model: three threads -- the order consumer, the trade-update reader and the
 trading-state poller. The events of one symbol's orders are applied one at a time (a lock per
