@@ -9,6 +9,7 @@ from decimal import Decimal
 import fakeredis
 import pytest
 import redis
+from structlog.testing import capture_logs
 
 from services.executor.service import Executor
 from shared import codec
@@ -42,8 +43,8 @@ def broker_order(order: Order, status: OrderStatus = OrderStatus.NEW, filled: st
 class World:
     """An executor, its fake broker and a $10,000 account with a reservation for 10 AAPL @ 150."""
 
-    def __init__(self, handler: object = None) -> None:
-        self.client: redis.Redis = fakeredis.FakeRedis()
+    def __init__(self, handler: object = None, server: fakeredis.FakeServer | None = None) -> None:
+        self.client: redis.Redis = fakeredis.FakeRedis(server=server)
         settings = Settings(portfolio={"starting_cash": "10000"}, bus={"max_deliveries": 3})
         self.calls: list[BrokerCall] = []
         self.broker = FakeBroker(handler or self.accept)  # type: ignore[arg-type]
@@ -320,6 +321,54 @@ class TestKillSwitch:
         assert calls == [("cancel", "bst-i1"), ("submit", f"bst-flat-{change.seq}-MSFT")]
         [submit] = [c for c in world.broker.calls if c.method == "submit"]
         assert (submit.args[0].side, submit.args[0].quantity) == (Side.SELL, Decimal(5))
+
+
+class TestBackgroundThreads:
+    """The trade-update reader and the trading-state watcher outlive a Redis outage."""
+
+    def test_the_trading_state_watcher_acts_once_redis_is_back(self) -> None:
+        """Passes failing while Redis is down are logged; the kill switch's cancel is carried out after."""
+        server = fakeredis.FakeServer()
+        world = World(server=server)
+        world.deliver()  # bst-i1 open at the broker
+        KillSwitch(world.client, KEYS).engage("HALTED", "ops", "outage drill", cancel_open_orders=True)
+        world.broker.calls.clear()
+        with capture_logs() as logs:
+            server.connected = False
+            stop = threading.Event()
+            watcher = threading.Thread(target=world.executor.watch_trading_state, args=(stop, 0.01),
+                                       daemon=True)
+            watcher.start()
+            wait_for(lambda: sum(e["event"] == "executor.trading_state_redis_unavailable" for e in logs) >= 2,
+                     timeout=10, message="two failed passes logged")
+            server.connected = True
+            wait_for(lambda: [c.method for c in world.broker.calls] == ["cancel"], timeout=10,
+                     message="the open order cancelled once Redis is back")
+            stop.set()
+            watcher.join(10)
+        assert watcher.is_alive() is False
+
+    def test_a_fill_lost_to_an_outage_is_applied_from_the_poll_after_it(self) -> None:
+        """An update that arrives while Redis is down is not lost: the reader polls once Redis is back."""
+        server = fakeredis.FakeServer()
+        world = World(server=server)
+        world.deliver()
+        filled = broker_order(world.order, OrderStatus.FILLED, "10", "150")
+        world.broker.handler = lambda call: filled if call.method == "get_order" else []
+        stop = threading.Event()
+        with capture_logs() as logs:
+            reader = threading.Thread(target=world.executor.follow_trade_updates, args=(stop,), daemon=True)
+            reader.start()
+            wait_for(lambda: world.broker._subscriptions, timeout=10, message="the reader listening")
+            server.connected = False
+            world.broker.emit(world.event(OrderStatus.FILLED, "10", "150", ("x1", "10", "150")))
+            wait_for(lambda: any(e["event"] == "executor.trade_updates_redis_unavailable" for e in logs),
+                     timeout=10, message="the failed update logged")
+            server.connected = True
+            wait_for(lambda: world.status() == "filled", timeout=10, message="the fill applied from the poll")
+            stop.set()
+            reader.join(10)
+        assert world.executor.portfolio.snapshot().positions["AAPL"].qty == Decimal(10)
 
 
 class TestSafetyInputs:

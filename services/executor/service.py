@@ -42,7 +42,9 @@ Concurrency model: three threads -- the order consumer, the trade-update reader 
 trading-state poller. The events of one symbol's orders are applied one at a time (a lock per
 symbol: a fill reads the position it changes, to know what it reduced); a submit takes no lock
 (its record is created by one atomic script), so a new order never waits for another order's
-fill to be applied. Run one executor per account.
+fill to be applied. Neither background thread ends before the stop: a failed pass (Redis or the
+broker unavailable, a bug) is logged and tried again a second later, and the trade-update reader
+then polls the open orders for what it missed. Run one executor per account.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ __all__ = ["Executor", "main"]
 
 log = get_logger(component="executor")
 GROUP = "executor"
+_REDIS_DOWN = (RedisUnavailable, redis.ConnectionError, redis.TimeoutError)
 # KEYS[1] = the order record; KEYS[2] = the open-orders set; ARGV[1] = client_order_id;
 # ARGV[2..] = field, value, ... of a new record. Returns the existing record (flat HGETALL) and
 # changes nothing, or creates the record, adds it to the open set and returns an empty list.
@@ -403,12 +406,17 @@ class Executor:
         return done
 
     def watch_trading_state(self, stop: StopSignal | threading.Event, interval_s: float = 1.0) -> None:
-        """Act on kill switch requests until ``stop``."""
+        """Act on kill switch requests until ``stop``; a failed pass (broker or Redis unavailable, or
+        a bug) is logged and the next one tries again, so no outage ends the watch."""
         while not stop.is_set():
             try:
                 self.act_on_trading_state()
             except BrokerError as exc:
                 log.warning("executor.trading_state_action_failed", error=str(exc))
+            except _REDIS_DOWN as exc:
+                log.warning("executor.trading_state_redis_unavailable", error=str(exc))
+            except Exception:
+                log.exception("executor.trading_state_failed")
             stop.wait(interval_s)
 
     # -- catching up --------------------------------------------------------------------------
@@ -432,7 +440,11 @@ class Executor:
         return polled
 
     def follow_trade_updates(self, stop: Any) -> None:
-        """Apply the broker's trade updates until ``stop``; re-poll open orders on reconnect."""
+        """Apply the broker's trade updates until ``stop``; re-poll open orders on reconnect.
+
+        A failure -- the stream lost, Redis unavailable, an update that cannot be applied -- is
+        logged, and a second later the executor listens again and polls every open order: an
+        update lost with the failure is applied from the poll (updates carry cumulative fills)."""
         while not stop.is_set():
             updates = self.broker.trade_updates()
             try:
@@ -446,6 +458,10 @@ class Executor:
                         self.apply_event(event)
             except BrokerError as exc:
                 log.warning("executor.trade_updates_lost", error=str(exc))
+            except _REDIS_DOWN as exc:
+                log.warning("executor.trade_updates_redis_unavailable", error=str(exc))
+            except Exception:
+                log.exception("executor.trade_updates_failed")
             finally:
                 updates.close()
             stop.wait(1.0)
