@@ -7,7 +7,8 @@
   of each symbol was opened that day, and every order whose fill closed part of a position opened
   the same day (a completed day trade, one per order).
 
-Guarantee: each write is one MULTI, so a reader never sees half of it. A refresh subtracts the
+Guarantee: each write is one MULTI, so a reader never sees half of it (a fill's counts go in the
+MULTI that also writes its order's record, :meth:`AccountActivity.queue_fill`). A refresh subtracts the
 fill count it read *before* asking the broker, so a fill applied during the refresh is still
 counted afterwards (never lost, at worst counted towards the next refresh). Recording a fill is
 at most once: the caller records a fill only after the portfolio applied it for the first time,
@@ -110,10 +111,12 @@ class AccountActivity:
 
     # -- fills and day trades ------------------------------------------------------------------
 
-    def record_fill(self, client_order_id: str, symbol: str, signed_qty: Decimal, position_before: Decimal,
-                    at: datetime) -> bool:
-        """Count one applied fill (``signed_qty``: + buy, - sell) against ``position_before``;
-        return True if it completed a day trade (it closed part of a position opened that day)."""
+    def queue_fill(self, pipe: Pipeline, client_order_id: str, symbol: str, signed_qty: Decimal,
+                   position_before: Decimal, at: datetime) -> bool:
+        """Count one applied fill (``signed_qty``: + buy, - sell) against ``position_before``: read
+        what ``symbol`` opened on ``at``'s trading day (one round trip) and queue the writes on
+        ``pipe``, a MULTI the caller executes; True if it completed a day trade (it closed part of
+        a position opened that day)."""
         day = trading_day(at)
         key = self.opened_key(day)
         opened = _dec(_call(lambda: self.client.hget(key, symbol)))
@@ -126,13 +129,11 @@ class AccountActivity:
             opened -= min(closing, abs(opened)) * (1 if opened > 0 else -1)
         if opening > 0:
             opened += opening if signed_qty > 0 else -opening
-        with self.client.pipeline(transaction=True) as pipe:
-            pipe.hincrby(self.balance_key, "fills_since", 1)
-            pipe.hset(key, symbol, str(opened))
-            pipe.expire(key, _OPENED_TTL_S)
-            if day_trade:
-                pipe.zadd(self.day_trades_key, {client_order_id: int(day.strftime("%Y%m%d"))})
-            _call(pipe.execute)
+        pipe.hincrby(self.balance_key, "fills_since", 1)
+        pipe.hset(key, symbol, str(opened))
+        pipe.expire(key, _OPENED_TTL_S)
+        if day_trade:
+            pipe.zadd(self.day_trades_key, {client_order_id: int(day.strftime("%Y%m%d"))})
         return day_trade
 
     def opened_today(self, now: datetime) -> dict[str, Decimal]:

@@ -113,14 +113,27 @@ class Publisher:
         """XADD ``message``; every ``trim_every`` publishes, trim the stream safely."""
         try:
             entry_id = publish(self.client, self.keys, stream, message)
-            count = self._since_trim.get(stream, 0) + 1
-            if count >= self.settings.trim_every and stream not in self.durable:
-                trim(self.client, self.keys.stream(stream), self.settings.maxlen)
-                count = 0
-            self._since_trim[stream] = count
+            self._count(stream)
             return entry_id
         except _REDIS_DOWN as exc:
             raise RedisUnavailable(f"publish to {stream!r} failed: {exc}") from exc
+
+    def queue_publish(self, pipe: Pipeline, stream: str, message: Message) -> None:
+        """Queue the XADD of ``message`` on ``pipe`` (written with the caller's other changes);
+        trims as :meth:`publish` does."""
+        pipe.xadd(self.keys.stream(stream), codec.encode(message))  # type: ignore[arg-type]
+        try:
+            self._count(stream)
+        except _REDIS_DOWN as exc:
+            raise RedisUnavailable(f"trimming {stream!r} failed: {exc}") from exc
+
+    def _count(self, stream: str) -> None:
+        """Count one publish to ``stream``; every ``trim_every``, trim it."""
+        count = self._since_trim.get(stream, 0) + 1
+        if count >= self.settings.trim_every and stream not in self.durable:
+            trim(self.client, self.keys.stream(stream), self.settings.maxlen)
+            count = 0
+        self._since_trim[stream] = count
 
 
 # Trim one stream in one round trip, never past the oldest entry a group still needs.

@@ -201,6 +201,22 @@ class TestFills:
             update={"client_order_id": "bst-i2"}))
         assert released == ["i2"] and world.executor.portfolio.snapshot().reserved == 0
 
+    def test_a_fill_takes_five_round_trips(self, world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A full fill: the record read, the portfolio's lock-and-read and write, the day's opened
+        quantity, then record, counts, open set and event in one MULTI (it took nine)."""
+        world.deliver()
+        pool = world.client.connection_pool
+        taken: list[object] = []
+        get_connection = pool.get_connection
+        monkeypatch.setattr(pool, "get_connection",
+                            lambda *a, **k: taken.append(a) or get_connection(*a, **k))  # one per round trip
+        world.executor.apply_event(world.event(OrderStatus.FILLED, "10", "150", ("x1", "10", "150")))
+        assert len(taken) == 5
+        assert world.status() == "filled" and not world.client.sismember(KEYS.open_orders, "bst-i1")
+        assert world.client.hget(KEYS.order("bst-i1"), "applied_qty") == b"10"
+        assert AccountActivity(world.client, KEYS, "paper").balance().fills_since == 1
+        assert [e.status for e in world.stream(ORDER_EVENTS)][-1] == OrderStatus.FILLED
+
     def test_repeated_and_out_of_order_updates_apply_once(self, world: World) -> None:
         """A repeated update and an older one arriving late change nothing the second time."""
         world.deliver()

@@ -38,6 +38,14 @@ def broker_account(equity: str = "10000") -> Account:
                    equity=Decimal(equity), pattern_day_trader=False, trading_blocked=False)
 
 
+def record_fill(activity: AccountActivity, cid: str, symbol: str, signed_qty: Decimal, before: Decimal,
+                at: datetime) -> None:
+    """Count a fill as the executor does (its writes in one MULTI)."""
+    with activity.client.pipeline(transaction=True) as pipe:
+        activity.queue_fill(pipe, cid, symbol, signed_qty, before, at)
+        pipe.execute()
+
+
 class Desk:
     """A risk service on a $10,000 account, AAPL marked and fresh at $150, a FakeBroker for balances."""
 
@@ -394,7 +402,7 @@ class TestStaleness:
         desk.send(intent(quantity=Decimal(1)))
         activity = AccountActivity(desk.client, KEYS, "paper")
         for n in range(2):
-            activity.record_fill(f"x{n}", "MSFT", Decimal(1), Decimal(n), T0)
+            record_fill(activity, f"x{n}", "MSFT", Decimal(1), Decimal(n), T0)
         desk.send(intent(quantity=Decimal(1)))
         assert [c.method for c in desk.broker.calls if c.method == "account"] == ["account", "account"]
         assert activity.balance().fills_since == 0
@@ -406,10 +414,10 @@ class TestPatternDayTrading:
         activity = AccountActivity(desk.client, KEYS, "paper")
         for n in range(3):
             day = T0 - timedelta(days=(0, 3, 4)[n])  # Monday, last Friday, last Thursday
-            activity.record_fill(f"b{n}", "MSFT", Decimal(1), Decimal(0), day)
-            activity.record_fill(f"s{n}", "MSFT", Decimal(-1), Decimal(1), day)
+            record_fill(activity, f"b{n}", "MSFT", Decimal(1), Decimal(0), day)
+            record_fill(activity, f"s{n}", "MSFT", Decimal(-1), Decimal(1), day)
         desk.hold("AAPL", "10")
-        activity.record_fill("b-aapl", "AAPL", Decimal(10), Decimal(0), T0)
+        record_fill(activity, "b-aapl", "AAPL", Decimal(10), Decimal(0), T0)
 
     def test_fourth_day_trade_refused_below_threshold(self, desk: Desk) -> None:
         """With 3 day trades in 5 business days and equity below $25,000 the 4th is refused."""

@@ -55,6 +55,7 @@ from decimal import Decimal
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 
 from shared.account_activity import AccountActivity
 from shared.brokers import SUBMIT_ENDPOINT, Broker, BrokerOrder, OrderRequest, build_broker
@@ -233,30 +234,49 @@ class Executor:
             filled_avg_price=placed.filled_avg_price))
 
     def apply_event(self, event: OrderEvent) -> None:
-        """Apply an order event: the fill increase (once), the status, the release when terminal."""
+        """Apply an order event: the fill increase (once), the status, the release when terminal.
+
+        After the portfolio's write, what the event changes -- the order's record, the fill and
+        day-trade counts, the open-orders set, the published order event -- is written in one
+        MULTI/EXEC (in two, split by the release, when an order ends with part of its reservation
+        unused: the record shows the fills before the rest is released, the event follows it).
+        """
         with self._symbol_lock(event.symbol), bind_correlation(client_order_id=event.client_order_id):
             record = self._record(event.client_order_id)
             if not record:
                 log.warning("executor.unknown_order_event", status=event.status.value)
                 return
-            changed, reservation_closed = self._apply_fill_increase(event, record)
-            status = OrderStatus(record["status"])
-            new_status = event.status
-            if status.is_terminal or (new_status == OrderStatus.NEW and status != OrderStatus.PENDING_SUBMIT):
-                new_status = status  # never move back from a later state
-            fields: dict[str, str] = {}
-            if new_status != status:
-                fields["status"] = new_status.value
-                changed = True
-            if event.broker_order_id and record.get("broker_order_id") != event.broker_order_id:
-                fields["broker_order_id"] = event.broker_order_id
-            if fields:
-                self.client.hset(self.keys.order(event.client_order_id), mapping=fields)  # type: ignore[arg-type]
-            if new_status.is_terminal:
-                self._close(event.client_order_id, record, new_status, release=not reservation_closed)
-            if changed:
-                self.publisher.publish(ORDER_EVENTS, event.model_copy(update={
-                    "status": new_status, "intent_id": record.get("intent_id"), "time": self.clock.now()}))
+            with self.client.pipeline(transaction=True) as writes:
+                self._apply(event, record, writes)
+                _execute(writes)
+
+    def _apply(self, event: OrderEvent, record: dict[str, str], writes: Pipeline) -> None:
+        """Apply ``event`` to the order ``record``, queueing on ``writes`` all but the portfolio's
+        fill and release, which are written at once."""
+        cid = event.client_order_id
+        changed, reservation_closed = self._apply_fill_increase(event, record, writes)
+        status = OrderStatus(record["status"])
+        new_status = event.status
+        if status.is_terminal or (new_status == OrderStatus.NEW and status != OrderStatus.PENDING_SUBMIT):
+            new_status = status  # never move back from a later state
+        fields: dict[str, str] = {}
+        if new_status != status:
+            fields["status"] = new_status.value
+            changed = True
+        if event.broker_order_id and record.get("broker_order_id") != event.broker_order_id:
+            fields["broker_order_id"] = event.broker_order_id
+        if fields:
+            writes.hset(self.keys.order(cid), mapping=fields)  # type: ignore[arg-type]
+        if new_status.is_terminal:
+            if not reservation_closed:
+                _execute(writes)
+                self._release(record, new_status)
+            writes.srem(self.keys.open_orders, cid)
+            if Decimal(record.get("reduced_qty", "0")) > 0:
+                self._record_trade_closed(cid, record)
+        if changed:
+            self.publisher.queue_publish(writes, ORDER_EVENTS, event.model_copy(update={
+                "status": new_status, "intent_id": record.get("intent_id"), "time": self.clock.now()}))
 
     def _symbol_lock(self, symbol: str) -> threading.Lock:
         """The lock that serialises the events of ``symbol``'s orders (a fill reads the position
@@ -264,8 +284,10 @@ class Executor:
         with self._locks_guard:
             return self._locks.setdefault(symbol, threading.Lock())
 
-    def _apply_fill_increase(self, event: OrderEvent, record: dict[str, str]) -> tuple[bool, bool]:
-        """Apply the fill the event adds over what was applied: (anything applied, the fill
+    def _apply_fill_increase(self, event: OrderEvent, record: dict[str, str], writes: Pipeline
+                             ) -> tuple[bool, bool]:
+        """Apply to the portfolio the fill the event adds over what was applied, and queue on
+        ``writes`` what it changes in the record and the counts: (anything applied, the fill
         completed the reservation -- nothing is left to release)."""
         applied_qty = Decimal(record["applied_qty"])
         applied_cost = Decimal(record["applied_cost"])
@@ -296,28 +318,24 @@ class Executor:
         reduced = min(delta, abs(before)) if before and (before > 0) != (signed > 0) else Decimal(0)
         updates = {"applied_qty": str(filled), "applied_cost": str(applied_cost + delta * price)}
         if outcome.changed and not outcome.duplicate:
-            self.activity.record_fill(event.client_order_id, record["symbol"], signed, before, fill.time)
+            self.activity.queue_fill(writes, event.client_order_id, record["symbol"], signed, before,
+                                     fill.time)
             updates |= {"realized": str(Decimal(record.get("realized", "0")) + outcome.realized),
                         "fees": str(Decimal(record.get("fees", "0")) + fee),
                         "reduced_qty": str(Decimal(record.get("reduced_qty", "0")) + reduced)}
             if reduced:
                 updates["entry_side"] = Side.BUY.value if before > 0 else Side.SELL.value
             record.update(updates)
-        self.client.hset(self.keys.order(event.client_order_id), mapping=updates)  # type: ignore[arg-type]
+        writes.hset(self.keys.order(event.client_order_id), mapping=updates)  # type: ignore[arg-type]
         log.info("executor.fill_applied", fill_id=fill.fill_id, quantity=str(delta), price=str(price))
         return True, outcome.completed
 
-    def _close(self, cid: str, record: dict[str, str], status: OrderStatus, *, release: bool) -> None:
-        """An order ended: release what its reservation still holds (``release``: unless its last
-        fill closed it), drop it from the open orders, hand a closed trade to the protections."""
-        if release:
-            try:
-                self.portfolio.release(record["reservation_id"], reason=status.value)
-            except PortfolioError as exc:
-                log.warning("executor.release_failed", error=str(exc))
-        self.client.srem(self.keys.open_orders, cid)
-        if Decimal(record.get("reduced_qty", "0")) > 0:
-            self._record_trade_closed(cid, record)
+    def _release(self, record: dict[str, str], status: OrderStatus) -> None:
+        """An order ended with part of its reservation unused: give that part back."""
+        try:
+            self.portfolio.release(record["reservation_id"], reason=status.value)
+        except PortfolioError as exc:
+            log.warning("executor.release_failed", error=str(exc))
 
     def _record_trade_closed(self, cid: str, record: dict[str, str]) -> None:
         """Hand an order that reduced a position to the protections (once per order: same id)."""
@@ -465,6 +483,12 @@ class Executor:
             finally:
                 updates.close()
             stop.wait(1.0)
+
+
+def _execute(writes: Pipeline) -> None:
+    """Send what is queued on ``writes``, if anything."""
+    if len(writes):
+        writes.execute()
 
 
 def main(ctx: ServiceContext) -> None:
