@@ -15,9 +15,11 @@ import redis
 
 from shared.keys import Keys
 from shared.portfolio import Portfolio, verify
+from shared.redis_client import connect_url
+from shared.redis_server import RedisServer
 from tests.conftest import SERVER_BACKENDS
 from tests.support.paper import KEY_ID, SECRET, PaperExchange, running_exchange
-from tests.support.processes import REPO_ROOT, spawn, stop_all, wait_for
+from tests.support.processes import REPO_ROOT, free_port, spawn, stop_all, wait_for
 
 pytestmark = pytest.mark.multiprocess
 CASH = "10000"
@@ -49,9 +51,7 @@ def test_twenty_concurrent_orders_for_sixty_percent_of_cash(
                      message="risk to see AAPL")
 
             def order() -> subprocess.CompletedProcess[str]:
-                command = [sys.executable, "-m", "shared.cli", "order", "buy", "AAPL", "60", "--wait", "60"]
-                return subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True,
-                                      timeout=120, cwd=REPO_ROOT)
+                return cli(env, "order", "buy", "AAPL", "60", "--wait", "60")
 
             with ThreadPoolExecutor(max_workers=20) as pool:
                 results = list(pool.map(lambda _: order(), range(20)))
@@ -81,3 +81,56 @@ def test_twenty_concurrent_orders_for_sixty_percent_of_cash(
         finally:
             stop_all(services)
 
+
+
+def test_the_desk_rides_out_a_redis_restart(keys: Keys, tmp_path: Path) -> None:
+    """Redis stopped past redis-py's retries and started again from its AOF (a real server only:
+    fakeredis keeps nothing across a restart): no service exits, and a kill switch engaged after it
+    still cancels the order that rested at the exchange through it."""
+    server = RedisServer(free_port(), tmp_path / "redis", appendonly=True)
+    server.start()
+    client = connect_url(server.url)
+    services: list[subprocess.Popen[bytes]] = []
+    try:
+        with running_exchange(server.url, keys, tmp_path,
+                              BASTION_PAPER_EXCHANGE__STARTING_CASH=CASH) as exchange:
+            env = desk_env(server.url, keys, exchange)
+            services = [spawn(f"services.{name}", env=env, log=tmp_path / f"{name}.log")
+                        for name in ("risk", "executor")]
+            bar = exchange.bar("AAPL", "100", "100", "100", "100")
+            client.hset(keys.last_bar, "AAPL", bar.time.isoformat())  # as the ingester would (stale data)
+            rested = cli(env, "order", "buy", "AAPL", "1", "--limit", "50", "--wait", "60")
+            assert rested.returncode == 0, rested.stdout + rested.stderr
+            wait_for(lambda: [o["status"] for o in exchange.get("/v2/orders")] == ["new"], timeout=60,
+                     message="the limit order resting at the exchange")
+
+            client.close()
+            server.stop()  # SIGTERM: the AOF is flushed
+            executor_log = tmp_path / "executor.log"
+            wait_for(lambda: "executor.trading_state_redis_unavailable" in executor_log.read_text(),
+                     timeout=60, message="the executor's trading-state watcher meeting the outage")
+            server.start()
+            client = connect_url(server.url)
+
+            halted = cli(env, "kill-switch", "on", "--reason", "after the outage", "--cancel-orders")
+            assert halted.returncode == 0, halted.stdout + halted.stderr
+            wait_for(lambda: [o["status"] for o in exchange.get("/v2/orders", status="all")] == ["canceled"],
+                     timeout=60, message="the resting order cancelled")
+            portfolio = Portfolio(client, keys, "paper")
+            wait_for(lambda: portfolio.snapshot().reserved == 0, timeout=60,
+                     message="its reservation released")
+            assert [proc.poll() for proc in services] == [None, None]
+            for proc in services:
+                proc.send_signal(signal.SIGTERM)
+            assert [proc.wait(30) for proc in services] == [0, 0]
+            assert verify(client, keys, "paper", allow_short=False).ok
+    finally:
+        stop_all(services)
+        client.close()
+        server.stop()
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``bastion ARGS`` against the desk ``env`` describes."""
+    return subprocess.run([sys.executable, "-m", "shared.cli", *args], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
