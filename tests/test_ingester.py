@@ -34,8 +34,9 @@ from shared.config import BusSettings, IngesterSettings
 from shared.keys import ALERTS, BARS, Keys
 from shared.models import Alert, Bar
 from shared.redis_client import connect_url
+from shared.redis_server import RedisServer
 from tests.conftest import delete_keys
-from tests.support.processes import wait_for
+from tests.support.processes import free_port, wait_for
 
 T0 = datetime(2026, 3, 2, 14, 30, tzinfo=UTC)
 SYMBOLS = ["AAPL", "MSFT", "SPY"]
@@ -374,6 +375,43 @@ class TestIngester:
         assert killed == [1]
         assert published == [("AAPL", T0), ("MSFT", T0), ("AAPL", T0 + timedelta(minutes=1))]
         assert (counts.read, counts.accepted + counts.duplicates, counts.out_of_order) == (3, 3, 0)
+
+    @pytest.mark.parametrize("eager", [True, False], ids=["eager", "paced"])
+    def test_a_redis_outage_is_waited_out_and_each_bar_published_once(self, tmp_path: Path, keys: Keys,
+                                                                       eager: bool) -> None:
+        """Redis stopped mid-run past the client's retries, then started again from its AOF: the
+        ingester waits, sends again what was in flight, and publishes every bar exactly once."""
+        server = RedisServer(free_port(), tmp_path / "redis", appendonly=True)
+        server.start()
+        client = connect_url(server.url)
+        ing = ingester(client, keys)
+        batches = [[make_bar("AAPL", 0), make_bar("MSFT", 0)], [make_bar("AAPL", 1)], [make_bar("MSFT", 1)]]
+
+        def with_an_outage() -> Iterator[list[Bar]]:
+            yield batches[0]
+            server.stop()
+            yield from batches[1:]
+
+        def restart_once_waiting() -> None:
+            try:
+                wait_for(lambda: any(e["event"] == "ingester.redis_unavailable" for e in logs), timeout=60,
+                         message="the ingester waiting for Redis")
+            finally:
+                server.start()
+
+        try:
+            with capture_logs() as logs:
+                restarter = threading.Thread(target=restart_once_waiting, daemon=True)
+                restarter.start()
+                counts = ing.run(ListSource(with_an_outage(), eager=eager), threading.Event())
+                restarter.join(60)
+            published = [b.id for b in stream_bars(client, keys.stream(BARS))]
+        finally:
+            client.close()
+            server.stop()
+        assert any(e["event"] == "ingester.redis_unavailable" for e in logs)
+        assert published == [b.id for batch in batches for b in batch]
+        assert (counts.read, counts.accepted + counts.duplicates, counts.out_of_order) == (4, 4, 0)
 
     def test_a_run_that_fails_with_a_batch_in_flight_leaves_no_stray_reply(self, redis_client: redis.Redis,
                                                                            keys: Keys) -> None:

@@ -177,12 +177,13 @@ class AdmissionLane:
     """One connection on which a batch's admission is sent before the previous batch's reply is
     read, so Redis runs batch N while the ingester encodes batch N+1 (Redis answers in order).
 
-    :meth:`send` and :meth:`receive` pair up first in, first out. The script goes as EVAL with
-    its body (Redis hashes it, ~1.5 KB, once per batch: no NOSCRIPT to recover from after a
-    Redis restart). A dropped connection is handled as the client's own commands are (its
+    Batches queued (:meth:`queue`) and :meth:`receive` pair up first in, first out. The script
+    goes as EVAL with its body (Redis hashes it, ~1.5 KB, once per batch: no NOSCRIPT to recover
+    from after a Redis restart). A dropped connection is handled as the client's own commands are (its
     ``Retry``: a few tries with back-off): reconnect, send every batch still in flight again
     (their replies are lost; the gate drops as duplicates the bars that had gone out) and go on;
-    when the tries run out, :class:`RedisUnavailable`. Use as a context manager: the connection
+    when the tries run out, :class:`RedisUnavailable`, with every batch still queued: calling
+    :meth:`flush` or :meth:`receive` again later sends them again. Use as a context manager: the connection
     goes back to the pool, or is closed if a reply may still be on its way.
     """
 
@@ -201,9 +202,13 @@ class AdmissionLane:
             self._connection.disconnect()
         self._gate.client.connection_pool.release(self._connection)
 
-    def send(self, bars: Sequence[Bar], partitions: Sequence[int]) -> None:
-        """Send the admission of ``bars`` (non-empty); its verdicts come from a later :meth:`receive`."""
+    def queue(self, bars: Sequence[Bar], partitions: Sequence[int]) -> None:
+        """Queue the admission of ``bars`` (non-empty): the next :meth:`flush` or :meth:`receive`
+        sends it; its verdicts come from a later :meth:`receive`."""
         self._in_flight.append(self._gate.publish_args(bars, partitions))
+
+    def flush(self) -> None:
+        """Send every queued batch not sent yet; one that fails to go stays queued."""
         self._retrying(self._send_unsent)
 
     def receive(self) -> list[Verdict]:

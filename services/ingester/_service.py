@@ -9,6 +9,12 @@ script's reply is read one batch late, after the next batch was encoded and sent
 connection (:class:`~services.ingester._gate.AdmissionLane`), so Redis and the ingester work at
 once. A stop request ends the loop after the batch in hand (and the one in flight).
 
+Redis outages: the loop waits them out (a warning per try, waits doubling from 0.1 to 2 s) with
+the batches in flight still queued, and sends them again when Redis is back (the gate drops the
+bars that had gone out as duplicates); a failed trim is tried again with the next bars, and a
+stale-data alert that cannot be published is logged. The source is not read meanwhile: a paced
+one catches up after, the live source's bars wait in its queue.
+
 Guarantees: per symbol, the bars published are strictly increasing in time, across any number
 of ingester instances (the gate is atomic). A bar reaches both streams and is marked seen, or,
 if the process dies in the middle, none of that (one script). Streams are trimmed to
@@ -19,9 +25,10 @@ from __future__ import annotations
 
 import zlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 import redis
 
@@ -39,6 +46,7 @@ from shared.service import ServiceContext
 __all__ = ["Counts", "Ingester", "main", "make_source", "partition_of"]
 
 log = get_logger(component="ingester")
+T = TypeVar("T")
 
 
 def partition_of(symbol: str, partitions: int) -> int:
@@ -127,16 +135,17 @@ class Ingester:
         return partition
 
     def _trim(self, touched: dict[str, int]) -> None:
-        """Every ``bus.trim_every`` bars added to a stream, trim it (never past what a group needs)."""
-        try:
-            for key, count in touched.items():
-                since = self._since_trim.get(key, 0) + count
-                if since >= self.bus.trim_every:
+        """Every ``bus.trim_every`` bars added to a stream, trim it (never past what a group needs);
+        a trim that fails is logged and tried again with the stream's next bars."""
+        for key, count in touched.items():
+            since = self._since_trim.get(key, 0) + count
+            if since >= self.bus.trim_every:
+                try:
                     trim(self.client, key, self.bus.maxlen)
                     since = 0
-                self._since_trim[key] = since
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise RedisUnavailable(f"trimming bar streams failed: {exc}") from exc
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    log.warning("ingester.trim_failed", stream=key, error=str(exc))
+            self._since_trim[key] = since
 
     def _arrived(self, bar: Bar, now: float) -> None:
         watch = self._watches.get(bar.symbol)
@@ -181,8 +190,8 @@ class Ingester:
                       details=details)
         try:
             publish(self.client, self.keys, ALERTS, alert)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise RedisUnavailable(f"publishing an alert failed: {exc}") from exc
+        except (redis.ConnectionError, redis.TimeoutError) as exc:  # the log line above still tells
+            log.warning("ingester.alert_failed", kind=kind, symbol=symbol, error=str(exc))
 
     def run(self, source: BarSource, stop: Waiter, max_bars: int = 0) -> Counts:
         """Feed ``source`` through the gate until it ends, ``stop`` is set, or ``max_bars`` were read.
@@ -202,11 +211,12 @@ class Ingester:
                         batch = batch[:max_bars - sent]
                     if batch:
                         partitions = self._partitions_of(batch)
-                        lane.send(batch, partitions)
+                        lane.queue(batch, partitions)
                         in_flight.append((batch, partitions))
                         sent += len(batch)
+                        self._until_up(stop, lane.flush)
                     while len(in_flight) > ahead:
-                        self._settle(*in_flight.popleft(), lane.receive())
+                        self._settle(*in_flight.popleft(), self._until_up(stop, lane.receive))
                     now = self.clock.monotonic()
                     if now >= self._next_stale_check:
                         self._next_stale_check = now + min(1.0, self.settings.stale_after_s / 4)
@@ -214,10 +224,24 @@ class Ingester:
                     if (max_bars and sent >= max_bars) or stop.is_set():
                         break
                 while in_flight:
-                    self._settle(*in_flight.popleft(), lane.receive())
+                    self._settle(*in_flight.popleft(), self._until_up(stop, lane.receive))
         finally:
             source.close()
         return self.counts
+
+    def _until_up(self, stop: Waiter, do: Callable[[], T]) -> T:
+        """``do()``, tried again while Redis is unavailable (waits doubling from 0.1 to 2 s); the
+        RedisUnavailable is raised once ``stop`` is set."""
+        delay = 0.0
+        while True:
+            try:
+                return do()
+            except RedisUnavailable as exc:
+                if stop.is_set():
+                    raise
+                delay = min(max(delay * 2, 0.1), 2.0)
+                log.warning("ingester.redis_unavailable", error=str(exc), retry_in_s=delay)
+                stop.wait(delay)
 
 
 def make_source(settings: Settings, client: redis.Redis, keys: Keys, clock: Clock) -> BarSource:
