@@ -11,6 +11,7 @@ from decimal import Decimal
 from typing import Any
 
 import fakeredis
+from structlog.testing import capture_logs
 
 from services.reconciler._compare import OurOrder, Ours, Theirs, compare
 from services.reconciler.service import HOLD_REASON, REPORT_STREAM, Reconciler, report_key
@@ -73,8 +74,8 @@ class BrokerState:
 class World:
     """A $10,000 account, a broker that agrees with it, and a reconciler between them."""
 
-    def __init__(self, **reconciler: Any) -> None:
-        self.client = fakeredis.FakeRedis()
+    def __init__(self, server: fakeredis.FakeServer | None = None, **reconciler: Any) -> None:
+        self.client = fakeredis.FakeRedis(server=server)
         self.keys = Keys(f"t-{uuid.uuid4().hex[:8]}")
         self.clock = SimulatedClock(T0)
         self.settings = Settings(portfolio={"starting_cash": "10000"},
@@ -265,6 +266,22 @@ class TestReconcile:
         assert world.report_hash()["status"] == "error"
         assert world.kill_switch.current().state is TradingState.ACTIVE
         assert [a.kind for a in world.alerts()] == ["reconciliation_failed"]
+
+
+    def test_a_pass_that_meets_a_redis_outage_is_skipped_and_the_next_one_runs(self) -> None:
+        """Redis down for one pass: it is logged and skipped, the reconciler goes on, the next one reports."""
+        server = fakeredis.FakeServer()
+        world = World(server).open()
+
+        def on_wait(waits: int) -> None:
+            server.connected = waits != 1  # down for the pass after the start's
+
+        with capture_logs() as logs:
+            passes = world.reconciler.run(Stop(on_wait), max_passes=3)
+        assert passes == 3
+        assert [e["event"] for e in logs if e["event"] == "reconciler.redis_unavailable"] == [
+            "reconciler.redis_unavailable"]
+        assert world.client.xlen(world.keys.stream(REPORT_STREAM)) == 2
 
 
 class TestStartup:

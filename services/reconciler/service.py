@@ -30,6 +30,8 @@ is placed against an unreconciled account.
 
 A later pass that cannot reach the broker raises a warning alert and keeps the last report's
 differences; it does not halt (the executor cannot trade through an unreachable broker either).
+A pass that cannot reach Redis is logged and skipped: the next one tries again (at start, the
+hold stays until one succeeds).
 
 Concurrency model: one thread, one pass at a time. Run one reconciler per account.
 """
@@ -287,13 +289,14 @@ class Reconciler:
         if self.settings.reconciler.hold_until_reconciled:
             self.hold()
         while not stop.is_set():
-            report = self.reconcile()
-            if report.succeeded:
+            report = self._pass()
+            if report is not None and report.succeeded:
                 if not report.halting and self.settings.reconciler.hold_until_reconciled:
                     self.release_hold()
                 return report
-            log.warning("reconciler.startup_blocked", status=report.status, error=report.error,
-                        retry_in_s=self.settings.reconciler.startup_retry_s)
+            if report is not None:
+                log.warning("reconciler.startup_blocked", status=report.status, error=report.error,
+                            retry_in_s=self.settings.reconciler.startup_retry_s)
             stop.wait(self.settings.reconciler.startup_retry_s)
         return None
 
@@ -306,9 +309,18 @@ class Reconciler:
         while not stop.is_set() and (max_passes is None or passes < max_passes):
             if stop.wait(self.settings.reconciler.interval_s):
                 break
-            self.reconcile()
+            self._pass()
             passes += 1
         return passes
+
+    def _pass(self) -> Report | None:
+        """One :meth:`reconcile`; None when Redis was unavailable (logged; the next pass tries
+        again, and at start the hold stays)."""
+        try:
+            return self.reconcile()
+        except (RedisUnavailable, *_REDIS_DOWN) as exc:
+            log.warning("reconciler.redis_unavailable", error=str(exc))
+            return None
 
 
 def _summary_ours(ours: Ours) -> dict[str, Any]:
