@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
@@ -13,10 +14,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from shared.keys import Keys
+from shared.keys import BARS, Keys
 from shared.portfolio import Portfolio, verify
 from shared.redis_client import connect_url
 from shared.redis_server import RedisServer
+from shared.trading_state import KillSwitch, TradingState
 from tests.conftest import SERVER_BACKENDS
 from tests.support.paper import KEY_ID, SECRET, PaperExchange, running_exchange
 from tests.support.processes import REPO_ROOT, free_port, spawn, stop_all, wait_for
@@ -84,19 +86,25 @@ def test_twenty_concurrent_orders_for_sixty_percent_of_cash(
 
 
 def test_the_desk_rides_out_a_redis_restart(keys: Keys, tmp_path: Path) -> None:
-    """Redis stopped past redis-py's retries and started again from its AOF (a real server only:
-    fakeredis keeps nothing across a restart): no service exits, and a kill switch engaged after it
-    still cancels the order that rested at the exchange through it."""
+    """Redis stopped until risk, the executor, the ingester and the reconciler have each met the
+    outage, then started again from its AOF (a real server only: fakeredis keeps nothing across a
+    restart): no service exits, bars flow again, and a kill switch engaged after it still cancels
+    the order that rested at the exchange through it."""
     server = RedisServer(free_port(), tmp_path / "redis", appendonly=True)
     server.start()
     client = connect_url(server.url)
+    names = ("risk", "executor", "ingester", "reconciler")
     services: list[subprocess.Popen[bytes]] = []
     try:
         with running_exchange(server.url, keys, tmp_path,
                               BASTION_PAPER_EXCHANGE__STARTING_CASH=CASH) as exchange:
-            env = desk_env(server.url, keys, exchange)
-            services = [spawn(f"services.{name}", env=env, log=tmp_path / f"{name}.log")
-                        for name in ("risk", "executor")]
+            env = {**desk_env(server.url, keys, exchange), "BASTION_INGESTER__SYMBOLS": '["MSFT"]',
+                   "BASTION_RECONCILER__INTERVAL_S": "0.5"}
+            services = [spawn(f"services.{name}", env=env, log=tmp_path / f"{name}.log") for name in names]
+            kill_switch = KillSwitch(client, keys)
+            wait_for(lambda: (kill_switch.current().state, kill_switch.current().by)
+                     == (TradingState.ACTIVE, "reconciler"), timeout=60,
+                     message="the start-up reconciliation")
             bar = exchange.bar("AAPL", "100", "100", "100", "100")
             client.hset(keys.last_bar, "AAPL", bar.time.isoformat())  # as the ingester would (stale data)
             rested = cli(env, "order", "buy", "AAPL", "1", "--limit", "50", "--wait", "60")
@@ -106,11 +114,16 @@ def test_the_desk_rides_out_a_redis_restart(keys: Keys, tmp_path: Path) -> None:
 
             client.close()
             server.stop()  # SIGTERM: the AOF is flushed
-            executor_log = tmp_path / "executor.log"
-            wait_for(lambda: "executor.trading_state_redis_unavailable" in executor_log.read_text(),
-                     timeout=60, message="the executor's trading-state watcher meeting the outage")
+            for name, event in (("risk", "risk.tick_redis_unavailable"),
+                                ("executor", "executor.trading_state_redis_unavailable"),
+                                ("ingester", "ingester.redis_unavailable"),
+                                ("reconciler", "reconciler.redis_unavailable")):
+                wait_for(logged(tmp_path / f"{name}.log", event), timeout=60,
+                         message=f"{name} meeting the outage")
             server.start()
             client = connect_url(server.url)
+            published = client.xlen(keys.stream(BARS))
+            wait_for(lambda: client.xlen(keys.stream(BARS)) > published, timeout=60, message="bars again")
 
             halted = cli(env, "kill-switch", "on", "--reason", "after the outage", "--cancel-orders")
             assert halted.returncode == 0, halted.stdout + halted.stderr
@@ -119,15 +132,20 @@ def test_the_desk_rides_out_a_redis_restart(keys: Keys, tmp_path: Path) -> None:
             portfolio = Portfolio(client, keys, "paper")
             wait_for(lambda: portfolio.snapshot().reserved == 0, timeout=60,
                      message="its reservation released")
-            assert [proc.poll() for proc in services] == [None, None]
+            assert [proc.poll() for proc in services] == [None] * len(names)
             for proc in services:
                 proc.send_signal(signal.SIGTERM)
-            assert [proc.wait(30) for proc in services] == [0, 0]
+            assert [proc.wait(30) for proc in services] == [0] * len(names)
             assert verify(client, keys, "paper", allow_short=False).ok
     finally:
         stop_all(services)
         client.close()
         server.stop()
+
+
+def logged(path: Path, event: str) -> Callable[[], bool]:
+    """A condition: a line of the log at ``path`` has ``event``."""
+    return lambda: event in path.read_text()
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
