@@ -62,7 +62,7 @@ from shared.errors import CodecError, HandlerRejected, RedisUnavailable
 from shared.keys import Keys
 from shared.logging import bind_correlation, get_logger
 from shared.models import Message, model_fields_for_log
-from shared.redis_client import reply_text, script
+from shared.redis_client import reply_text, script, unavailable
 
 __all__ = [
     "Consumer",
@@ -290,6 +290,8 @@ class Consumer:
         self.processed = 0
         self.dead_lettered = 0
         self._failed: set[str] = set()  # entries whose handler failed here: retried via XAUTOCLAIM
+        self._in_hand: list[tuple[Any, Any]] = []  # entries to handle again once Redis serves
+        self._in_hand_counts: dict[str, int] = {}  # their delivery counts
         self._unacked: list[str] = []  # handled entries whose XACK goes out with the next read
         self._log = log.bind(stream=stream, group=group, consumer=self.name)
 
@@ -304,13 +306,19 @@ class Consumer:
         stop = stop or threading.Event()
         start_count = self.processed
         self._ensure_group()
-        self._drain_own_pending(stop)
+        drained = False
         next_claim = self.clock.monotonic()
         backoff = 0.0
         while not stop.is_set():
             if max_messages is not None and self.processed - start_count >= max_messages:
                 break
             try:
+                if self._in_hand:  # left by a handler that found Redis unavailable: theirs first
+                    self._handle_in_hand()
+                    continue
+                if not drained:
+                    self._drain_own_pending(stop)
+                    drained = True
                 if self.clock.monotonic() >= next_claim:
                     next_claim = self.clock.monotonic() + self.settings.claim_interval_ms / 1000
                     if self._claim_idle():
@@ -334,11 +342,13 @@ class Consumer:
                 if self.clock.monotonic() - started < self.settings.block_ms / 2000:
                     backoff = min(max(backoff * 2, 0.005), 0.05)  # the server did not block
                     stop.wait(backoff)
-            except _REDIS_DOWN as exc:
-                backoff = min(max(backoff * 2, 0.1), 2.0)
-                self._log.warning("bus.redis_unavailable", error=str(exc), retry_in_s=backoff)
-                stop.wait(backoff)
-            except redis.RedisError as exc:
+            except (redis.RedisError, RedisUnavailable) as exc:
+                if unavailable(exc):
+                    backoff = min(max(backoff * 2, 0.1), 2.0)
+                    self._log.warning("bus.redis_unavailable", error=str(exc), retry_in_s=backoff,
+                                      in_hand=len(self._in_hand))
+                    stop.wait(backoff)
+                    continue
                 if "NOGROUP" in str(exc):  # Redis restarted without its data
                     self._log.warning("bus.group_missing", error=str(exc))
                     self._ensure_group()
@@ -359,7 +369,7 @@ class Consumer:
         try:
             while self._recover_lost_replies():
                 pass
-        except redis.RedisError as exc:
+        except (redis.RedisError, RedisUnavailable) as exc:
             self._log.warning("bus.stop_with_pending", error=str(exc))
 
     # -- reading ------------------------------------------------------------------------------
@@ -449,20 +459,44 @@ class Consumer:
 
     # -- handling -----------------------------------------------------------------------------
 
-    def _handle_all(self, entries: Sequence[tuple[Any, Any]], *, fresh: bool) -> None:
+    def _handle_all(self, entries: Sequence[tuple[Any, Any]], *, fresh: bool,
+                    counts: dict[str, int] | None = None) -> None:
         """Handle every entry (even after a stop request: they are in hand); queue their XACK.
 
         The batch is acknowledged together, after each handler returned, in the same round trip
         as the next read (:meth:`_read`) or by :meth:`_flush_acks` before anything that looks at
         the pending list. That keeps at-least-once: a crash before the XACK redelivers at most
         this batch, which idempotent handlers absorb.
+
+        A handler that finds Redis unavailable (:func:`~shared.redis_client.unavailable`) is not
+        the message's fault: that entry and the ones after it stay in hand with their delivery
+        counts, RedisUnavailable goes up to the loop's back-off, and they are handled again first
+        (:meth:`_handle_in_hand`) -- never counted towards the dead-letter stream for it.
         """
-        counts = {} if fresh else self._delivery_counts([reply_text(e[0]) for e in entries])
-        handled = []
-        for raw_id, fields in entries:
+        if counts is None:
+            counts = {} if fresh else self._delivery_counts([reply_text(e[0]) for e in entries])
+        handled: list[str] = []
+        for index, (raw_id, fields) in enumerate(entries):
             entry_id = reply_text(raw_id)
-            if self._handle(entry_id, fields or {}, counts.get(entry_id, 1)):
+            try:
+                done = self._handle(entry_id, fields or {}, counts.get(entry_id, 1))
+            except RedisUnavailable:
+                self._in_hand = list(entries[index:])
+                self._in_hand_counts = counts
+                self._settle(handled)
+                raise
+            if done:
                 handled.append(entry_id)
+        self._settle(handled)
+
+    def _handle_in_hand(self) -> None:
+        """Handle again the entries a handler left when Redis was unavailable."""
+        entries, counts = self._in_hand, self._in_hand_counts
+        self._in_hand, self._in_hand_counts = [], {}
+        self._handle_all(entries, fresh=False, counts=counts)
+
+    def _settle(self, handled: list[str]) -> None:
+        """Run ``flush`` after the handled entries, then queue their XACK (none if it failed)."""
         if self.flush is not None and handled:
             try:
                 self.flush()
@@ -508,6 +542,8 @@ class Consumer:
                 self._dead_letter(entry_id, fields, f"rejected by handler: {exc.reason}", deliveries)
                 return False
             except Exception as exc:
+                if unavailable(exc):
+                    raise RedisUnavailable(f"handling {entry_id}: {type(exc).__name__}: {exc}") from exc
                 self._failed.add(entry_id)
                 self._log.exception("bus.handler_failed", entry_id=entry_id, deliveries=deliveries)
                 if deliveries >= self.settings.max_deliveries:

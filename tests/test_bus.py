@@ -15,7 +15,7 @@ from shared import codec
 from shared.bus import Consumer, Delivery, Idempotency, Publisher, publish, trim
 from shared.clock import LiveClock
 from shared.config import BusSettings
-from shared.errors import HandlerRejected
+from shared.errors import HandlerRejected, RedisUnavailable
 from shared.keys import BARS, Keys
 from shared.models import Alert, AlertSeverity, Bar
 from shared.redis_client import connect_url
@@ -236,6 +236,31 @@ class TestFailures:
 
         assert run_until(make_consumer(redis_client, keys, handler), 1) == 1
         assert calls == [1, 2, 3]
+        assert dead_letters(redis_client, keys) == []
+        assert pending_count(redis_client, keys) == 0
+
+    @pytest.mark.parametrize("error", [
+        RedisUnavailable("portfolio read failed"),
+        redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
+        redis.ResponseError("MISCONF Errors writing to the AOF file: No space left on device"),
+    ], ids=["unreachable", "memory-full", "disk-failing"])
+    def test_a_handler_finding_redis_unavailable_is_retried_in_hand_and_never_dead_lettered(
+        self, redis_client: redis.Redis, keys: Keys, error: Exception
+    ) -> None:
+        """Redis unreachable or refusing writes is not the message's fault: after a back-off the entry
+        and those after it are handled again, with the same delivery count, more often than
+        max_deliveries, and none is dead-lettered."""
+        for seq in range(3):
+            publish(redis_client, keys, BARS, bar(seq))
+        calls: list[tuple[int, int]] = []
+
+        def handler(d: Delivery) -> None:
+            calls.append((seq_of(d), d.deliveries))
+            if seq_of(d) == 1 and len(calls) <= 1 + FAST.max_deliveries + 1:
+                raise error
+
+        assert run_until(make_consumer(redis_client, keys, handler), 3) == 3
+        assert calls == [(0, 1)] + [(1, 1)] * (FAST.max_deliveries + 2) + [(2, 1)]
         assert dead_letters(redis_client, keys) == []
         assert pending_count(redis_client, keys) == 0
 
