@@ -59,7 +59,7 @@ from shared.config import LockSettings
 from shared.errors import LockError, LockNotOwned, LockTimeout, RedisUnavailable
 from shared.keys import Keys
 from shared.logging import get_logger
-from shared.redis_client import script
+from shared.redis_client import refusing_writes, script
 
 __all__ = ["ACQUIRE_SCRIPT", "ACQUIRE_THEN_READ", "FencedLock", "LockedRead", "fenced"]
 
@@ -181,6 +181,8 @@ class FencedLock(Lock):
         except _REDIS_DOWN as exc:
             raise RedisUnavailable(f"acquiring lock {self.resource!r}: {exc}") from exc
         except redis.ResponseError as exc:
+            if refusing_writes(exc):
+                raise RedisUnavailable(f"acquiring lock {self.resource!r}: {exc}") from exc
             raise LockError(self.resource, f"acquire failed: {exc}") from exc
         fence = int(result if reads is None else result[0])
         if fence > 0:
@@ -258,6 +260,10 @@ class FencedLock(Lock):
             raise LockError(self.resource, str(exc)) from exc
         except _REDIS_DOWN as exc:
             raise RedisUnavailable(f"releasing lock {self.resource!r}: {exc}") from exc
+        except redis.ResponseError as exc:
+            if refusing_writes(exc):  # a failing disk refuses even the DEL: the lease expires it
+                raise RedisUnavailable(f"releasing lock {self.resource!r}: {exc}") from exc
+            raise LockError(self.resource, f"release failed: {exc}") from exc
 
     def queue_release(self, pipe: Pipeline) -> None:
         """Queue on ``pipe`` the release of this hold (:meth:`release` in a caller's round trip);

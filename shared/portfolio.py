@@ -86,7 +86,7 @@ from shared.keys import Keys
 from shared.locks import FencedLock, LockedRead
 from shared.logging import get_logger
 from shared.models import Fill, Side
-from shared.redis_client import reply_text
+from shared.redis_client import refusing_writes, reply_text
 
 __all__ = [
     "Held",
@@ -390,6 +390,10 @@ class Portfolio:
                     raise result
                 followed = tuple(rest)
         except redis.ResponseError as exc:
+            if refusing_writes(exc):  # refused before its first write: nothing written, the lock held
+                self._release_quietly(lock)
+                raise RedisUnavailable(f"portfolio {self.account!r}: Redis refuses writes ({exc}); nothing "
+                                       f"of {entry['op']} was written, retry the same call") from exc
             raise PortfolioError(self.account, f"write refused: {exc}") from exc
         except _REDIS_DOWN as exc:
             lock.released_by_store()

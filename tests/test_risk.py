@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import fakeredis
@@ -17,16 +18,18 @@ from services.risk.service import RiskService, client_order_id, retire_marks_gro
 from shared import codec
 from shared.account_activity import AccountActivity
 from shared.brokers import Account, BrokerCall, FakeBroker
-from shared.bus import Delivery
-from shared.clock import SimulatedClock
+from shared.bus import Consumer, Delivery, publish
+from shared.clock import LiveClock, SimulatedClock
 from shared.config import Settings
 from shared.errors import BrokerUnavailable, RedisUnavailable
 from shared.keys import BARS, INTENTS, ORDERS, REJECTIONS, Keys
 from shared.models import Bar, Fill, Intent, IntentRejected, Order, OrderType, Side
 from shared.portfolio import lock_resource
 from shared.protections import ClosedTrade, Protections
+from shared.redis_client import connect_url
+from shared.redis_server import RedisServer
 from shared.trading_state import KillSwitch
-from tests.support.processes import wait_for
+from tests.support.processes import free_port, wait_for
 
 T0 = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)  # a Monday, 10:00 in New York
 KEYS = Keys("t")
@@ -567,3 +570,58 @@ class TestTicker:
         assert retire_marks_group(client, KEYS) is True
         assert retire_marks_group(client, KEYS) is False
         assert [g["name"] for g in client.xinfo_groups(KEYS.stream(BARS))] == [b"paper-exchange"]
+
+
+class TestRedisRefusingWrites:
+    """Risk on a real redis-server whose memory is full (maxmemory 1 under noeviction) for a moment."""
+
+    def test_a_reservation_refused_by_a_full_redis_is_decided_again_not_rejected(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Redis refusing writes just while the reservation is written: no rejection is published for
+        it (writes are back by then); the intent stays in hand and is approved on the next try."""
+        server = RedisServer(free_port(), tmp_path / "redis", appendonly=False)
+        server.start()
+        client = connect_url(server.url)
+        clock = LiveClock()
+        settings = Settings(portfolio={"starting_cash": "10000"}, limits={"max_position_fraction": "1"},
+                            bus={"block_ms": 100})
+        broker = FakeBroker(lambda call: broker_account() if call.method == "account"
+                            else call.method == "market_open")
+        risk = RiskService(client, KEYS, settings, clock, broker=broker)
+        snapshot, settle = risk.account.snapshot, risk._settle
+
+        def full_after_the_reads(reads: Any) -> Any:
+            monkeypatch.setattr(risk.account, "snapshot", snapshot)
+            client.config_set("maxmemory", 1)
+            return snapshot(reads)
+
+        def writes_back_before_settling(*args: Any) -> None:
+            monkeypatch.setattr(risk, "_settle", settle)
+            client.config_set("maxmemory", 0)
+            settle(*args)
+
+        monkeypatch.setattr(risk.account, "snapshot", full_after_the_reads)
+        monkeypatch.setattr(risk, "_settle", writes_back_before_settling)
+        consumer = Consumer(client, KEYS, stream=INTENTS, group="risk", handler=risk.handle_intent,
+                            settings=settings.bus, clock=clock, name="risk-1")
+        stop = threading.Event()
+        runner = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
+        try:
+            risk.portfolio.open()
+            client.hset(KEYS.last_bar, "AAPL", clock.now().isoformat())
+            client.hset(KEYS.last_price, "AAPL", "150")
+            publish(client, KEYS, INTENTS, intent(quantity=Decimal(1), time=clock.now()))
+            with capture_logs() as logs:
+                runner.start()
+                wait_for(lambda: client.xlen(KEYS.stream(ORDERS)) == 1, timeout=30, message="the order")
+                stop.set()
+                runner.join(30)
+            assert client.xlen(KEYS.stream(REJECTIONS)) == 0
+            assert list(risk.portfolio.snapshot().reservations) == [codec.decode(
+                client.xrange(KEYS.stream(ORDERS))[0][1]).intent_id]
+            failures = ("bus.redis", "bus.handler", "bus.dead")
+            assert [e["event"] for e in logs if e["event"].startswith(failures)] == ["bus.redis_unavailable"]
+        finally:
+            stop.set()
+            client.close()
+            server.stop()
