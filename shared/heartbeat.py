@@ -55,8 +55,9 @@ class Heartbeat:
             pipe.execute()
 
     def start(self) -> None:
-        """Beat now and then every interval until :meth:`stop`."""
-        self.beat()
+        """Beat now and then every interval until :meth:`stop` (a beat Redis refuses is skipped)."""
+        with contextlib.suppress(redis.RedisError):
+            self.beat()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
         self._thread.start()
 

@@ -376,11 +376,13 @@ class TestIngester:
         assert published == [("AAPL", T0), ("MSFT", T0), ("AAPL", T0 + timedelta(minutes=1))]
         assert (counts.read, counts.accepted + counts.duplicates, counts.out_of_order) == (3, 3, 0)
 
+    @pytest.mark.parametrize("fault", ["stopped", "full"])
     @pytest.mark.parametrize("eager", [True, False], ids=["eager", "paced"])
     def test_a_redis_outage_is_waited_out_and_each_bar_published_once(self, tmp_path: Path, keys: Keys,
-                                                                       eager: bool) -> None:
-        """Redis stopped mid-run past the client's retries, then started again from its AOF: the
-        ingester waits, sends again what was in flight, and publishes every bar exactly once."""
+                                                                       eager: bool, fault: str) -> None:
+        """Redis mid-run stopped past the client's retries (then started again from its AOF), or
+        refusing writes with its memory full (maxmemory 1, then 0): the ingester waits, sends again
+        what was in flight, and publishes every bar exactly once."""
         server = RedisServer(free_port(), tmp_path / "redis", appendonly=True)
         server.start()
         client = connect_url(server.url)
@@ -389,22 +391,28 @@ class TestIngester:
 
         def with_an_outage() -> Iterator[list[Bar]]:
             yield batches[0]
-            server.stop()
+            if fault == "stopped":
+                server.stop()
+            else:
+                client.config_set("maxmemory", 1)
             yield from batches[1:]
 
-        def restart_once_waiting() -> None:
+        def recover_once_waiting() -> None:
             try:
                 wait_for(lambda: any(e["event"] == "ingester.redis_unavailable" for e in logs), timeout=60,
                          message="the ingester waiting for Redis")
             finally:
-                server.start()
+                if fault == "stopped":
+                    server.start()
+                else:
+                    client.config_set("maxmemory", 0)
 
         try:
             with capture_logs() as logs:
-                restarter = threading.Thread(target=restart_once_waiting, daemon=True)
-                restarter.start()
+                recovery = threading.Thread(target=recover_once_waiting, daemon=True)
+                recovery.start()
                 counts = ing.run(ListSource(with_an_outage(), eager=eager), threading.Event())
-                restarter.join(60)
+                recovery.join(60)
             published = [b.id for b in stream_bars(client, keys.stream(BARS))]
         finally:
             client.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,7 +32,10 @@ from shared.clock import SimulatedClock
 from shared.config import BusSettings, IngesterSettings, Settings, StrategySettings
 from shared.keys import DEAD_LETTER, INTENTS, Keys
 from shared.models import Bar, Intent, Side
+from shared.redis_client import connect_url
+from shared.redis_server import RedisServer
 from tests.procs import recording_strategy
+from tests.support.processes import free_port, wait_for
 
 T0 = datetime(2026, 3, 2, 14, 30, tzinfo=UTC)
 PARTITIONS = 4
@@ -396,6 +400,34 @@ class TestWorker:
         assert victim.step() == 1
         assert processed(redis_client, keys) == ["AAPL:0", "AAPL:1", f"{other}:1"]
         victim.leases.release_all()
+
+    def test_a_full_redis_is_waited_out_and_each_bar_applied_once(self, tmp_path: Path, keys: Keys) -> None:
+        """Redis refusing writes (memory full) while the worker commits: it waits with nothing
+        applied, and once writes are taken again every bar is applied exactly once, in order."""
+        server = RedisServer(free_port(), tmp_path / "redis", appendonly=False)
+        server.start()
+        client = connect_url(server.url)
+        stop = threading.Event()
+        try:
+            publish(client, keys, series(["AAPL", "MSFT"], 3))
+            busy = worker(client, keys, settings())
+            busy.upkeep()  # its leases, taken while writes are accepted
+            client.config_set("maxmemory", 1)
+            with capture_logs() as logs:
+                runner = threading.Thread(target=busy.run, args=(stop,), daemon=True)
+                runner.start()
+                wait_for(lambda: any(e["event"] == "strategy.redis_unavailable" for e in logs), timeout=30,
+                         message="the worker waiting for Redis")
+                assert processed(client, keys) == []
+                client.config_set("maxmemory", 0)
+                wait_for(lambda: len(processed(client, keys)) == 6, timeout=30, message="every bar applied")
+                stop.set()
+                runner.join(30)
+            assert per_symbol(processed(client, keys)) == {"AAPL": [0, 1, 2], "MSFT": [0, 1, 2]}
+        finally:
+            stop.set()
+            client.close()
+            server.stop()
 
     def test_a_failing_strategy_dead_letters_the_bar_and_keeps_the_rest(self, redis_client: redis.Redis,
                                                                         keys: Keys) -> None:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from shared.keys import BARS, Keys
+from services.reconciler.service import REPORT_STREAM
+from shared.keys import ALERTS, BARS, INTENTS, ORDERS, Keys
 from shared.portfolio import Portfolio, verify
 from shared.redis_client import connect_url
 from shared.redis_server import RedisServer
@@ -141,6 +142,59 @@ def test_the_desk_rides_out_a_redis_restart(keys: Keys, tmp_path: Path) -> None:
         stop_all(services)
         client.close()
         server.stop()
+
+
+def test_the_desk_waits_out_a_full_redis(keys: Keys, tmp_path: Path) -> None:
+    """Redis refusing writes (memory full: maxmemory 1 under noeviction; a full disk refuses them
+    with MISCONF) until the ingester, the monitor and the reconciler have each met it, then taking
+    writes again, with the whole desk running: no service exits, nothing is dead-lettered, bars
+    flow again, and the ledger replays to the portfolio. (The worker, with no new bar to commit,
+    is tested alone in tests/test_strategy.py.)"""
+    server = RedisServer(free_port(), tmp_path / "redis", appendonly=True)
+    server.start()
+    client = connect_url(server.url)
+    names = ("strategy", "risk", "executor", "ingester", "reconciler", "monitor")
+    services: list[subprocess.Popen[bytes]] = []
+    try:
+        with running_exchange(server.url, keys, tmp_path,
+                              BASTION_PAPER_EXCHANGE__STARTING_CASH=CASH) as exchange:
+            env = {**desk_env(server.url, keys, exchange), "BASTION_RECONCILER__INTERVAL_S": "0.5",
+                   "BASTION_MONITOR__INTERVAL_S": "0.5"}
+            services = [spawn(f"services.{name}", env=env, log=tmp_path / f"{name}.log") for name in names]
+            wait_for(lambda: client.xlen(keys.stream(INTENTS)) > 0, timeout=60,
+                     message="bars becoming intents")
+            started = [(ALERTS, "monitor"), (INTENTS, "risk"), (ORDERS, "executor")]  # groups made
+            wait_for(lambda: all(has_group(client, keys.stream(s), g) for s, g in started)
+                     and client.exists(keys.stream(REPORT_STREAM)), timeout=60,
+                     message="every service past its start-up writes")
+
+            client.config_set("maxmemory", 1)
+            for name, event in (("ingester", "ingester.redis_unavailable"),
+                                ("monitor", "monitor.redis_unavailable"),
+                                ("reconciler", "reconciler.redis_unavailable")):
+                wait_for(logged(tmp_path / f"{name}.log", event), timeout=60,
+                         message=f"{name} meeting the refusal")
+            client.config_set("maxmemory", 0)
+            published = client.xlen(keys.stream(BARS))
+            wait_for(lambda: client.xlen(keys.stream(BARS)) > published, timeout=60, message="bars again")
+
+            assert [proc.poll() for proc in services] == [None] * len(names)
+            for proc in services:
+                proc.send_signal(signal.SIGTERM)
+            assert [proc.wait(30) for proc in services] == [0] * len(names)
+            assert client.xlen(keys.dead_letter) == 0
+            assert verify(client, keys, "paper", allow_short=False).ok
+    finally:
+        stop_all(services)
+        client.close()
+        server.stop()
+
+
+def has_group(client: redis.Redis, stream_key: str, group: str) -> bool:
+    """``group`` reads ``stream_key``."""
+    if not client.exists(stream_key):
+        return False
+    return any(info["name"] == group.encode() for info in client.xinfo_groups(stream_key))
 
 
 def logged(path: Path, event: str) -> Callable[[], bool]:

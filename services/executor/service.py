@@ -79,6 +79,7 @@ from shared.models import Alert, AlertSeverity, Fill, Order, OrderEvent, OrderSt
 from shared.portfolio import Portfolio
 from shared.protections import ClosedTrade, ProtectionLock, Protections
 from shared.rate_limit import Grant
+from shared.redis_client import unavailable
 from shared.service import ServiceContext
 from shared.symbols import SymbolProperties
 from shared.trading_state import KillSwitch, TradingState, TradingStatus
@@ -87,7 +88,6 @@ __all__ = ["Executor", "main"]
 
 log = get_logger(component="executor")
 GROUP = "executor"
-_REDIS_DOWN = (RedisUnavailable, redis.ConnectionError, redis.TimeoutError)
 # KEYS[1] = the order record; KEYS[2] = the open-orders set; ARGV[1] = client_order_id;
 # ARGV[2..] = field, value, ... of a new record. Returns the existing record (flat HGETALL) and
 # changes nothing, or creates the record, adds it to the open set and returns an empty list.
@@ -431,10 +431,11 @@ class Executor:
                 self.act_on_trading_state()
             except BrokerError as exc:
                 log.warning("executor.trading_state_action_failed", error=str(exc))
-            except _REDIS_DOWN as exc:
-                log.warning("executor.trading_state_redis_unavailable", error=str(exc))
-            except Exception:
-                log.exception("executor.trading_state_failed")
+            except Exception as exc:
+                if unavailable(exc):
+                    log.warning("executor.trading_state_redis_unavailable", error=str(exc))
+                else:
+                    log.exception("executor.trading_state_failed")
             stop.wait(interval_s)
 
     # -- catching up --------------------------------------------------------------------------
@@ -476,10 +477,11 @@ class Executor:
                         self.apply_event(event)
             except BrokerError as exc:
                 log.warning("executor.trade_updates_lost", error=str(exc))
-            except _REDIS_DOWN as exc:
-                log.warning("executor.trade_updates_redis_unavailable", error=str(exc))
-            except Exception:
-                log.exception("executor.trade_updates_failed")
+            except Exception as exc:
+                if unavailable(exc):
+                    log.warning("executor.trade_updates_redis_unavailable", error=str(exc))
+                else:
+                    log.exception("executor.trade_updates_failed")
             finally:
                 updates.close()
             stop.wait(1.0)

@@ -43,7 +43,7 @@ from shared.clock import utc
 from shared.errors import RedisUnavailable
 from shared.keys import Keys
 from shared.models import Bar
-from shared.redis_client import reply_text
+from shared.redis_client import refusing_writes, reply_text
 
 __all__ = ["AdmissionLane", "BarGate", "Verdict", "format_time"]
 
@@ -215,7 +215,16 @@ class AdmissionLane:
         """The verdicts of the oldest batch sent and not yet received."""
         def read() -> Any:
             self._send_unsent()
-            return self._connection.read_response()
+            try:
+                return self._connection.read_response()
+            except redis.ResponseError as exc:
+                if not refusing_writes(exc):
+                    raise
+                # refused before its first write: start over on a new connection, every batch
+                # still in flight sent again (the gate drops what had gone out as duplicates)
+                self._connection.disconnect()
+                self._sent = 0
+                raise RedisUnavailable(f"bar admission refused: {exc}") from exc
 
         reply = self._retrying(read)
         self._in_flight.popleft()

@@ -41,6 +41,7 @@ from shared.errors import RedisUnavailable
 from shared.keys import ALERTS, BARS, Keys
 from shared.logging import get_logger
 from shared.models import Alert, AlertSeverity, Bar
+from shared.redis_client import unavailable
 from shared.service import ServiceContext
 
 __all__ = ["Counts", "Ingester", "main", "make_source", "partition_of"]
@@ -143,7 +144,9 @@ class Ingester:
                 try:
                     trim(self.client, key, self.bus.maxlen)
                     since = 0
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                except redis.RedisError as exc:
+                    if not unavailable(exc):
+                        raise
                     log.warning("ingester.trim_failed", stream=key, error=str(exc))
             self._since_trim[key] = since
 
@@ -190,8 +193,10 @@ class Ingester:
                       details=details)
         try:
             publish(self.client, self.keys, ALERTS, alert)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:  # the log line above still tells
-            log.warning("ingester.alert_failed", kind=kind, symbol=symbol, error=str(exc))
+        except redis.RedisError as exc:
+            if not unavailable(exc):
+                raise
+            log.warning("ingester.alert_failed", kind=kind, symbol=symbol, error=str(exc))  # logged above
 
     def run(self, source: BarSource, stop: Waiter, max_bars: int = 0) -> Counts:
         """Feed ``source`` through the gate until it ends, ``stop`` is set, or ``max_bars`` were read.

@@ -44,7 +44,7 @@ from shared.errors import RedisUnavailable
 from shared.keys import ALERTS, Keys
 from shared.logging import get_logger
 from shared.models import Alert, AlertSeverity
-from shared.redis_client import reply_text
+from shared.redis_client import reply_text, unavailable
 from shared.service import ServiceContext
 
 __all__ = ["GROUP", "Monitor", "main"]
@@ -208,7 +208,9 @@ class Monitor:
                 self.tick()
                 if on_pass is not None:
                     on_pass(health)
-            except RedisUnavailable as exc:
+            except (RedisUnavailable, redis.RedisError) as exc:
+                if not unavailable(exc):
+                    raise
                 log.warning("monitor.redis_unavailable", error=str(exc))
             stop.wait(self.settings.monitor.interval_s)
         if consumer is not None:

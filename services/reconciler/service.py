@@ -56,7 +56,7 @@ from shared.keys import ALERTS, Keys
 from shared.logging import get_logger
 from shared.models import Alert, AlertSeverity
 from shared.portfolio import Portfolio
-from shared.redis_client import reply_text
+from shared.redis_client import reply_text, unavailable
 from shared.service import ServiceContext
 from shared.trading_state import KillSwitch, TradingState
 
@@ -318,7 +318,9 @@ class Reconciler:
         again, and at start the hold stays)."""
         try:
             return self.reconcile()
-        except (RedisUnavailable, *_REDIS_DOWN) as exc:
+        except (RedisUnavailable, redis.RedisError) as exc:
+            if not unavailable(exc):  # down, or refusing writes
+                raise
             log.warning("reconciler.redis_unavailable", error=str(exc))
             return None
 

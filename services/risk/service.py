@@ -97,6 +97,7 @@ from shared.logging import get_logger
 from shared.models import Alert, AlertSeverity, Intent, IntentRejected, Order, OrderType, Side
 from shared.portfolio import Portfolio
 from shared.protections import ProtectionLock, Protections
+from shared.redis_client import unavailable
 from shared.service import ServiceContext
 from shared.symbols import PreparedOrder, SymbolProperties
 from shared.trading_state import KillSwitch
@@ -395,12 +396,12 @@ class RiskService:
         while not stop.wait(delay):
             try:
                 self.tick()
-            except (RedisUnavailable, redis.ConnectionError, redis.TimeoutError) as exc:
+            except Exception as exc:
                 delay = _backoff(delay)
-                log.warning("risk.tick_redis_unavailable", error=str(exc), retry_in_s=delay)
-            except Exception:
-                delay = _backoff(delay)
-                log.exception("risk.tick_failed", retry_in_s=delay)
+                if unavailable(exc):  # down, or refusing writes
+                    log.warning("risk.tick_redis_unavailable", error=str(exc), retry_in_s=delay)
+                else:
+                    log.exception("risk.tick_failed", retry_in_s=delay)
             else:
                 delay = TICK_S
 

@@ -77,14 +77,13 @@ from shared.heartbeat import alive_instances
 from shared.keys import INTENTS, Keys
 from shared.logging import bind_correlation, get_logger
 from shared.models import Bar, Intent
-from shared.redis_client import reply_text, script
+from shared.redis_client import reply_text, script, unavailable
 
 __all__ = ["GROUP", "SERVICE", "StoredState", "StrategyWorker", "WorkerStats", "consumer_name"]
 
 log = get_logger(component="strategy")
 GROUP = "strategy"
 SERVICE = "strategy"
-_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
 # A pass's commit, checked and applied atomically.
 # KEYS[1..n] = the lease keys of the partitions read; KEYS[n+1..n+m] = the state keys of their
@@ -277,12 +276,13 @@ class StrategyWorker:
                     elif burst:
                         break
                     self._idle(stop)
-                except (RedisUnavailable, *_REDIS_DOWN) as exc:
-                    self._forget()  # a commit whose reply was lost may or may not have been applied
-                    self._backoff = min(max(self._backoff * 2, 0.1), 2.0)
-                    log.warning("strategy.redis_unavailable", error=str(exc), retry_in_s=self._backoff)
-                    stop.wait(self._backoff)
-                except redis.ResponseError as exc:
+                except (RedisUnavailable, redis.RedisError) as exc:
+                    if unavailable(exc):  # down, or refusing writes (a refused commit wrote nothing)
+                        self._forget()  # a commit whose reply was lost may or may not have been applied
+                        self._backoff = min(max(self._backoff * 2, 0.1), 2.0)
+                        log.warning("strategy.redis_unavailable", error=str(exc), retry_in_s=self._backoff)
+                        stop.wait(self._backoff)
+                        continue
                     if "NOGROUP" not in str(exc):
                         raise
                     log.warning("strategy.group_missing", error=str(exc))  # Redis restarted empty
