@@ -13,7 +13,9 @@ import pytest
 
 import shared.cli
 from shared.cli import EXIT_UNAVAILABLE, EXIT_USAGE, build_parser, main
-from tests.support.processes import REPO_ROOT
+from shared.redis_client import connect_url
+from shared.redis_server import RedisServer
+from tests.support.processes import REPO_ROOT, free_port
 
 FAKE_COMMANDS = {
     "hello": """
@@ -141,6 +143,26 @@ class TestErrors:
         """RedisUnavailable from a subcommand makes main return 3 with the reason on stderr."""
         assert main(["down"]) == EXIT_UNAVAILABLE
         assert "Redis did not answer" in capsys.readouterr().err
+
+    def test_redis_refusing_writes_exits_3_saying_nothing_was_written(self, tmp_path: Path) -> None:
+        """`bastion kill-switch on` against a Redis whose memory is full exits 3 with a sentence, no
+        traceback; a read (`bastion verify`) still works."""
+        server = RedisServer(free_port(), tmp_path / "redis", appendonly=False)
+        server.start()
+        try:
+            connect_url(server.url).config_set("maxmemory", 1)
+            env = clean_env() | {"REDIS_URL": server.url}
+            command = [sys.executable, "-m", "shared.cli", "kill-switch", "on", "--reason", "drill"]
+            engage = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                                    timeout=60)
+            verify = subprocess.run([sys.executable, "-m", "shared.cli", "verify"], cwd=REPO_ROOT, env=env,
+                                    capture_output=True, text=True, timeout=60)
+        finally:
+            server.stop()
+        assert engage.returncode == EXIT_UNAVAILABLE, engage.stderr
+        assert "Redis refuses writes now, so nothing was written" in engage.stderr
+        assert "Traceback" not in engage.stderr
+        assert verify.returncode == 0, verify.stderr
 
     def test_real_subcommand_with_bad_setting_exits_2(self) -> None:
         """`bastion verify` with a bad BASTION_ value exits 2 naming the field, before touching Redis."""

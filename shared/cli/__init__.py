@@ -3,7 +3,7 @@
 Each public module here defines ``register(subparsers)``, which adds its subcommand and sets
 ``func`` -- a callable taking the parsed arguments and returning the exit status. Exit
 statuses: 0 success, 1 a check failed or the request was refused, 2 bad usage or
-configuration, 3 Redis unreachable.
+configuration, 3 Redis unreachable or refusing writes (memory full, a failing disk, a replica).
 """
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ import pkgutil
 import sys
 from collections.abc import Sequence
 
+import redis
+
 from shared.errors import ConfigError, RedisUnavailable
+from shared.redis_client import refusing_writes, unavailable
 
 __all__ = ["main"]
 
@@ -41,6 +44,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except RedisUnavailable as exc:
         print(f"bastion: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except redis.RedisError as exc:
+        if refusing_writes(exc):
+            print(f"bastion: Redis refuses writes now, so nothing was written (memory full, a failing "
+                  f"disk or a read-only replica): {exc}", file=sys.stderr)
+        elif unavailable(exc):
+            print(f"bastion: Redis unreachable: {exc}", file=sys.stderr)
+        else:
+            raise
         return EXIT_UNAVAILABLE
 
 
