@@ -7,11 +7,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from shared.clock import SimulatedClock
 from shared.config import Settings, load_settings
 from shared.errors import RedisUnavailable
-from shared.redis_client import connect, connect_url, resolve_url
+from shared.redis_client import connect, connect_url, refusing_writes, resolve_url, unavailable
 from shared.redis_server import RedisServer
 from tests.support.processes import free_port
 
@@ -78,3 +79,39 @@ class TestConnect:
         """A wrong password ends in RedisUnavailable, not a redis-py exception."""
         with pytest.raises(RedisUnavailable):
             connect_url(f"redis://:wrong@127.0.0.1:{server.port}/0", wait_s=1, clock=SimulatedClock())
+
+
+class TestUnavailable:
+    """Which errors mean 'Redis cannot serve us for now' rather than a fault of the command."""
+
+    @pytest.mark.parametrize(("error", "refusing", "down"), [
+        (redis.exceptions.OutOfMemoryError("command not allowed when used memory > maxmemory"), True, True),
+        (redis.exceptions.ReadOnlyError("You can't write against a read only replica."), True, True),
+        (redis.ResponseError("MISCONF Errors writing to the AOF file: No space left on device"), True, True),
+        (redis.ResponseError("Command # 2 (SET k v) of pipeline caused error: MISCONF Errors"), True, True),
+        (redis.ResponseError("Command # 1 (XADD s * MISCONF x) of pipeline caused error: ERR"), False, False),
+        (redis.ResponseError("ERR wrong number of arguments"), False, False),
+        (redis.ConnectionError("Connection refused"), False, True),
+        (redis.TimeoutError("Timeout reading from socket"), False, True),
+        (RedisUnavailable("portfolio read failed"), False, True),
+        (ValueError("not a Redis error"), False, False),
+    ], ids=["oom", "readonly", "misconf", "misconf-in-pipeline", "misconf-in-a-value", "err", "refused",
+            "timeout", "ours", "other"])
+    def test_classification(self, error: Exception, refusing: bool, down: bool) -> None:
+        """Write refusals are recognised by their reply, also behind redis-py's pipeline note, never
+        by a command's own text; unavailable() adds the outages."""
+        assert (refusing_writes(error), unavailable(error)) == (refusing, down)
+
+    def test_a_full_memory_is_a_write_refusal_from_a_real_server(self, server: RedisServer) -> None:
+        """A real server with maxmemory 1 refuses a SET with an error refusing_writes() recognises;
+        a read still works."""
+        client = connect_url(server.url)
+        try:
+            client.config_set("maxmemory", 1)
+            with pytest.raises(redis.RedisError) as refused:
+                client.set("k", "v")
+            assert refusing_writes(refused.value)
+            assert client.get("k") is None
+        finally:
+            client.config_set("maxmemory", 0)
+            client.close()
