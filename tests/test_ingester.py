@@ -28,6 +28,7 @@ from services.ingester import (
     bar_id,
     partition_of,
 )
+from services.ingester._sources import _nearest
 from shared import codec
 from shared.clock import LiveClock, SimulatedClock
 from shared.config import BusSettings, IngesterSettings
@@ -102,6 +103,20 @@ class TestSyntheticSource:
             assert bar.low <= min(bar.open, bar.close) <= max(bar.open, bar.close) <= bar.high
         aapl = [bar.time for bar in bars if bar.symbol == "AAPL"]
         assert aapl == [T0 + timedelta(minutes=i) for i in range(100)]
+
+    def test_the_walk_does_not_drift(self) -> None:
+        """Over 55,000 minutes (15 minutes of ``make run``) the default seed's SPY stays within a
+        factor of 2 of where it started (rounding every move down took it to $0.01 by minute 51,205)."""
+        source = SyntheticSource(["SPY"], 7, T0, LiveClock(), paced=False)
+        closes = [bars[0].close for bars in map(source.tick, range(55_000))]
+        assert closes[0] / 2 < min(closes) and max(closes) < closes[0] * 2
+
+    def test_a_move_rounds_the_same_up_as_down(self) -> None:
+        """A rise and a fall of the same basis points move a price by the same amount."""
+        for price in (1, 99, 100, 12_345, 4_541_600):
+            for bps in (1, 3, 5, 6, 17, 50):
+                assert _nearest(price * bps, 10_000) == -_nearest(-price * bps, 10_000)
+        assert [_nearest(n, 10) for n in (4, 5, 6, -4, -5, -6)] == [0, 1, 1, 0, -1, -1]
 
     def test_volume_is_u_shaped_over_a_session(self) -> None:
         """Volume at the open and the close of a session is well above midday volume."""

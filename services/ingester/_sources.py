@@ -2,7 +2,8 @@
 
 Every source yields *batches* of :class:`~shared.models.Bar` (a list, possibly empty when
 nothing arrived, so the ingester can run its staleness check) until it is exhausted or the stop
-flag is set. Prices are ``Decimal``; the synthetic market works in integer cents.
+flag is set. Prices are ``Decimal``; the synthetic market works in integers (hundredths of a
+cent, rounded to cents in each bar).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
 log = get_logger(component="ingester")
 SESSION_MINUTES = 390  # 09:30-16:00 New York
 CENT = Decimal("0.01")
+_UNITS_PER_CENT = 100  # the synthetic walk's price unit: a hundredth of a cent
 
 
 def bar_id(symbol: str, when: datetime) -> str:
@@ -94,7 +96,8 @@ class _Pacer:
 
 @dataclass
 class _Walk:
-    """One symbol's random walk, in integer cents."""
+    """One symbol's random walk, in hundredths of a cent (so a move of a few basis points is never
+    rounded away at a low price)."""
 
     rng: random.Random
     price: int
@@ -123,7 +126,8 @@ class SyntheticSource:
     def __post_init__(self) -> None:
         for symbol in self.symbols:
             rng = random.Random(f"{self.seed}:{symbol}")
-            self._walks[symbol] = _Walk(rng, rng.randint(2_000, 50_000), rng.randint(20_000, 200_000))
+            self._walks[symbol] = _Walk(rng, rng.randint(2_000, 50_000) * _UNITS_PER_CENT,
+                                        rng.randint(20_000, 200_000))
 
     @property
     def eager(self) -> bool:
@@ -150,10 +154,10 @@ class SyntheticSource:
         rng = walk.rng
         open_ = walk.price
         step_bps = round(rng.gauss(0.0, sigma_bps))
-        close = max(1, open_ + open_ * step_bps // 10_000)
+        close = max(_UNITS_PER_CENT, open_ + _nearest(open_ * step_bps, 10_000))
         wick = max(1, open_ // 2_000)
         high = max(open_, close) + rng.randint(0, wick)
-        low = max(1, min(open_, close) - rng.randint(0, wick))
+        low = max(_UNITS_PER_CENT, min(open_, close) - rng.randint(0, wick))
         volume = max(1, int(walk.base_volume * u_shape * rng.uniform(0.7, 1.3)) // 100 * 100)
         trades = max(1, volume // rng.randint(80, 200))
         walk.price = close
@@ -184,8 +188,19 @@ class SyntheticSource:
         return None
 
 
-def _cents(value: int) -> Decimal:
-    return Decimal(value).scaleb(-2)
+def _nearest(numerator: int, denominator: int) -> int:
+    """``numerator / denominator`` rounded to the nearest integer, halves away from zero: the same
+    size up as down (floor division rounds every fall down a unit and every rise down too, and a
+    walk built on it drifts to its floor: every symbol at $0.01 within 30 minutes of ``make run``)."""
+    quotient, remainder = divmod(abs(numerator), denominator)
+    if 2 * remainder >= denominator:
+        quotient += 1
+    return quotient if numerator >= 0 else -quotient
+
+
+def _cents(units: int) -> Decimal:
+    """A walk price (hundredths of a cent) as dollars in whole cents."""
+    return Decimal(_nearest(units, _UNITS_PER_CENT)).scaleb(-2)
 
 
 # -- CSV replay ---------------------------------------------------------------------------------
