@@ -6,8 +6,10 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
@@ -91,57 +93,37 @@ def test_the_desk_rides_out_a_redis_restart(keys: Keys, tmp_path: Path) -> None:
     outage, then started again from its AOF (a real server only: fakeredis keeps nothing across a
     restart): no service exits, bars flow again, and a kill switch engaged after it still cancels
     the order that rested at the exchange through it."""
-    server = RedisServer(free_port(), tmp_path / "redis", appendonly=True)
-    server.start()
-    client = connect_url(server.url)
-    names = ("risk", "executor", "ingester", "reconciler")
-    services: list[subprocess.Popen[bytes]] = []
-    try:
-        with running_exchange(server.url, keys, tmp_path,
-                              BASTION_PAPER_EXCHANGE__STARTING_CASH=CASH) as exchange:
-            env = {**desk_env(server.url, keys, exchange), "BASTION_INGESTER__SYMBOLS": '["MSFT"]',
-                   "BASTION_RECONCILER__INTERVAL_S": "0.5"}
-            services = [spawn(f"services.{name}", env=env, log=tmp_path / f"{name}.log") for name in names]
-            kill_switch = KillSwitch(client, keys)
-            wait_for(lambda: (kill_switch.current().state, kill_switch.current().by)
-                     == (TradingState.ACTIVE, "reconciler"), timeout=60,
-                     message="the start-up reconciliation")
-            bar = exchange.bar("AAPL", "100", "100", "100", "100")
-            client.hset(keys.last_bar, "AAPL", bar.time.isoformat())  # as the ingester would (stale data)
-            rested = cli(env, "order", "buy", "AAPL", "1", "--limit", "50", "--wait", "60")
-            assert rested.returncode == 0, rested.stdout + rested.stderr
-            wait_for(lambda: [o["status"] for o in exchange.get("/v2/orders")] == ["new"], timeout=60,
-                     message="the limit order resting at the exchange")
+    with desk_on_its_own_redis(keys, tmp_path, ("risk", "executor", "ingester", "reconciler"),
+                               BASTION_INGESTER__SYMBOLS='["MSFT"]') as desk:
+        client = connect_url(desk.server.url)
+        kill_switch = KillSwitch(client, keys)
+        wait_for(lambda: (kill_switch.current().state, kill_switch.current().by)
+                 == (TradingState.ACTIVE, "reconciler"), timeout=60, message="the start-up reconciliation")
+        bar = desk.exchange.bar("AAPL", "100", "100", "100", "100")
+        client.hset(keys.last_bar, "AAPL", bar.time.isoformat())  # as the ingester would (stale data)
+        rested = cli(desk.env, "order", "buy", "AAPL", "1", "--limit", "50", "--wait", "60")
+        assert rested.returncode == 0, rested.stdout + rested.stderr
+        wait_for(lambda: [o["status"] for o in desk.exchange.get("/v2/orders")] == ["new"], timeout=60,
+                 message="the limit order resting at the exchange")
 
-            client.close()
-            server.stop()  # SIGTERM: the AOF is flushed
-            for name, event in (("risk", "risk.tick_redis_unavailable"),
-                                ("executor", "executor.trading_state_redis_unavailable"),
-                                ("ingester", "ingester.redis_unavailable"),
-                                ("reconciler", "reconciler.redis_unavailable")):
-                wait_for(logged(tmp_path / f"{name}.log", event), timeout=60,
-                         message=f"{name} meeting the outage")
-            server.start()
-            client = connect_url(server.url)
-            published = client.xlen(keys.stream(BARS))
-            wait_for(lambda: client.xlen(keys.stream(BARS)) > published, timeout=60, message="bars again")
-
-            halted = cli(env, "kill-switch", "on", "--reason", "after the outage", "--cancel-orders")
-            assert halted.returncode == 0, halted.stdout + halted.stderr
-            wait_for(lambda: [o["status"] for o in exchange.get("/v2/orders", status="all")] == ["canceled"],
-                     timeout=60, message="the resting order cancelled")
-            portfolio = Portfolio(client, keys, "paper")
-            wait_for(lambda: portfolio.snapshot().reserved == 0, timeout=60,
-                     message="its reservation released")
-            assert [proc.poll() for proc in services] == [None] * len(names)
-            for proc in services:
-                proc.send_signal(signal.SIGTERM)
-            assert [proc.wait(30) for proc in services] == [0] * len(names)
-            assert verify(client, keys, "paper", allow_short=False).ok
-    finally:
-        stop_all(services)
         client.close()
-        server.stop()
+        desk.server.stop()  # SIGTERM: the AOF is flushed
+        desk.wait_logged({"risk": "risk.tick_redis_unavailable", "ingester": "ingester.redis_unavailable",
+                          "executor": "executor.trading_state_redis_unavailable",
+                          "reconciler": "reconciler.redis_unavailable"})
+        desk.server.start()
+        client = connect_url(desk.server.url)
+        desk.wait_for_bars(client, keys)
+
+        halted = cli(desk.env, "kill-switch", "on", "--reason", "after the outage", "--cancel-orders")
+        assert halted.returncode == 0, halted.stdout + halted.stderr
+        wait_for(lambda: [o["status"] for o in desk.exchange.get("/v2/orders", status="all")] == ["canceled"],
+                 timeout=60, message="the resting order cancelled")
+        portfolio = Portfolio(client, keys, "paper")
+        wait_for(lambda: portfolio.snapshot().reserved == 0, timeout=60, message="its reservation released")
+        desk.stop_cleanly()
+        assert verify(client, keys, "paper", allow_short=False).ok
+        client.close()
 
 
 def test_the_desk_waits_out_a_full_redis(keys: Keys, tmp_path: Path) -> None:
@@ -150,43 +132,77 @@ def test_the_desk_waits_out_a_full_redis(keys: Keys, tmp_path: Path) -> None:
     writes again, with the whole desk running: no service exits, nothing is dead-lettered, bars
     flow again, and the ledger replays to the portfolio. (The worker, with no new bar to commit,
     is tested alone in tests/test_strategy.py.)"""
+    names = ("strategy", "risk", "executor", "ingester", "reconciler", "monitor")
+    with desk_on_its_own_redis(keys, tmp_path, names, BASTION_MONITOR__INTERVAL_S="0.5") as desk:
+        client = connect_url(desk.server.url)
+        wait_for(lambda: client.xlen(keys.stream(INTENTS)) > 0, timeout=60, message="bars becoming intents")
+        started = [(ALERTS, "monitor"), (INTENTS, "risk"), (ORDERS, "executor")]  # groups made
+        wait_for(lambda: all(has_group(client, keys.stream(s), g) for s, g in started)
+                 and client.exists(keys.stream(REPORT_STREAM)), timeout=60,
+                 message="every service past its start-up writes")
+
+        client.config_set("maxmemory", 1)
+        desk.wait_logged({"ingester": "ingester.redis_unavailable", "monitor": "monitor.redis_unavailable",
+                          "reconciler": "reconciler.redis_unavailable"})
+        client.config_set("maxmemory", 0)
+        desk.wait_for_bars(client, keys)
+        desk.stop_cleanly()
+        assert client.xlen(keys.dead_letter) == 0
+        assert verify(client, keys, "paper", allow_short=False).ok
+        client.close()
+
+
+@dataclass
+class OwnRedisDesk:
+    """The desk's processes on a Redis server of their own, which a test may stop or fill."""
+
+    server: RedisServer
+    exchange: PaperExchange
+    env: dict[str, str]
+    logs: Path
+    services: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def wait_logged(self, events: dict[str, str]) -> None:
+        """Wait until each service's log has its event (the service has met the fault)."""
+        for name, event in events.items():
+            wait_for(logged(self.logs / f"{name}.log", event), timeout=60,
+                     message=f"{name} meeting the fault")
+
+    def wait_for_bars(self, client: redis.Redis, keys: Keys) -> None:
+        """Wait until the ingester publishes again."""
+        published = client.xlen(keys.stream(BARS))
+        wait_for(lambda: client.xlen(keys.stream(BARS)) > published, timeout=60, message="bars again")
+
+    def stop_cleanly(self) -> None:
+        """Every service still running, then SIGTERM: each exits 0."""
+        assert {name: proc.poll() for name, proc in self.services.items()} == dict.fromkeys(self.services)
+        for proc in self.services.values():
+            proc.send_signal(signal.SIGTERM)
+        codes = {name: proc.wait(30) for name, proc in self.services.items()}
+        assert codes == dict.fromkeys(self.services, 0)
+
+
+@contextmanager
+def desk_on_its_own_redis(keys: Keys, tmp_path: Path, names: Sequence[str], **settings: str
+                          ) -> Iterator[OwnRedisDesk]:
+    """The paper exchange and the services ``names`` as real processes on a private redis-server
+    with AOF, a reconciler pass every 0.5 s, and ``settings`` (BASTION_* variables); all stopped
+    afterwards."""
     server = RedisServer(free_port(), tmp_path / "redis", appendonly=True)
     server.start()
-    client = connect_url(server.url)
-    names = ("strategy", "risk", "executor", "ingester", "reconciler", "monitor")
-    services: list[subprocess.Popen[bytes]] = []
+    desk: OwnRedisDesk | None = None
     try:
         with running_exchange(server.url, keys, tmp_path,
                               BASTION_PAPER_EXCHANGE__STARTING_CASH=CASH) as exchange:
             env = {**desk_env(server.url, keys, exchange), "BASTION_RECONCILER__INTERVAL_S": "0.5",
-                   "BASTION_MONITOR__INTERVAL_S": "0.5"}
-            services = [spawn(f"services.{name}", env=env, log=tmp_path / f"{name}.log") for name in names]
-            wait_for(lambda: client.xlen(keys.stream(INTENTS)) > 0, timeout=60,
-                     message="bars becoming intents")
-            started = [(ALERTS, "monitor"), (INTENTS, "risk"), (ORDERS, "executor")]  # groups made
-            wait_for(lambda: all(has_group(client, keys.stream(s), g) for s, g in started)
-                     and client.exists(keys.stream(REPORT_STREAM)), timeout=60,
-                     message="every service past its start-up writes")
-
-            client.config_set("maxmemory", 1)
-            for name, event in (("ingester", "ingester.redis_unavailable"),
-                                ("monitor", "monitor.redis_unavailable"),
-                                ("reconciler", "reconciler.redis_unavailable")):
-                wait_for(logged(tmp_path / f"{name}.log", event), timeout=60,
-                         message=f"{name} meeting the refusal")
-            client.config_set("maxmemory", 0)
-            published = client.xlen(keys.stream(BARS))
-            wait_for(lambda: client.xlen(keys.stream(BARS)) > published, timeout=60, message="bars again")
-
-            assert [proc.poll() for proc in services] == [None] * len(names)
-            for proc in services:
-                proc.send_signal(signal.SIGTERM)
-            assert [proc.wait(30) for proc in services] == [0] * len(names)
-            assert client.xlen(keys.dead_letter) == 0
-            assert verify(client, keys, "paper", allow_short=False).ok
+                   **settings}
+            desk = OwnRedisDesk(server, exchange, env, tmp_path)
+            for name in names:
+                desk.services[name] = spawn(f"services.{name}", env=env, log=tmp_path / f"{name}.log")
+            yield desk
     finally:
-        stop_all(services)
-        client.close()
+        if desk is not None:
+            stop_all(list(desk.services.values()))
         server.stop()
 
 
