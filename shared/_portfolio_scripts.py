@@ -7,10 +7,12 @@ arrives as decimal strings computed in Python; the script compares integers only
 
 from __future__ import annotations
 
-__all__ = ["CONFLICT", "FULL_READ_SCRIPT", "HELD_READ", "READ_SCRIPT", "STALE_FENCE", "WRITE_SCRIPT"]
+__all__ = ["CONFLICT", "FULL_READ_SCRIPT", "HELD_READ", "READ_SCRIPT", "RECORD_MOVED", "STALE_FENCE",
+           "WRITE_SCRIPT"]
 
 STALE_FENCE = "STALE_FENCE"
 CONFLICT = "CONFLICT"
+RECORD_MOVED = "RECORD_MOVED"
 
 # KEYS[1] = state hash         keys.portfolio(account)
 # KEYS[2] = positions hash     keys.portfolio_part(account, "positions")
@@ -20,17 +22,22 @@ CONFLICT = "CONFLICT"
 # KEYS[6] = ledger stream      keys.ledger(account)
 # KEYS[7] = fence counter      keys.fence("portfolio:{account}")
 # KEYS[8] = lock key           keys.lock("portfolio:{account}")
+# KEYS[9] = (optional) a record hash written with the mutation (the executor's order record)
 # ARGV[1] = the writer's fencing token
 # ARGV[2] = the state version the writer read ("0" for an account never written)
 # ARGV[3] = the operation id (a retry of an applied operation is answered "dup", not re-applied)
 # ARGV[4] = the writer's lock owner token: once written, the lock is released if still its own
-# ARGV[5..] = for each of KEYS[1..5] in turn: n, then n field/value pairs to HSET, m, then m
+# ARGV[5], ARGV[6] = a field of KEYS[9] and the value it must hold ("" for absent) for the write to
+#             go ahead ("" and "" without KEYS[9]); ARGV[7] = r, then r field/value pairs to HSET
+#             on KEYS[9]
+# ARGV[8 + 2r..] = for each of KEYS[1..5] in turn: n, then n field/value pairs to HSET, m, then m
 #             fields to HDEL; then k, then k field/value pairs of the ledger entry
 # returns {"ok", new version, ledger entry id, released} once written, or {"dup", version, "",
 #         released} when this operation id was the last one applied (released: 1 if the lock was
 #         still the writer's and is now free, 0 if its lease had expired); refuses, changing
 #         nothing, with {"STALE_FENCE", token, newest} (token below the newest accepted or the
-#         fence counter) or {"CONFLICT", expected, actual} (the version moved since the read).
+#         fence counter), {"CONFLICT", expected, actual} (the version moved since the read) or
+#         {"RECORD_MOVED", expected, actual} (KEYS[9]'s field ARGV[5] moved since the read).
 #         A refusal is a plain reply, not an error reply, so that commands pipelined behind the
 #         write still get theirs (fakeredis's TCP server drops the connection after an error reply
 #         that has more commands behind it).
@@ -57,7 +64,12 @@ end
 if version ~= tonumber(ARGV[2]) then
     return {'CONFLICT', ARGV[2], tostring(version)}
 end
-local i = 5
+if ARGV[5] ~= '' then
+    local found = redis.call('hget', KEYS[9], ARGV[5]) or ''
+    if found ~= ARGV[6] then return {'RECORD_MOVED', ARGV[6], found} end
+end
+local record = tonumber(ARGV[7])
+local i = 8 + 2 * record
 local function take(count)
     local out = {}
     for j = 1, count do out[j] = ARGV[i + j - 1] end
@@ -70,6 +82,7 @@ for k = 1, 5 do
     local m = tonumber(ARGV[i]); i = i + 1
     if m > 0 then redis.call('hdel', KEYS[k], unpack(take(m))) end
 end
+if record > 0 then redis.call('hset', KEYS[9], unpack(ARGV, 8, 7 + 2 * record)) end
 local n = tonumber(ARGV[i]); i = i + 1
 local id = redis.call('xadd', KEYS[6], '*', unpack(take(2 * n)))
 redis.call('hset', state, 'version', version + 1, 'fence', ARGV[1], 'last_op', ARGV[3])

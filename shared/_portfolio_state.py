@@ -136,6 +136,7 @@ class Outcome:
     duplicate: bool = False         # a fill id already applied, or a release of a closed reservation
     followed: tuple[Any, ...] | None = None  # replies of the commands queued after the write (None: none ran)
     position_before: Decimal = ZERO  # a fill's symbol's position quantity before it (signed)
+    beyond: str = ""                # a fill booked beyond its reservation's pre-trade control: why
 
 
 def apply_entry(state: State, entry: Mapping[str, str], *, allow_short: bool) -> Outcome:
@@ -152,7 +153,7 @@ def apply_entry(state: State, entry: Mapping[str, str], *, allow_short: bool) ->
         if op == "release":
             return _release(state, entry)
         if op == "fill":
-            return _fill(state, entry)
+            return _fill(state, entry, allow_short)
     raise ValueError(f"unknown ledger op {op!r}")
 
 
@@ -217,50 +218,70 @@ def _release(state: State, entry: Mapping[str, str]) -> Outcome:
     return Outcome(changed=True, symbol=symbol, reservation_id=rid, amount=returned, completed=True)
 
 
-def _fill(state: State, entry: Mapping[str, str]) -> Outcome:
+def _fill(state: State, entry: Mapping[str, str], allow_short: bool) -> Outcome:
+    """Book one execution. A fill is a fact: it is never refused for going beyond its reservation
+    (an over-fill, a cost above what was held and free, a closed or unknown reservation, a sell
+    through zero); what it went beyond is said in ``outcome.beyond`` and the ledger entry."""
     account, rid, fill_id = _account(entry), entry["rid"], entry["fill_id"]
     _require_open(state, account)
     if fill_id in state.fills:
         return Outcome(changed=False, reservation_id=rid, fill_id=fill_id, duplicate=True)
     reservation = state.reservations.get(rid)
-    if reservation is None:
-        raise UnknownReservation(account, rid)
+    side = entry.get("side") or (reservation.side if reservation is not None else "")
+    symbol = entry.get("symbol") or (reservation.symbol if reservation is not None else "")
+    if not side or not symbol:
+        raise UnknownReservation(account, rid)  # nothing says what was bought or sold
+    if reservation is not None and (reservation.side, reservation.symbol) != (side, symbol):
+        raise FillRefused(account, fill_id, f"{side} {symbol} does not match reservation {rid!r} "
+                                            f"({reservation.side} {reservation.symbol})")
     qty, price, fee = dec(entry["qty"]), dec(entry["price"]), dec(entry["fee"])
-    held = state.positions.get(reservation.symbol)
-    before = held.qty if held is not None else ZERO
-    if reservation.filled + qty > reservation.qty:
-        raise FillRefused(account, fill_id, f"over-fill: {fmt(reservation.filled)} already filled + "
-                                            f"{fmt(qty)} > order quantity {fmt(reservation.qty)}")
-    if reservation.side == "buy":
+    position = state.position(symbol)
+    before = position.qty
+    beyond: list[str] = []
+    if reservation is None:
+        beyond.append(f"reservation {rid!r} is {state.closed.get(rid, 'unknown')}, not open")
+    elif reservation.filled + qty > reservation.qty:
+        beyond.append(f"over-fill: {fmt(reservation.filled)} filled before + {fmt(qty)} > order "
+                      f"quantity {fmt(reservation.qty)}")
+    take = ZERO
+    if side == "buy":
         spend = qty * price + fee
-        take = min(spend, reservation.held)
+        if reservation is not None:
+            take = min(spend, reservation.held)
         free = state.cash - state.reserved
         if spend - take > free:
-            raise FillRefused(account, fill_id, f"costs {fmt(spend)}: {fmt(spend - take)} more than the "
-                                                f"reservation holds, and only {fmt(free)} is free")
+            beyond.append(f"costs {fmt(spend)}: {fmt(spend - take)} more than the reservation held, "
+                          f"with {fmt(free)} free")
         state.cash -= spend
         state.reserved -= take
-        reservation.held -= take
-        realized = _trade(state.position(reservation.symbol), qty, price)
-    else:
+        realized = _trade(position, qty, price)
+    elif side == "sell":
         proceeds = qty * price - fee
+        if reservation is not None:
+            take = min(qty, reservation.held)
         if state.cash + proceeds < state.reserved:
-            raise FillRefused(account, fill_id, f"fee {fmt(fee)} exceeds what the account can pay")
+            beyond.append(f"fee {fmt(fee)} overdraws the cash left")
         state.cash += proceeds
-        position = state.position(reservation.symbol)
-        position.reserved -= qty
-        reservation.held -= qty
+        position.reserved -= take
         realized = _trade(position, -qty, price)
+        if position.qty < 0 <= before and not allow_short:
+            beyond.append(f"sells {fmt(qty)} with {fmt(before)} held: short {fmt(-position.qty)}, "
+                          "and shorting is off")
+    else:
+        raise ValueError(f"unknown side {side!r}")
     state.fees += fee
     state.realized_pnl += realized
-    reservation.filled += qty
     state.fills[fill_id] = rid
-    returned, completed = ZERO, reservation.filled == reservation.qty
-    if completed:
-        returned = _close(state, rid, "filled")
-    _tidy(state, reservation.symbol)
-    return Outcome(changed=True, symbol=reservation.symbol, reservation_id=rid, fill_id=fill_id,
-                   amount=returned, realized=realized, completed=completed, position_before=before)
+    returned, completed = ZERO, False
+    if reservation is not None:
+        reservation.held -= take
+        reservation.filled += qty
+        if reservation.filled >= reservation.qty:
+            returned, completed = _close(state, rid, "filled"), True
+    _tidy(state, symbol)
+    return Outcome(changed=True, symbol=symbol, reservation_id=rid, fill_id=fill_id, amount=returned,
+                   realized=realized, completed=completed, position_before=before,
+                   beyond="; ".join(beyond))
 
 
 def _trade(position: Position, signed_qty: Decimal, price: Decimal) -> Decimal:
@@ -309,24 +330,30 @@ def replay(entries: Iterable[Mapping[str, str]], *, allow_short: bool) -> State:
     return state
 
 
-def invariant_violations(state: State, *, allow_short: bool) -> list[str]:
-    """Every broken invariant of ``state``, as text (empty when all hold)."""
+def invariant_violations(state: State, *, allow_short: bool, controls: bool = True) -> list[str]:
+    """Every broken invariant of ``state``, as text (empty when all hold).
+
+    The structural ones always hold: what is reserved is what the open reservations hold.
+    ``controls``: also the ones the pre-trade checks keep (cash covers what is reserved, no
+    short without ``allow_short``) -- a fill booked beyond its reservation may break those, as
+    a fact the account now has to be brought back from.
+    """
     problems = []
-    if state.cash < 0:
-        problems.append(f"cash {fmt(state.cash)} < 0")
     if state.reserved < 0:
         problems.append(f"reserved {fmt(state.reserved)} < 0")
-    if state.reserved > state.cash:
+    if controls and state.cash < 0:
+        problems.append(f"cash {fmt(state.cash)} < 0")
+    if controls and state.reserved > state.cash:
         problems.append(f"reserved {fmt(state.reserved)} > cash {fmt(state.cash)}")
     held_cash = sum((r.held for r in state.reservations.values() if r.side == "buy"), ZERO)
     if held_cash != state.reserved:
         problems.append(f"reserved {fmt(state.reserved)} != sum of buy reservations {fmt(held_cash)}")
     for symbol, position in sorted(state.positions.items()):
-        if position.qty < 0 and not allow_short:
+        if controls and position.qty < 0 and not allow_short:
             problems.append(f"position {symbol} {fmt(position.qty)} < 0 (shorting is off)")
         if position.reserved < 0:
             problems.append(f"position {symbol} reserved {fmt(position.reserved)} < 0")
-        if position.reserved > position.qty and not allow_short:
+        if controls and position.reserved > position.qty and not allow_short:
             problems.append(f"position {symbol} reserved {fmt(position.reserved)} > "
                             f"quantity {fmt(position.qty)}")
         held = sum((r.held for r in state.reservations.values()

@@ -60,6 +60,7 @@ from shared._portfolio_scripts import (
     FULL_READ_SCRIPT,
     HELD_READ,
     READ_SCRIPT,
+    RECORD_MOVED,
     STALE_FENCE,
     WRITE_SCRIPT,
 )
@@ -93,6 +94,7 @@ __all__ = [
     "Outcome",
     "Portfolio",
     "Position",
+    "RecordUpdate",
     "Reservation",
     "Snapshot",
     "VerifyReport",
@@ -136,6 +138,18 @@ class Snapshot:
         """Cash plus positions at ``marks`` (a symbol without a mark counts at its average cost)."""
         return self.cash + sum((p.qty * marks.get(s, p.avg_cost) for s, p in self.positions.items()),
                                Decimal(0))
+
+
+@dataclass(frozen=True)
+class RecordUpdate:
+    """Fields to write on another hash (``key``) in the same atomic step as a mutation, provided
+    its field ``expect[0]`` still holds ``expect[1]`` ("" for absent): otherwise nothing is written
+    and the mutation raises PortfolioConflict (re-read and retry). ``fields`` are made from the
+    mutation's outcome, decided under the lock."""
+
+    key: str
+    expect: tuple[str, str]
+    fields: Callable[[Outcome], Mapping[str, str]]
 
 
 @dataclass
@@ -220,16 +234,24 @@ class Portfolio:
         return self._mutate({"op": "release", "rid": _id(reservation_id), "reason": reason or "released"},
                             rid=reservation_id)
 
-    def apply_fill(self, reservation_id: str, fill: Fill) -> Outcome:
-        """Apply one execution of the reservation's order; a fill id seen before changes nothing.
+    def apply_fill(self, reservation_id: str, fill: Fill, *, side: Side | str | None = None,
+                   symbol: str | None = None, record: RecordUpdate | None = None) -> Outcome:
+        """Book one execution of the reservation's order; a fill id seen before changes nothing.
 
-        Returns the realized PnL and, when the order is complete, the unused part of the
-        reservation given back (``outcome.amount``). UnknownReservation for an unknown or closed
-        reservation; FillRefused (alert-worthy) for an over-fill or a cost nothing can pay.
+        A fill is a fact: it is booked even beyond the reservation (an over-fill, a cost above
+        what was held and free, a reservation already closed); ``outcome.beyond`` then says what
+        it went beyond, for the caller to alert on. Returns the realized PnL and, when the order is
+        complete, the unused part of the reservation given back (``outcome.amount``). ``record``
+        is written in the same atomic step (the order's applied quantity, so the two never part).
+        ``side`` and ``symbol`` say what was traded (needed when the reservation is closed; by
+        default the reservation's).
         """
         entry = {"op": "fill", "rid": _id(reservation_id), "fill_id": _id(fill.fill_id),
-                 "qty": fmt(fill.quantity), "price": fmt(fill.price), "fee": fmt(fill.fee)}
-        return self._mutate(entry, rid=reservation_id, fill_id=fill.fill_id)
+                 "qty": fmt(_positive(fill.quantity, "quantity")),
+                 "price": fmt(_positive(fill.price, "price")), "fee": fmt(fill.fee)}
+        if side is not None and symbol is not None:
+            entry |= {"side": Side(side).value, "symbol": symbol}
+        return self._mutate(entry, rid=reservation_id, fill_id=fill.fill_id, record=record)
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -306,12 +328,13 @@ class Portfolio:
 
     def _mutate(self, entry: dict[str, str], *, rid: str | None = None, fill_id: str | None = None,
                 precheck: Any = None, then: Callable[[Pipeline], None] | None = None,
-                held: Held | None = None) -> Outcome:
+                held: Held | None = None, record: RecordUpdate | None = None) -> Outcome:
         entry = {**entry, "account": self.account, "op_id": uuid.uuid4().hex}
-        return self._locked(entry, rid, fill_id, precheck, then, held)
+        return self._locked(entry, rid, fill_id, precheck, then, held, record)
 
     def _locked(self, entry: dict[str, str], rid: str | None, fill_id: str | None, precheck: Any,
-                then: Callable[[Pipeline], None] | None, held: Held | None = None) -> Outcome:
+                then: Callable[[Pipeline], None] | None, held: Held | None = None,
+                record: RecordUpdate | None = None) -> Outcome:
         """Lock (reading the state in the same round trip, after the lock is taken), decide, write;
         with ``held``, the lock is taken and the state read already."""
         if held is not None:
@@ -334,7 +357,7 @@ class Portfolio:
             self._release_quietly(lock)
             return outcome
         try:
-            followed = self._commit(lock, token, state, entry, outcome, then)
+            followed = self._commit(lock, token, state, entry, outcome, then, record)
         except PortfolioError:  # refused: nothing was written and the lock is still held
             self._release_quietly(lock)
             raise
@@ -347,7 +370,8 @@ class Portfolio:
             log.warning("portfolio.lock_release_failed", account=self.account, error=str(exc))
 
     def _commit(self, lock: FencedLock, token: int, state: State, entry: dict[str, str],
-                outcome: Outcome, then: Callable[[Pipeline], None] | None = None) -> tuple[Any, ...]:
+                outcome: Outcome, then: Callable[[Pipeline], None] | None = None,
+                record: RecordUpdate | None = None) -> tuple[Any, ...]:
         """Write ``state``'s changed parts and ``entry`` atomically under ``token``, releasing the lock;
         the replies of what ``then`` queued behind the write.
 
@@ -355,7 +379,13 @@ class Portfolio:
         lock still held), or RedisUnavailable if the round trip failed (the write may or may not
         have landed; the lock then expires with its lease if it was not released).
         """
+        keys = self._keys if record is None else [*self._keys, record.key]
         args: list[Any] = [token, state.version, entry["op_id"], lock.owner_token]
+        if record is None:
+            args += ["", "", 0]
+        else:
+            written = record.fields(outcome)
+            args += [*record.expect, len(written), *(x for pair in written.items() for x in pair)]
         args += _group([("cash", fmt(state.cash)), ("reserved", fmt(state.reserved)),
                         ("realized_pnl", fmt(state.realized_pnl)), ("fees", fmt(state.fees))], [])
         symbol, rid = outcome.symbol, outcome.reservation_id
@@ -376,14 +406,16 @@ class Portfolio:
                   "cash_after": fmt(state.cash), "reserved_after": fmt(state.reserved)}
         if outcome.fill_id:
             ledger["realized"] = fmt(outcome.realized)
+        if outcome.beyond:
+            ledger["beyond"] = outcome.beyond
         args += [len(ledger), *(x for pair in ledger.items() for x in pair)]
         followed: tuple[Any, ...] = ()
         try:
             if then is None:
-                result = self._write(keys=self._keys, args=args, client=self.redis)
+                result = self._write(keys=keys, args=args, client=self.redis)
             else:
                 with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.eval(WRITE_SCRIPT, len(self._keys), *self._keys, *args)  # EVAL: no SCRIPT EXISTS
+                    pipe.eval(WRITE_SCRIPT, len(keys), *keys, *args)  # EVAL: no SCRIPT EXISTS
                     then(pipe)
                     result, *rest = pipe.execute(raise_on_error=False)
                 if isinstance(result, redis.ResponseError):
@@ -400,6 +432,10 @@ class Portfolio:
             raise RedisUnavailable(f"portfolio {self.account!r}: write of {entry['op']} failed, it may or "
                                    f"may not have been applied; retry the same call: {exc}") from exc
         verdict = reply_text(result[0])
+        if verdict == RECORD_MOVED:  # refused: nothing written, the lock still held
+            raise PortfolioConflict(self.account, f"{record.key if record else '?'}: "
+                                                  f"{record.expect[0] if record else '?'} moved from "
+                                                  f"{reply_text(result[1])!r} to {reply_text(result[2])!r}")
         if verdict in (STALE_FENCE, CONFLICT):  # refused: nothing written, the lock still held
             raise self._refusal(verdict, int(result[1]), int(result[2]))
         lock.released_by_store()
@@ -504,6 +540,7 @@ def verify(client: redis.Redis, keys: Keys, account: str, *, allow_short: bool) 
     compare the result with the state in Redis. Stops at the first difference."""
     report = VerifyReport()
     replayed = State()
+    controls = True  # until a fill was booked beyond its reservation (see invariant_violations)
     for entry in read_ledger(client, keys, account):
         report.entries += 1
         where = f"ledger entry {report.entries} ({entry['id']}, op={entry.get('op')})"
@@ -521,7 +558,8 @@ def verify(client: redis.Redis, keys: Keys, account: str, *, allow_short: bool) 
                                    f"{recorded[2]}, replay gives v={replayed.version} cash="
                                    f"{fmt(replayed.cash)} reserved={fmt(replayed.reserved)}")
             return report
-        broken = invariant_violations(replayed, allow_short=allow_short)
+        controls = controls and not entry.get("beyond")
+        broken = invariant_violations(replayed, allow_short=allow_short, controls=controls)
         if broken:
             report.problems.append(f"{where}: invariant broken: {broken[0]}")
             return report
@@ -530,7 +568,7 @@ def verify(client: redis.Redis, keys: Keys, account: str, *, allow_short: bool) 
     if difference:
         report.problems.append(f"replayed ledger != state in Redis: {difference}")
     else:
-        broken = invariant_violations(current, allow_short=allow_short)
+        broken = invariant_violations(current, allow_short=allow_short, controls=controls)
         if broken:
             report.problems.append(f"state in Redis: invariant broken: {broken[0]}")
     return report

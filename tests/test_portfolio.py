@@ -170,34 +170,63 @@ class TestFills:
         assert outcome.duplicate and not outcome.changed
         assert everything(redis_client, keys) == before
 
-    def test_fill_for_unknown_reservation_is_refused(self, book: Portfolio, redis_client: redis.Redis,
-                                                     keys: Keys) -> None:
-        """A fill naming no open reservation raises UnknownReservation and changes nothing."""
+    def test_fill_naming_nothing_traded_is_refused(self, book: Portfolio, redis_client: redis.Redis,
+                                                   keys: Keys) -> None:
+        """A fill with no open reservation and no side/symbol cannot be booked: UnknownReservation,
+        nothing changes."""
         before = everything(redis_client, keys)
         with pytest.raises(UnknownReservation):
             book.apply_fill("ghost", fill("f1", "1", "10"))
         assert everything(redis_client, keys) == before
 
-    def test_fill_larger_than_order_is_refused(self, book: Portfolio, redis_client: redis.Redis,
-                                               keys: Keys) -> None:
-        """An over-fill raises FillRefused (alert-worthy) and changes nothing."""
+    def test_fill_of_a_closed_reservation_is_booked_as_a_fact(self, book: Portfolio, redis_client: redis.Redis,
+                                                              keys: Keys) -> None:
+        """An order released here that the broker filled anyway: the fill is booked (cash, position,
+        ledger), said to be beyond its reservation, and verify still passes."""
+        book.reserve("r1", "AAPL", "buy", D(5), D(10))
+        book.release("r1", "rejected")
+        outcome = book.apply_fill("r1", fill("f1", "5", "10"), side="buy", symbol="AAPL")
+        assert outcome.changed and "closed" not in outcome.beyond and "rejected" in outcome.beyond
+        snap = book.snapshot()
+        assert (snap.cash, snap.reserved, snap.positions["AAPL"].qty) == (D(9950), D(0), D(5))
+        assert list(read_ledger(redis_client, keys, "acct"))[-1]["beyond"] == outcome.beyond
+        assert verify(redis_client, keys, "acct", allow_short=False).ok
+
+    def test_over_fill_is_booked_and_closes_the_reservation(self, book: Portfolio) -> None:
+        """The broker filled more than the order: every share is booked, the reservation closes, and
+        ``beyond`` names the over-fill."""
         book.reserve("r1", "AAPL", "buy", D(5), D(10))
         book.apply_fill("r1", fill("f1", "3", "10"))
-        before = everything(redis_client, keys)
-        with pytest.raises(FillRefused) as caught:
-            book.apply_fill("r1", fill("f2", "3", "10"))
-        assert caught.value.fill_id == "f2"
-        assert everything(redis_client, keys) == before
+        outcome = book.apply_fill("r1", fill("f2", "3", "10"))
+        assert outcome.completed and outcome.beyond.startswith("over-fill")
+        snap = book.snapshot()
+        assert (snap.positions["AAPL"].qty, snap.cash, snap.reserved, snap.reservations) == (
+            D(6), D(9940), D(0), {})
 
-    def test_fill_costing_more_than_anything_can_pay_is_refused(self, redis_client: redis.Redis,
-                                                                keys: Keys) -> None:
-        """A fill whose price blew through the buffer by more than the free cash is refused, not overdrawn."""
+    def test_fill_costing_more_than_the_account_has_overdraws_it(self, redis_client: redis.Redis,
+                                                               keys: Keys) -> None:
+        """A fill whose price blew through the buffer and the free cash is booked: cash goes
+        negative, ``beyond`` says by how much, and verify passes (the controls are off after it)."""
         book = handle(redis_client, keys)
         book.open(D(1000))
         book.reserve("r1", "AAPL", "buy", D(9), D(100))
+        outcome = book.apply_fill("r1", fill("f1", "9", "120"))
+        assert outcome.beyond.startswith("costs 1080")
+        assert book.snapshot().cash == D(-80)
+        assert verify(redis_client, keys, "acct", allow_short=False).ok
+
+    def test_fill_within_free_cash_is_not_beyond(self, book: Portfolio) -> None:
+        """Slippage that free cash covers is ordinary: booked, nothing said."""
+        book.reserve("r1", "AAPL", "buy", D(9), D(100))
+        outcome = book.apply_fill("r1", fill("f1", "9", "120"))
+        assert outcome.beyond == "" and book.snapshot().cash == D(10000 - 1080)
+
+    def test_fill_that_does_not_match_its_reservation_is_refused(self, book: Portfolio) -> None:
+        """A sell fill against a buy reservation is a bug, not a fact: FillRefused, nothing booked."""
+        book.reserve("r1", "AAPL", "buy", D(5), D(10))
         with pytest.raises(FillRefused):
-            book.apply_fill("r1", fill("f1", "9", "120"))
-        assert book.snapshot().cash == D(1000)
+            book.apply_fill("r1", fill("f1", "5", "10"), side="sell", symbol="AAPL")
+        assert book.snapshot().reserved == D("50.05")
 
 
 class TestLedger:
@@ -226,11 +255,11 @@ class _Hooked(Portfolio):
     before_write: Any = None
 
     def _commit(self, lock: FencedLock, token: int, state: Any, entry: Any, outcome: Any,
-                then: Any = None) -> tuple[Any, ...]:
+                then: Any = None, record: Any = None) -> tuple[Any, ...]:
         if self.before_write is not None:
             hook, self.before_write = self.before_write, None
             hook()
-        return super()._commit(lock, token, state, entry, outcome, then)
+        return super()._commit(lock, token, state, entry, outcome, then, record)
 
 
 class TestWriteRefusals:
