@@ -7,6 +7,9 @@ What the bus guarantees:
   before the consumer inspects its pending list or stops. A consumer that dies leaves its
   entries pending; another consumer of the group (or itself, restarted) claims them once they
   have been idle ``claim_idle_ms`` (XAUTOCLAIM) and runs them again.
+* **An outage is not the message's fault.** A handler that meets Redis or the broker away
+  (:class:`~shared.errors.Unavailable`) keeps its entry in hand, with a short back-off and a
+  warning per try; the delivery does not count towards the dead-letter stream.
 * **Nothing silently lost.** An entry that cannot be decoded, that a handler rejects
   (:class:`~shared.errors.HandlerRejected`), or whose handler failed ``max_deliveries`` times goes
   to the dead-letter stream with the reason, the delivery count and every original field, and
@@ -58,7 +61,7 @@ from redis.client import Pipeline
 from shared import codec
 from shared.clock import Clock
 from shared.config import BusSettings
-from shared.errors import CodecError, HandlerRejected, RedisUnavailable
+from shared.errors import CodecError, HandlerRejected, RedisUnavailable, Unavailable
 from shared.keys import Keys
 from shared.logging import bind_correlation, get_logger
 from shared.models import Message, model_fields_for_log
@@ -342,11 +345,11 @@ class Consumer:
                 if self.clock.monotonic() - started < self.settings.block_ms / 2000:
                     backoff = min(max(backoff * 2, 0.005), 0.05)  # the server did not block
                     stop.wait(backoff)
-            except (redis.RedisError, RedisUnavailable) as exc:
-                if unavailable(exc):
+            except (redis.RedisError, Unavailable) as exc:
+                if unavailable(exc) or isinstance(exc, Unavailable):
                     backoff = min(max(backoff * 2, 0.1), 2.0)
-                    self._log.warning("bus.redis_unavailable", error=str(exc), retry_in_s=backoff,
-                                      in_hand=len(self._in_hand))
+                    event = "bus.redis_unavailable" if unavailable(exc) else "bus.dependency_unavailable"
+                    self._log.warning(event, error=str(exc), retry_in_s=backoff, in_hand=len(self._in_hand))
                     stop.wait(backoff)
                     continue
                 if "NOGROUP" in str(exc):  # Redis restarted without its data
@@ -468,10 +471,11 @@ class Consumer:
         the pending list. That keeps at-least-once: a crash before the XACK redelivers at most
         this batch, which idempotent handlers absorb.
 
-        A handler that finds Redis unavailable (:func:`~shared.redis_client.unavailable`) is not
-        the message's fault: that entry and the ones after it stay in hand with their delivery
-        counts, RedisUnavailable goes up to the loop's back-off, and they are handled again first
-        (:meth:`_handle_in_hand`) -- never counted towards the dead-letter stream for it.
+        A handler that finds Redis unavailable (:func:`~shared.redis_client.unavailable`), or that
+        raises another :class:`~shared.errors.Unavailable` (the broker down or rate limiting), is
+        not the message's fault: that entry and the ones after it stay in hand with their
+        delivery counts, the error goes up to the loop's back-off, and they are handled again
+        first (:meth:`_handle_in_hand`) -- never counted towards the dead-letter stream for it.
         """
         if counts is None:
             counts = {} if fresh else self._delivery_counts([reply_text(e[0]) for e in entries])
@@ -480,7 +484,7 @@ class Consumer:
             entry_id = reply_text(raw_id)
             try:
                 done = self._handle(entry_id, fields or {}, counts.get(entry_id, 1))
-            except RedisUnavailable:
+            except Unavailable:
                 self._in_hand = list(entries[index:])
                 self._in_hand_counts = counts
                 self._settle(handled)
@@ -544,6 +548,8 @@ class Consumer:
             except Exception as exc:
                 if unavailable(exc):
                     raise RedisUnavailable(f"handling {entry_id}: {type(exc).__name__}: {exc}") from exc
+                if isinstance(exc, Unavailable):
+                    raise
                 self._failed.add(entry_id)
                 self._log.exception("bus.handler_failed", entry_id=entry_id, deliveries=deliveries)
                 if deliveries >= self.settings.max_deliveries:

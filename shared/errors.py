@@ -8,7 +8,10 @@ that calls them -- the bus, the lock, the portfolio store, the broker adapter --
 
     BastionError
     ├── ConfigError                 bad settings: names every bad field
-    ├── RedisUnavailable            Redis did not answer (connection refused, timeout, reset)
+    ├── Unavailable                 a dependency is away for now: wait it out and retry, never
+    │   │                           count it against the message at hand (also a base of the two
+    │   │                           broker errors marked *)
+    │   └── RedisUnavailable        Redis did not answer (connection refused, timeout, reset)
     ├── CodecError                  a message that cannot be decoded: dead-lettered, never retried
     │   └── UnknownSchema           a type or schema version this build does not know
     ├── HandlerRejected             a handler's verdict that a message can never succeed
@@ -19,7 +22,7 @@ that calls them -- the bus, the lock, the portfolio store, the broker adapter --
     │   ├── InsufficientFunds       cash minus reservations cannot cover a buy
     │   ├── InsufficientPosition    position minus sell reservations cannot cover a sell
     │   ├── UnknownReservation      release or fill for a reservation that does not exist
-    │   ├── FillRefused             a fill that would corrupt state (over-fill, wrong side)
+    │   ├── FillRefused             a fill that contradicts its reservation (wrong side or symbol)
     │   ├── StaleFencingToken       a write under a token older than one already accepted
     │   └── PortfolioConflict       the state changed between read and write (version check)
     ├── RateLimitTimeout            a shared rate limit did not grant a request before the deadline
@@ -28,8 +31,8 @@ that calls them -- the bus, the lock, the portfolio store, the broker adapter --
         │   ├── InsufficientBuyingPower
         │   └── PatternDayTrading   Alpaca's PDT 403
         ├── OrderNotFound
-        ├── RateLimited             429; carries the seconds to wait
-        ├── BrokerUnavailable       5xx, refused connection: nothing was placed
+        ├── RateLimited *           429; carries the seconds to wait
+        ├── BrokerUnavailable *     5xx, refused connection: nothing was placed
         └── AmbiguousSubmit         timeout or dropped connection on submit: may have been placed
 """
 
@@ -62,6 +65,7 @@ __all__ = [
     "RateLimited",
     "RedisUnavailable",
     "StaleFencingToken",
+    "Unavailable",
     "UnknownReservation",
     "UnknownSchema",
 ]
@@ -80,7 +84,11 @@ class ConfigError(BastionError):
         super().__init__(f"invalid configuration ({len(self.problems)} problem(s)):\n{lines}")
 
 
-class RedisUnavailable(BastionError):
+class Unavailable(BastionError):
+    """A dependency (Redis, the broker) cannot serve us for now: wait it out and try again."""
+
+
+class RedisUnavailable(Unavailable):
     """Redis could not be reached or dropped the connection mid-command."""
 
 
@@ -220,7 +228,7 @@ class OrderNotFound(BrokerError):
     """The broker has no order with that id."""
 
 
-class RateLimited(BrokerError):
+class RateLimited(BrokerError, Unavailable):
     """The broker answered 429; ``retry_after`` is the number of seconds to wait."""
 
     def __init__(self, message: str, *, retry_after: float, client_order_id: str | None = None) -> None:
@@ -228,7 +236,7 @@ class RateLimited(BrokerError):
         super().__init__(message, client_order_id=client_order_id)
 
 
-class BrokerUnavailable(BrokerError):
+class BrokerUnavailable(BrokerError, Unavailable):
     """The broker could not be reached or failed (5xx) before accepting anything."""
 
 
