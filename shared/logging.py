@@ -6,6 +6,15 @@ so one trade can be followed across processes with ``grep``. The bus binds a mes
 every message it handles, so binding is cheap: one context variable is set and reset per block,
 and the ids are worked out only when a line is actually written. Values under secret-looking keys,
 ``SecretStr`` values and passwords inside URLs are replaced before rendering.
+
+Libraries that log through the standard library (alpaca-py, urllib3, websockets, asyncio) are
+routed through the same pipeline by a handler on the root logger: their lines are JSON too, with
+``logger`` (the stdlib logger's name) added, the same redaction, and exceptions rendered as data
+without frame locals. ``extra=`` fields of stdlib records are dropped (they are not checked for
+secrets). structlog's lines and stdlib's go through one writer, so they never interleave
+mid-line. urllib3 and websockets log at WARNING or above whatever the level (websockets'
+debug lines would carry the stream's authentication message). What is left to the caller: a
+secret written into a message's text (not under a key, not a URL password) is not recognised.
 """
 
 from __future__ import annotations
@@ -17,11 +26,12 @@ import re
 import sys
 from collections.abc import Callable, Mapping, MutableMapping
 from contextvars import ContextVar, Token
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 from pydantic import SecretStr
 from structlog.tracebacks import ExceptionDictTransformer
+from structlog.typing import EventDict, Processor, WrappedLogger
 
 __all__ = ["bind_correlation", "configure_logging", "get_logger", "merge_correlation", "redact"]
 
@@ -29,6 +39,8 @@ REDACTED = "**********"
 _SECRET_KEY = re.compile(r"(password|passwd|secret|api_key|apikey|token|authorization|credential)", re.I)
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@", re.I)
 _NOT_SECRET = {"fencing_token", "token_count"}
+# stdlib loggers held at WARNING or above: per-request (urllib3) and per-frame (websockets) lines
+CHATTY_LOGGERS = ("urllib3", "websockets")
 
 CorrelationIds = Mapping[str, Any] | Callable[[], Mapping[str, Any]]
 # The blocks bound so far in this context, outermost first; each is a mapping or a function
@@ -73,25 +85,74 @@ def merge_correlation(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> 
     return event_dict
 
 
+class _ServiceFields:
+    """structlog processor: ``service`` and ``pid`` on every line, from whichever thread (a new
+    thread starts with empty context variables), the pid read per line (an rq work horse is a
+    fork). Values bound in the context win."""
+
+    __slots__ = ("service",)
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+
+    def __call__(self, _: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+        event_dict.setdefault("service", self.service)
+        event_dict.setdefault("pid", os.getpid())
+        return event_dict
+
+
+class _JsonLinesHandler(logging.Handler):
+    """A root-logger handler writing each stdlib record as one line through structlog's writer for
+    the same stream (and its lock: a stdlib line and a structlog line never interleave)."""
+
+    def __init__(self, stream: TextIO, formatter: logging.Formatter) -> None:
+        super().__init__()
+        self.setFormatter(formatter)
+        self._out = structlog.WriteLogger(stream)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._out.msg(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+
 def configure_logging(service: str, level: str = "INFO", stream: Any = None) -> None:
-    """Send this process's structlog events to ``stream`` (stdout) as JSON lines."""
+    """Send this process's structlog events, and its stdlib ``logging`` records, to ``stream``
+    (stdout) as JSON lines at ``level``. Process-global; calling it again replaces the setup."""
+    out = stream or sys.stdout
+    numeric = logging.getLevelName(level)
+    # Before rendering, for both kinds of line. Frame locals would carry secrets (an HTTP client's
+    # headers) past the redactor, so exceptions are rendered without them.
+    context: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        merge_correlation,
+        _ServiceFields(service),
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    render: list[Processor] = [
+        structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False)),
+        _redact_processor,
+        structlog.processors.JSONRenderer(default=str),
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            merge_correlation,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            # Frame locals would carry secrets (an HTTP client's headers) past the redactor.
-            structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False)),
-            _redact_processor,
-            structlog.processors.JSONRenderer(default=str),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.WriteLoggerFactory(file=stream or sys.stdout),
+        processors=[*context, *render],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(service=service, pid=os.getpid())
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*context, structlog.stdlib.add_logger_name],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *render])
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _JsonLinesHandler)]:
+        root.removeHandler(handler)
+    root.addHandler(_JsonLinesHandler(out, formatter))
+    root.setLevel(numeric)
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
 
 
 def get_logger(**initial: Any) -> Any:

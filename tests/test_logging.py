@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
@@ -16,6 +17,7 @@ from pydantic import SecretStr
 from structlog.testing import capture_logs
 
 from shared.logging import (
+    CHATTY_LOGGERS,
     REDACTED,
     bind_correlation,
     configure_logging,
@@ -27,12 +29,19 @@ from shared.logging import (
 
 @pytest.fixture(autouse=True)
 def reset_structlog() -> Iterator[None]:
-    """Each test starts and ends with structlog's defaults and no bound context."""
+    """Each test starts and ends with structlog's defaults and no bound context; the root logger's
+    handlers and the levels configure_logging sets are put back afterwards."""
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    levels = {name: logging.getLogger(name).level for name in ("", *CHATTY_LOGGERS)}
     structlog.reset_defaults()
     structlog.contextvars.clear_contextvars()
     yield
     structlog.reset_defaults()
     structlog.contextvars.clear_contextvars()
+    root.handlers[:] = handlers
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
 
 
 @pytest.fixture
@@ -95,6 +104,14 @@ class TestJsonLines:
         assert calls == ["called"]
         [line] = lines(stream)
         assert (line["message_id"], line["intent_id"], line["symbol"]) == ("m-1", "i-inner", "AAPL")
+
+    def test_line_from_another_thread_names_the_service(self, stream: io.StringIO) -> None:
+        """A thread starts with no context variables, yet its lines still carry service and pid."""
+        thread = threading.Thread(target=lambda: get_logger().info("threaded"))
+        thread.start()
+        thread.join()
+        [line] = lines(stream)
+        assert (line["service"], line["pid"]) == ("tester", os.getpid())
 
     def test_logger_initial_values(self, stream: io.StringIO) -> None:
         """Values given to get_logger are on every line of that logger."""
