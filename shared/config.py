@@ -269,6 +269,11 @@ class ExecutorSettings(_Section):
     """The order executor."""
 
     consumer_group: Annotated[str, Field(min_length=1)] = "executor"
+    poll_interval_s: Annotated[float, Field(gt=0)] = 5.0  # every order we hold open is looked up this often
+    unknown_lookup_limit: PositiveInt = 5  # not found this many times in a row: never placed
+    unknown_backoff_max_s: Annotated[float, Field(gt=0)] = 30.0  # longest wait between look-ups of one
+    stale_pending_s: Annotated[float, Field(gt=0)] = 120.0  # a pending_submit this old is chased as UNKNOWN
+    cancel_foreign_orders: bool = False  # cancel open broker orders without our client_order_id prefix
 
 
 class ReconcilerSettings(_Section):
@@ -281,6 +286,8 @@ class ReconcilerSettings(_Section):
     startup_retry_s: Annotated[float, Field(gt=0)] = 1.0  # retry while the start-up pass has not succeeded
     hold_until_reconciled: bool = True  # HALTED from start until a pass succeeds (fail closed)
     report_maxlen: PositiveInt = 1_000  # entries kept on the reconciliation stream
+    repair_after_s: Annotated[float, Field(ge=0)] = 30.0  # an in-flight difference this old: ask for a repair
+    repair_wait_s: Annotated[float, Field(gt=0)] = 30.0  # a repair not done within this: halt
 
 
 class MonitorSettings(_Section):

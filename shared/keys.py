@@ -30,6 +30,7 @@ Read this module to learn what to type into ``redis-cli``. With the default pref
 ``bastion:ratelimit:<name>``        a shared token bucket
 ``bastion:deferred``                intents waiting to be executed (hash, one per symbol and side)
 ``bastion:reconciliation``          the reconciler's latest report (hash; history on stream:reconciliation)
+``bastion:repair-requests``         orders the reconciler asks the executor to look up again (hash)
 ``bastion:monitor:<name>``          the monitor's state: health, problems, schedule, balance,
                                     deliveries, failed-deliveries (see services/monitor/_names.py)
 ==================================  ==========================================================
@@ -168,6 +169,12 @@ class Keys:
     def reconciliation(self) -> str:
         """Hash: the reconciler's latest report."""
         return f"{self.prefix}:reconciliation"
+
+    @property
+    def repair_requests(self) -> str:
+        """Hash: client_order_id -> when the reconciler asked the executor to look it up and apply
+        what the broker reports (an in-flight difference that lasted too long)."""
+        return f"{self.prefix}:repair-requests"
 
     def monitor(self, name: str) -> str:
         """One of the monitor's keys (health, problems, deliveries...)."""

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from shared.clock import utc
 
 __all__ = [
+    "CLIENT_ORDER_PREFIX",
     "Alert",
     "AlertSeverity",
     "Bar",
@@ -35,6 +36,9 @@ __all__ = [
     "TimeInForce",
     "new_id",
 ]
+
+
+CLIENT_ORDER_PREFIX = "bst-"  # every client_order_id Bastion gives the broker starts with it
 
 
 def new_id() -> str:

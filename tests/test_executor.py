@@ -55,6 +55,14 @@ class World:
         self.order = Order(time=T0, intent_id="i1", client_order_id="bst-i1", account="paper", symbol="AAPL",
                            side=Side.BUY, quantity=Decimal(10), reservation_id="i1")
 
+    def reorder(self, **update: object) -> None:
+        """Replace the order with one changed by ``update``, paid for by a matching reservation."""
+        self.executor.portfolio.release("i1")
+        self.order = self.order.model_copy(update={**update, "intent_id": "i9", "client_order_id": "bst-i1",
+                                                   "reservation_id": "i9"})
+        price = self.order.limit_price or Decimal(150)
+        self.executor.portfolio.reserve("i9", "AAPL", Side.BUY, self.order.quantity, price)
+
     def accept(self, call: BrokerCall) -> object:
         if call.method in ("submit", "get_order"):
             return broker_order(self.order)
@@ -94,14 +102,32 @@ class TestSubmission:
         assert world.status() == "new"
         assert world.client.sismember(KEYS.open_orders, "bst-i1")
 
-    def test_order_left_pending_submit_is_submitted_again(self, world: World) -> None:
-        """A record still pending_submit (died mid-submit) is submitted again, by the same client_order_id."""
+    def test_order_left_pending_submit_is_looked_up_not_resubmitted(self, world: World) -> None:
+        """A record still pending_submit (we died mid-submit) whose order the broker has is tracked
+        from the broker's answer, not submitted again."""
         world.client.hset(KEYS.order("bst-i1"), mapping={"status": "pending_submit", "reservation_id": "i1",
                                                          "intent_id": "i1", "applied_qty": "0",
                                                          "applied_cost": "0"})
         world.deliver()
-        [call] = world.broker.calls
-        assert call.method == "submit" and call.args[0].client_order_id == "bst-i1"
+        assert [c.method for c in world.broker.calls] == ["get_order"]
+        assert world.status() == "new"
+
+    def test_order_left_pending_submit_not_at_the_broker_is_submitted_again(self, world: World) -> None:
+        """A record still pending_submit whose order the broker does not have is submitted again,
+        by the same client_order_id."""
+        world.client.hset(KEYS.order("bst-i1"), mapping={"status": "pending_submit", "reservation_id": "i1",
+                                                         "intent_id": "i1", "applied_qty": "0",
+                                                         "applied_cost": "0"})
+
+        def absent_then_accept(call: BrokerCall) -> object:
+            if call.method == "get_order":
+                raise OrderNotFound("no such order")
+            return world.accept(call)
+
+        world.broker.handler = absent_then_accept
+        world.deliver()
+        assert [c.method for c in world.broker.calls] == ["get_order", "submit"]
+        assert world.broker.calls[1].args[0].client_order_id == "bst-i1"
         assert world.status() == "new"
 
     def test_rejected_order_releases_its_reservation(self) -> None:
@@ -116,18 +142,18 @@ class TestSubmission:
         assert not world.client.sismember(KEYS.open_orders, "bst-i1")
         assert [type(m).__name__ for m in world.stream(ALERTS)] == ["Alert"]
 
-    def test_unavailable_broker_is_retried_then_given_up(self) -> None:
-        """BrokerUnavailable leaves the order to be retried; on the last delivery it is released."""
+    def test_unavailable_broker_keeps_the_order_even_on_its_last_delivery(self) -> None:
+        """BrokerUnavailable goes up to the bus (which keeps the entry in hand) on every delivery,
+        the last included: the order stays pending_submit and its cash stays reserved."""
         def down(call: BrokerCall) -> object:
             raise BrokerUnavailable("503")
 
         world = World(down)
-        with pytest.raises(BrokerUnavailable):
-            world.deliver(deliveries=1)
+        for deliveries in (1, 3):
+            with pytest.raises(BrokerUnavailable):
+                world.deliver(deliveries=deliveries)
+        assert world.status() == "pending_submit"
         assert world.executor.portfolio.snapshot().reserved > 0
-        world.deliver(deliveries=3)
-        assert world.status() == "rejected"
-        assert world.executor.portfolio.snapshot().reserved == 0
 
 
 class TestConcurrency:
@@ -195,7 +221,7 @@ class TestFills:
         assert world.executor.portfolio.snapshot().reserved == 0
         world.order = world.order.model_copy(update={"intent_id": "i2", "client_order_id": "bst-i2",
                                                      "reservation_id": "i2"})
-        world.executor.portfolio.reserve("i2", "AAPL", Side.BUY, Decimal(1), Decimal(150))
+        world.executor.portfolio.reserve("i2", "AAPL", Side.BUY, Decimal(10), Decimal(150))
         world.executor.handle_order(Delivery(ORDERS, "2-0", world.order, 1))
         world.executor.apply_event(world.event(OrderStatus.CANCELED, "0").model_copy(
             update={"client_order_id": "bst-i2"}))
@@ -241,8 +267,9 @@ class TestFills:
     def test_poll_catches_a_missed_fill(self, world: World) -> None:
         """Polling open orders applies a fill whose trade update was never received."""
         world.deliver()
-        world.broker.handler = lambda call: broker_order(world.order, OrderStatus.FILLED, "10", "150")
-        assert world.executor.poll_open_orders() == 1
+        world.broker.handler = lambda call: (broker_order(world.order, OrderStatus.FILLED, "10", "150")
+                                             if call.method == "get_order" else [])
+        assert world.executor.poll_orders() == 1
         assert world.executor.portfolio.snapshot().positions["AAPL"].qty == Decimal(10)
         assert world.status() == "filled"
 
@@ -251,10 +278,12 @@ class TestFills:
         world.deliver()
 
         def lost(call: BrokerCall) -> object:
+            if call.method == "open_orders":
+                return []
             raise OrderNotFound("no such order")
 
         world.broker.handler = lost
-        assert world.executor.poll_open_orders() == 0
+        assert world.executor.poll_orders() == 1
         assert world.client.sismember(KEYS.open_orders, "bst-i1")
 
     def test_events_are_published(self, world: World) -> None:
@@ -279,9 +308,7 @@ class TestRounding:
     def test_quantity_and_limit_are_rounded_before_submit(self) -> None:
         """An order for 10.5 shares at a buy limit of 150.129 goes to the broker as 10 @ 150.12."""
         world = World()
-        world.order = world.order.model_copy(update={"quantity": Decimal("10.5"),
-                                                     "order_type": OrderType.LIMIT,
-                                                     "limit_price": Decimal("150.129")})
+        world.reorder(quantity=Decimal("10.5"), order_type=OrderType.LIMIT, limit_price=Decimal("150.129"))
         world.deliver()
         [call] = world.broker.calls
         assert (call.args[0].quantity, call.args[0].limit_price) == (Decimal(10), Decimal("150.12"))
@@ -289,7 +316,7 @@ class TestRounding:
     def test_order_rounding_to_zero_is_given_up(self) -> None:
         """An order for 0.5 shares is not submitted: its reservation is released and the reason kept."""
         world = World()
-        world.order = world.order.model_copy(update={"quantity": Decimal("0.5")})
+        world.reorder(quantity=Decimal("0.5"))
         world.deliver()
         assert world.broker.calls == []
         assert world.status() == "rejected"

@@ -1,56 +1,45 @@
-"""The executor: submits approved orders and turns the broker's events into portfolio changes.
+"""The executor: submits approved orders and turns the broker's reports into portfolio changes.
 
-Orders (``orders``, group ``executor``): the order is recorded in ``order:<client_order_id>``
-with status ``pending_submit`` *before* the submit (claim before acting), then submitted through
-the broker adapter with the client_order_id risk derived from the intent id. A redelivered order
-whose record is past ``pending_submit`` is a duplicate and is skipped; one still
-``pending_submit`` (we died mid-submit) is submitted again, which the adapter resolves by
-client_order_id -- the broker never sees two orders. A broker rejection releases the
-reservation; an ambiguous or unavailable broker leaves the entry pending to be retried, and on
-the last delivery the order is given up: reservation released, alert raised.
+Guarantees (the failure table in docs/OPERATIONS.md says what each fault does):
 
-Fills (the broker's trade-update stream, and polls of open orders): each update carries the
-order's *cumulative* filled quantity. The executor applies only the increase over what it has
-applied, as a fill whose id is ``<client_order_id>:<cumulative qty>`` -- so a repeated update, an
-out-of-order one, and a poll that overlaps the stream all change nothing twice. A terminal order
-releases whatever its reservation still holds. Every change is published on ``order-events``.
+* **One order per client_order_id.** An order is recorded (``pending_submit``) before its submit.
+  A redelivered order still ``pending_submit`` (we died mid-submit) is looked up at the broker
+  first and submitted again only if it is not there; the adapter resolves a duplicate by the id.
+* **The orders stream is not a back door.** Only an order whose reservation is open and matches
+  it (symbol, side, quantity) is submitted; anything else is dead-lettered with the reason.
+* **A possibly-live order is never given up.** An ambiguous submit (placed? reply lost) is
+  ``unknown``, keeps its reservation, and is chased by client_order_id with back-off until the
+  broker shows it or has not found it ``unknown_lookup_limit`` times in a row ("never placed":
+  released). An order whose handling fails on its last delivery, or a ``pending_submit`` older
+  than ``stale_pending_s``, is chased the same way. The broker down or rate limiting keeps the
+  order in hand (:class:`~shared.errors.Unavailable`): it is not counted as the order's failure.
+* **A fill is a fact, booked exactly once.** Reports carry the order's cumulative filled quantity;
+  the increase over the record's ``applied_qty`` is booked in the portfolio's atomic write
+  together with the record's new ``applied_qty`` (compare-and-set: a racing report retries), so
+  the two never part. A fill beyond the reservation is booked, alerted CRITICAL, and moves
+  trading to REDUCING when cash goes negative. A reservation is released only when the broker
+  reports the order terminal, refused it, or never placed it.
+* **Gaps are closed.** Every order held open is looked up every ``poll_interval_s`` and after each
+  reconnect of the trade-update stream; the broker's open orders with our prefix that we do not
+  track are adopted, others alerted (and cancelled with ``cancel_foreign_orders``); orders the
+  reconciler asks about (``repair-requests``) are looked up at once.
+* **Kill switch requests** (:mod:`shared.trading_state`) are carried out once per change ``seq``:
+  cancel every open order (a pending or unknown one the broker does not show yet keeps the pass
+  open until it resolves) and flatten every position (client_order_id ``bst-flat-<seq>-<SYMBOL>``).
 
-Before a submit the order is checked against the trading state (an order risk approved before a
-HALTED, or a non-reducing one under REDUCING, is given up: reservation released) and rounded with
-the symbol's default :class:`~shared.symbols.SymbolProperties` (quantity toward zero, a buy limit
-down, a sell limit up: never worse than risk approved; one that rounds to zero is given up).
-
-Safety inputs, recorded after a fill is applied for the first time: the fill count and day
-trades (:class:`~shared.account_activity.AccountActivity`, for risk's stale-balance and PDT
-checks), and the order's realised PnL, fees and reduced quantity in its record; when an order
-that reduced a position ends, the closed trade goes to :class:`~shared.protections.Protections`
-(a stop-out when it was a stop or stop-limit order) and any lock it writes is alerted.
-
-Kill switch requests (:mod:`shared.trading_state`): :meth:`Executor.act_on_trading_state`, polled
-every second, carries out ``cancel_open_orders`` (``broker.cancel`` of every open order) and
-``flatten_positions`` (a closing market order per position, client_order_id
-``bst-flat-<seq>-<SYMBOL>``, its quantity reserved under the same id) once per change ``seq``.
-The seq acted on is kept in ``<prefix>:trading-state:acted`` and written *after* acting:
-a crash in between repeats the actions, which are idempotent (a cancel of a canceled order is
-accepted; a flatten order's client_order_id is deterministic, so the broker never sees two).
-
-Rate limits: every broker call takes a slot of the limit shared by all processes
-(:mod:`shared.rate_limit`, through the adapter); a submit's slot is tried in the round trip that
-records the order, so the adapter sends without another round trip when one was free.
-
-Concurrency model: three threads -- the order consumer, the trade-update reader and the
-trading-state poller. The events of one symbol's orders are applied one at a time (a lock per
-symbol: a fill reads the position it changes, to know what it reduced); a submit takes no lock
-(its record is created by one atomic script), so a new order never waits for another order's
-fill to be applied. Neither background thread ends before the stop: a failed pass (Redis or the
-broker unavailable, a bug) is logged and tried again a second later, and the trade-update reader
-then polls the open orders for what it missed. Run one executor per account.
+Concurrency: four threads -- the order consumer, the trade-update reader, the order watcher
+(polls, chases, repairs) and the trading-state watcher. The events of one symbol's orders are
+applied one at a time (a lock per symbol); submits take no lock. No background thread ends
+before the stop: a failed pass is logged and tried again. Run one executor per account.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Mapping
 from dataclasses import replace
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -65,21 +54,33 @@ from shared.config import Settings
 from shared.errors import (
     AmbiguousSubmit,
     BrokerError,
-    BrokerUnavailable,
+    HandlerRejected,
     OrderNotFound,
     OrderRejected,
+    PortfolioConflict,
     PortfolioError,
-    RateLimited,
     RedisUnavailable,
+    StaleFencingToken,
+    Unavailable,
 )
 from shared.keys import ALERTS, ORDER_EVENTS, ORDERS, Keys
 from shared.limits import Refusal
 from shared.logging import bind_correlation, get_logger
-from shared.models import Alert, AlertSeverity, Fill, Order, OrderEvent, OrderStatus, OrderType, Side
-from shared.portfolio import Portfolio
+from shared.models import (
+    CLIENT_ORDER_PREFIX,
+    Alert,
+    AlertSeverity,
+    Fill,
+    Order,
+    OrderEvent,
+    OrderStatus,
+    OrderType,
+    Side,
+)
+from shared.portfolio import Outcome, Portfolio, RecordUpdate, Reservation
 from shared.protections import ClosedTrade, ProtectionLock, Protections
 from shared.rate_limit import Grant
-from shared.redis_client import unavailable
+from shared.redis_client import reply_text, unavailable
 from shared.service import ServiceContext
 from shared.symbols import SymbolProperties
 from shared.trading_state import KillSwitch, TradingState, TradingStatus
@@ -98,12 +99,23 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 redis.call('SADD', KEYS[2], ARGV[1])
 return {}
 """
+# KEYS[1] = the order record; ARGV = field, value, ... Sets them only while the record is
+# pending_submit (an order whose outcome became unknown); returns 1 if set, else 0.
+_MARK_UNKNOWN = """
+local unpack = unpack or table.unpack
+if redis.call('HGET', KEYS[1], 'status') ~= 'pending_submit' then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
 PRICE_PLACES = Decimal("0.000001")
 STOP_TYPES = (OrderType.STOP, OrderType.STOP_LIMIT)
+_NOT_YET_SHOWN = (OrderStatus.PENDING_SUBMIT, OrderStatus.UNKNOWN)
+_APPLY_ATTEMPTS = 5  # a report racing another for the same order (or a stalled lock) is re-read
+_WATCH_TICK_S = 0.5
 
 
 class Executor:
-    """Submits orders and applies broker events; all state lives in Redis."""
+    """Submits orders and applies broker reports; all state lives in Redis."""
 
     def __init__(self, client: redis.Redis, keys: Keys, settings: Settings, clock: Clock, broker: Broker,
                  publisher: Publisher) -> None:
@@ -119,8 +131,10 @@ class Executor:
         self.protections = Protections(client, keys, settings.protections, clock)
         self.activity = AccountActivity(client, keys, settings.portfolio.account)
         self.acted_key = f"{keys.trading_state}:acted"
+        self.poll_requested = threading.Event()  # set on a stream reconnect: poll at the next tick
         self._locks: dict[str, threading.Lock] = {}  # one per symbol, made under _locks_guard
         self._locks_guard = threading.Lock()
+        self._foreign_alerted: set[str] = set()
 
     # -- orders -------------------------------------------------------------------------------
 
@@ -130,33 +144,64 @@ class Executor:
         order = delivery.message
         if not isinstance(order, Order):
             return
-        record, status, slot = self._create_record(order)
+        cid = order.client_order_id
+        record, status, slot, reservation = self._create_record(order)
         if record and record["status"] != OrderStatus.PENDING_SUBMIT:
             self._unused(slot)
             log.info("executor.duplicate_order", status=record["status"])
             return
+        mismatch = _reservation_mismatch(order, reservation)
+        if mismatch is not None:
+            self._unused(slot)
+            if not record:  # ours, made a moment ago: nothing was sent
+                with self.client.pipeline(transaction=True) as pipe:
+                    pipe.delete(self.keys.order(cid))
+                    pipe.srem(self.keys.open_orders, cid)
+                    pipe.execute()
+            raise HandlerRejected(f"not submitted: {mismatch}")
+        try:
+            self._submit(order, status, slot, redelivered=bool(record), bypass_state=bypass_state)
+        except Unavailable:
+            raise  # kept in hand by the bus: not this order's failure
+        except Exception as exc:
+            if delivery.deliveries >= self.settings.bus.max_deliveries:
+                self._mark_unknown(cid, f"handling failed {delivery.deliveries} times: {exc}")
+            raise
+
+    def _submit(self, order: Order, status: TradingStatus, slot: str | None, *, redelivered: bool,
+                bypass_state: bool) -> None:
+        cid = order.client_order_id
+        if redelivered:  # we may have submitted it before we died: the broker says
+            try:
+                found = self.broker.get_order(cid)
+            except OrderNotFound:
+                found = None
+            if found is not None:
+                self._unused(slot)
+                log.info("executor.found_at_broker", status=found.status.value)
+                self.apply_broker_order(found)
+                return
         refusal = None if bypass_state else self._trading_state_refusal(order, status)
         if refusal is not None:
             self._unused(slot)
-            self._give_up(order, OrderStatus.REJECTED, refusal)
+            if redelivered:  # not shown once, but it may have been placed: chase it, keep the cash
+                self._mark_unknown(cid, refusal)
+            else:
+                self._give_up(cid, _order_fields(order), OrderStatus.REJECTED, refusal)
             return
         request = self._rounded(order)
         if isinstance(request, str):
             self._unused(slot)
-            self._give_up(order, OrderStatus.REJECTED, request)
+            self._give_up(cid, _order_fields(order), OrderStatus.REJECTED, request)
             return
         try:
             placed = self.broker.submit(request, prepaid=slot is not None)
         except OrderRejected as exc:
-            self._give_up(order, OrderStatus.REJECTED, exc.reason)
+            self._give_up(cid, _order_fields(order), OrderStatus.REJECTED, exc.reason)
             return
-        except (AmbiguousSubmit, BrokerUnavailable, RateLimited) as exc:
-            if delivery.deliveries >= self.settings.bus.max_deliveries:
-                self._give_up(order, OrderStatus.REJECTED, f"broker unavailable after "
-                                                           f"{delivery.deliveries} attempts: {exc}")
-                return
-            log.warning("executor.submit_retry_later", error=str(exc), deliveries=delivery.deliveries)
-            raise
+        except AmbiguousSubmit as exc:
+            self._mark_unknown(cid, str(exc))
+            return
         log.info("executor.submitted", broker_order_id=placed.broker_order_id, status=placed.status.value)
         self.apply_broker_order(placed)
 
@@ -180,11 +225,12 @@ class Executor:
         log.info("executor.rounded", quantity=str(prepared.quantity), limit_price=str(prepared.limit_price))
         return replace(request, quantity=prepared.quantity, limit_price=prepared.limit_price)
 
-    def _create_record(self, order: Order) -> tuple[dict[str, str], TradingStatus, str | None]:
-        """Record ``order`` (pending submit) unless it is recorded already, read the trading state
-        and try to take the submit's slot of the broker's shared rate limit, in one round trip:
-        (the record found before, empty if it was new; the state; the slot's grant id, None if
-        none was free or the broker has no limit -- the broker then waits for one itself)."""
+    def _create_record(self, order: Order) -> tuple[dict[str, str], TradingStatus, str | None, bytes | None]:
+        """In one round trip: read the order's reservation, record ``order`` (pending submit) unless
+        it is recorded already, read the trading state and try to take the submit's slot of the
+        broker's shared rate limit: (the record found before, empty if it was new; the state; the
+        slot's grant id, None if none was free or the broker has no limit -- the broker then waits
+        for one itself; the reservation as stored, None if it is not open)."""
         fields = {
             "status": OrderStatus.PENDING_SUBMIT.value, "intent_id": order.intent_id,
             "reservation_id": order.reservation_id, "symbol": order.symbol, "side": order.side.value,
@@ -193,15 +239,16 @@ class Executor:
         }
         cid = order.client_order_id
         with self.client.pipeline(transaction=False) as pipe:
+            pipe.hget(self.portfolio.reservations_key, order.reservation_id)
             pipe.eval(_CREATE_RECORD, 2, self.keys.order(cid), self.keys.open_orders, cid,
                       *(x for pair in fields.items() for x in pair))
             self.kill_switch.queue_current(pipe)
             limiter = self.broker.limiter
             grant_id = limiter.queue_try_acquire(pipe, SUBMIT_ENDPOINT) if limiter is not None else None
-            found, status, *attempt = pipe.execute()
+            reservation, found, status, *attempt = pipe.execute()
         record = {k.decode(): v.decode() for k, v in zip(found[::2], found[1::2], strict=True)}
         granted = limiter is not None and isinstance(limiter.attempt_from(attempt[0], SUBMIT_ENDPOINT), Grant)
-        return record, self.kill_switch.status_from(status), grant_id if granted else None
+        return record, self.kill_switch.status_from(status), grant_id if granted else None, reservation
 
     def _unused(self, slot: str | None) -> None:
         """Give back a rate-limit slot taken for a submit that is not made."""
@@ -212,21 +259,46 @@ class Executor:
         except RedisUnavailable as exc:  # it counts until it leaves the window: the safe side
             log.warning("executor.slot_refund_failed", error=str(exc))
 
-    def _give_up(self, order: Order, status: OrderStatus, reason: str) -> None:
-        log.warning("executor.order_failed", status=status.value, reason=reason)
-        event = OrderEvent(time=self.clock.now(), client_order_id=order.client_order_id,
-                           intent_id=order.intent_id, symbol=order.symbol, side=order.side, status=status,
-                           reason=reason)
-        self.apply_event(event)
-        self.publisher.publish(ALERTS, Alert(time=self.clock.now(), severity=AlertSeverity.WARNING,
-                                             source="executor", kind="order_failed",
-                                             text=f"{order.side} {order.quantity} {order.symbol}: {reason}",
-                                             details={"client_order_id": order.client_order_id}))
+    def _mark_unknown(self, cid: str, reason: str) -> None:
+        """A pending_submit order whose outcome is unknown: chase it by client_order_id; its
+        reservation stays held. Changes nothing if the order has moved on meanwhile."""
+        now = self.clock.now()
+        fields = {"status": OrderStatus.UNKNOWN.value, "reason": reason[:500], "lookups": "0",
+                  "next_lookup_at": str(now.timestamp())}
+        marked = self.client.eval(_MARK_UNKNOWN, 1, self.keys.order(cid),
+                                  *(x for pair in fields.items() for x in pair))
+        if not marked:
+            return
+        log.warning("executor.order_unknown", client_order_id=cid, reason=reason)
+        record = self._record(cid)
+        self.publisher.publish(ORDER_EVENTS, OrderEvent(
+            time=now, client_order_id=cid, intent_id=record.get("intent_id"), symbol=record["symbol"],
+            side=Side(record["side"]), status=OrderStatus.UNKNOWN, reason=reason[:500]))
+        self._alert(AlertSeverity.WARNING, "order_unknown",
+                    f"{record['side']} {record['quantity']} {record['symbol']}: outcome unknown, chasing it "
+                    f"by client_order_id ({reason[:200]})", cid)
 
-    # -- events -------------------------------------------------------------------------------
+    def _give_up(self, cid: str, record: Mapping[str, str], status: OrderStatus, reason: str, *,
+                 never_placed: bool = False) -> None:
+        """End an order the broker never took (refused, or never placed): the reservation is released."""
+        log.warning("executor.order_failed", client_order_id=cid, status=status.value, reason=reason)
+        if never_placed:
+            self.client.hset(self.keys.order(cid), "never_placed", "1")
+        self.apply_event(OrderEvent(time=self.clock.now(), client_order_id=cid,
+                                    intent_id=record.get("intent_id"), symbol=record["symbol"],
+                                    side=Side(record["side"]), status=status, reason=reason))
+        self._alert(AlertSeverity.WARNING, "order_failed",
+                    f"{record['side']} {record['quantity']} {record['symbol']}: {reason}", cid)
+
+    def _alert(self, severity: AlertSeverity, kind: str, text: str, cid: str, **details: str) -> None:
+        self.publisher.publish(ALERTS, Alert(time=self.clock.now(), severity=severity, source="executor",
+                                             kind=kind, text=text,
+                                             details={"client_order_id": cid, **details}))
+
+    # -- broker reports -----------------------------------------------------------------------
 
     def apply_broker_order(self, placed: BrokerOrder) -> None:
-        """Apply an order as the broker reports it (a submit reply or a poll)."""
+        """Apply an order as the broker reports it (a submit reply or a look-up)."""
         self.apply_event(OrderEvent(
             time=self.clock.now(), client_order_id=placed.client_order_id,
             broker_order_id=placed.broker_order_id, symbol=placed.symbol, side=placed.side,
@@ -234,49 +306,173 @@ class Executor:
             filled_avg_price=placed.filled_avg_price))
 
     def apply_event(self, event: OrderEvent) -> None:
-        """Apply an order event: the fill increase (once), the status, the release when terminal.
-
-        After the portfolio's write, what the event changes -- the order's record, the fill and
-        day-trade counts, the open-orders set, the published order event -- is written in one
-        MULTI/EXEC (in two, split by the release, when an order ends with part of its reservation
-        unused: the record shows the fills before the rest is released, the event follows it).
+        """Apply an order report: the fill increase (once, with the record, atomically), the
+        status, the release when the broker ended the order. A report racing another for the same
+        order is re-read and applied again; an order we do not track is adopted when its id is ours.
         """
         with self._symbol_lock(event.symbol), bind_correlation(client_order_id=event.client_order_id):
-            record = self._record(event.client_order_id)
-            if not record:
-                log.warning("executor.unknown_order_event", status=event.status.value)
-                return
-            with self.client.pipeline(transaction=True) as writes:
-                self._apply(event, record, writes)
-                _execute(writes)
+            for attempt in range(1, _APPLY_ATTEMPTS + 1):
+                record = self._record(event.client_order_id)
+                if not record:
+                    record = self._adopt(event)
+                    if not record:
+                        return
+                try:
+                    self._apply(event, record)
+                    return
+                except (PortfolioConflict, StaleFencingToken) as exc:
+                    if attempt == _APPLY_ATTEMPTS:
+                        raise
+                    log.info("executor.apply_retry", error=str(exc), attempt=attempt)
 
-    def _apply(self, event: OrderEvent, record: dict[str, str], writes: Pipeline) -> None:
-        """Apply ``event`` to the order ``record``, queueing on ``writes`` all but the portfolio's
-        fill and release, which are written at once."""
+    def _apply(self, event: OrderEvent, record: dict[str, str]) -> None:
+        """Apply ``event`` to the order ``record``: the fill (written with the record), the release
+        of what the reservation still holds when the broker ended the order, then the status,
+        counts, open set and published event in one MULTI."""
         cid = event.client_order_id
-        changed, reservation_closed = self._apply_fill_increase(event, record, writes)
-        status = OrderStatus(record["status"])
-        new_status = event.status
-        if status.is_terminal or (new_status == OrderStatus.NEW and status != OrderStatus.PENDING_SUBMIT):
-            new_status = status  # never move back from a later state
-        fields: dict[str, str] = {}
-        if new_status != status:
-            fields["status"] = new_status.value
-            changed = True
-        if event.broker_order_id and record.get("broker_order_id") != event.broker_order_id:
-            fields["broker_order_id"] = event.broker_order_id
-        if fields:
-            writes.hset(self.keys.order(cid), mapping=fields)  # type: ignore[arg-type]
-        if new_status.is_terminal:
-            if not reservation_closed:
+        with self.client.pipeline(transaction=True) as writes:
+            if record.get("unannounced"):  # a fill booked before a crash, not yet counted
+                self._queue_announcement(writes, cid, record, record["unannounced"])
+            booked = self._book_fill(event, record)
+            if booked is None:  # filled more than applied, with no price to book it at: wait
                 _execute(writes)
-                self._release(record, new_status)
-            writes.srem(self.keys.open_orders, cid)
-            if Decimal(record.get("reduced_qty", "0")) > 0:
-                self._record_trade_closed(cid, record)
-        if changed:
-            self.publisher.queue_publish(writes, ORDER_EVENTS, event.model_copy(update={
-                "status": new_status, "intent_id": record.get("intent_id"), "time": self.clock.now()}))
+                return
+            outcome, fill = booked
+            if outcome is not None:
+                self._queue_announcement(writes, cid, record, record["unannounced"], fill)
+            status = OrderStatus(record["status"])
+            new_status, reopened = _next_status(status, event.status, record.get("never_placed") == "1")
+            ended = new_status.is_terminal and not status.is_terminal
+            if ended and not (outcome is not None and outcome.completed):
+                self._release(record, new_status)  # before the status: a crash here repeats a no-op
+            fields: dict[str, str] = {}
+            if new_status != status:
+                fields["status"] = new_status.value
+            if event.broker_order_id and record.get("broker_order_id") != event.broker_order_id:
+                fields["broker_order_id"] = event.broker_order_id
+            if fields:
+                writes.hset(self.keys.order(cid), mapping=fields)  # type: ignore[arg-type]
+            if reopened:
+                writes.hdel(self.keys.order(cid), "never_placed")
+                if not new_status.is_terminal:
+                    writes.sadd(self.keys.open_orders, cid)
+            if ended:
+                writes.srem(self.keys.open_orders, cid)
+            if new_status != status or outcome is not None:
+                self.publisher.queue_publish(writes, ORDER_EVENTS, event.model_copy(update={
+                    "status": new_status, "intent_id": record.get("intent_id"), "time": self.clock.now()}))
+            _execute(writes)
+        if ended and Decimal(record.get("reduced_qty", "0")) > 0:
+            self._record_trade_closed(cid, record)
+        if reopened:
+            self._alert(AlertSeverity.CRITICAL, "order_reappeared",
+                        f"{record['side']} {record['quantity']} {record['symbol']}: given up as never "
+                        f"placed, but the broker reports it {event.status.value}; tracking it again", cid)
+        if outcome is not None and outcome.beyond:
+            self._beyond_reservation(cid, record, outcome)
+
+    def _book_fill(self, event: OrderEvent, record: dict[str, str]
+                   ) -> tuple[Outcome | None, Fill | None] | None:
+        """Book in the portfolio what the event adds over what the record has applied, writing the
+        record's applied figures in the same atomic step: (the outcome, the fill), (None, None)
+        when there is nothing new, None when there is but without a price to book it at."""
+        cid = event.client_order_id
+        applied_qty = Decimal(record["applied_qty"])
+        applied_cost = Decimal(record["applied_cost"])
+        filled = event.filled_quantity  # cumulative: every report carries the order's filled_qty
+        if filled <= applied_qty:
+            return None, None
+        delta = filled - applied_qty
+        fee = Decimal(0)
+        if event.fill is not None and event.fill.quantity == delta:
+            price, fee = event.fill.price, event.fill.fee
+        elif event.filled_avg_price is not None:
+            price = ((event.filled_avg_price * filled - applied_cost) / delta).quantize(PRICE_PLACES)
+            if price <= 0:
+                price = event.filled_avg_price
+        else:
+            log.warning("executor.fill_without_price", filled=str(filled))
+            return None
+        fill = Fill(fill_id=f"{cid}:{filled}", quantity=delta, price=price, fee=fee,
+                    time=event.fill.time if event.fill is not None else self.clock.now())
+        side = Side(record["side"])
+        signed = delta if side is Side.BUY else -delta
+
+        def fields(outcome: Outcome) -> dict[str, str]:
+            before = outcome.position_before
+            reduced = min(delta, abs(before)) if before and (before > 0) != (signed > 0) else Decimal(0)
+            new = {"applied_qty": str(filled), "applied_cost": str(applied_cost + delta * price),
+                   "realized": str(Decimal(record.get("realized", "0")) + outcome.realized),
+                   "fees": str(Decimal(record.get("fees", "0")) + fee),
+                   "reduced_qty": str(Decimal(record.get("reduced_qty", "0")) + reduced),
+                   "unannounced": f"{signed} {before} {fill.time.isoformat()}"}
+            if reduced:
+                new["entry_side"] = Side.BUY.value if before > 0 else Side.SELL.value
+            return new
+
+        update = RecordUpdate(self.keys.order(cid), ("applied_qty", record["applied_qty"]), fields)
+        outcome = self.portfolio.apply_fill(record["reservation_id"], fill, side=side,
+                                            symbol=record["symbol"], record=update)
+        if outcome.duplicate:  # booked before, the record behind it: bring the record up to date
+            self.client.hset(self.keys.order(cid), mapping={
+                "applied_qty": str(filled), "applied_cost": str(applied_cost + delta * price)})
+            return None, None
+        record.update(fields(outcome))
+        log.info("executor.fill_applied", fill_id=fill.fill_id, quantity=str(delta), price=str(price))
+        return outcome, fill
+
+    def _queue_announcement(self, writes: Pipeline, cid: str, record: Mapping[str, str], note: str,
+                            fill: Fill | None = None) -> None:
+        """Queue on ``writes`` what a booked fill changes besides the books: the fill and day-trade
+        counts (risk's stale-balance and PDT checks), and the end of the record's note of it."""
+        signed, before, at = note.split(" ")
+        self.activity.queue_fill(writes, cid, record["symbol"], Decimal(signed), Decimal(before),
+                                 fill.time if fill is not None else _parse_time(at))
+        writes.hdel(self.keys.order(cid), "unannounced")
+
+    def _beyond_reservation(self, cid: str, record: Mapping[str, str], outcome: Outcome) -> None:
+        """A fill booked beyond its reservation: alert CRITICAL; with cash below zero, REDUCING."""
+        text = f"{record['side']} {record['symbol']} fill booked beyond its reservation: {outcome.beyond}"
+        log.error("executor.fill_beyond_reservation", beyond=outcome.beyond)
+        self._alert(AlertSeverity.CRITICAL, "fill_beyond_reservation", text, cid)
+        cash = self.portfolio.snapshot().cash
+        if cash < 0:
+            self.kill_switch.engage(TradingState.REDUCING, "executor",
+                                    f"cash {cash} after a fill booked beyond its reservation ({cid})",
+                                    escalate_only=True)
+
+    def _adopt(self, event: OrderEvent) -> dict[str, str]:
+        """Track an order the broker reports that we have no record of, when its client_order_id is
+        ours (an order placed by a submit whose record was lost): its fills are booked as facts.
+        Another's is alerted once and left alone. The new record, or {} if not adopted."""
+        cid = event.client_order_id
+        if not cid.startswith(CLIENT_ORDER_PREFIX):
+            self._foreign(cid, f"{event.side} {event.symbol}")
+            return {}
+        fields = {"status": OrderStatus.UNKNOWN.value, "intent_id": event.intent_id or "",
+                  "reservation_id": cid, "symbol": event.symbol, "side": event.side.value,
+                  "quantity": str(event.filled_quantity), "order_type": OrderType.MARKET.value,
+                  "applied_qty": "0", "applied_cost": "0", "created_at": self.clock.now().isoformat(),
+                  "adopted": "1"}
+        self.client.eval(_CREATE_RECORD, 2, self.keys.order(cid), self.keys.open_orders, cid,
+                         *(x for pair in fields.items() for x in pair))
+        log.error("executor.order_adopted", status=event.status.value)
+        self._alert(AlertSeverity.CRITICAL, "order_adopted",
+                    f"the broker has {event.side} {event.symbol} order {cid} ({event.status.value}) that we "
+                    "had no record of: tracking it, its fills booked without a reservation", cid)
+        return self._record(cid)
+
+    def _foreign(self, cid: str, what: str) -> None:
+        if cid in self._foreign_alerted:
+            return
+        self._foreign_alerted.add(cid)
+        action = "cancelling it" if self.settings.executor.cancel_foreign_orders else "left alone"
+        log.warning("executor.foreign_order", client_order_id=cid, action=action)
+        self._alert(AlertSeverity.WARNING, "foreign_order",
+                    f"the broker has an open {what} order {cid} that Bastion did not place: {action}", cid)
+        if self.settings.executor.cancel_foreign_orders:
+            with contextlib.suppress(OrderNotFound):
+                self.broker.cancel(cid)
 
     def _symbol_lock(self, symbol: str) -> threading.Lock:
         """The lock that serialises the events of ``symbol``'s orders (a fill reads the position
@@ -284,57 +480,13 @@ class Executor:
         with self._locks_guard:
             return self._locks.setdefault(symbol, threading.Lock())
 
-    def _apply_fill_increase(self, event: OrderEvent, record: dict[str, str], writes: Pipeline
-                             ) -> tuple[bool, bool]:
-        """Apply to the portfolio the fill the event adds over what was applied, and queue on
-        ``writes`` what it changes in the record and the counts: (anything applied, the fill
-        completed the reservation -- nothing is left to release)."""
-        applied_qty = Decimal(record["applied_qty"])
-        applied_cost = Decimal(record["applied_cost"])
-        filled = event.filled_quantity  # cumulative: Alpaca's updates carry the order's filled_qty
-        if filled <= applied_qty:
-            return False, False
-        delta = filled - applied_qty
-        fee = Decimal(0)
-        if event.fill is not None and event.fill.quantity == delta:
-            price, fee = event.fill.price, event.fill.fee
-        elif event.filled_avg_price is not None:
-            price = ((event.filled_avg_price * filled - applied_cost) / delta).quantize(PRICE_PLACES)
-        else:
-            log.warning("executor.fill_without_price", filled=str(filled))
-            return False, False
-        fill = Fill(fill_id=f"{event.client_order_id}:{filled}", quantity=delta, price=price, fee=fee,
-                    time=event.fill.time if event.fill is not None else self.clock.now())
-        try:
-            outcome = self.portfolio.apply_fill(record["reservation_id"], fill)
-        except PortfolioError as exc:
-            log.error("executor.fill_refused", error=str(exc), fill_id=fill.fill_id)
-            self.publisher.publish(ALERTS, Alert(time=self.clock.now(), severity=AlertSeverity.CRITICAL,
-                                                 source="executor", kind="fill_refused", text=str(exc),
-                                                 details={"client_order_id": event.client_order_id}))
-            return False, False
-        before = outcome.position_before  # read under the portfolio lock, just before this fill
-        signed = delta if record["side"] == Side.BUY else -delta
-        reduced = min(delta, abs(before)) if before and (before > 0) != (signed > 0) else Decimal(0)
-        updates = {"applied_qty": str(filled), "applied_cost": str(applied_cost + delta * price)}
-        if outcome.changed and not outcome.duplicate:
-            self.activity.queue_fill(writes, event.client_order_id, record["symbol"], signed, before,
-                                     fill.time)
-            updates |= {"realized": str(Decimal(record.get("realized", "0")) + outcome.realized),
-                        "fees": str(Decimal(record.get("fees", "0")) + fee),
-                        "reduced_qty": str(Decimal(record.get("reduced_qty", "0")) + reduced)}
-            if reduced:
-                updates["entry_side"] = Side.BUY.value if before > 0 else Side.SELL.value
-            record.update(updates)
-        writes.hset(self.keys.order(event.client_order_id), mapping=updates)  # type: ignore[arg-type]
-        log.info("executor.fill_applied", fill_id=fill.fill_id, quantity=str(delta), price=str(price))
-        return True, outcome.completed
-
     def _release(self, record: dict[str, str], status: OrderStatus) -> None:
-        """An order ended with part of its reservation unused: give that part back."""
+        """The broker ended an order with part of its reservation unused: give that part back."""
         try:
             self.portfolio.release(record["reservation_id"], reason=status.value)
-        except PortfolioError as exc:
+        except (PortfolioConflict, StaleFencingToken):
+            raise  # retried by apply_event
+        except PortfolioError as exc:  # no such reservation (an adopted order): nothing to give back
             log.warning("executor.release_failed", error=str(exc))
 
     def _record_trade_closed(self, cid: str, record: dict[str, str]) -> None:
@@ -381,6 +533,8 @@ class Executor:
         return done
 
     def _cancel_open_orders(self, status: TradingStatus) -> bool:
+        """Cancel every order we hold open, by client_order_id; False while one could not be
+        cancelled, or is pending/unknown and not shown by the broker yet (it may still appear)."""
         members: Any = self.client.smembers(self.keys.open_orders)
         done = True
         for cid in sorted(m.decode() for m in members):
@@ -390,7 +544,11 @@ class Executor:
                 self.broker.cancel(cid)
                 log.info("executor.cancel_requested", client_order_id=cid, seq=status.seq)
             except OrderNotFound:
-                log.warning("executor.cancel_unknown_order", client_order_id=cid)
+                if self._record(cid).get("status") in _NOT_YET_SHOWN:
+                    log.info("executor.cancel_waits_for_order", client_order_id=cid)
+                    done = False
+                else:
+                    log.warning("executor.cancel_unknown_order", client_order_id=cid)
             except BrokerError as exc:
                 log.warning("executor.cancel_failed", client_order_id=cid, error=str(exc))
                 done = False
@@ -418,7 +576,7 @@ class Executor:
                 if cid not in snapshot.reservations:
                     self.portfolio.reserve(cid, symbol, side, quantity, price)
                 self.handle_order(Delivery(ORDERS, f"flatten-{status.seq}", order, 1), bypass_state=True)
-            except (BrokerError, PortfolioError) as exc:
+            except (BrokerError, PortfolioError, HandlerRejected) as exc:
                 log.warning("executor.flatten_failed", symbol=symbol, error=str(exc))
                 done = False
         return done
@@ -438,43 +596,141 @@ class Executor:
                     log.exception("executor.trading_state_failed")
             stop.wait(interval_s)
 
-    # -- catching up --------------------------------------------------------------------------
+    # -- closing gaps -------------------------------------------------------------------------
 
-    def poll_open_orders(self) -> int:
-        """Ask the broker for every order we hold open (missed updates); returns how many changed."""
-        polled = 0
+    def poll_orders(self, *, full: bool = True) -> int:
+        """Look orders up at the broker: every order held open (``full``), else only the unknown
+        ones due a look-up; a ``pending_submit`` older than ``stale_pending_s`` becomes unknown.
+        With ``full``, also the broker's open orders we do not track. Returns how many were looked up.
+        """
         members: Any = self.client.smembers(self.keys.open_orders)
-        for raw in members:
-            cid = raw.decode()
-            record = self._record(cid)
-            if not record or record["status"] == OrderStatus.PENDING_SUBMIT:
-                continue  # the order consumer owns it until it is submitted
+        cids = sorted(reply_text(m) for m in members)
+        with self.client.pipeline(transaction=False) as pipe:
+            for cid in cids:
+                pipe.hgetall(self.keys.order(cid))
+            raws = pipe.execute()
+        now = self.clock.now()
+        looked = 0
+        for cid, raw in zip(cids, raws, strict=True):
+            record = {reply_text(k): reply_text(v) for k, v in raw.items()}
+            if not record:
+                continue
+            status = OrderStatus(record["status"])
+            if status is OrderStatus.PENDING_SUBMIT:
+                age = (now - _parse_time(record["created_at"])).total_seconds()
+                if age > self.settings.executor.stale_pending_s:
+                    self._mark_unknown(cid, f"pending_submit for {age:.0f}s with no submit seen")
+                continue  # the order consumer owns it until then
+            if status is OrderStatus.UNKNOWN:
+                if now.timestamp() >= float(record.get("next_lookup_at", "0")):
+                    self._chase(cid, record)
+                    looked += 1
+            elif full:
+                self._look_up(cid)
+                looked += 1
+        if full:
+            self._adopt_untracked(set(cids))
+        return looked
+
+    def _look_up(self, cid: str) -> None:
+        try:
+            self.apply_broker_order(self.broker.get_order(cid))
+        except OrderNotFound:
+            log.warning("executor.order_not_found_at_broker", client_order_id=cid)
+
+    def _chase(self, cid: str, record: Mapping[str, str]) -> None:
+        """Look an unknown order up: shown, it is tracked; not found ``unknown_lookup_limit`` times
+        in a row, it was never placed (its reservation is released)."""
+        try:
+            found = self.broker.get_order(cid)
+        except OrderNotFound:
+            misses = int(record.get("lookups", "0")) + 1
+            limit = self.settings.executor.unknown_lookup_limit
+            if misses >= limit:
+                self._give_up(cid, record, OrderStatus.REJECTED,
+                              f"never placed: the broker did not find it {misses} times in a row",
+                              never_placed=True)
+                return
+            wait = min(0.5 * 2 ** misses, self.settings.executor.unknown_backoff_max_s)
+            self.client.hset(self.keys.order(cid), mapping={
+                "lookups": str(misses), "next_lookup_at": str(self.clock.now().timestamp() + wait)})
+            log.info("executor.unknown_not_found", client_order_id=cid, misses=misses, next_in_s=wait)
+            return
+        log.info("executor.unknown_resolved", client_order_id=cid, status=found.status.value)
+        self.client.hdel(self.keys.order(cid), "lookups", "next_lookup_at")
+        self.apply_broker_order(found)
+
+    def _adopt_untracked(self, tracked: set[str]) -> None:
+        """The broker's open orders that we do not hold open: ours are applied (adopted, or a
+        never-placed one reopened), another's are alerted (and cancelled, with the setting)."""
+        for order in self.broker.open_orders():
+            if order.client_order_id in tracked:
+                continue
+            if order.client_order_id.startswith(CLIENT_ORDER_PREFIX):
+                self.apply_broker_order(order)
+            else:
+                self._foreign(order.client_order_id, f"{order.side} {order.quantity} {order.symbol}")
+
+    def run_repairs(self) -> int:
+        """Look up each order the reconciler asked about and apply what the broker reports; a
+        request is removed once that succeeded. Returns how many were done."""
+        raw: Any = self.client.hgetall(self.keys.repair_requests)
+        done = 0
+        for cid in sorted(reply_text(k) for k in raw):
             try:
                 self.apply_broker_order(self.broker.get_order(cid))
-                polled += 1
             except OrderNotFound:
-                log.warning("executor.order_not_found_at_broker", client_order_id=cid)
+                log.warning("executor.repair_not_found", client_order_id=cid)
+            self.client.hdel(self.keys.repair_requests, cid)
+            log.warning("executor.repaired", client_order_id=cid)
+            done += 1
+        return done
+
+    def watch_orders(self, stop: StopSignal | threading.Event, tick_s: float = _WATCH_TICK_S) -> None:
+        """Every ``tick_s``: chase unknown orders that are due and carry out repair requests; every
+        ``poll_interval_s``, and at the tick after a stream reconnect, poll every open order. A
+        failed pass is logged and the next one tries again."""
+        next_poll = self.clock.monotonic()
+        while not stop.is_set():
+            try:
+                full = self.poll_requested.is_set() or self.clock.monotonic() >= next_poll
+                if full:
+                    self.poll_requested.clear()
+                    next_poll = self.clock.monotonic() + self.settings.executor.poll_interval_s
+                self.poll_orders(full=full)
+                self.run_repairs()
             except BrokerError as exc:
-                log.warning("executor.poll_failed", client_order_id=cid, error=str(exc))
-        return polled
+                log.warning("executor.poll_failed", error=str(exc))
+            except Exception as exc:
+                if unavailable(exc):
+                    log.warning("executor.poll_redis_unavailable", error=str(exc))
+                else:
+                    log.exception("executor.poll_crashed")
+            stop.wait(tick_s)
 
     def follow_trade_updates(self, stop: Any) -> None:
-        """Apply the broker's trade updates until ``stop``; re-poll open orders on reconnect.
+        """Apply the broker's trade updates until ``stop``; poll every open order once listening,
+        and again whenever the stream reconnected by itself (updates meanwhile are lost).
 
         A failure -- the stream lost, Redis unavailable, an update that cannot be applied -- is
-        logged, and a second later the executor listens again and polls every open order: an
-        update lost with the failure is applied from the poll (updates carry cumulative fills)."""
+        logged, and a second later the executor listens again and polls: an update lost with the
+        failure is applied from the poll (reports carry cumulative fills)."""
         while not stop.is_set():
             updates = self.broker.trade_updates()
             try:
                 if not updates.wait_ready(10.0):
                     log.warning("executor.trade_updates_not_ready")
                     continue
-                self.poll_open_orders()  # anything missed while we were not listening
+                seen = updates.connections
+                self.poll_orders()  # anything missed while we were not listening
                 while not stop.is_set():
                     event = updates.get(timeout=0.5)
                     if event is not None:
                         self.apply_event(event)
+                    if updates.connections != seen:
+                        seen = updates.connections
+                        log.warning("executor.trade_updates_reconnected", connections=seen)
+                        self.poll_requested.set()
             except BrokerError as exc:
                 log.warning("executor.trade_updates_lost", error=str(exc))
             except Exception as exc:
@@ -485,6 +741,38 @@ class Executor:
             finally:
                 updates.close()
             stop.wait(1.0)
+
+
+def _next_status(current: OrderStatus, reported: OrderStatus, never_placed: bool) -> tuple[OrderStatus, bool]:
+    """The order's status after a report: (status, the broker shows an order given up as never
+    placed). Status never moves back from terminal, or to ``new`` once past it."""
+    if never_placed and current.is_terminal and reported not in (OrderStatus.UNKNOWN, current):
+        return reported, True
+    if current.is_terminal or reported is OrderStatus.UNKNOWN:
+        return current, False
+    if reported is OrderStatus.NEW and current not in _NOT_YET_SHOWN:
+        return current, False
+    return reported, False
+
+
+def _reservation_mismatch(order: Order, stored: bytes | None) -> str | None:
+    """Why the reservation ``stored`` does not pay for ``order`` (None when it does)."""
+    if stored is None:
+        return f"reservation {order.reservation_id!r} is not open"
+    held = Reservation.decode(stored)
+    if (held.symbol, held.side, held.qty) != (order.symbol, order.side.value, order.quantity):
+        return (f"reservation {order.reservation_id!r} holds {held.side} {held.qty} {held.symbol}, "
+                f"not {order.side.value} {order.quantity} {order.symbol}")
+    return None
+
+
+def _order_fields(order: Order) -> dict[str, str]:
+    return {"intent_id": order.intent_id, "symbol": order.symbol, "side": order.side.value,
+            "quantity": str(order.quantity)}
+
+
+def _parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text)
 
 
 def _execute(writes: Pipeline) -> None:
@@ -498,12 +786,12 @@ def main(ctx: ServiceContext) -> None:
     broker = build_broker(ctx.settings, client=ctx.redis, clock=ctx.clock)
     executor = Executor(ctx.redis, ctx.keys, ctx.settings, ctx.clock, broker, ctx.publisher())
     executor.portfolio.open()
-    follower = threading.Thread(target=executor.follow_trade_updates, args=(ctx.stop,), name="trade-updates",
-                                daemon=True)
-    follower.start()
-    watcher = threading.Thread(target=executor.watch_trading_state, args=(ctx.stop,), name="trading-state",
-                               daemon=True)
-    watcher.start()
+    threads = [threading.Thread(target=target, args=(ctx.stop,), name=name, daemon=True)
+               for name, target in (("trade-updates", executor.follow_trade_updates),
+                                    ("orders", executor.watch_orders),
+                                    ("trading-state", executor.watch_trading_state))]
+    for thread in threads:
+        thread.start()
     ctx.consumer(ORDERS, GROUP, executor.handle_order).run(ctx.stop)
-    follower.join(ctx.settings.bus.grace_seconds)
-    watcher.join(ctx.settings.bus.grace_seconds)
+    for thread in threads:
+        thread.join(ctx.settings.bus.grace_seconds)

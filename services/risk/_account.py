@@ -35,6 +35,7 @@ from shared.errors import BrokerError, ConfigError, RedisUnavailable
 from shared.keys import Keys
 from shared.limits import AccountSnapshot, OrderSubmissions, Refusal, last_bars_from, needs_refresh
 from shared.logging import get_logger
+from shared.models import CLIENT_ORDER_PREFIX
 from shared.portfolio import Held, Portfolio, Snapshot
 from shared.protections import ProtectionLock, Protections
 from shared.redis_client import reply_text
@@ -50,7 +51,7 @@ _REMEMBERED_ORDERS = 100_000  # client_order_id -> reservation id pairs kept bef
 
 def client_order_id(intent_id: str) -> str:
     """The broker's client_order_id for the order an intent becomes (deterministic)."""
-    return f"bst-{intent_id}"
+    return f"{CLIENT_ORDER_PREFIX}{intent_id}"
 
 
 class AccountView:

@@ -168,7 +168,11 @@ class AlpacaBroker:
         except OrderRejected as exc:
             if "client_order_id must be unique" not in exc.reason:
                 raise
-            existing = self.get_order(cid)
+            try:
+                existing = self.get_order(cid)
+            except OrderNotFound:  # the broker says the id is taken but cannot show the order
+                raise AmbiguousSubmit(f"submit of {cid!r}: the broker says the client_order_id is used "
+                                      "but does not find it: resolve it later", client_order_id=cid) from exc
             if (existing.symbol, existing.side, existing.quantity) != (request.symbol, request.side,
                                                                       request.quantity):
                 raise OrderRejected(f"client_order_id {cid!r} is already used by a different order "

@@ -40,6 +40,7 @@ class _FakeUpdates:
     def __init__(self, owner: FakeBroker) -> None:
         self._owner = owner
         self.queue: queue.Queue[OrderEvent] = queue.Queue()
+        self.connections = 1  # a test adds one to stand for a reconnect
 
     def wait_ready(self, timeout: float) -> bool:
         return True
@@ -93,6 +94,11 @@ class FakeBroker:
         subscription = _FakeUpdates(self)
         self._subscriptions.add(subscription)
         return subscription
+
+    def reconnect(self) -> None:
+        """Stand for a dropped and restored stream: each open subscription's ``connections`` grows."""
+        for subscription in list(self._subscriptions):
+            subscription.connections += 1
 
     def emit(self, event: OrderEvent) -> None:
         """Deliver ``event`` to every open subscription."""

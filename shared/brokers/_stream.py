@@ -6,7 +6,8 @@ reply (``wait_ready``), hands raw updates to a queue, and turns them into OrderE
 :class:`~shared.brokers._mapping.UpdateFilter` (repeats removed, progress never regresses).
 
 Left to the caller: updates sent while the connection was down are not replayed (Alpaca does not
-replay either): after a reconnect, reconcile open orders with ``Broker.get_order``.
+replay either): watch :attr:`AlpacaTradeUpdates.connections` and, when it grows, look the open
+orders up with ``Broker.get_order``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class _Stream(TradingStream):
     def __init__(self, *args: Any, ready: threading.Event, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._ready = ready
+        self.confirmations = 0  # how many times the broker confirmed listen: a reconnect adds one
         self._reconnect_min_backoff = 0.2  # alpaca-py: 1s doubling to 30s; an order stream should return fast
         self._reconnect_max_backoff = 5.0
 
@@ -51,6 +53,7 @@ class _Stream(TradingStream):
 
     async def _dispatch(self, msg: dict[str, Any]) -> None:
         if msg.get("stream") == "listening" and "trade_updates" in (msg.get("data") or {}).get("streams", []):
+            self.confirmations += 1
             self._ready.set()
         await super()._dispatch(msg)
 
@@ -90,6 +93,12 @@ class AlpacaTradeUpdates:
     def wait_ready(self, timeout: float) -> bool:
         """Block until the broker confirmed the subscription."""
         return self._ready.wait(timeout)
+
+    @property
+    def connections(self) -> int:
+        """How many times the broker confirmed the subscription: alpaca-py reconnects by itself, and
+        each reconnect adds one (updates sent while it was away are not replayed)."""
+        return self._stream.confirmations
 
     def get(self, timeout: float) -> OrderEvent | None:
         """The next new OrderEvent within ``timeout`` seconds (repeats are skipped), else None."""

@@ -92,6 +92,12 @@ class TradeUpdates(Protocol):
         """Block until the broker confirmed the subscription; False at the deadline."""
         ...
 
+    @property
+    def connections(self) -> int:
+        """How many times the subscription was confirmed; a reconnect, which loses the updates
+        sent meanwhile, adds one."""
+        ...
+
     def get(self, timeout: float) -> OrderEvent | None:
         """The next order event, or None if none came within ``timeout`` seconds."""
         ...
