@@ -21,7 +21,7 @@ from shared.brokers import Account, BrokerCall, FakeBroker
 from shared.bus import Consumer, Delivery, publish
 from shared.clock import LiveClock, SimulatedClock
 from shared.config import Settings
-from shared.errors import BrokerUnavailable, RedisUnavailable
+from shared.errors import BrokerUnavailable, PortfolioConflict, RedisUnavailable, StaleFencingToken
 from shared.keys import BARS, INTENTS, ORDERS, REJECTIONS, Keys
 from shared.models import Bar, Fill, Intent, IntentRejected, Order, OrderType, Side
 from shared.portfolio import lock_resource
@@ -145,6 +145,39 @@ class TestApproval:
         [order] = desk.orders()
         assert order.reservation_id == wish.id
         assert desk.risk.portfolio.snapshot().reserved == Decimal("1501.5")
+
+    def test_redelivery_at_a_moved_mark_publishes_the_recorded_decision(self, desk: Desk) -> None:
+        """A market buy reserved at $150 whose publish was lost, delivered again after the mark moved
+        to $170: the order its reservation records goes out; no rejection, nothing leaked."""
+        wish = intent()
+        desk.risk.portfolio.reserve(wish.id, "AAPL", Side.BUY, Decimal(10), Decimal(150))
+        desk.bar("AAPL", "170")
+        desk.send(wish)
+        [order] = desk.orders()
+        assert (order.quantity, order.reservation_id) == (Decimal(10), wish.id)
+        assert desk.reasons() == []
+        assert desk.risk.portfolio.snapshot().reserved == Decimal("1501.5")
+
+    @pytest.mark.parametrize("error", ["stale", "conflict"])
+    def test_a_reservation_refused_by_another_writer_is_decided_again(
+            self, desk: Desk, monkeypatch: pytest.MonkeyPatch, error: str) -> None:
+        """A stale fencing token or a version conflict on the reservation is not a rejection: the
+        intent is read and decided again, and becomes one order."""
+        reserve = desk.risk.portfolio.reserve
+        failures = [StaleFencingToken("paper", 1, 2) if error == "stale"
+                    else PortfolioConflict("paper", "moved")]
+
+        def flaky(*args: Any, **kwargs: Any) -> Any:
+            if failures:
+                held = kwargs.get("held")
+                if held is not None:
+                    desk.risk.portfolio.let_go(held)
+                raise failures.pop()
+            return reserve(*args, **kwargs)
+
+        monkeypatch.setattr(desk.risk.portfolio, "reserve", flaky)
+        desk.send(intent())
+        assert len(desk.orders()) == 1 and desk.reasons() == []
 
     def test_a_decision_takes_the_account_lock_once_and_leaves_it_free(
             self, desk: Desk, monkeypatch: pytest.MonkeyPatch) -> None:

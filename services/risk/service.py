@@ -51,11 +51,13 @@ read with everything else a decision reads, from ``<prefix>:last-price``: the in
 symbol's close there in the script that publishes its bar, so a strategy's intent always finds
 the price of the bar it came from. Risk consumes no bars.
 
-Idempotent: the reservation id is the intent id (reserving it again with the same terms is a
-no-op), the client_order_id is derived from the intent id (the executor deduplicates on it), and
-the publish is applied once per intent id through :meth:`shared.bus.Idempotency.publish_once`
-(marker and XADD in one script). A deferred intent is not marked: its decision is published
-once, later.
+Idempotent: the reservation id is the intent id, the client_order_id is derived from it (the
+executor deduplicates on it), and the publish is applied once per intent id through
+:meth:`shared.bus.Idempotency.publish_once` (marker and XADD in one script). A redelivered intent
+whose reservation is open (its publish was lost) is not decided again: the order its reservation
+records is published. A reservation refused because another writer moved the account (stale
+fencing token, version conflict) is decided again, not rejected. A deferred intent is not marked:
+its decision is published once, later.
 
 Concurrency model: two threads -- the intents consumer, and the ticker (the deferred queue and
 equity samples, :meth:`RiskService.run_ticks`). They share nothing in memory but the equity
@@ -82,7 +84,15 @@ from shared.bus import Delivery, Idempotency, StopSignal, publish
 from shared.clock import Clock, epoch_micros
 from shared.config import Settings
 from shared.deferred import DEFER_SCRIPT, DeferredIntent, DeferredQueue
-from shared.errors import InsufficientFunds, InsufficientPosition, PortfolioError, RedisUnavailable
+from shared.errors import (
+    HandlerRejected,
+    InsufficientFunds,
+    InsufficientPosition,
+    PortfolioConflict,
+    PortfolioError,
+    RedisUnavailable,
+    StaleFencingToken,
+)
 from shared.keys import ALERTS, BARS, INTENTS, ORDERS, REJECTIONS, Keys
 from shared.limits import (
     AccountSnapshot,
@@ -95,7 +105,7 @@ from shared.limits import (
 )
 from shared.logging import get_logger
 from shared.models import Alert, AlertSeverity, Intent, IntentRejected, Order, OrderType, Side
-from shared.portfolio import Portfolio
+from shared.portfolio import Portfolio, Reservation
 from shared.protections import ProtectionLock, Protections
 from shared.redis_client import unavailable
 from shared.service import ServiceContext
@@ -109,6 +119,7 @@ log = get_logger(component="risk")
 GROUP = "risk"
 EQUITY_SAMPLE_S = 60.0
 TICK_S = 0.1  # how often the deferred queue is looked at (one HLEN) and equity sampling is due
+_DECIDE_ATTEMPTS = 3
 RETIRED_GROUP = "risk-marks"  # the bars group risk consumed for marks before the ingester wrote them
 _PENDING_RULES = {Rule.MAX_GROSS_EXPOSURE, Rule.MAX_POSITION_FRACTION, Rule.MAX_POSITION_QUANTITY,
                   Rule.MAX_OPEN_ORDERS, Rule.PATTERN_DAY_TRADING}
@@ -155,18 +166,44 @@ class RiskService:
     def _read_and_decide(self, intent: Intent, queued: DeferredIntent | None) -> None:
         """Read (taking the account lock if it is free), then approve, refuse or defer ``intent``
         (``queued``: its deferred-queue entry when it is decided again); the lock is let go in
-        every case."""
-        reads = self._read(intent)
-        try:
-            if reads.seen:
-                self._settle(reads)
-                log.info("risk.duplicate_intent", deferred=queued is not None)
+        every case. A reservation refused only because another writer moved the account (a stale
+        fencing token, a version conflict) is decided again from fresh reads."""
+        for attempt in range(1, _DECIDE_ATTEMPTS + 1):
+            reads = self._read(intent)
+            try:
+                if reads.seen:
+                    self._settle(reads)
+                    log.info("risk.duplicate_intent", deferred=queued is not None)
+                    return
+                recorded = reads.book.reservations.get(intent.id)
+                if recorded is not None:  # decided before (its publish was lost): that decision stands
+                    self._settle(reads)
+                    self._republish(intent, recorded)
+                    return
+                if queued is None:
+                    self._cancel_opposite(intent, reads)
+                self._decide_and_publish(intent, queued, reads)
                 return
-            if queued is None:
-                self._cancel_opposite(intent, reads)
-            self._decide_and_publish(intent, queued, reads)
-        finally:
-            self.account.let_go(reads)
+            except (StaleFencingToken, PortfolioConflict) as exc:
+                if attempt == _DECIDE_ATTEMPTS:
+                    raise  # the bus delivers it again
+                log.info("risk.decide_again", error=str(exc), attempt=attempt)
+            finally:
+                self.account.let_go(reads)
+
+    def _republish(self, intent: Intent, recorded: Reservation) -> None:
+        """Publish (once) the order the intent's reservation records, whatever the marks say now."""
+        if (recorded.side, recorded.symbol) != (intent.side.value, intent.symbol):
+            raise HandlerRejected(f"reservation {intent.id!r} holds {recorded.side} {recorded.symbol}, "
+                                  f"not this intent's {intent.side.value} {intent.symbol}")
+        limit = recorded.price if intent.order_type in (OrderType.LIMIT, OrderType.STOP_LIMIT) else None
+        order = Order(time=self.clock.now(), intent_id=intent.id, client_order_id=client_order_id(intent.id),
+                      account=self.portfolio.account, symbol=intent.symbol, side=intent.side,
+                      quantity=recorded.qty, order_type=intent.order_type, limit_price=limit,
+                      stop_price=intent.stop_price, time_in_force=intent.time_in_force,
+                      reservation_id=intent.id)
+        self._publish_once(intent.id, order, ORDERS)
+        log.info("risk.republished", client_order_id=order.client_order_id, quantity=str(order.quantity))
 
     def _read(self, intent: Intent) -> Reads:
         return self.account.read(intent.id, once=self.once, kill_switch=self.kill_switch,
@@ -300,6 +337,8 @@ class RiskService:
             raise Refused(reason) from exc
         except InsufficientPosition as exc:
             raise Refused(str(exc).split(": ", 1)[-1]) from exc
+        except (StaleFencingToken, PortfolioConflict):
+            raise  # another writer moved the account: decided again
         except PortfolioError as exc:
             raise Refused(str(exc)) from exc
         if outcome.followed is None:
