@@ -6,7 +6,7 @@ import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -219,6 +219,49 @@ class TestReconcile:
         report = world.reconciler.reconcile()
         assert [d.kind for d in report.differences] == ["order_status"]  # filled there, open here
         assert not report.halting and report.in_flight
+        assert world.kill_switch.current().state is TradingState.ACTIVE
+
+    def test_a_lasting_in_flight_fill_is_repaired_then_halts_if_the_repair_is_not_done(self) -> None:
+        """Filled at the broker and still not applied here after ``repair_after_s``: a repair
+        request for the executor; still not done ``repair_wait_s`` after that: HALTED, naming it."""
+        world = World(repair_after_s=30, repair_wait_s=30).open()
+        world.portfolio.reserve("c1", "AAPL", Side.BUY, Decimal(10), Decimal(150))
+        world.record_order("c1")
+        world.broker_state.orders["c1"] = broker_order("c1", filled="10", avg="150",
+                                                       status=OrderStatus.FILLED)
+        world.broker_state.positions["AAPL"] = Decimal(10)
+        world.broker_state.cash -= Decimal(1500)
+        world.reconciler.reconcile()
+        assert not world.client.exists(world.keys.repair_requests)
+        world.clock.advance(timedelta(seconds=30))
+        assert not world.reconciler.reconcile().halting
+        assert world.client.hexists(world.keys.repair_requests, "c1")
+        world.clock.advance(timedelta(seconds=30))
+        report = world.reconciler.reconcile()
+        assert [d.kind for d in report.halting] == ["order_unrepaired"]
+        status = world.kill_switch.current()
+        assert status.state is TradingState.HALTED and "c1" in status.reason
+
+    def test_a_repaired_in_flight_fill_clears_without_a_halt(self) -> None:
+        """The executor carries out the repair (applies the fill, drops the request): the next
+        pass is clean and nothing halts."""
+        world = World(repair_after_s=0, repair_wait_s=30).open()
+        world.portfolio.reserve("c1", "AAPL", Side.BUY, Decimal(10), Decimal(150))
+        world.record_order("c1")
+        world.broker_state.orders["c1"] = broker_order("c1", filled="10", avg="150",
+                                                       status=OrderStatus.FILLED)
+        world.broker_state.positions["AAPL"] = Decimal(10)
+        world.broker_state.cash -= Decimal(1500)
+        world.reconciler.reconcile()
+        assert world.client.hexists(world.keys.repair_requests, "c1")
+        world.portfolio.apply_fill("c1", Fill(fill_id="c1:10", quantity=Decimal(10), price=Decimal(150),
+                                              time=T0))
+        world.client.hset(world.keys.order("c1"), mapping={"status": "filled", "applied_qty": "10"})
+        world.client.srem(world.keys.open_orders, "c1")
+        world.client.hdel(world.keys.repair_requests, "c1")
+        world.clock.advance(timedelta(seconds=60))
+        report = world.reconciler.reconcile()
+        assert report.status == "ok" and not report.halting
         assert world.kill_switch.current().state is TradingState.ACTIVE
 
     def test_difference_gone_on_the_second_look_is_not_confirmed(self) -> None:

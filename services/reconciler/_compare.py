@@ -120,6 +120,7 @@ class Outcome:
 
     differences: list[Difference] = field(default_factory=list)
     in_flight: list[str] = field(default_factory=list)  # differences explained by unapplied fills
+    in_flight_orders: set[str] = field(default_factory=set)  # the client_order_ids behind them
     cash_compared: bool = True
 
 
@@ -135,6 +136,7 @@ def compare(ours: Ours, theirs: Theirs, *, cash_tolerance: Decimal, quantity_tol
         if broker is None:
             if order.status in _NOT_YET_AT_BROKER:
                 outcome.in_flight.append(f"{cid}: {order.status.value}, not yet at the broker")
+                outcome.in_flight_orders.add(cid)
             else:
                 outcome.differences.append(Difference(
                     "order_missing_at_broker", cid, order.status.value, "not found", "", False,
@@ -156,6 +158,7 @@ def compare(ours: Ours, theirs: Theirs, *, cash_tolerance: Decimal, quantity_tol
             continue
         sign = Decimal(1) if order.side is Side.BUY else Decimal(-1)
         extra = filled - order.applied_qty
+        outcome.in_flight_orders.add(cid)
         unapplied_qty[order.symbol] = unapplied_qty.get(order.symbol, ZERO) + sign * extra
         if broker.filled_avg_price is None:
             outcome.cash_compared = False

@@ -13,6 +13,11 @@ and amount) -- a fill applied between two reads is gone on the second look::
                 (had the executor applied the position but not yet applied_qty, the pass would
                 predict 20 and see -10; the second look at time 2 finds it equal: not confirmed)
 
+An order in flight (its broker fill not yet applied here, or not yet shown by the broker) for
+``repair_after_s`` is a repair request: its client_order_id goes into ``<prefix>:repair-requests``
+and the executor looks it up and applies what the broker reports. A request not carried out
+within ``repair_wait_s`` becomes a halting difference (``order_unrepaired``).
+
 Every pass publishes a report: the latest in the hash ``<prefix>:reconciliation`` (for
 ``bastion status``), and an entry on the stream ``<prefix>:stream:reconciliation``. A confirmed
 difference raises an Alert on ALERTS when the set of differences changes (not on every pass);
@@ -40,18 +45,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import redis
 
-from services.reconciler._compare import Difference, OurOrder, Ours, Theirs, compare
-from shared.brokers import Broker, BrokerOrder, build_broker
+from services.reconciler._books import read_ours, read_theirs, with_records
+from services.reconciler._compare import Difference, Ours, Theirs, compare
+from shared.brokers import Broker, build_broker
 from shared.bus import Publisher, StopSignal
 from shared.clock import Clock
 from shared.config import Settings
-from shared.errors import BrokerError, ConfigError, OrderNotFound, RedisUnavailable
+from shared.errors import BrokerError, ConfigError, RedisUnavailable
 from shared.keys import ALERTS, Keys
 from shared.logging import get_logger
 from shared.models import Alert, AlertSeverity
@@ -82,6 +88,7 @@ class Report:
     status: str
     differences: list[Difference] = field(default_factory=list)
     in_flight: list[str] = field(default_factory=list)
+    in_flight_orders: set[str] = field(default_factory=set)
     error: str = ""
     ours: dict[str, Any] = field(default_factory=dict)
     broker: dict[str, Any] = field(default_factory=dict)
@@ -122,6 +129,7 @@ class Reconciler:
                                    lock_settings=settings.lock, clock=clock)
         self.kill_switch = KillSwitch(client, keys, clock)
         self._alerted: frozenset[tuple[str, str, str]] = frozenset()
+        self._in_flight_since: dict[str, datetime] = {}  # client_order_id -> first pass it was in flight
 
     # -- one pass -------------------------------------------------------------------------------
 
@@ -137,6 +145,8 @@ class Reconciler:
                 second.differences = confirmed
                 second.status = "differences" if confirmed else "ok"
             report = second
+        if report.succeeded:
+            report.differences += self._repairs(report)
         if report.halting:
             self._halt(report)
             report.status = "halted"
@@ -152,7 +162,7 @@ class Reconciler:
                           error=f"portfolio account {self.portfolio.account!r} is not opened yet")
         try:
             theirs = self._read_theirs(ours)
-            ours = replace(ours, records=self._records_of(theirs, ours))
+            ours = self._records_of(theirs, ours)
         except (BrokerError, ConfigError) as exc:
             return Report(at, "error", error=f"broker unreachable: {type(exc).__name__}: {exc}",
                           ours=_summary_ours(ours))
@@ -160,59 +170,60 @@ class Reconciler:
         outcome = compare(ours, theirs, cash_tolerance=tolerances.cash_tolerance,
                           quantity_tolerance=tolerances.quantity_tolerance)
         return Report(at, "differences" if outcome.differences else "ok", outcome.differences,
-                      outcome.in_flight, ours=_summary_ours(ours), broker=_summary_theirs(theirs),
-                      cash_compared=outcome.cash_compared)
+                      outcome.in_flight, outcome.in_flight_orders, ours=_summary_ours(ours),
+                      broker=_summary_theirs(theirs), cash_compared=outcome.cash_compared)
 
     def _read_ours(self) -> Ours:
-        snapshot = self.portfolio.snapshot()
         try:
-            members: Any = self.client.smembers(self.keys.open_orders)
-            open_orders = {}
-            for raw in members:
-                cid = reply_text(raw)
-                record = self._record(cid)
-                if record:
-                    open_orders[cid] = OurOrder.from_record(cid, record)
+            return read_ours(self.client, self.keys, self.portfolio)
         except _REDIS_DOWN as exc:
-            raise RedisUnavailable(f"reading open orders failed: {exc}") from exc
-        return Ours(opened=snapshot.opened, cash=snapshot.cash, reserved=snapshot.reserved,
-                    positions={s: p.qty for s, p in snapshot.positions.items() if p.qty},
-                    open_orders=open_orders)
+            raise RedisUnavailable(f"reading our books failed: {exc}") from exc
 
     def _read_theirs(self, ours: Ours) -> Theirs:
-        broker = self.broker()
-        account = broker.account()
-        positions = {p.symbol: p.quantity for p in broker.positions() if p.quantity}
-        open_orders = {o.client_order_id: o for o in broker.open_orders()}
-        looked_up: dict[str, BrokerOrder | None] = {}
-        for cid in ours.open_orders:
-            if cid in open_orders:
-                continue
-            try:
-                looked_up[cid] = broker.get_order(cid)
-            except OrderNotFound:
-                looked_up[cid] = None
-        return Theirs(cash=account.cash, positions=positions, open_orders=open_orders, looked_up=looked_up)
+        return read_theirs(self.broker(), ours)
 
-    def _records_of(self, theirs: Theirs, ours: Ours) -> dict[str, OurOrder]:
-        """Our records (open or closed) of the broker's open orders we do not hold open."""
-        records = {}
-        for cid in theirs.open_orders:
-            if cid not in ours.open_orders:
-                record = self._record(cid)
-                if record:
-                    records[cid] = OurOrder.from_record(cid, record)
-        return records
-
-    def _record(self, cid: str) -> dict[str, str]:
-        raw: Any = self.client.hgetall(self.keys.order(cid))
-        return {reply_text(k): reply_text(v) for k, v in raw.items()}
+    def _records_of(self, theirs: Theirs, ours: Ours) -> Ours:
+        try:
+            return with_records(self.client, self.keys, ours, theirs)
+        except _REDIS_DOWN as exc:
+            raise RedisUnavailable(f"reading order records failed: {exc}") from exc
 
     def broker(self) -> Broker:
         """The broker, built on first use (a paper exchange not yet up is a failed pass, not a crash)."""
         if self._broker is None:
             self._broker = self._broker_factory()
         return self._broker
+
+    # -- repairs --------------------------------------------------------------------------------
+
+    def _repairs(self, report: Report) -> list[Difference]:
+        """Ask the executor to look up each order in flight for ``repair_after_s`` (its fill not
+        applied, or not yet shown by the broker); a request not carried out within
+        ``repair_wait_s`` is a halting difference."""
+        now, settings = report.at, self.settings.reconciler
+        self._in_flight_since = {cid: self._in_flight_since.get(cid, now) for cid in report.in_flight_orders}
+        overdue = sorted(cid for cid, since in self._in_flight_since.items()
+                         if (now - since).total_seconds() >= settings.repair_after_s)
+        if not overdue:
+            return []
+        try:
+            requested = {reply_text(k): _parse_time(reply_text(v))
+                         for k, v in self.client.hgetall(self.keys.repair_requests).items()}
+            failed = []
+            for cid in overdue:
+                asked = requested.get(cid)
+                if asked is None:
+                    self.client.hset(self.keys.repair_requests, cid, now.isoformat())
+                    log.warning("reconciler.repair_requested", client_order_id=cid,
+                                in_flight_s=round((now - self._in_flight_since[cid]).total_seconds(), 1))
+                elif (now - asked).total_seconds() >= settings.repair_wait_s:
+                    failed.append(cid)
+        except _REDIS_DOWN as exc:
+            raise RedisUnavailable(f"repair requests: {exc}") from exc
+        return [Difference("order_unrepaired", cid, "in flight", "not applied", "", True,
+                           f"order {cid}: in flight since {self._in_flight_since[cid].isoformat()}, and "
+                           f"the executor has not applied the broker's report within "
+                           f"{settings.repair_wait_s:g}s of being asked") for cid in failed]
 
     # -- effects --------------------------------------------------------------------------------
 
@@ -323,6 +334,10 @@ class Reconciler:
                 raise
             log.warning("reconciler.redis_unavailable", error=str(exc))
             return None
+
+
+def _parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text)
 
 
 def _summary_ours(ours: Ours) -> dict[str, Any]:

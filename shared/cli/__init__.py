@@ -3,7 +3,8 @@
 Each public module here defines ``register(subparsers)``, which adds its subcommand and sets
 ``func`` -- a callable taking the parsed arguments and returning the exit status. Exit
 statuses: 0 success, 1 a check failed or the request was refused, 2 bad usage or
-configuration, 3 Redis unreachable or refusing writes (memory full, a failing disk, a replica).
+configuration, 3 Redis unreachable or refusing writes (memory full, a failing disk, a replica),
+or (``verify --broker``) the broker unreachable.
 """
 
 from __future__ import annotations
