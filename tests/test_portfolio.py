@@ -179,8 +179,8 @@ class TestFills:
             book.apply_fill("ghost", fill("f1", "1", "10"))
         assert everything(redis_client, keys) == before
 
-    def test_fill_of_a_closed_reservation_is_booked_as_a_fact(self, book: Portfolio, redis_client: redis.Redis,
-                                                              keys: Keys) -> None:
+    def test_fill_of_a_closed_reservation_is_booked_as_a_fact(self, book: Portfolio,
+                                                              redis_client: redis.Redis, keys: Keys) -> None:
         """An order released here that the broker filled anyway: the fill is booked (cash, position,
         ledger), said to be beyond its reservation, and verify still passes."""
         book.reserve("r1", "AAPL", "buy", D(5), D(10))
