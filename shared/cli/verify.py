@@ -1,9 +1,10 @@
 """``bastion verify [--account A] [--broker] [--json]``: replay the ledger from zero and check it.
 
 Replays every entry of ``<prefix>:ledger:{<account>}``, checking after each one that the recorded
-version and balances match and that the invariants hold (cash >= 0, reserved >= 0, reserved <=
-cash, reservations add up, no negative position unless ``portfolio.allow_short``), then compares
-the result with the state in Redis. Exit 0 when all agree, 1 with the first difference.
+version and balances match and that the invariants hold (see
+:func:`shared._portfolio_state.invariant_violations`: the pre-trade controls stop being checked
+after a fill booked beyond its reservation), then compares the result with the state in Redis.
+Exit 0 when all agree, 1 with the first difference.
 
 With ``--broker`` it also compares our books with the broker's, once, under the reconciler's rule
 (:mod:`services.reconciler._compare`, its tolerances from ``reconciler.*``): our cash, positions
