@@ -15,7 +15,7 @@ from shared import codec
 from shared.bus import Consumer, Delivery, Idempotency, Publisher, publish, trim
 from shared.clock import LiveClock
 from shared.config import BusSettings
-from shared.errors import HandlerRejected, RedisUnavailable
+from shared.errors import BrokerUnavailable, HandlerRejected, RateLimited, RedisUnavailable
 from shared.keys import BARS, Keys
 from shared.models import Alert, AlertSeverity, Bar
 from shared.redis_client import connect_url
@@ -243,13 +243,15 @@ class TestFailures:
         RedisUnavailable("portfolio read failed"),
         redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
         redis.ResponseError("MISCONF Errors writing to the AOF file: No space left on device"),
-    ], ids=["unreachable", "memory-full", "disk-failing"])
+        BrokerUnavailable("submit: broker unreachable (connection refused)"),
+        RateLimited("submit: broker rate limit (429) persists", retry_after=0.1),
+    ], ids=["unreachable", "memory-full", "disk-failing", "broker-down", "broker-429"])
     def test_a_handler_finding_redis_unavailable_is_retried_in_hand_and_never_dead_lettered(
         self, redis_client: redis.Redis, keys: Keys, error: Exception
     ) -> None:
-        """Redis unreachable or refusing writes is not the message's fault: after a back-off the entry
-        and those after it are handled again, with the same delivery count, more often than
-        max_deliveries, and none is dead-lettered."""
+        """Redis unreachable or refusing writes, or the broker down or rate limiting, is not the
+        message's fault: after a back-off the entry and those after it are handled again, with the
+        same delivery count, more often than max_deliveries, and none is dead-lettered."""
         for seq in range(3):
             publish(redis_client, keys, BARS, bar(seq))
         calls: list[tuple[int, int]] = []
