@@ -189,6 +189,17 @@ class TestAmbiguityAndRateLimits:
         with pytest.raises(OrderRejected, match="client_order_id must be unique"):
             requests_post_order(exchange, "ghost")
 
+    def test_resubmit_of_a_hidden_order_is_ambiguous_not_rejected(self, exchange: PaperExchange) -> None:
+        """Resubmitted, an order the broker holds but cannot find yet ("client_order_id must be
+        unique", then "not found"): AmbiguousSubmit, to chase by the id -- never a rejection that
+        would release the cash of a live order."""
+        exchange.set_faults({"endpoint": "POST /v2/orders", "kind": "hide_new_orders", "lookups": 50,
+                             "count": 1})
+        broker = exchange.broker(resolve_attempts=1)
+        broker.submit(market("hidden", "1"))
+        with pytest.raises(AmbiguousSubmit):
+            broker.submit(market("hidden", "1"))
+
     def test_late_placement_after_timeout_is_ambiguous(self, exchange: PaperExchange) -> None:
         """A request that times out before the exchange acts: AmbiguousSubmit, and the order appears later."""
         exchange.set_faults({"endpoint": "POST /v2/orders", "kind": "latency", "seconds": 2.5, "count": 1})
@@ -386,12 +397,15 @@ class TestRestart:
 
 
     def test_trade_updates_resume_after_restart(self, exchange: PaperExchange, broker: AlpacaBroker) -> None:
-        """The adapter's stream reconnects to the restarted exchange and receives later updates."""
+        """The adapter's stream reconnects to the restarted exchange, counts the reconnect (the
+        caller's cue to look up what it missed) and receives later updates."""
         with broker.trade_updates() as updates:
             assert updates.wait_ready(10)
+            assert updates.connections == 1
             exchange.restart()
             wait_for(lambda: exchange.get("/_paper/health")["listeners"] == 1, message="the stream to return")
             assert updates.wait_ready(10)
+            wait_for(lambda: updates.connections == 2, message="the reconnect counted")
             broker.submit(market("after", "1"))
             event = next_event(updates)
         assert (event.client_order_id, event.status) == ("after", OrderStatus.NEW)
