@@ -88,7 +88,6 @@ from shared.trading_state import KillSwitch, TradingState, TradingStatus
 __all__ = ["Executor", "main"]
 
 log = get_logger(component="executor")
-GROUP = "executor"
 # KEYS[1] = the order record; KEYS[2] = the open-orders set; ARGV[1] = client_order_id;
 # ARGV[2..] = field, value, ... of a new record. Returns the existing record (flat HGETALL) and
 # changes nothing, or creates the record, adds it to the open set and returns an empty list.
@@ -792,6 +791,6 @@ def main(ctx: ServiceContext) -> None:
                                     ("trading-state", executor.watch_trading_state))]
     for thread in threads:
         thread.start()
-    ctx.consumer(ORDERS, GROUP, executor.handle_order).run(ctx.stop)
+    ctx.consumer(ORDERS, ctx.settings.executor.consumer_group, executor.handle_order).run(ctx.stop)
     for thread in threads:
         thread.join(ctx.settings.bus.grace_seconds)
