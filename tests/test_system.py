@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -15,15 +16,19 @@ from pathlib import Path
 
 import pytest
 import redis
+import requests
 
 from services.reconciler.service import REPORT_STREAM
+from shared.bus import publish
+from shared.clock import LiveClock
 from shared.keys import ALERTS, BARS, INTENTS, ORDERS, Keys
+from shared.models import Order, Side
 from shared.portfolio import Portfolio, verify
 from shared.redis_client import connect_url
 from shared.redis_server import RedisServer
 from shared.trading_state import KillSwitch, TradingState
 from tests.conftest import SERVER_BACKENDS
-from tests.support.paper import KEY_ID, SECRET, PaperExchange, running_exchange
+from tests.support.paper import HEADERS, KEY_ID, SECRET, PaperExchange, running_exchange
 from tests.support.processes import REPO_ROOT, free_port, spawn, stop_all, wait_for
 
 pytestmark = pytest.mark.multiprocess
@@ -86,6 +91,45 @@ def test_twenty_concurrent_orders_for_sixty_percent_of_cash(
         finally:
             stop_all(services)
 
+
+
+@pytest.mark.parametrize("server_url", SERVER_BACKENDS, indirect=True)
+def test_a_fill_made_while_the_trade_update_stream_was_down_is_booked(
+    server_url: str, client: redis.Redis, keys: Keys, tmp_path: Path
+) -> None:
+    """The exchange refuses connections for 3 s (its websocket dropped with them) and fills a
+    resting order meanwhile: the update is lost, alpaca-py reconnects by itself, and the executor,
+    noticing the reconnect, looks the order up and books the fill (periodic polls are off here,
+    so only the reconnect can find it)."""
+    with running_exchange(server_url, keys, tmp_path, BASTION_PAPER_EXCHANGE__STARTING_CASH=CASH) as exchange:
+        env = {**desk_env(server_url, keys, exchange), "BASTION_EXECUTOR__POLL_INTERVAL_S": "3600"}
+        executor = spawn("services.executor", env=env, log=tmp_path / "executor.log")
+        try:
+            portfolio = Portfolio(client, keys, "paper")
+            wait_for(lambda: portfolio.snapshot().opened, timeout=30, message="the account opened")
+            wait_for(lambda: exchange.get("/_paper/health")["listeners"] == 1, timeout=30,
+                     message="the executor listening")
+            exchange.bar("AAPL", "100", "100", "100", "100")
+            portfolio.reserve("i1", "AAPL", Side.BUY, Decimal(5), Decimal(100))
+            publish(client, keys, ORDERS, Order(time=LiveClock().now(), intent_id="i1",
+                                                client_order_id="bst-i1", account="paper", symbol="AAPL",
+                                                side=Side.BUY, quantity=Decimal(5), reservation_id="i1"))
+            record = keys.order("bst-i1")
+            wait_for(lambda: client.hget(record, "status") == b"new", timeout=30, message="the order placed")
+            exchange.set_faults({"endpoint": "GET /v2/clock", "kind": "refuse", "seconds": 3, "count": 1})
+            with contextlib.suppress(requests.RequestException):
+                requests.get(exchange.url + "/v2/clock", headers=HEADERS, timeout=5)
+            exchange.bar("AAPL", "100", "100", "100", "100")  # fills while nobody listens
+            wait_for(lambda: client.hget(record, "status") == b"filled", timeout=60,
+                     message="the fill booked after the reconnect")
+            assert [o["status"] for o in exchange.get("/v2/orders", status="all")] == ["filled"]
+            snap = portfolio.snapshot()
+            assert (snap.positions["AAPL"].qty, snap.cash, snap.reserved) == (Decimal(5), Decimal(9500), 0)
+            assert "executor.trade_updates_reconnected" in (tmp_path / "executor.log").read_text()
+            executor.send_signal(signal.SIGTERM)
+            assert executor.wait(30) == 0
+        finally:
+            stop_all([executor])
 
 
 def test_the_desk_rides_out_a_redis_restart(keys: Keys, tmp_path: Path) -> None:
