@@ -109,6 +109,14 @@ class World:
         if open_:
             self.client.sadd(self.keys.open_orders, cid)
 
+    def filled_there_not_here(self, cid: str) -> None:
+        """An open buy of 10 AAPL @ 150, filled at the broker, its fill not applied here."""
+        self.portfolio.reserve(cid, "AAPL", Side.BUY, Decimal(10), Decimal(150))
+        self.record_order(cid)
+        self.broker_state.orders[cid] = broker_order(cid, filled="10", avg="150", status=OrderStatus.FILLED)
+        self.broker_state.positions["AAPL"] = Decimal(10)
+        self.broker_state.cash -= Decimal(1500)
+
     def alerts(self) -> list[Alert]:
         entries: Any = self.client.xrange(self.keys.stream(ALERTS))
         return [m for _, fields in entries if isinstance(m := codec.decode(fields), Alert)]
@@ -225,12 +233,7 @@ class TestReconcile:
         """Filled at the broker and still not applied here after ``repair_after_s``: a repair
         request for the executor; still not done ``repair_wait_s`` after that: HALTED, naming it."""
         world = World(repair_after_s=30, repair_wait_s=30).open()
-        world.portfolio.reserve("c1", "AAPL", Side.BUY, Decimal(10), Decimal(150))
-        world.record_order("c1")
-        world.broker_state.orders["c1"] = broker_order("c1", filled="10", avg="150",
-                                                       status=OrderStatus.FILLED)
-        world.broker_state.positions["AAPL"] = Decimal(10)
-        world.broker_state.cash -= Decimal(1500)
+        world.filled_there_not_here("c1")
         world.reconciler.reconcile()
         assert not world.client.exists(world.keys.repair_requests)
         world.clock.advance(timedelta(seconds=30))
@@ -246,12 +249,7 @@ class TestReconcile:
         """The executor carries out the repair (applies the fill, drops the request): the next
         pass is clean and nothing halts."""
         world = World(repair_after_s=0, repair_wait_s=30).open()
-        world.portfolio.reserve("c1", "AAPL", Side.BUY, Decimal(10), Decimal(150))
-        world.record_order("c1")
-        world.broker_state.orders["c1"] = broker_order("c1", filled="10", avg="150",
-                                                       status=OrderStatus.FILLED)
-        world.broker_state.positions["AAPL"] = Decimal(10)
-        world.broker_state.cash -= Decimal(1500)
+        world.filled_there_not_here("c1")
         world.reconciler.reconcile()
         assert world.client.hexists(world.keys.repair_requests, "c1")
         world.portfolio.apply_fill("c1", Fill(fill_id="c1:10", quantity=Decimal(10), price=Decimal(150),

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import datetime
 from decimal import Decimal
@@ -584,15 +584,7 @@ class Executor:
         """Act on kill switch requests until ``stop``; a failed pass (broker or Redis unavailable, or
         a bug) is logged and the next one tries again, so no outage ends the watch."""
         while not stop.is_set():
-            try:
-                self.act_on_trading_state()
-            except BrokerError as exc:
-                log.warning("executor.trading_state_action_failed", error=str(exc))
-            except Exception as exc:
-                if unavailable(exc):
-                    log.warning("executor.trading_state_redis_unavailable", error=str(exc))
-                else:
-                    log.exception("executor.trading_state_failed")
+            _one_pass("trading_state", self.act_on_trading_state)
             stop.wait(interval_s)
 
     # -- closing gaps -------------------------------------------------------------------------
@@ -690,21 +682,18 @@ class Executor:
         ``poll_interval_s``, and at the tick after a stream reconnect, poll every open order. A
         failed pass is logged and the next one tries again."""
         next_poll = self.clock.monotonic()
+
+        def one_pass() -> None:
+            nonlocal next_poll
+            full = self.poll_requested.is_set() or self.clock.monotonic() >= next_poll
+            if full:
+                self.poll_requested.clear()
+                next_poll = self.clock.monotonic() + self.settings.executor.poll_interval_s
+            self.poll_orders(full=full)
+            self.run_repairs()
+
         while not stop.is_set():
-            try:
-                full = self.poll_requested.is_set() or self.clock.monotonic() >= next_poll
-                if full:
-                    self.poll_requested.clear()
-                    next_poll = self.clock.monotonic() + self.settings.executor.poll_interval_s
-                self.poll_orders(full=full)
-                self.run_repairs()
-            except BrokerError as exc:
-                log.warning("executor.poll_failed", error=str(exc))
-            except Exception as exc:
-                if unavailable(exc):
-                    log.warning("executor.poll_redis_unavailable", error=str(exc))
-                else:
-                    log.exception("executor.poll_crashed")
+            _one_pass("orders", one_pass)
             stop.wait(tick_s)
 
     def follow_trade_updates(self, stop: Any) -> None:
@@ -740,6 +729,20 @@ class Executor:
             finally:
                 updates.close()
             stop.wait(1.0)
+
+
+def _one_pass(what: str, run: Callable[[], object]) -> None:
+    """Run one pass of a background loop; a failure is logged (``executor.<what>_broker_failed``,
+    ``_redis_unavailable``, or ``_failed`` with the traceback for a bug), never raised."""
+    try:
+        run()
+    except BrokerError as exc:
+        log.warning(f"executor.{what}_broker_failed", error=str(exc))
+    except Exception as exc:
+        if unavailable(exc):
+            log.warning(f"executor.{what}_redis_unavailable", error=str(exc))
+        else:
+            log.exception(f"executor.{what}_failed")
 
 
 def _next_status(current: OrderStatus, reported: OrderStatus, never_placed: bool) -> tuple[OrderStatus, bool]:
