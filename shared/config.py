@@ -218,6 +218,12 @@ class PaperExchangeSettings(_Section):
     max_volume_fraction: Fraction = Decimal("1")  # of a bar's volume one bar may fill
     allow_short: bool = False
     always_open: bool = True  # /v2/clock says open at any hour (bars drive the session)
+    # tradable besides the ingester's symbols and every symbol a bar has been seen for
+    symbols: list[Annotated[str, Field(pattern=r"^[A-Z0-9./-]+$")]] = []
+    # an order needing money that cannot be valued yet (a market order before its symbol's first
+    # price): checked against buying power before its first fill and rejected then if it does
+    # not fit ("check_at_fill"), or refused when placed ("refuse")
+    unpriced_orders: Literal["check_at_fill", "refuse"] = "check_at_fill"
     consumer_group: Annotated[str, Field(min_length=1)] = "paper-exchange"
     faults: str = ""  # a JSON fault plan (see docs/BROKERS.md); empty: no faults
     # on a stop signal, how long the exchange keeps serving while a trade-update stream is still

@@ -21,10 +21,12 @@ from tests.support.processes import spawn
 
 
 def make(**settings: Any) -> tuple[Exchange, SimulatedClock, list[dict[str, Any]]]:
+    """An exchange on a fresh fakeredis trading the ingester's default symbols (AAPL, MSFT, SPY)."""
     clock = SimulatedClock()
     events: list[dict[str, Any]] = []
     exchange = Exchange(fakeredis.FakeRedis(server=fakeredis.FakeServer()), Keys("t"),
-                        PaperExchangeSettings(**settings), clock, publish=events.extend)
+                        PaperExchangeSettings(**settings), clock, publish=events.extend,
+                        symbols=("AAPL", "MSFT", "SPY"))
     return exchange, clock, events
 
 
@@ -191,6 +193,49 @@ class TestFills:
             with pytest.raises(ApiError, match=words) as bad:
                 exchange.submit(body)
             assert bad.value.status == 422
+
+
+class TestBuyingPower:
+    def test_an_unvalued_short_is_rejected_at_its_first_fill_with_its_legs(self) -> None:
+        """With allow_short a market short placed before any price is accepted, then rejected at the bar
+        that values it beyond the buying power: its held legs are canceled and nothing fills."""
+        exchange, clock, events = make(allow_short=True)
+        placed = exchange.submit(order("2000", "sell", order_class="bracket",
+                                       take_profit={"limit_price": "90"}, stop_loss={"stop_price": "110"}))
+        assert exchange.on_bar(bar(clock, "100", "100", "100", "100", volume="10000")) == 0
+        after = exchange.get(placed["id"])
+        assert after["status"] == "rejected" and after["failed_at"] is not None
+        assert [leg["status"] for leg in after["legs"]] == ["canceled", "canceled"]
+        assert [e["event"] for e in events] == ["new", "rejected", "canceled", "canceled"]
+        assert exchange.account()["cash"] == "100000" and exchange.positions() == []
+
+    def test_exit_legs_hold_the_position_once(self) -> None:
+        """A bracket's two active exit legs hold its shares once: another sell is refused, replacing one
+        leg does not count the other against it, and closing orders reserve no buying power."""
+        exchange, clock, _ = make()
+        parent = exchange.submit(order("10", order_class="bracket", take_profit={"limit_price": "120"},
+                                       stop_loss={"stop_price": "90"}))
+        exchange.on_bar(bar(clock, "100", "100", "100", "100"))
+        with pytest.raises(ApiError, match=r"requested: 1, available: 0"):
+            exchange.submit(order("1", "sell"))
+        stop_loss = exchange.get(parent["id"])["legs"][1]
+        moved = exchange.replace(stop_loss["id"], {"stop_price": "95"})
+        assert (moved["stop_price"], moved["replaces"]) == ("95", stop_loss["id"])
+        assert exchange.account()["buying_power"] == "99000"
+
+    def test_covering_a_short_needs_shares_not_money(self) -> None:
+        """With allow_short a short of all the buying power leaves none (proceeds sit in cash); a buy
+        covering it is accepted anyway, and a buy beyond the short is refused."""
+        exchange, clock, _ = make(allow_short=True, starting_cash=Decimal("1000"))
+        exchange.on_bar(bar(clock, "100", "100", "100", "100"))
+        exchange.submit(order("10", "sell"))
+        clock.advance(timedelta(minutes=1))
+        exchange.on_bar(bar(clock, "100", "100", "100", "100"))
+        account = exchange.account()
+        assert (account["cash"], account["buying_power"], account["equity"]) == ("2000", "0", "1000")
+        exchange.submit(order("10"))
+        with pytest.raises(ApiError, match="insufficient buying power"):
+            exchange.submit(order("1"))
 
 
 class _BrokenPipeline:

@@ -118,15 +118,15 @@ class TestOrders:
 
     def test_positions_and_account_follow_fills(self, exchange: PaperExchange, client: TradingClient) -> None:
         """After buying 10 at 100 and selling 4 at 110, the position is 6 at 100 and cash is exact."""
-        client.submit_order(MarketOrderRequest(symbol="IBM", qty=10, side=OrderSide.BUY,
+        client.submit_order(MarketOrderRequest(symbol="SPY", qty=10, side=OrderSide.BUY,
                                                time_in_force=TimeInForce.DAY, client_order_id="b"))
-        exchange.bar("IBM", "100", "100", "100", "100")
+        exchange.bar("SPY", "100", "100", "100", "100")
         wait_for(lambda: _status(client, "b") == OrderStatus.FILLED, message="the buy")
-        client.submit_order(MarketOrderRequest(symbol="IBM", qty=4, side=OrderSide.SELL,
+        client.submit_order(MarketOrderRequest(symbol="SPY", qty=4, side=OrderSide.SELL,
                                                time_in_force=TimeInForce.DAY, client_order_id="s"))
-        exchange.bar("IBM", "110", "110", "110", "110")
+        exchange.bar("SPY", "110", "110", "110", "110")
         wait_for(lambda: _status(client, "s") == OrderStatus.FILLED, message="the sell")
-        position = client.get_open_position("IBM")
+        position = client.get_open_position("SPY")
         held = (position.qty, position.avg_entry_price, position.market_value)  # type: ignore[union-attr]
         assert held == ("6", "100", "660")
         account = client.get_account()

@@ -12,7 +12,7 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
-__all__ = ["asset", "clock", "num", "order", "position", "timestamp"]
+__all__ = ["asset", "asset_id", "clock", "num", "order", "parse_timestamp", "position", "timestamp"]
 
 NEW_YORK = ZoneInfo("America/New_York")
 _ASSET_NAMESPACE = uuid.UUID("6f1c2d1e-7a51-4c4b-9a53-0b6c5e3a9f10")
@@ -35,6 +35,11 @@ def timestamp(value: datetime | None) -> str | None:
     return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def parse_timestamp(value: str) -> datetime:
+    """The datetime of a :func:`timestamp` string."""
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
 def asset_id(symbol: str) -> str:
     """A stable asset id per symbol."""
     return str(uuid.uuid5(_ASSET_NAMESPACE, symbol))
@@ -52,10 +57,10 @@ def order(record: dict[str, Any], legs: list[dict[str, Any]] | None) -> dict[str
         "expired_at": record.get("expired_at"),
         "expires_at": None,
         "canceled_at": record.get("canceled_at"),
-        "failed_at": None,
-        "replaced_at": None,
-        "replaced_by": None,
-        "replaces": None,
+        "failed_at": record.get("failed_at"),
+        "replaced_at": record.get("replaced_at"),
+        "replaced_by": record.get("replaced_by"),
+        "replaces": record.get("replaces"),
         "asset_id": asset_id(record["symbol"]),
         "symbol": record["symbol"],
         "asset_class": "us_equity",
@@ -107,7 +112,7 @@ def position(symbol: str, qty: Decimal, avg: Decimal, last: Decimal | None) -> d
 
 
 def asset(symbol: str, shortable: bool) -> dict[str, Any]:
-    """An Alpaca Asset object: every well-formed symbol is a tradable US equity here."""
+    """An Alpaca Asset object: every asset the exchange trades is an active US equity."""
     return {
         "id": asset_id(symbol),
         "class": "us_equity",

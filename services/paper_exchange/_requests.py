@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_FLOOR, Decimal, InvalidOperation
 from typing import Any
 
 from services.paper_exchange import _render as render
 
-__all__ = ["ApiError", "invalid", "parse_legs", "parse_order"]
+__all__ = ["ApiError", "invalid", "parse_close_qty", "parse_legs", "parse_order", "parse_replace"]
 
 _SYMBOL_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789./-")
 
@@ -41,6 +41,18 @@ def _dec(value: Any, field: str, *, positive: bool = True) -> Decimal:
     return result
 
 
+def _client_order_id(value: Any) -> str:
+    cid = value or str(uuid.uuid4())
+    if not isinstance(cid, str) or len(cid) > 128:
+        raise invalid("client_order_id must be a string of at most 128 characters")
+    return cid
+
+
+def _time_in_force(value: Any) -> str:
+    if value not in ("day", "gtc"):
+        raise invalid(f"time_in_force {value!r} is not supported (day, gtc)")
+    return str(value)
+
 
 def parse_order(body: dict[str, Any], now: datetime) -> dict[str, Any]:
     """The internal record of a POST /v2/orders body; ApiError(422) naming what is wrong."""
@@ -58,9 +70,7 @@ def parse_order(body: dict[str, Any], now: datetime) -> dict[str, Any]:
     order_type = body.get("type") or body.get("order_type")
     if order_type not in ("market", "limit", "stop", "stop_limit"):
         raise invalid(f"order type {order_type!r} is not supported (market, limit, stop, stop_limit)")
-    tif = body.get("time_in_force")
-    if tif not in ("day", "gtc"):
-        raise invalid(f"time_in_force {tif!r} is not supported (day, gtc)")
+    tif = _time_in_force(body.get("time_in_force"))
     if body.get("extended_hours"):
         raise invalid("extended_hours orders are not supported by the paper exchange")
     limit = body.get("limit_price")
@@ -73,9 +83,7 @@ def parse_order(body: dict[str, Any], now: datetime) -> dict[str, Any]:
         raise invalid(f"limit_price is not allowed for {order_type} orders")
     if order_type in ("market", "limit") and stop is not None:
         raise invalid(f"stop_price is not allowed for {order_type} orders")
-    cid = body.get("client_order_id") or str(uuid.uuid4())
-    if not isinstance(cid, str) or len(cid) > 128:
-        raise invalid("client_order_id must be a string of at most 128 characters")
+    cid = _client_order_id(body.get("client_order_id"))
     order_class = body.get("order_class") or "simple"
     if order_class not in ("simple", "bracket", "oto"):
         raise invalid(f"order_class {order_class!r} is not supported (simple, bracket, oto)")
@@ -89,6 +97,55 @@ def parse_order(body: dict[str, Any], now: datetime) -> dict[str, Any]:
         "created_at": stamp, "updated_at": stamp, "not_before": stamp, "strict": False,
         "triggered": False, "parent_id": None, "legs": [],
     }
+
+
+def parse_replace(body: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
+    """The fields a PATCH /v2/orders/{order_id} body changes on ``old`` (absent or null: kept);
+    ApiError(422) naming what is wrong."""
+    changes: dict[str, Any] = {}
+    for name, value in body.items():
+        if value is None:
+            continue
+        if name == "qty":
+            changes["qty"] = render.num(_dec(value, "qty"))
+        elif name in ("limit_price", "stop_price"):
+            kinds = ("limit", "stop_limit") if name == "limit_price" else ("stop", "stop_limit")
+            if old["type"] not in kinds:
+                raise invalid(f"{name} cannot be set on a {old['type']} order")
+            changes[name] = render.num(_dec(value, name))
+        elif name == "time_in_force":
+            changes[name] = _time_in_force(value)
+        elif name == "client_order_id":
+            changes[name] = _client_order_id(value)
+        elif name == "trail":
+            raise invalid("trail is not supported by the paper exchange (no trailing_stop orders)")
+        else:
+            raise invalid(f"{name} cannot be replaced (qty, limit_price, stop_price, time_in_force, "
+                          "client_order_id)")
+    return changes
+
+
+def parse_close_qty(query: dict[str, str], held: Decimal) -> Decimal:
+    """The quantity DELETE /v2/positions/{symbol} closes of a position of ``held`` shares: ``qty``,
+    or ``percentage`` of it (whole shares unless the position is fractional), or all of it."""
+    qty, percentage = query.get("qty"), query.get("percentage")
+    size = abs(held)
+    if qty is not None and percentage is not None:
+        raise invalid("give only one of qty and percentage")
+    if qty is not None:
+        return _dec(qty, "qty")
+    if percentage is None:
+        return size
+    share = _dec(percentage, "percentage")
+    if share > 100:
+        raise invalid(f"percentage must be at most 100, got {percentage!r}")
+    amount = size * share / 100
+    if size == size.to_integral_value():
+        amount = amount.to_integral_value(rounding=ROUND_FLOOR)
+    if amount <= 0:
+        raise invalid(f"{percentage}% of {render.num(size)} shares is less than one share")
+    return amount
+
 
 def parse_legs(body: dict[str, Any], parent: dict[str, Any], now: datetime) -> list[dict[str, Any]]:
     """The bracket/OTO exit legs of ``parent`` (held until it fills)."""

@@ -1,9 +1,13 @@
-"""The HTTP + websocket face of the exchange: Alpaca's Trading API v2 routes on aiohttp.
+"""The HTTP face of the exchange: Alpaca's Trading API v2 routes on aiohttp.
 
-Concurrency model: one asyncio loop serves HTTP and websockets; the book (:class:`Exchange`) is
-a thread-safe object called from the loop and from the bar-consumer thread. Trade updates are
-handed to the loop with ``call_soon_threadsafe`` while the book's lock is held, so every
-listener receives them in commit order (unless a fault says otherwise).
+Every reply that is not a success is Alpaca's error shape, ``{"code": <int>, "message": <text>}``
+with the HTTP status (so alpaca-py's ``APIError`` parses it): the book's refusals, an unknown path
+(404), a method a route lacks (405, with ``Allow``), a malformed body (400), an endpoint the
+exchange does not implement (501), and any unexpected failure (500, logged with its traceback).
+
+Concurrency model: one asyncio loop serves HTTP and the ``trade_updates`` websocket
+(:mod:`._updates`); the book (:class:`Exchange`) is a thread-safe object called from the loop and
+from the bar-consumer thread.
 """
 
 from __future__ import annotations
@@ -15,18 +19,18 @@ from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from services.paper_exchange import _render as render
 from services.paper_exchange._engine import ApiError, Exchange
 from services.paper_exchange._faults import FaultRule, Faults, parse_plan
+from services.paper_exchange._updates import TradeUpdates
 from shared.clock import Clock
 from shared.logging import get_logger
 
 __all__ = ["Server"]
 
 log = get_logger(component="paper_exchange.http")
-_STREAM_FAULTS = frozenset({"duplicate_updates", "reorder_updates"})
 _HTTP_FAULTS = frozenset({"latency", "reply_timeout", "drop_before", "drop_after", "rate_limit", "status",
                           "refuse", "hide_new_orders", "stale_positions"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -36,8 +40,40 @@ def _error(status: int, code: int, message: str, headers: dict[str, str] | None 
     return web.json_response({"code": code, "message": message}, status=status, headers=headers)
 
 
+def _endpoint(request: web.Request) -> str:
+    """``"<METHOD> <route>"``, as fault rules name endpoints (the path itself for no route)."""
+    resource = request.match_info.route.resource
+    return f"{request.method} {resource.canonical if resource is not None else request.path}"
+
+
+_ANSWERED = (ApiError, web.HTTPError, json.JSONDecodeError)
+
+
+def _error_reply(request: web.Request, exc: Exception) -> web.Response:
+    """Alpaca's error shape for a refusal, an HTTP error of aiohttp's (404, 405, 413...) or a body
+    that is not JSON."""
+    if isinstance(exc, ApiError):
+        return _error(exc.status, exc.code, exc.message)
+    if isinstance(exc, json.JSONDecodeError):
+        return _error(400, 40010000, f"request body is not valid JSON: {exc}")
+    assert isinstance(exc, web.HTTPError)
+    headers = {name: value for name, value in exc.headers.items()
+               if name.lower() not in ("content-type", "content-length")}
+    allowed = f" (allowed: {headers['Allow']})" if "Allow" in headers else ""
+    message = f"{exc.reason.lower()}: {request.method} {request.path}{allowed}"
+    return _error(exc.status, exc.status * 100000, message, headers=headers)
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    """The JSON object in the request body, numbers as Decimal (400 if not JSON, 422 if no object)."""
+    body = json.loads(await request.text(), parse_float=Decimal, parse_int=Decimal)
+    if not isinstance(body, dict):
+        raise ApiError(422, 40010001, "request body must be a JSON object")
+    return body
+
+
 class Server:
-    """Routes, authentication, fault injection and the trade_updates fan-out."""
+    """Routes, authentication, fault injection and errors; the websocket is :class:`TradeUpdates`."""
 
     def __init__(self, exchange: Exchange, *, key_id: str, secret_key: str, faults: Faults, clock: Clock,
                  host: str, port: int, always_open: bool = True) -> None:
@@ -49,40 +85,41 @@ class Server:
         self.host = host
         self.port = port
         self.always_open = always_open
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._listeners: set[asyncio.Queue[bytes | None]] = set()
-        self._sockets: set[web.WebSocketResponse] = set()
-        self._held: list[dict[str, Any]] = []  # an update held back by reorder_updates
+        self.updates = TradeUpdates(faults, self._authorized)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
-        exchange.publish = self._publish_threadsafe
+        exchange.publish = self.updates.publish_threadsafe
         exchange.partial_fraction = self._partial_fraction
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._middleware])
+        app = web.Application(middlewares=[self._errors, self._middleware])
         r = app.router
         r.add_get("/_paper/health", self._health)
         r.add_get("/_paper/faults", self._get_faults)
         r.add_put("/_paper/faults", self._put_faults)
-        r.add_get("/stream", self._stream)
+        r.add_get("/stream", self.updates.handle)
         r.add_get("/v2/account", self._account)
+        r.add_get("/v2/account/portfolio/history", self._not_supported)
         r.add_post("/v2/orders", self._submit)
         r.add_get("/v2/orders", self._list_orders)
         r.add_delete("/v2/orders", self._cancel_all)
         r.add_get("/v2/orders:by_client_order_id", self._by_client_id)
         r.add_get("/v2/orders/{order_id}", self._get_order)
+        r.add_patch("/v2/orders/{order_id}", self._replace)
         r.add_delete("/v2/orders/{order_id}", self._cancel)
         r.add_get("/v2/positions", self._positions)
-        r.add_get("/v2/positions/{symbol}", self._position)
+        r.add_delete("/v2/positions", self._close_all)
+        r.add_get("/v2/positions/{symbol_or_asset_id}", self._position)
+        r.add_delete("/v2/positions/{symbol_or_asset_id}", self._close)
         r.add_get("/v2/clock", self._clock)
         r.add_get("/v2/assets", self._assets)
-        r.add_get("/v2/assets/{symbol}", self._asset)
+        r.add_get("/v2/assets/{symbol_or_asset_id}", self._asset)
         return app
 
     async def start(self) -> None:
-        self.loop = asyncio.get_running_loop()
+        self.updates.loop = asyncio.get_running_loop()
         self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await self._runner.setup()
         await self._listen()
@@ -98,16 +135,13 @@ class Server:
         other services still running), at most ``wait_s``; return who is still there."""
         deadline = self.clock.monotonic() + wait_s
         while True:
-            left = [*(["trade-update stream"] * len(self._sockets)), *others()]
+            left = [*(["trade-update stream"] * len(self.updates.sockets)), *others()]
             if not left or self.clock.monotonic() >= deadline:
                 return left
             await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
-        for queue in list(self._listeners):
-            queue.put_nowait(None)
-        for ws in list(self._sockets):
-            await ws.close(message=b"server shutting down")
+        await self.updates.close()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -127,18 +161,30 @@ class Server:
         await self._listen()
         log.warning("fault.listening_again")
 
-    # -- middleware: auth, faults, errors -------------------------------------------------------
+    # -- middleware: errors, auth, faults --------------------------------------------------------
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """The outer middleware: it sees the router's 404/405 and any unexpected failure (500)."""
+        try:
+            return await handler(request)
+        except _ANSWERED as exc:
+            return _error_reply(request, exc)
+        except Exception:
+            log.exception("http.failed", endpoint=_endpoint(request))
+            if request.path == "/stream":
+                raise  # a websocket already answered: there is no reply left to send
+            return _error(500, 50000000, "internal error in the paper exchange (see its log)")
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        route = request.match_info.route.resource
-        path = route.canonical if route is not None else request.path
+        endpoint = _endpoint(request)
+        path = endpoint.partition(" ")[2]
         if path == "/_paper/health":
             return await handler(request)
         if path != "/stream" and not self._authorized(request.headers.get("APCA-API-KEY-ID"),
                                                       request.headers.get("APCA-API-SECRET-KEY")):
             return _error(401, 40110000, "request is not authorized")
-        endpoint = f"{request.method} {path}"
         if request.can_read_body:
             await request.read()  # received in full before any fault: a slow server still has it
         fired = self.faults.draw(endpoint, _HTTP_FAULTS) if not path.startswith("/_paper") else []
@@ -168,10 +214,8 @@ class Server:
                 request["stale"] = True
         try:
             response = await handler(request)
-        except ApiError as exc:
-            response = _error(exc.status, exc.code, exc.message)
-        except json.JSONDecodeError as exc:
-            response = _error(400, 40010000, f"request body is not valid JSON: {exc}")
+        except _ANSWERED as exc:  # an error reply is a reply: the faults after it still apply
+            response = _error_reply(request, exc)
         for rule in after:
             if rule.kind == "reply_timeout":
                 await asyncio.sleep(rule.seconds)
@@ -196,7 +240,7 @@ class Server:
     # -- admin --------------------------------------------------------------------------------
 
     async def _health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "listeners": len(self._listeners)})
+        return web.json_response({"status": "ok", "listeners": len(self.updates.listeners)})
 
     async def _get_faults(self, request: web.Request) -> web.Response:
         return web.json_response(self.faults.plan.model_dump())
@@ -215,11 +259,16 @@ class Server:
     async def _account(self, request: web.Request) -> web.Response:
         return web.json_response(self.exchange.account())
 
+    async def _not_supported(self, request: web.Request) -> web.Response:
+        raise ApiError(501, 50100000, f"{_endpoint(request)} is not supported by the paper exchange")
+
     async def _submit(self, request: web.Request) -> web.Response:
-        body = json.loads(await request.text(), parse_float=Decimal, parse_int=Decimal)
-        if not isinstance(body, dict):
-            raise ApiError(422, 40010001, "request body must be a JSON object")
-        order = self.exchange.submit(body, hide_lookups=request.get("hide_lookups", 0))
+        order = self.exchange.submit(await _body(request), hide_lookups=request.get("hide_lookups", 0))
+        return web.json_response(order)
+
+    async def _replace(self, request: web.Request) -> web.Response:
+        order = self.exchange.replace(request.match_info["order_id"], await _body(request),
+                                      hide_lookups=request.get("hide_lookups", 0))
         return web.json_response(order)
 
     async def _list_orders(self, request: web.Request) -> web.Response:
@@ -257,114 +306,22 @@ class Server:
         return web.json_response(self.exchange.positions())
 
     async def _position(self, request: web.Request) -> web.Response:
-        return web.json_response(self.exchange.position(request.match_info["symbol"]))
+        return web.json_response(self.exchange.position(request.match_info["symbol_or_asset_id"]))
+
+    async def _close(self, request: web.Request) -> web.Response:
+        order = self.exchange.close_position(request.match_info["symbol_or_asset_id"], dict(request.query),
+                                             hide_lookups=request.get("hide_lookups", 0))
+        return web.json_response(order)
+
+    async def _close_all(self, request: web.Request) -> web.Response:
+        cancel = request.query.get("cancel_orders", "false").lower() == "true"
+        return web.json_response(self.exchange.close_all_positions(cancel), status=207)
 
     async def _clock(self, request: web.Request) -> web.Response:
         return web.json_response(render.clock(self.clock.now(), self.always_open))
 
     async def _assets(self, request: web.Request) -> web.Response:
-        shortable = self.exchange.settings.allow_short
-        return web.json_response([render.asset(s, shortable) for s in self.exchange.known_symbols()])
+        return web.json_response(self.exchange.asset_list(dict(request.query)))
 
     async def _asset(self, request: web.Request) -> web.Response:
-        symbol = request.match_info["symbol"]
-        if not symbol or len(symbol) > 32 or not all(c.isalnum() or c in "./-" for c in symbol):
-            raise ApiError(404, 40410000, "asset not found")
-        return web.json_response(render.asset(symbol.upper(), self.exchange.settings.allow_short))
-
-    # -- trade_updates websocket ----------------------------------------------------------------
-
-    async def _stream(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        self._sockets.add(ws)
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-        writer: asyncio.Task[None] | None = None
-        authorized = False
-        try:
-            async for message in ws:
-                if message.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
-                    continue
-                try:
-                    data = json.loads(message.data)
-                except ValueError:
-                    await self._send(ws, {"stream": "error", "data": {"message": "invalid syntax"}})
-                    continue
-                action = data.get("action")
-                payload = data.get("data") or {}
-                if action in ("authenticate", "auth"):
-                    authorized = self._authorized(payload.get("key_id", data.get("key")),
-                                                  payload.get("secret_key", data.get("secret")))
-                    status = "authorized" if authorized else "unauthorized"
-                    reply: dict[str, Any] = {"status": status, "action": "authenticate"}
-                    if not authorized:
-                        reply["message"] = "access key verification failed"
-                    await self._send(ws, {"stream": "authorization", "data": reply})
-                    if not authorized:
-                        break
-                elif action == "listen":
-                    if not authorized:
-                        await self._send(ws, {"stream": "authorization", "data": {
-                            "status": "unauthorized", "action": "listen", "message": "not authenticated"}})
-                        break
-                    streams = [s for s in payload.get("streams", []) if s == "trade_updates"]
-                    if streams and writer is None:
-                        self._listeners.add(queue)
-                        writer = asyncio.create_task(self._write_updates(ws, queue))
-                    elif not streams and writer is not None:
-                        self._listeners.discard(queue)
-                    await self._send(ws, {"stream": "listening", "data": {"streams": streams}})
-        finally:
-            self._sockets.discard(ws)
-            self._listeners.discard(queue)
-            if writer is not None:
-                queue.put_nowait(None)
-                await writer
-            await ws.close()
-        return ws
-
-    async def _send(self, ws: web.WebSocketResponse, message: dict[str, Any]) -> None:
-        await ws.send_bytes(json.dumps(message).encode())  # Alpaca sends binary frames of JSON
-
-    async def _write_updates(self, ws: web.WebSocketResponse, queue: asyncio.Queue[bytes | None]) -> None:
-        while True:
-            frame = await queue.get()
-            if frame is None or ws.closed:
-                return
-            try:
-                await ws.send_bytes(frame)
-            except (ConnectionError, RuntimeError):
-                return
-
-    def _publish_threadsafe(self, events: list[dict[str, Any]]) -> None:
-        if self.loop is not None:
-            self.loop.call_soon_threadsafe(self._fan_out, events)
-
-    def _fan_out(self, events: list[dict[str, Any]]) -> None:
-        for event in events:
-            out = [event]
-            rules = {rule.kind: rule for rule in self.faults.draw("stream", _STREAM_FAULTS)}
-            fired = set(rules)
-            if "reorder_updates" in fired and not self._held:
-                self._held.append(event)
-                if rules["reorder_updates"].seconds > 0:  # else held until the next update
-                    assert self.loop is not None
-                    self.loop.call_later(rules["reorder_updates"].seconds, self._flush_held)
-                continue
-            if self._held:
-                out = [event, *self._held]
-                self._held.clear()
-            if "duplicate_updates" in fired:
-                out = [*out, event]
-            for item in out:
-                self._deliver(item)
-
-    def _flush_held(self) -> None:
-        held, self._held = self._held, []
-        for event in held:
-            self._deliver(event)
-
-    def _deliver(self, event: dict[str, Any]) -> None:
-        frame = json.dumps({"stream": "trade_updates", "data": event}).encode()
-        for queue in list(self._listeners):
-            queue.put_nowait(frame)
+        return web.json_response(self.exchange.asset(request.match_info["symbol_or_asset_id"]))

@@ -72,7 +72,7 @@ def serve(ctx: ServiceContext) -> None:
     pe = ctx.settings.paper_exchange
     plan = _plan(ctx.settings)
     key_id, secret = credentials(ctx.redis, ctx.keys, pe)
-    exchange = Exchange(ctx.redis, ctx.keys, pe, ctx.clock)
+    exchange = Exchange(ctx.redis, ctx.keys, pe, ctx.clock, symbols=ctx.settings.ingester.symbols)
     server = Server(exchange, key_id=key_id, secret_key=secret, faults=Faults(plan), clock=ctx.clock,
                     host=pe.host, port=pe.port, always_open=pe.always_open)
     stop, failed = threading.Event(), threading.Event()

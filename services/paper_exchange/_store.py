@@ -16,10 +16,13 @@ Keys, under ``<prefix>:paper:`` (see shared/keys.py's ``Keys.paper``)::
     fills         stream: every fill (never trimmed)
     events        stream: every trade update sent (about the last 10,000)
 
+It also reads (never writes) the ingester's ``<prefix>:last-price`` hash, only for a symbol it
+has no price or asset for yet (:meth:`Store.ingested_price`, :meth:`Store.ingested_symbols`).
+
 In memory, read from those keys at start (:meth:`Store.load_book`): the cash, the open orders in
 full, every client_order_id, the sequence, the positions, the prices and the applied fills of
-the open orders. So accepting an order or applying a fill reads nothing from Redis and writes
-once; a closed order is read from Redis when asked for.
+the open orders. So accepting an order for a symbol the exchange has a price for, or applying a
+fill, reads nothing from Redis and writes once; a closed order is read from Redis when asked for.
 
 Left to the caller: a read-decide-commit sequence is only safe with one writer per prefix; the
 exchange holds its lock around it and runs one process per prefix.
@@ -86,6 +89,7 @@ class Store:
         self._k = {name: keys.paper(name) for name in (
             "account", "orders", "client-ids", "open", "seq", "positions", "prices", "applied", "fills",
             "events")}
+        self._ingested = keys.last_price  # the ingester's: symbol -> close of its newest bar
         self._staged: dict[str, dict[str, Any]] = {}
         self._account: dict[str, str] = {}
         self._cash = Decimal(0)
@@ -209,6 +213,15 @@ class Store:
 
     def prices(self) -> dict[str, Decimal]:
         return dict(self._prices)
+
+    def ingested_price(self, symbol: str) -> Decimal | None:
+        """The ingester's last close of ``symbol`` (a read from Redis), or None."""
+        raw = self.client.hget(self._ingested, symbol)
+        return None if raw is None else Decimal(reply_text(raw))
+
+    def ingested_symbols(self) -> set[str]:
+        """Every symbol the ingester has published a bar for (a read from Redis)."""
+        return {reply_text(name) for name in self.client.hkeys(self._ingested)}
 
     def commit(self, change: Change) -> None:
         """Write ``change`` in one MULTI/EXEC, then into memory (an error leaves memory as it was)."""

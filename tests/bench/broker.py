@@ -57,7 +57,8 @@ def measure(redis_url: str, orders: int) -> dict[str, Any]:
     """Run the exchange, take the samples, return the figures."""
     keys = Keys(f"bench-{uuid.uuid4().hex[:8]}")
     with tempfile.TemporaryDirectory(prefix="bastion-bench-") as tmp:
-        env = {"BASTION_PAPER_EXCHANGE__STARTING_CASH": "1000000000", "BASTION_LOG__LEVEL": "WARNING"}
+        env = {"BASTION_PAPER_EXCHANGE__STARTING_CASH": "1000000000", "BASTION_LOG__LEVEL": "WARNING",
+               "BASTION_PAPER_EXCHANGE__SYMBOLS": '["BENCH"]'}
         exchange = PaperExchange(redis_url, keys, Path(tmp), env=env)
         exchange.start()
         try:
