@@ -111,3 +111,18 @@ class TestVerifyBrokerUnreachable:
         captured = capsys.readouterr()
         assert "broker unreachable" in captured.err and "Traceback" not in captured.err
         assert captured.out.startswith("ok: account 'paper'")
+
+
+def test_money_within_tolerance_is_printed_not_failed() -> None:
+    """A cash difference within ``reconciler.cash_tolerance`` (a look-up's rounded average price)
+    does not fail the check; one beyond it, or any order difference, does."""
+    from services.reconciler._compare import Ours, Theirs, compare
+    from shared.cli.verify import _failing
+
+    ours = Ours(opened=True, cash=Decimal("598.109999"), reserved=Decimal(0), positions={}, open_orders={})
+    close = compare(ours, Theirs(cash=Decimal("598.11"), positions={}, open_orders={}),
+                    cash_tolerance=Decimal("0.01"), quantity_tolerance=Decimal(0))
+    far = compare(ours, Theirs(cash=Decimal("599"), positions={}, open_orders={}),
+                  cash_tolerance=Decimal("0.01"), quantity_tolerance=Decimal(0))
+    assert [d.kind for d in close.differences] == ["cash"] and _failing(close) == []
+    assert [d.kind for d in _failing(far)] == ["cash"]

@@ -10,10 +10,13 @@ With ``--broker`` it also compares our books with the broker's, once, under the 
 (:mod:`services.reconciler._compare`, its tolerances from ``reconciler.*``): our cash, positions
 and open orders against the broker's account cash, positions and open orders. Each difference is
 printed on its own line, then each in-flight fill (filled at the broker, not yet applied here:
-printed, not a failure). Exit 1 if there is any difference (within tolerance too) or the account
-is not opened; 3, with the reason on stderr, if the broker cannot be reached (like Redis). One
-look, not confirmed by a second: a fill landing between the two reads can show a difference that
-the next run no longer finds. Nothing is written, nothing halts.
+printed, not a failure). Exit 1 if there is any order difference, a cash or position difference
+beyond ``reconciler.cash_tolerance`` / ``quantity_tolerance``, or the account is not opened (a
+cash difference within tolerance is printed, not a failure: a fill learned from a look-up rather
+than the trade-update stream is booked at the broker's average price, which it rounds); 3, with
+the reason on stderr, if the broker cannot be reached (like Redis). One look, not confirmed by a
+second: a fill landing between the two reads can show a difference that the next run no longer
+finds. Nothing is written, nothing halts.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import sys
 from typing import Any
 
 from services.reconciler._books import read_ours, read_theirs, with_records
-from services.reconciler._compare import Outcome, compare
+from services.reconciler._compare import Difference, Outcome, compare
 from shared.brokers import build_broker
 from shared.cli import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE
 from shared.cli._context import Context
@@ -85,10 +88,16 @@ def _against_broker(ctx: Context, account: str) -> tuple[int, dict[str, Any], li
     tolerances = ctx.settings.reconciler
     outcome = compare(ours, theirs, cash_tolerance=tolerances.cash_tolerance,
                       quantity_tolerance=tolerances.quantity_tolerance)
-    agree = not outcome.differences
+    failing = _failing(outcome)
+    agree = not failing
     part = {"ok": agree, "error": None, "differences": [d.as_dict() for d in outcome.differences],
             "in_flight": outcome.in_flight, "cash_compared": outcome.cash_compared}
     return (EXIT_OK if agree else EXIT_FAILED), part, _lines(account, outcome, len(theirs.positions))
+
+
+def _failing(outcome: Outcome) -> list[Difference]:
+    """The differences that fail the check: every one but money within tolerance."""
+    return [d for d in outcome.differences if d.halts or d.kind not in ("cash", "position")]
 
 
 def _lines(account: str, outcome: Outcome, positions: int) -> list[str]:
@@ -96,9 +105,9 @@ def _lines(account: str, outcome: Outcome, positions: int) -> list[str]:
     lines += [f"in flight: {text}" for text in outcome.in_flight]
     if not outcome.cash_compared:
         lines.append("note: cash not compared (an unapplied fill has no price yet)")
-    if outcome.differences:
-        lines.append(f"FAILED: account {account!r} and the broker differ: {len(outcome.differences)} "
-                     f"difference(s)")
+    failing = _failing(outcome)
+    if failing:
+        lines.append(f"FAILED: account {account!r} and the broker differ: {len(failing)} difference(s)")
     else:
         lines.append(f"ok: account {account!r} agrees with the broker ({positions} position(s), "
                      f"{len(outcome.in_flight)} in flight)")
