@@ -392,7 +392,8 @@ class TestBackgroundThreads:
         assert watcher.is_alive() is False
 
     def test_a_fill_lost_to_an_outage_is_applied_from_the_poll_after_it(self) -> None:
-        """An update that arrives while Redis is down is not lost: the reader polls once Redis is back."""
+        """An update that arrives while Redis is down is not lost: the reader asks for a poll, made
+        once Redis is back."""
         server = fakeredis.FakeServer()
         world = World(server=server)
         world.deliver()
@@ -401,7 +402,9 @@ class TestBackgroundThreads:
         stop = threading.Event()
         with capture_logs() as logs:
             reader = threading.Thread(target=world.executor.follow_trade_updates, args=(stop,), daemon=True)
+            watcher = threading.Thread(target=world.executor.watch_orders, args=(stop, 0.01), daemon=True)
             reader.start()
+            watcher.start()
             wait_for(lambda: world.broker._subscriptions, timeout=10, message="the reader listening")
             server.connected = False
             world.broker.emit(world.event(OrderStatus.FILLED, "10", "150", ("x1", "10", "150")))
@@ -411,6 +414,7 @@ class TestBackgroundThreads:
             wait_for(lambda: world.status() == "filled", timeout=10, message="the fill applied from the poll")
             stop.set()
             reader.join(10)
+            watcher.join(10)
         assert world.executor.portfolio.snapshot().positions["AAPL"].qty == Decimal(10)
 
 

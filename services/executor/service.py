@@ -697,12 +697,14 @@ class Executor:
             stop.wait(tick_s)
 
     def follow_trade_updates(self, stop: Any) -> None:
-        """Apply the broker's trade updates until ``stop``; poll every open order once listening,
-        and again whenever the stream reconnected by itself (updates meanwhile are lost).
+        """Apply the broker's trade updates until ``stop``; once listening, and whenever the
+        stream reconnected by itself (updates meanwhile are lost), ask the order watcher
+        (:meth:`watch_orders`) to poll every open order -- on its own thread, so updates are not
+        kept waiting behind the look-ups.
 
         A failure -- the stream lost, Redis unavailable, an update that cannot be applied -- is
-        logged, and a second later the executor listens again and polls: an update lost with the
-        failure is applied from the poll (reports carry cumulative fills)."""
+        logged, and a second later the executor listens again and a poll follows: an update lost
+        with the failure is applied from the poll (reports carry cumulative fills)."""
         while not stop.is_set():
             updates = self.broker.trade_updates()
             try:
@@ -710,7 +712,7 @@ class Executor:
                     log.warning("executor.trade_updates_not_ready")
                     continue
                 seen = updates.connections
-                self.poll_orders()  # anything missed while we were not listening
+                self.poll_requested.set()  # anything missed while we were not listening
                 while not stop.is_set():
                     event = updates.get(timeout=0.5)
                     if event is not None:
