@@ -342,6 +342,15 @@ class TestFaultPlan:
         with pytest.raises(ValueError, match=r"rules\.0\.kind"):
             parse_plan('{"rules": [{"endpoint": "*", "kind": "gremlins"}]}')
 
+    @pytest.mark.parametrize(("endpoint", "kind"), [
+        ("stream", "refuse"), ("fills", "latency"), ("GET /stream", "duplicate_updates"),
+        ("*", "partial_fills")])
+    def test_a_kind_its_endpoint_never_draws_is_refused(self, endpoint: str, kind: str) -> None:
+        """A rule that could never fire (``refuse`` on ``"stream"``: the websocket's connect is
+        ``"GET /stream"``) is refused, naming the kinds the endpoint takes."""
+        with pytest.raises(ValueError, match="never fires on endpoint"):
+            parse_plan({"rules": [{"endpoint": endpoint, "kind": kind}]})
+
     def test_bad_plan_stops_the_service_with_exit_2(self) -> None:
         """The service refuses to start on a bad fault plan, naming paper_exchange.faults."""
         proc = spawn("services.paper_exchange", env={"BASTION_PAPER_EXCHANGE__FAULTS": "not json",

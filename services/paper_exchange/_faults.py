@@ -9,9 +9,11 @@ A plan is JSON (``paper_exchange.faults``, or ``PUT /_paper/faults`` at run time
     ]}
 
 ``endpoint`` is ``"<METHOD> <route>"`` as the router names it (``GET /v2/orders/{order_id}``),
-``"*"`` for every HTTP endpoint, or ``"stream"`` for the trade_updates websocket. A rule fires
-with ``probability`` (drawn from one ``random.Random(seed)``, so a plan replays the same way for
-the same sequence of requests) at most ``count`` times (unlimited when absent).
+``"*"`` for every HTTP endpoint, ``"stream"`` for the trade updates sent on the websocket
+(``duplicate_updates``, ``reorder_updates``; its connect is the HTTP endpoint ``"GET /stream"``)
+or ``"fills"`` for the matcher (``partial_fills``); a kind its endpoint never draws is refused. A
+rule fires with ``probability`` (drawn from one ``random.Random(seed)``, so a plan replays the
+same way for the same sequence of requests) at most ``count`` times (unlimited when absent).
 
 Kinds, and what a client sees:
 
@@ -36,9 +38,9 @@ from __future__ import annotations
 import json
 import random
 import threading
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = ["FaultPlan", "FaultRule", "Faults", "parse_plan"]
 
@@ -46,6 +48,13 @@ Kind = Literal[
     "latency", "reply_timeout", "drop_before", "drop_after", "rate_limit", "status", "refuse",
     "hide_new_orders", "stale_positions", "duplicate_updates", "reorder_updates", "partial_fills",
 ]
+
+
+_ENDPOINT_KINDS: dict[str, frozenset[str]] = {
+    "stream": frozenset({"duplicate_updates", "reorder_updates"}),
+    "fills": frozenset({"partial_fills"}),
+}
+_HTTP_KINDS = frozenset(get_args(Kind)) - {"duplicate_updates", "reorder_updates", "partial_fills"}
 
 
 class FaultRule(BaseModel):
@@ -62,6 +71,16 @@ class FaultRule(BaseModel):
     retry_after: Annotated[float, Field(ge=0)] = 1.0
     lookups: Annotated[int, Field(ge=1)] = 1
     fraction: Annotated[float, Field(gt=0, lt=1)] = 0.5
+
+    @model_validator(mode="after")
+    def _applies(self) -> FaultRule:
+        """A kind its endpoint never draws is refused, not silently inert (``refuse`` on
+        ``"stream"`` would never fire: the websocket's connect is ``"GET /stream"``)."""
+        allowed = _ENDPOINT_KINDS.get(self.endpoint, _HTTP_KINDS)
+        if self.kind not in allowed:
+            raise ValueError(f"{self.kind!r} never fires on endpoint {self.endpoint!r} "
+                             f"(it takes {', '.join(sorted(allowed))})")
+        return self
 
 
 class FaultPlan(BaseModel):
