@@ -25,7 +25,9 @@ RECORD_MOVED = "RECORD_MOVED"
 # KEYS[9] = (optional) a record hash written with the mutation (the executor's order record)
 # ARGV[1] = the writer's fencing token
 # ARGV[2] = the state version the writer read ("0" for an account never written)
-# ARGV[3] = the operation id (a retry of an applied operation is answered "dup", not re-applied)
+# ARGV[3] = the operation id, 32 hex digits (a resend of one of the last 16 operations applied --
+#           a write whose reply was lost, resent after others wrote -- is answered "dup", not
+#           applied again nor refused)
 # ARGV[4] = the writer's lock owner token: once written, the lock is released if still its own
 # ARGV[5], ARGV[6] = a field of KEYS[9] and the value it must hold ("" for absent) for the write to
 #             go ahead ("" and "" without KEYS[9]); ARGV[7] = r, then r field/value pairs to HSET
@@ -33,8 +35,8 @@ RECORD_MOVED = "RECORD_MOVED"
 # ARGV[8 + 2r..] = for each of KEYS[1..5] in turn: n, then n field/value pairs to HSET, m, then m
 #             fields to HDEL; then k, then k field/value pairs of the ledger entry
 # returns {"ok", new version, ledger entry id, released} once written, or {"dup", version, "",
-#         released} when this operation id was the last one applied (released: 1 if the lock was
-#         still the writer's and is now free, 0 if its lease had expired); refuses, changing
+#         released} when this operation id is one of the last 16 applied (recent_ops) (released:
+#         1 if the lock was still the writer's and is now free, 0 if its lease had expired); refuses, changing
 #         nothing, with {"STALE_FENCE", token, newest} (token below the newest accepted or the
 #         fence counter), {"CONFLICT", expected, actual} (the version moved since the read) or
 #         {"RECORD_MOVED", expected, actual} (KEYS[9]'s field ARGV[5] moved since the read).
@@ -42,6 +44,7 @@ RECORD_MOVED = "RECORD_MOVED"
 #         write still get theirs (fakeredis's TCP server drops the connection after an error reply
 #         that has more commands behind it).
 WRITE_SCRIPT = """
+local RECENT_OPS_CHARS = 16 * 33 - 1
 local unpack = unpack or table.unpack
 local state = KEYS[1]
 local version = tonumber(redis.call('hget', state, 'version') or '0')
@@ -52,7 +55,8 @@ local function release()
     end
     return 0
 end
-if redis.call('hget', state, 'last_op') == ARGV[3] then
+local recent = redis.call('hget', state, 'recent_ops') or ''
+if string.find(' ' .. recent .. ' ', ' ' .. ARGV[3] .. ' ', 1, true) then
     return {'dup', version, '', release()}
 end
 local token = tonumber(ARGV[1])
@@ -85,7 +89,8 @@ end
 if record > 0 then redis.call('hset', KEYS[9], unpack(ARGV, 8, 7 + 2 * record)) end
 local n = tonumber(ARGV[i]); i = i + 1
 local id = redis.call('xadd', KEYS[6], '*', unpack(take(2 * n)))
-redis.call('hset', state, 'version', version + 1, 'fence', ARGV[1], 'last_op', ARGV[3])
+recent = string.sub(ARGV[3] .. ' ' .. recent, 1, RECENT_OPS_CHARS)
+redis.call('hset', state, 'version', version + 1, 'fence', ARGV[1], 'recent_ops', recent)
 return {'ok', version + 1, id, release()}
 """
 

@@ -24,7 +24,7 @@ release is a no-op. Left to the caller: choose unique reservation and fill ids, 
 
 Keys (all share the hash tag ``{<account>}``; ``redis-cli`` reads them as they are)::
 
-    <prefix>:portfolio:{acct}                 cash reserved realized_pnl fees version fence last_op
+    <prefix>:portfolio:{acct}                 cash reserved realized_pnl fees version fence recent_ops
     <prefix>:portfolio:{acct}:positions       <SYM>:qty <SYM>:avg_cost <SYM>:reserved (sell qty held)
     <prefix>:portfolio:{acct}:reservations    <rid> -> "side=buy symbol=AAPL qty=40 price=150 held=6006
                                               filled=0" (open reservations only)
