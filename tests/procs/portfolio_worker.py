@@ -128,10 +128,10 @@ class _Stalling(Portfolio):
     """Stops its own process between the decision and the write (a GC pause, a SIGSTOP)."""
 
     def _commit(self, lock: FencedLock, token: int, state: Any, entry: Any, outcome: Any,
-                then: Any = None) -> tuple[Any, ...]:
+                then: Any = None, record: Any = None) -> tuple[Any, ...]:
         self.redis.set(f"{self.keys.prefix}:test:stalled", os.getpid())
         os.kill(os.getpid(), signal.SIGSTOP)
-        return super()._commit(lock, token, state, entry, outcome, then)
+        return super()._commit(lock, token, state, entry, outcome, then, record)
 
 
 def stall(client: Any, args: argparse.Namespace) -> int:
