@@ -77,6 +77,8 @@ class TestOrderRules:
         assert is_reducing(Side.SELL, D(10)) and is_reducing(Side.BUY, D(-10))
         assert not is_reducing(Side.BUY, D(10)) and not is_reducing(Side.SELL, D(0))
         assert not is_reducing(Side.SELL, D(10), D(11))
+        assert is_reducing(Side.SELL, D("0.5"), D("0.5")) and is_reducing(Side.SELL, D(1), D(1))
+        assert is_reducing(Side.BUY, D("-0.5"), D("0.5")) and not is_reducing(Side.BUY, D("-0.5"), D(1))
 
     def test_max_order_notional_at_and_above(self) -> None:
         """500 x $100 = $50,000 is allowed; one more share is refused."""
@@ -110,6 +112,15 @@ class TestOrderRules:
         """With zero equity an entry is refused for that reason."""
         refusal = check_position(buy("1"), snapshot(equity=D(0)), SETTINGS)
         assert refusal is not None and refusal.rule is Rule.NO_EQUITY
+
+    def test_no_equity_refuses_new_gross_exposure(self) -> None:
+        """With zero or negative equity, an order adding gross exposure is refused for that reason;
+        one reducing it passes."""
+        for equity in (D(0), D(-1)):
+            refusal = check_gross_exposure(buy("1"), snapshot(equity=equity), SETTINGS)
+            assert refusal is not None and refusal.rule is Rule.NO_EQUITY
+        held = snapshot(equity=D(0), positions={"AAPL": D(5)})
+        assert check_gross_exposure(sell("5"), held, SETTINGS) is None
 
     def test_gross_exposure(self) -> None:
         """$80,000 held elsewhere plus $20,000 is exactly 1x equity; $20,100 is above."""
@@ -227,6 +238,14 @@ class TestStaleness:
         assert check_order(buy("1"), stale, SETTINGS)[0].rule is Rule.STALE_BALANCE
         assert check_order(buy("1"), snapshot(balance_refreshed_at=NOW), SETTINGS) == []
 
+    def test_a_fresh_snapshot_counts_no_fill_since_the_refresh(self) -> None:
+        """A snapshot that says nothing of fills counts none: even with a refresh after every fill it is
+        fresh; one fill makes it stale."""
+        settings = LimitSettings(balance_refresh_after_fills=1)
+        assert check_stale_balance(snapshot(), settings) is None
+        refusal = check_stale_balance(snapshot(fills_since_refresh=1), settings)
+        assert refusal is not None and refusal.rule is Rule.STALE_BALANCE
+
     def test_stale_balance_by_fills(self) -> None:
         """Nine fills since the refresh are fine; the tenth asks for a refresh; never read is stale."""
         assert not needs_refresh(NOW, 9, NOW, SETTINGS)
@@ -234,6 +253,12 @@ class TestStaleness:
         refusal = check_stale_balance(snapshot(fills_since_refresh=10), SETTINGS)
         assert refusal is not None and "10 fills" in refusal.reason
         assert needs_refresh(None, 0, NOW, SETTINGS)
+
+    def test_a_balance_never_read_is_stale(self) -> None:
+        """With no balance read from the broker yet, sizing is refused, saying so."""
+        refusal = check_stale_balance(snapshot(balance_refreshed_at=None), SETTINGS)
+        assert refusal is not None and refusal.rule is Rule.STALE_BALANCE and "never read" in refusal.reason
+        assert check_order(buy("1"), snapshot(balance_refreshed_at=None), SETTINGS)[0] == refusal
 
 
 class TestOrderSubmissions:

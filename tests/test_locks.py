@@ -1,21 +1,44 @@
-"""Tests for shared.locks: fencing tokens, typed timeouts, owner-only release, extend."""
+"""Tests for shared.locks: fencing tokens, typed timeouts, owner-only release, extend, and the lock
+protocol between two holders in one process (each bounded by a short timeout, so a broken protocol
+fails in seconds with a message saying what broke, not in a multi-process test's timeout)."""
 
 from __future__ import annotations
+
+import itertools
+import threading
+from decimal import Decimal
+from typing import Any
 
 import pytest
 import redis
 
-from shared.clock import SimulatedClock
-from shared.errors import LockError, LockNotOwned, LockTimeout, RedisUnavailable
+from shared.clock import LiveClock, SimulatedClock
+from shared.config import LockSettings, PortfolioSettings
+from shared.errors import LockError, LockNotOwned, LockTimeout, RedisUnavailable, StaleFencingToken
 from shared.keys import Keys
 from shared.locks import FencedLock, LockedRead
-from tests.support.processes import free_port
+from shared.portfolio import Outcome, Portfolio, lock_resource, verify
+from tests.support.processes import free_port, wait_for
+
+
+def fence(client: redis.Redis, keys: Keys, resource: str = "r") -> int:
+    """The resource's fencing counter (0 before its first acquire)."""
+    return int(client.get(keys.fence(resource)) or 0)
 
 
 def make(client: redis.Redis, keys: Keys, resource: str = "r", **kwargs: object) -> FencedLock:
     options: dict[str, object] = {"lease_ms": 5000, "wait_ms": 200, "clock": SimulatedClock()}
     options.update(kwargs)
     return FencedLock(client, keys, resource, **options)  # type: ignore[arg-type]
+
+
+class _RefusedRelease(FencedLock):
+    """A FencedLock whose release the store answers with the error reply ``reply``."""
+
+    reply = ""
+
+    def do_release(self, expected_token: str) -> None:
+        raise redis.ResponseError(self.reply)
 
 
 class TestFencedLock:
@@ -27,7 +50,7 @@ class TestFencedLock:
                 assert lock.fencing_token is not None
                 tokens.append(lock.fencing_token)
         assert tokens == sorted(tokens) and len(set(tokens)) == 3
-        assert int(redis_client.get(keys.fence("r"))) == tokens[-1]
+        assert fence(redis_client, keys) == tokens[-1]
 
     def test_second_acquirer_times_out_with_typed_error_and_no_token(
             self, redis_client: redis.Redis, keys: Keys) -> None:
@@ -39,7 +62,7 @@ class TestFencedLock:
                 second.acquire()
             assert caught.value.name == "r"
             assert clock.monotonic() >= 0.3
-            assert int(redis_client.get(keys.fence("r"))) == first.fencing_token
+            assert fence(redis_client, keys) == first.fencing_token
 
     def test_non_blocking_attempt_fails_at_once(self, redis_client: redis.Redis, keys: Keys) -> None:
         """``blocking=False`` makes one attempt and raises LockTimeout without sleeping."""
@@ -90,7 +113,7 @@ class TestFencedLock:
         lock = make(redis_client, keys)
         lock.acquire(reads=LockedRead("return redis.call('get', KEYS[1]) .. ARGV[1]", [keys.lock("r")],
                                       ["!"]))
-        assert lock.reads == lock.owner_token + b"!"
+        assert lock.owner_token is not None and lock.reads == lock.owner_token + b"!"
         lock.release()
 
     def test_a_queued_attempt_takes_a_free_lock_and_reads_either_way(self, redis_client: redis.Redis,
@@ -103,14 +126,14 @@ class TestFencedLock:
             first.queue_try(pipe, read)
             [reply] = pipe.execute()
         assert first.tried_from(reply) and first.reads == first.owner_token
-        assert first.fencing_token == int(redis_client.get(keys.fence("r")))
+        assert first.fencing_token == fence(redis_client, keys)
         second = make(redis_client, keys)
         with redis_client.pipeline(transaction=False) as pipe:
             second.queue_try(pipe, read)
             [reply] = pipe.execute()
         assert not second.tried_from(reply)
         assert second.reads == first.owner_token and second.fencing_token is None
-        assert int(redis_client.get(keys.fence("r"))) == first.fencing_token
+        assert fence(redis_client, keys) == first.fencing_token
         first.release()
         assert not redis_client.exists(keys.lock("r"))
 
@@ -151,8 +174,184 @@ class TestFencedLock:
         with pytest.raises(LockError):
             lock.release()
 
+    @pytest.mark.parametrize(("reply", "raised"), [
+        ("MISCONF Errors writing to the AOF file: No space left on device", RedisUnavailable),
+        ("ERR something else", LockError)])
+    def test_a_release_the_store_refuses_is_translated(self, redis_client: redis.Redis, keys: Keys,
+                                                       reply: str, raised: type[Exception]) -> None:
+        """A release refused because Redis refuses writes is RedisUnavailable (the lease expires it);
+        any other error reply is a LockError."""
+        lock = _RefusedRelease(redis_client, keys, "r", lease_ms=5000, wait_ms=0, clock=SimulatedClock())
+        lock.reply = reply
+        lock.acquire()
+        with pytest.raises(raised) as caught:
+            lock.release()
+        assert type(caught.value) is raised
+
     def test_redis_down_is_translated(self, keys: Keys) -> None:
         """A refused connection surfaces as RedisUnavailable, not a redis-py error."""
         client = redis.Redis(port=free_port(), socket_connect_timeout=1)
         with pytest.raises(RedisUnavailable):
             make(client, keys).acquire()
+
+
+def _holds(client: redis.Redis, keys: Keys, lock: FencedLock, resource: str = "r") -> bool:
+    return client.get(keys.lock(resource)) == lock.owner_token
+
+
+def _expired(client: redis.Redis, keys: Keys, resource: str = "r") -> None:
+    """Wait (at most 5 s) for a short lease to run out in Redis."""
+    wait_for(lambda: not client.exists(keys.lock(resource)), timeout=5, interval=0.01,
+             message=f"the lease on {resource!r} to expire")
+
+
+class _Stalls(Portfolio):
+    """A portfolio whose next write first runs ``stall`` (a holder paused between decision and write)."""
+
+    stall: Any = None
+
+    def _commit(self, lock: FencedLock, token: int, state: Any, entry: Any, outcome: Outcome,
+                then: Any = None, record: Any = None) -> tuple[Any, ...]:
+        if self.stall is not None:
+            stall, self.stall = self.stall, None
+            stall()
+        return super()._commit(lock, token, state, entry, outcome, then, record)
+
+
+class _CountingLock(FencedLock):
+    """A FencedLock that records what each acquire attempt returned (0: the lock was held)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.attempts: list[int] = []
+
+    def _attempt(self, owner: str | bytes, reads: LockedRead | None) -> int:
+        fence = super()._attempt(owner, reads)
+        self.attempts.append(fence)
+        return fence
+
+
+@pytest.mark.timeout(15)
+class TestLockProtocol:
+    def test_a_second_holder_cannot_take_a_held_lock(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """While A holds the lock, B's acquire times out (no token spent) and A still holds it."""
+        first = make(redis_client, keys)
+        token = first.acquire()
+        second = make(redis_client, keys, wait_ms=50)
+        try:
+            stolen = second.acquire()
+        except LockTimeout:
+            pass
+        else:
+            pytest.fail(f"B took the lock (token {stolen}) while A held it (token {token}): "
+                        "no mutual exclusion")
+        assert _holds(redis_client, keys, first), "A lost the lock to B's failed attempt"
+        assert fence(redis_client, keys) == token, "B's failed attempt spent a fencing token"
+        first.release()
+
+    def test_a_waiting_holder_gets_the_lock_only_after_it_is_released(self, redis_client: redis.Redis,
+                                                                      keys: Keys) -> None:
+        """B blocked in acquire keeps failing while A holds the lock, and gets it, with a larger token,
+        once A releases it."""
+        first = make(redis_client, keys)
+        token = first.acquire()
+        second = _CountingLock(redis_client, keys, "r", lease_ms=5000, wait_ms=5000, clock=LiveClock())
+        got: list[int] = []
+        waiter = threading.Thread(target=lambda: got.append(second.acquire()))
+        waiter.start()
+        wait_for(lambda: len(second.attempts) >= 3, timeout=5, interval=0.001,
+                 message="B to try the held lock three times")
+        assert not got and set(second.attempts) == {0}, "B got the lock while A held it"
+        first.release()
+        waiter.join(timeout=5)
+        assert not waiter.is_alive(), "B did not get the lock within 5 s of A releasing it"
+        assert got and got[0] > token, f"B's token {got} is not above A's {token}"
+        second.release()
+
+    def test_tokens_strictly_increase_across_holders_and_takeovers(self, redis_client: redis.Redis,
+                                                                   keys: Keys) -> None:
+        """Released, taken over after a lease expired, or taken again: each hold's token is larger
+        than every earlier one, and equals the resource's fence counter."""
+        a, b = make(redis_client, keys, lease_ms=100), make(redis_client, keys, lease_ms=100)
+        tokens = [a.acquire()]
+        a.release()
+        tokens.append(b.acquire())
+        _expired(redis_client, keys)
+        tokens.append(a.acquire(blocking=False))
+        assert fence(redis_client, keys) == tokens[-1]
+        a.release()
+        tokens.append(a.acquire(blocking=False))
+        assert all(x < y for x, y in itertools.pairwise(tokens)), f"tokens {tokens}"
+        a.release()
+
+    def test_release_by_a_non_owner_is_refused(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """Neither a lock object that never acquired, nor one holding someone else's owner token, nor
+        a holder whose lease passed to another can delete the owner's lock."""
+        owner = make(redis_client, keys)
+        owner.acquire()
+        with pytest.raises(LockError, match="not held"):
+            make(redis_client, keys).release()
+        forger = make(redis_client, keys)
+        forger.local.token = b"not-the-owner"
+        with pytest.raises(LockNotOwned):
+            forger.release()
+        assert _holds(redis_client, keys, owner), "a non-owner's release deleted the owner's lock"
+        owner.release()
+        stale = make(redis_client, keys, lease_ms=100)
+        stale.acquire()
+        _expired(redis_client, keys)
+        taker = make(redis_client, keys)
+        taker.acquire(blocking=False)
+        with pytest.raises(LockNotOwned):
+            stale.release()
+        assert _holds(redis_client, keys, taker), "the stale holder's release deleted the new holder's lock"
+        taker.release()
+
+    def test_an_expired_lease_lets_another_take_it_with_a_larger_token(self, redis_client: redis.Redis,
+                                                                        keys: Keys) -> None:
+        """Once A's lease runs out, B takes the lock at once with a larger token; A no longer owns it
+        and cannot extend it."""
+        a = make(redis_client, keys, lease_ms=100)
+        a_token = a.acquire()
+        _expired(redis_client, keys)
+        b = make(redis_client, keys)
+        b_token = b.acquire(blocking=False)
+        assert b_token > a_token
+        assert not a.owned() and b.owned()
+        with pytest.raises(LockNotOwned):
+            a.extend(1)
+        b.release()
+
+    @pytest.mark.parametrize("b_wrote", [True, False], ids=["b-wrote", "b-holds"])
+    def test_the_stale_holders_portfolio_write_is_refused(self, redis_client: redis.Redis, keys: Keys,
+                                                          b_wrote: bool) -> None:
+        """A decides under token t, stalls past its lease, B takes the lock (token t+1; it writes, or
+        only holds it): A's write is refused (StaleFencingToken) and changes nothing."""
+        lease = LockSettings(lease_ms=100, wait_ms=2000)
+        a = _Stalls(redis_client, keys, "acct", settings=PortfolioSettings(account="acct"),
+                    lock_settings=lease, clock=LiveClock())
+        a.open(Decimal(1000))
+        b = Portfolio(redis_client, keys, "acct", settings=PortfolioSettings(account="acct"),
+                      lock_settings=LockSettings(lease_ms=5000, wait_ms=2000), clock=LiveClock())
+        resource = lock_resource("acct")
+        b_lock = FencedLock(redis_client, keys, resource, lease_ms=5000, wait_ms=0, clock=LiveClock())
+        seen: dict[str, Any] = {}
+
+        def stall_past_the_lease() -> None:
+            _expired(redis_client, keys, resource)
+            if b_wrote:
+                b.reserve("b1", "MSFT", "buy", Decimal(1), Decimal(10))
+            else:
+                b_lock.acquire(blocking=False)
+            seen["state"] = b.read()
+
+        a.stall = stall_past_the_lease
+        with pytest.raises(StaleFencingToken):
+            a.reserve("a1", "AAPL", "buy", Decimal(1), Decimal(10))
+        after = b.read()
+        assert after == seen["state"], "the stale holder's refused write changed the account"
+        assert "a1" not in after.reservations
+        if not b_wrote:
+            assert _holds(redis_client, keys, b_lock, resource), "the stale holder released B's lock"
+            b_lock.release()
+        assert verify(redis_client, keys, "acct", allow_short=False).ok

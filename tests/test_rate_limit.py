@@ -85,6 +85,19 @@ class TestBuckets:
         with pytest.raises(ValueError):
             limiter(redis_client, keys).try_acquire("x", weight=4)
 
+    @pytest.mark.parametrize(("limit", "period"), [(0, 60.0), (-1, 60.0), (1, 0.0), (1, -1.0)])
+    def test_a_limit_needs_a_unit_and_a_period(self, limit: int, period: float) -> None:
+        """A limit of no unit or over no time is refused when it is made."""
+        with pytest.raises(ValueError):
+            Limit(limit, period)
+
+    def test_a_bucket_outlives_its_period(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """After a grant of an hourly limit its bucket key lives at least the hour (plus a second's
+        slack), so no grant is forgotten while it still counts."""
+        rl = limiter(redis_client, keys, account=1, period=3600.0)
+        rl.try_acquire("x")
+        assert 3_600_000 <= redis_client.pttl(rl.bucket_key("account")) <= 3_601_000
+
     def test_default_settings_are_alpacas_200_per_minute(self, redis_client: redis.Redis, keys: Keys) -> None:
         """from_settings with defaults gives one account bucket of 200 per 60 s."""
         rl = RateLimiter.from_settings(redis_client, keys, LimitSettings(endpoint_rate_limits={"orders": 50}))
@@ -128,6 +141,20 @@ class TestAcquire:
         assert still == long_end
         _, later = rl.pause_until((long_end + 5_000_000) / 1_000_000)
         assert later == long_end + 5_000_000
+
+    def test_a_pause_key_expires_with_the_pause(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """pause(60) keeps its key about a minute (and a second's slack), not longer."""
+        rl = limiter(redis_client, keys)
+        rl.pause(60)
+        assert 59_000 <= redis_client.pttl(rl.bucket_key("pause")) <= 61_000
+
+    def test_a_zero_pause_sets_nothing(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """pause(0) (a Retry-After of 0) writes no pause key and blocks no grant."""
+        rl = limiter(redis_client, keys)
+        now, until = rl.pause(0)
+        assert until == now
+        assert not redis_client.exists(rl.bucket_key("pause")) and rl.paused_until() == 0
+        assert isinstance(rl.try_acquire("x"), Grant)
 
     def test_a_denied_request_records_nothing(self, redis_client: redis.Redis, keys: Keys) -> None:
         """While paused, attempts leave every bucket empty."""

@@ -45,6 +45,12 @@ class TestSubPennyRule:
         """Buy limits round down and sell limits up, to the tick of their level."""
         assert EQUITY.round_price(side, price) == expected
 
+    def test_only_positive_prices_on_the_grid_are_valid(self) -> None:
+        """Zero and negative prices are never valid; a sub-penny price is valid below $1, not above."""
+        assert not EQUITY.is_valid_price(D(0)) and not EQUITY.is_valid_price(D("-0.01"))
+        assert EQUITY.is_valid_price(D("0.0001")) and EQUITY.is_valid_price(D("1.01"))
+        assert not EQUITY.is_valid_price(D("1.005"))
+
     def test_quantity_rounds_toward_zero(self) -> None:
         """9.99 whole shares is 9; fractional keeps nine decimals, truncated."""
         assert EQUITY.round_quantity(D("9.99")) == D(9)
@@ -62,6 +68,26 @@ class TestRefusals:
         """A buy limit of $0.00005 rounds down to zero: refused."""
         result = EQUITY.prepare(Side.BUY, D(10), D("0.00005"))
         assert isinstance(result, Refusal) and result.rule is Rule.PRICE_ROUNDS_TO_ZERO
+
+    @pytest.mark.parametrize("quantity", [D(0), D("-5"), D("Infinity"), D("NaN")])
+    def test_a_quantity_that_is_not_a_positive_number_is_refused(self, quantity: D) -> None:
+        """A zero, negative, infinite or NaN quantity is refused as not positive (never rounded)."""
+        result = EQUITY.prepare(Side.BUY, quantity, D("10"))
+        assert isinstance(result, Refusal) and result.rule is Rule.QUANTITY_ROUNDS_TO_ZERO
+        assert "not positive" in result.reason
+
+    @pytest.mark.parametrize("price", [D(0), D("-1"), D("Infinity"), D("NaN")])
+    def test_a_limit_that_is_not_a_positive_number_is_refused(self, price: D) -> None:
+        """A zero, negative, infinite or NaN limit price is refused as not positive (never rounded)."""
+        result = EQUITY.prepare(Side.SELL, D(10), price)
+        assert isinstance(result, Refusal) and result.rule is Rule.PRICE_ROUNDS_TO_ZERO
+        assert "not positive" in result.reason
+
+    @pytest.mark.parametrize(("side", "price"), [(Side.BUY, D("0.0001")), (Side.SELL, D("0.5")),
+                                                 (Side.BUY, D("1.00"))])
+    def test_a_sub_dollar_limit_is_kept(self, side: Side, price: D) -> None:
+        """A positive limit on the tick grid, however small, is sent as it is."""
+        assert EQUITY.prepare(side, D(10), price) == PreparedOrder(D(10), price)
 
     def test_below_min_quantity_and_notional_are_refused(self) -> None:
         """Below the symbol's minimum quantity, then below its minimum notional: each refused."""
