@@ -66,6 +66,7 @@ MODULES = [
 TESTS = [
     "tests/test_portfolio.py",
     "tests/test_money_core.py",
+    "tests/test_money_core_edges.py",
     "tests/test_portfolio_stateful.py",
     "tests/test_locks.py",
     "tests/test_limits.py",
@@ -112,6 +113,9 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "one more digit of working precision: the quotients rounded here are exact at 60 already",
     ("shared/rate_limit.py", "if current > untl then untl = current end", "lua >->>="):
         "when current == untl the assignment leaves untl as it was",
+    ("shared/bus.py", "rows = self.client.xpending_range(self.stream_key, self.group, lo, hi, len(ids) + 16,",
+     "16->17"):
+        "a count with one more row of slack: the rows are looked up by the ids asked for",
 }
 
 _PY_COMPARE = {"<": "<=", "<=": "<", ">": ">=", ">=": ">", "==": "!=", "!=": "==",
