@@ -106,6 +106,11 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("shared/_portfolio_scripts.py", "local RECENT_OPS_CHARS = 16 * 33 - 1", "lua -->swap"):
         "two more characters keep a space and one character of a 17th id, which no 32-digit op id "
         "can match: the same 16 ids are recognised",
+    ("shared/_portfolio_scripts.py", "local RECENT_OPS_CHARS = 16 * 33 - 1", "lua 33->34"):
+        "16 more characters keep a space and 15 characters of a 17th id, which no 32-digit op id "
+        "can match: the same 16 ids are recognised",
+    ("shared/_portfolio_scripts.py", "return {'ok', version + 1, id, release()}", "lua 1->2"):
+        "no caller reads the version of an 'ok' reply (only the verdict and the released flag)",
     ("shared/portfolio.py", "def read_ledger(client: redis.Redis, keys: Keys, account: str, "
      "batch: int = 1000) -> Iterator[dict[str, str]]:", "1000->1001"):
         "the page size of a read that pages to the end: every batch size reads the same entries",
@@ -510,14 +515,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tests-rev", help="run the test files as they are at this git revision")
     parser.add_argument("--list", action="store_true", help="print the sample and exit")
     parser.add_argument("--only", action="append", default=[], help="run only this mutant id (repeatable)")
+    parser.add_argument("--all-of", action="append", default=[], metavar="MODULE",
+                        help="run every candidate of this module instead of a sample (repeatable)")
     args = parser.parse_args(argv)
     master = copy_repo(args.tests_rev)  # one snapshot: sampled, mutated and reported alike
     try:
         found = candidates(master)
         sources = {module: (master / module).read_bytes() for module in MODULES}
         print("candidates: " + ", ".join(f"{m.removeprefix('shared/')} {len(v)}" for m, v in found.items()))
-        if args.only:
-            chosen = [m for mutants in found.values() for m in mutants if m.ident in set(args.only)]
+        if args.only or args.all_of:
+            chosen = [m for mutants in found.values() for m in mutants
+                      if m.ident in set(args.only) or m.module in set(args.all_of)]
         else:
             chosen = sample(found, args.count, args.seed)
         if args.list:
