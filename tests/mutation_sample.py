@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import difflib
 import itertools
 import os
@@ -114,6 +115,33 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("shared/portfolio.py", "def read_ledger(client: redis.Redis, keys: Keys, account: str, "
      "batch: int = 1000) -> Iterator[dict[str, str]]:", "1000->1001"):
         "the page size of a read that pages to the end: every batch size reads the same entries",
+    ("shared/_portfolio_state.py", "if held == 0 or (held > 0) == (signed_qty > 0):", ">->>="):
+        "held is not 0 past the first operand and signed_qty is never 0: > and >= agree",
+    ("shared/_portfolio_state.py", "direction = 1 if held > 0 else -1", ">->>="):
+        "held is not 0 on this path (a flat position grows instead): > and >= agree",
+    ("shared/_portfolio_state.py", "MONEY_CONTEXT = Context(prec=40, rounding=ROUND_HALF_EVEN)", "40->41"):
+        "one more digit before the average cost's quantize to 1E-10: amounts are exact already",
+    ("shared/_portfolio_state.py", 'parts = dict(item.split("=", 1) for item in raw.split())', "1->2"):
+        "no encoded value holds '=': splitting at most twice splits once",
+    ("shared/_portfolio_state.py", "fence: int = 0", "0->1"):
+        "fencing tokens start at 1, so max(1, token) is the token; reads set the fence explicitly",
+    ("shared/_portfolio_state.py", "elif (new_qty > 0) != (held > 0):", ">->>="):
+        "neither new_qty nor held is 0 on this path: > and >= agree",
+    ("shared/locks.py", "client, keys.lock(resource), timeout=lease_ms / 1000, blocking=True,", "1000->1001"):
+        "redis-py's timeout is read only by Lock.do_acquire/reacquire, which FencedLock replaces or "
+        "never calls: its lease is lease_ms, sent by _attempt",
+    ("shared/locks.py", "blocking_timeout=wait_ms / 1000, thread_local=False,", "1000->1001"):
+        "redis-py's blocking_timeout is read only by Lock.acquire, which FencedLock replaces (it waits "
+        "wait_ms)",
+    **{("shared/limits.py",
+        "if not is_reducing(order.side, position) and not is_reducing(order.side, opened):", kind):
+       "is_day_trade returns is_reducing(side, opened_today) whatever this guard says (its False is the "
+       "final return's too); dropping a part of it can only matter on a snapshot whose opened_today is "
+       "not within the position, which account_activity never builds"
+       for kind in ("drop not", "drop operand 1", "drop operand 2", "if->False")},
+    **{("shared/limits.py", "group=self.GROUP, clock=clock or LiveClock())", kind):
+        "RateLimiter defaults a missing clock to a LiveClock itself, and admit() never reads the clock"
+       for kind in ("drop operand 1", "drop operand 2")},
     ("shared/symbols.py", "ctx.prec = 60", "60->61"):
         "one more digit of working precision: the quotients rounded here are exact at 60 already",
     ("shared/rate_limit.py", "if current > untl then untl = current end", "lua >->>="):
@@ -142,7 +170,7 @@ class Mutant:
 
     @property
     def ident(self) -> str:
-        return f"{self.module}:{self.line}:{self.start}:{self.kind}"
+        return f"{self.module}:{self.line}:{self.start}:{self.kind.replace(' ', '_')}"
 
     def apply(self, source: bytes) -> bytes:
         return source[:self.start] + self.new + source[self.end:]
@@ -376,20 +404,43 @@ def copy_repo(tests_rev: str | None) -> Path:
     return target
 
 
+_RUNNING: set[subprocess.Popen[bytes]] = set()  # the pytest sessions started and not yet ended
+_STOP = threading.Event()  # set on SIGTERM/SIGINT: start no more mutants
+
+
+def _stop(signum: int, _: object) -> None:
+    """SIGTERM or SIGINT: end the pytest sessions this run started, start no more, clean up."""
+    _STOP.set()
+    for proc in list(_RUNNING):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # each its own session (start_new_session)
+    raise SystemExit(128 + signum)
+
+
+def _env(root: Path) -> dict[str, str]:
+    """The environment of every pytest run on ``root`` (the baseline's and each mutant's alike).
+    Not named BASTION_*: the settings read that prefix and refuse a key they do not know."""
+    return {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1",
+            "MUTATION_SAMPLE_NO_SHRINK": "1"}  # a kill needs a failure, not its smallest example
+
+
 def run_tests(root: Path, tests: list[str], extra: list[str], timeout: float) -> tuple[str, str]:
     """Run pytest on ``tests`` in ``root``: ("passed" | "failed" | "timeout", its output)."""
-    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1"}
+    env = _env(root)
     shutil.rmtree(root / ".hypothesis", ignore_errors=True)  # no example carried between mutants
     present = [t for t in tests if (root / t).exists()]
     proc = subprocess.Popen([sys.executable, "-m", "pytest", *PYTEST_ARGS, *extra, *present], cwd=root,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
+    _RUNNING.add(proc)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # the session this call started, and only it
         out, _ = proc.communicate()
         return "timeout", out.decode(errors="replace")
+    finally:
+        _RUNNING.discard(proc)
     return ("passed" if proc.returncode == 0 else "failed"), out.decode(errors="replace")
 
 
@@ -400,7 +451,7 @@ def baseline(root: Path, tests: list[str], timeout: float) -> list[str]:
                            text=True, check=True)
     if not check.stdout.strip().startswith(str(root)):
         sys.exit(f"the copy does not import its own sources: {check.stdout.strip()}")
-    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1"}
+    env = _env(root)
     args = [a for a in PYTEST_ARGS if a != "-x"]
     done = subprocess.run([sys.executable, "-m", "pytest", *args, "-rf",
                            *[t for t in tests if (root / t).exists()]],
@@ -436,7 +487,7 @@ def run(mutants: list[Mutant], master: Path, jobs: int, timeout: float, budget: 
         results: list[Result] = []
 
         def one(mutant: Mutant) -> Result:
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or _STOP.is_set():
                 return Result(mutant, "skipped", 0.0)
             with lock:
                 root = free.pop()
@@ -518,6 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all-of", action="append", default=[], metavar="MODULE",
                         help="run every candidate of this module instead of a sample (repeatable)")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     master = copy_repo(args.tests_rev)  # one snapshot: sampled, mutated and reported alike
     try:
         found = candidates(master)

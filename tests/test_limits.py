@@ -122,6 +122,29 @@ class TestOrderRules:
         held = snapshot(equity=D(0), positions={"AAPL": D(5)})
         assert check_gross_exposure(sell("5"), held, SETTINGS) is None
 
+    def test_an_order_that_flips_to_the_same_size_does_not_grow_exposure(self) -> None:
+        """Selling 600 of a 300 long leaves a 300 short: the position and gross exposure do not grow, so
+        neither cap refuses it even when the position is already above both."""
+        big = snapshot(positions={"AAPL": D(1200)}, prices={"AAPL": D(100)})
+        assert check_position(sell("2400"), big, SETTINGS) is None
+        assert check_gross_exposure(sell("2400"), big, SETTINGS) is None
+        assert check_position(sell("2401"), big, SETTINGS) is not None
+
+    def test_pending_orders_add_to_the_position_in_gross_exposure(self) -> None:
+        """A pending buy adds to the same symbol's long: 500 held + 500 pending at $100 is all of the
+        $100,000 equity, so one more share is refused."""
+        snap = snapshot(positions={"AAPL": D(500)}, pending={"AAPL": D(500)})
+        refusal = check_gross_exposure(buy("1"), snap, SETTINGS)
+        assert refusal is not None and refusal.rule is Rule.MAX_GROSS_EXPOSURE
+
+    def test_no_equity_means_zero_or_less(self) -> None:
+        """Equity of 50 cents is still equity: an entry above its fraction is refused for size, not for
+        having no equity."""
+        snap = snapshot(equity=D("0.5"))
+        for check in (check_position, check_gross_exposure):
+            refusal = check(buy("1"), snap, SETTINGS)
+            assert refusal is not None and refusal.rule is not Rule.NO_EQUITY
+
     def test_gross_exposure(self) -> None:
         """$80,000 held elsewhere plus $20,000 is exactly 1x equity; $20,100 is above."""
         snap = snapshot(positions={"MSFT": D(200)}, prices={"MSFT": D(400)})
@@ -134,6 +157,14 @@ class TestOrderRules:
         """A held symbol without a price makes exposure unknown: an entry is refused."""
         refusal = check_gross_exposure(buy("1"), snapshot(positions={"MSFT": D(1)}), SETTINGS)
         assert refusal is not None and "MSFT" in refusal.reason
+
+    def test_a_snapshot_counts_no_open_order_or_pending_day_trade_unless_told(self) -> None:
+        """A snapshot that says nothing of open orders or pending day trades counts none: one order
+        allowed leaves room for the first, and two day trades done leave room for the third."""
+        assert check_open_orders(snapshot(), LimitSettings(max_open_orders=1)) is None
+        plain = snapshot(equity=D(24_999), positions={"AAPL": D(10)}, opened_today={"AAPL": D(10)},
+                         day_trades=[date(2026, 1, 8), date(2026, 1, 9)])
+        assert check_pdt(sell("10"), plain, SETTINGS) is None
 
     def test_max_open_orders(self) -> None:
         """49 open orders leave room for one more; 50 do not."""
@@ -167,6 +198,25 @@ class TestPatternDayTrading:
         assert is_day_trade(sell("10"), self.day_trade_snapshot(self.BELOW, []))
         assert not is_day_trade(sell("10"), snapshot(positions={"AAPL": D(10)}))
         assert not is_day_trade(buy("10"), self.day_trade_snapshot(self.BELOW, []))
+
+    @pytest.mark.parametrize("opened", [D(1), D("0.5")])
+    def test_any_quantity_opened_today_makes_a_day_trade(self, opened: D) -> None:
+        """One share, or a fraction of one, bought today and sold is a day trade; so is one share shorted
+        today and bought back; buying back an older short is not."""
+        assert is_day_trade(sell(str(opened)), snapshot(positions={"AAPL": opened},
+                                                        opened_today={"AAPL": opened}))
+        assert is_day_trade(buy(str(opened)), snapshot(positions={"AAPL": -opened},
+                                                       opened_today={"AAPL": -opened}))
+        assert not is_day_trade(buy(str(opened)), snapshot(positions={"AAPL": -opened}))
+
+    def test_an_order_that_is_not_a_day_trade_is_never_refused_for_pdt(self) -> None:
+        """With three day trades done and equity below the threshold, selling an older position passes,
+        and with PDT disabled so does a fourth day trade."""
+        done = [date(2026, 1, 6), date(2026, 1, 8), date(2026, 1, 9)]
+        old = snapshot(equity=self.BELOW, positions={"AAPL": D(10)}, day_trades=done)
+        assert check_pdt(sell("10"), old, SETTINGS) is None
+        off = LimitSettings(pdt_enabled=False)
+        assert check_pdt(sell("10"), self.day_trade_snapshot(self.BELOW, done), off) is None
 
     def test_fourth_day_trade_refused_below_threshold(self) -> None:
         """With 3 day trades in the last 5 business days and equity $24,999, the 4th is refused."""

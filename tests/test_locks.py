@@ -9,6 +9,7 @@ import threading
 from decimal import Decimal
 from typing import Any
 
+import fakeredis
 import pytest
 import redis
 
@@ -30,6 +31,27 @@ def make(client: redis.Redis, keys: Keys, resource: str = "r", **kwargs: object)
     options: dict[str, object] = {"lease_ms": 5000, "wait_ms": 200, "clock": SimulatedClock()}
     options.update(kwargs)
     return FencedLock(client, keys, resource, **options)  # type: ignore[arg-type]
+
+
+class _Refusing(fakeredis.FakeRedis):
+    """A client every script call of which the store answers with the error reply ``reply``."""
+
+    reply = ""
+
+    def evalsha(self, *args: Any, **kwargs: Any) -> Any:
+        raise redis.ResponseError(self.reply)
+
+
+class _RecordingClock(SimulatedClock):
+    """A simulated clock that records how long each sleep was."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sleeps: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        super().sleep(seconds)
 
 
 class _RefusedRelease(FencedLock):
@@ -78,6 +100,16 @@ class TestFencedLock:
             raise RuntimeError("boom")
         assert not redis_client.exists(keys.lock("r"))
 
+    def test_a_clean_block_whose_lease_was_lost_raises_on_exit(self, redis_client: redis.Redis,
+                                                                keys: Keys) -> None:
+        """Leaving a block that raised nothing after the lease was lost raises LockNotOwned; a block
+        that raised keeps its own exception."""
+        with pytest.raises(LockNotOwned), make(redis_client, keys):
+            redis_client.delete(keys.lock("r"))  # what the lease expiring does
+        with pytest.raises(RuntimeError, match="boom"), make(redis_client, keys):
+            redis_client.delete(keys.lock("r"))
+            raise RuntimeError("boom")
+
     def test_release_after_lease_lost_raises_lock_not_owned(self, redis_client: redis.Redis,
                                                             keys: Keys) -> None:
         """A holder whose lease expired and was taken over cannot release the new holder's lock."""
@@ -105,8 +137,56 @@ class TestFencedLock:
 
     def test_not_reentrant(self, redis_client: redis.Redis, keys: Keys) -> None:
         """Acquiring a FencedLock object that is already held is refused rather than deadlocking."""
-        with make(redis_client, keys) as lock, pytest.raises(LockError):
+        with make(redis_client, keys) as lock, pytest.raises(LockError, match="re-entrant"):
             lock.acquire()
+
+    def test_the_owner_token_given_is_the_one_stored(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """acquire(token=...) stores that owner token under the lock key (redis-py's contract)."""
+        lock = make(redis_client, keys)
+        lock.acquire(token="mine")
+        assert lock.owner_token == b"mine" == redis_client.get(keys.lock("r"))
+        lock.release()
+
+    def test_redis_pys_single_attempt_hook_takes_a_token_only_from_a_free_lock(
+            self, redis_client: redis.Redis, keys: Keys) -> None:
+        """do_acquire (redis-py's one-attempt hook) is True on a free lock, spending the first token,
+        and False on a held one."""
+        assert make(redis_client, keys).do_acquire(b"first") is True and fence(redis_client, keys) == 1
+        assert make(redis_client, keys).do_acquire(b"second") is False
+        assert redis_client.get(keys.lock("r")) == b"first"
+
+    def test_waits_back_off_exponentially_with_jitter_up_to_the_cap(self, redis_client: redis.Redis,
+                                                                     keys: Keys) -> None:
+        """Between attempts on a held lock the waits double from backoff_ms[0] to the cap backoff_ms[1],
+        each within +-50% jitter, and the last is cut to the deadline."""
+        clock = _RecordingClock()
+        with make(redis_client, keys), pytest.raises(LockTimeout):
+            make(redis_client, keys, clock=clock, wait_ms=100, backoff_ms=(0.5, 20.0)).acquire()
+        assert len(clock.sleeps) >= 8
+        for k, slept in enumerate(clock.sleeps[:-1]):
+            base = min(0.5 * 2 ** k, 20.0) / 1000
+            assert 0.5 * base <= slept <= 1.5 * base, f"wait {k}: {slept * 1000:g} ms, base {base * 1000:g}"
+        assert clock.monotonic() == pytest.approx(0.1)
+
+    def test_a_queued_release_answered_with_an_error_is_a_lock_error(self, redis_client: redis.Redis,
+                                                                     keys: Keys) -> None:
+        """An error reply to a queued release is a LockError (not a crash reading it as a count)."""
+        with pytest.raises(LockError, match="release failed"):
+            make(redis_client, keys).released_from(redis.ResponseError("ERR boom"))
+
+    @pytest.mark.parametrize(("reply", "raised"), [
+        ("MISCONF Errors writing to the AOF file: No space left on device", RedisUnavailable),
+        ("READONLY You can't write against a read only replica.", RedisUnavailable),
+        ("ERR something else", LockError)])
+    def test_an_acquire_the_store_refuses_is_translated(self, keys: Keys, reply: str,
+                                                        raised: type[Exception]) -> None:
+        """An acquire refused because Redis refuses writes is RedisUnavailable (wait and retry); any
+        other error reply is a LockError."""
+        client = _Refusing(server=fakeredis.FakeServer(version=(7, 4)))
+        client.reply = reply
+        with pytest.raises(raised) as caught:
+            make(client, keys).acquire()
+        assert type(caught.value) is raised
 
     def test_reads_run_after_the_lock_is_taken(self, redis_client: redis.Redis, keys: Keys) -> None:
         """The Lua of ``reads`` runs in the acquire script after the SET NX, so it sees the lock held."""

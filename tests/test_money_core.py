@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal as D
 from typing import Any
@@ -18,7 +19,14 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import redis
 
-from shared._portfolio_state import Position, Reservation, State, apply_entry, invariant_violations
+from shared._portfolio_state import (
+    Position,
+    Reservation,
+    State,
+    apply_entry,
+    invariant_violations,
+    replay,
+)
 from shared.clock import SimulatedClock
 from shared.config import LimitSettings, LockSettings, PortfolioSettings
 from shared.errors import (
@@ -74,6 +82,23 @@ def last_entry(client: redis.Redis, keys: Keys) -> dict[str, str]:
 
 
 class TestReserve:
+    def test_an_account_never_opened_refuses_every_change(self, redis_client: redis.Redis,
+                                                          keys: Keys) -> None:
+        """Before open, a reservation (buy or sell), a release and a fill naming its trade are all
+        refused as "not open", and nothing is written."""
+        book = Portfolio(redis_client, keys, "acct", settings=PortfolioSettings(account="acct",
+                                                                                allow_short=True),
+                         clock=SimulatedClock())
+        changes: list[Callable[[], Outcome]] = [
+            lambda: book.reserve("r1", "AAPL", "buy", D(1), D(10)),
+            lambda: book.reserve("r2", "AAPL", "sell", D(1), D(10)),
+            lambda: book.release("r1"),
+            lambda: book.apply_fill("r1", fill("f1", "1", "10"), side="buy", symbol="AAPL")]
+        for change in changes:
+            with pytest.raises(PortfolioError, match="not open"):
+                change()
+        assert redis_client.xlen(keys.ledger("acct")) == 0 and not book.snapshot().opened
+
     def test_buying_power_exactly_equal_to_the_cost_is_enough(self, redis_client: redis.Redis,
                                                               keys: Keys) -> None:
         """A buy costing exactly the buying power (with its fee buffer) is reserved, leaving 0; a cent
@@ -84,6 +109,8 @@ class TestReserve:
         with pytest.raises(InsufficientFunds) as caught:
             book.reserve("r2", "AAPL", "buy", D(1), D("0.01"))
         assert (caught.value.needed, caught.value.available) == (D("0.01001"), D(0))
+        filled = book.apply_fill("r1", fill("f1", "10", "100"))  # within what it holds: no free cash needed
+        assert filled.beyond == "" and filled.completed and filled.amount == D(1)
         short = book_on(redis_client, keys, "1000.99", account="other")
         with pytest.raises(InsufficientFunds):
             short.reserve("r1", "AAPL", "buy", D(10), D(100))
@@ -160,18 +187,6 @@ class TestFills:
             book.apply_fill("r1", fill("f2", "1", "10"), side="buy")
         assert everything(redis_client, keys) == before
 
-    def test_the_arithmetic_refuses_a_fill_that_names_no_symbol(self) -> None:
-        """apply_entry cannot book a fill of a closed reservation whose entry names a side but no
-        symbol: UnknownReservation, the state untouched."""
-        state = _account()
-        state.closed["gone"] = "filled"
-        before = state.copy()
-        entry = {"op": "fill", "account": "acct", "rid": "gone", "fill_id": "f9", "side": "buy",
-                 "qty": "1", "price": "10", "fee": "0"}
-        with pytest.raises(UnknownReservation):
-            apply_entry(state, entry, allow_short=True)
-        assert state == before
-
     def test_sell_whose_fee_overdraws_the_cash_left_is_booked_beyond(self, redis_client: redis.Redis,
                                                                     keys: Keys) -> None:
         """A sell fee that leaves cash exactly at what is reserved is ordinary; one that leaves less
@@ -221,6 +236,26 @@ class TestFills:
         book.apply_fill("b", fill("f1", "1", "1"))
         book.apply_fill("b", fill("f2", "1", second))
         assert book.snapshot().positions["AAPL"].avg_cost == D(average)
+
+    def test_a_sell_through_zero_with_shorting_off_is_booked_beyond(self, redis_client: redis.Redis,
+                                                                    keys: Keys) -> None:
+        """Shorting off, a sell that goes through zero is booked (the position goes short) and
+        ``beyond`` says so, next to any other reason (an over-fill, a closed reservation)."""
+        book = book_on(redis_client, keys, "1000")
+        book.reserve("b", "AAPL", "buy", D(5), D(10))
+        book.apply_fill("b", fill("f1", "5", "10"))
+        book.reserve("s1", "AAPL", "sell", D(5), D(10))
+        through = book.apply_fill("s1", fill("f2", "8", "10"))
+        assert through.beyond.startswith("over-fill") and "shorting is off" in through.beyond
+        assert book.snapshot().positions["AAPL"].qty == D(-3)
+        book.reserve("b2", "AAPL", "buy", D(4), D(10))
+        book.apply_fill("b2", fill("f3", "4", "10"))  # long 1
+        book.reserve("s2", "AAPL", "sell", D(1), D(10))
+        book.apply_fill("s2", fill("f4", "1", "10"))  # flat again; s2 closed
+        from_flat = book.apply_fill("s2", fill("f5", "2", "10"), side="sell", symbol="AAPL")
+        assert "'s2' is filled, not open" in from_flat.beyond and "shorting is off" in from_flat.beyond
+        assert book.snapshot().positions["AAPL"].qty == D(-2)
+        assert verify(redis_client, keys, "acct", allow_short=False).ok
 
     def test_closing_a_short_realizes_entry_minus_exit(self, redis_client: redis.Redis, keys: Keys) -> None:
         """Short 10 at 50 (shorting on), cover 4 at 45 (+20) and 6 at 55 (-30): realized -10, fees apart,
@@ -305,6 +340,19 @@ class TestInvariants:
         for controls in (True, False):
             assert problem in invariant_violations(state, allow_short=True, controls=controls)
 
+    @pytest.mark.parametrize(("position", "problems"), [
+        (Position(qty=D(2), avg_cost=D(10), reserved=D(2)), []),
+        (Position(qty=D("0.5"), avg_cost=D(10)), []),
+        (Position(qty=D(0), reserved=D(2)), ["position AAPL reserved 2 > quantity 0"]),
+    ])
+    def test_a_position_at_its_limits(self, position: Position, problems: list[str]) -> None:
+        """Holding everything for sells, or a fraction of a share, is consistent; a flat position with
+        a sell reservation (shorting off) breaks exactly the one control."""
+        held = ({"s": Reservation("sell", "AAPL", D(2), D(10), held=position.reserved)}
+                if position.reserved else {})
+        state = State(opened=True, cash=D(100), positions={"AAPL": position}, reservations=held)
+        assert invariant_violations(state, allow_short=False) == problems
+
     @pytest.mark.parametrize(("change", "problem"), [
         ({"cash": D(-1), "reserved": D(0),
           "reservations": {"s": Reservation("sell", "AAPL", D(2), D(10), held=D(2))}}, "cash -1 < 0"),
@@ -325,6 +373,62 @@ class TestInvariants:
         assert invariant_violations(state, allow_short=False, controls=False) == []
         if "position" in problem:
             assert invariant_violations(state, allow_short=True) == []
+
+
+class TestApplyEntry:
+    """The pure arithmetic, for what the Portfolio never sends it but a replayed ledger could."""
+
+    @pytest.mark.parametrize("named", [{"side": "buy"}, {"symbol": "AAPL"}])
+    def test_a_fill_that_names_half_the_trade_is_refused(self, named: dict[str, str]) -> None:
+        """A fill of a closed reservation naming a side but no symbol (or the reverse) is refused:
+        UnknownReservation, the state untouched."""
+        state = _account()
+        state.closed["gone"] = "filled"
+        before = state.copy()
+        entry = {"op": "fill", "account": "acct", "rid": "gone", "fill_id": "f9", "qty": "1",
+                 "price": "10", "fee": "0", **named}
+        with pytest.raises(UnknownReservation):
+            apply_entry(state, entry, allow_short=True)
+        assert state == before
+
+    def test_opening_twice_and_reusing_an_open_id_are_refused(self) -> None:
+        """An open entry for an open account, and a reserve entry for an open reservation id, are
+        refused with the state untouched."""
+        state = _account()
+        before = state.copy()
+        with pytest.raises(PortfolioError, match="already open"):
+            apply_entry(state, {"op": "open", "cash": "5"}, allow_short=False)
+        reserve = {"op": "reserve", "rid": "b", "side": "buy", "symbol": "MSFT", "qty": "1", "price": "10",
+                   "buffer_bps": "10"}
+        with pytest.raises(PortfolioError, match="already used"):
+            apply_entry(state, reserve, allow_short=False)
+        with pytest.raises(ValueError, match="unknown ledger op"):
+            apply_entry(state, {"op": "transfer"}, allow_short=False)
+        assert state == before
+
+    def test_replaying_a_ledger_gives_the_state_it_wrote(self, redis_client: redis.Redis,
+                                                         keys: Keys) -> None:
+        """replay() of an account's ledger (reserves, fills beyond, releases) equals the state in Redis;
+        an entry it refuses is named in a ValueError."""
+        book = book_on(redis_client, keys, "1000", allow_short=True)
+        book.reserve("b", "AAPL", "buy", D(3), D("10.01"))
+        for n, price in enumerate(("10.00", "10.01", "10.02")):
+            book.apply_fill("b", fill(f"f{n}", "1", price))
+        book.reserve("s", "AAPL", "sell", D(5), D(11))
+        book.apply_fill("s", fill("f3", "5", "11", "1"))
+        book.reserve("r", "MSFT", "buy", D(1), D(5))
+        book.release("r", "canceled")
+        ledger = list(read_ledger(redis_client, keys, "acct"))
+        assert replay(ledger, allow_short=True) == book.read()
+        with pytest.raises(ValueError, match=r"ledger entry 1 \("):
+            replay([ledger[0], ledger[0]], allow_short=True)
+
+    def test_a_release_without_a_reason_is_closed_as_released(self) -> None:
+        """A release entry with no reason closes its reservation as "released", giving back its hold."""
+        state = _account()
+        outcome = apply_entry(state, {"op": "release", "rid": "b"}, allow_short=False)
+        assert outcome.completed and outcome.amount == D(10)
+        assert state.closed == {"b": "released"} and state.reserved == 0
 
 
 class _LoseReply:

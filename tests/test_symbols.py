@@ -97,11 +97,27 @@ class TestRefusals:
         assert isinstance(low_notional, Refusal) and low_notional.rule is Rule.BELOW_MIN_NOTIONAL
         assert CRYPTO.prepare(Side.BUY, D("0.0003"), D("40000")) == PreparedOrder(D("0.0003"), D("40000.0"))
 
+    def test_a_market_order_needs_no_price_without_a_minimum_notional(self) -> None:
+        """With no minimum notional, a market order (no limit, no reference price) is prepared; a
+        minimum of $1 is checked as it is (1 @ 0.99 refused, 1 @ 1.00 sent)."""
+        assert EQUITY.prepare(Side.SELL, D(10)) == PreparedOrder(D(10), None)
+        dollar = SymbolProperties("X", min_notional=D(1))
+        refused = dollar.prepare(Side.BUY, D(1), D("0.99"))
+        assert isinstance(refused, Refusal) and refused.rule is Rule.BELOW_MIN_NOTIONAL
+        assert dollar.prepare(Side.BUY, D(1), D("1.00")) == PreparedOrder(D(1), D("1.00"))
+
     def test_market_order_notional_needs_a_reference_price(self) -> None:
         """With a minimum notional and no limit price, the reference price is used; none: refused."""
         assert isinstance(CRYPTO.prepare(Side.SELL, D("0.001")), Refusal)
         market = CRYPTO.prepare(Side.SELL, D("0.001"), reference_price=D("40000"))
         assert market == PreparedOrder(D("0.001"), None)
+
+    @pytest.mark.parametrize("field", ["tick_size", "lot_size", "min_quantity", "min_notional"])
+    @pytest.mark.parametrize("value", [D("Infinity"), D("NaN")])
+    def test_a_property_that_is_not_a_finite_number_is_refused(self, field: str, value: D) -> None:
+        """An infinite or NaN tick, lot or minimum is a configuration error (ValueError)."""
+        with pytest.raises(ValueError, match=field):
+            SymbolProperties("X", **{field: value})
 
     def test_invalid_properties_are_refused(self) -> None:
         """A zero lot size or a negative minimum is a configuration error."""
