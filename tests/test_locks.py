@@ -18,7 +18,8 @@ from shared.config import LockSettings, PortfolioSettings
 from shared.errors import LockError, LockNotOwned, LockTimeout, RedisUnavailable, StaleFencingToken
 from shared.keys import Keys
 from shared.locks import FencedLock, LockedRead
-from shared.portfolio import Outcome, Portfolio, lock_resource, verify
+from shared.portfolio import Portfolio, lock_resource, verify
+from tests.support.portfolio import StallsBeforeWriting
 from tests.support.processes import free_port, wait_for
 
 
@@ -285,19 +286,6 @@ def _expired(client: redis.Redis, keys: Keys, resource: str = "r") -> None:
              message=f"the lease on {resource!r} to expire")
 
 
-class _Stalls(Portfolio):
-    """A portfolio whose next write first runs ``stall`` (a holder paused between decision and write)."""
-
-    stall: Any = None
-
-    def _commit(self, lock: FencedLock, token: int, state: Any, entry: Any, outcome: Outcome,
-                then: Any = None, record: Any = None) -> tuple[Any, ...]:
-        if self.stall is not None:
-            stall, self.stall = self.stall, None
-            stall()
-        return super()._commit(lock, token, state, entry, outcome, then, record)
-
-
 class _CountingLock(FencedLock):
     """A FencedLock that records what each acquire attempt returned (0: the lock was held)."""
 
@@ -408,7 +396,7 @@ class TestLockProtocol:
         """A decides under token t, stalls past its lease, B takes the lock (token t+1; it writes, or
         only holds it): A's write is refused (StaleFencingToken) and changes nothing."""
         lease = LockSettings(lease_ms=100, wait_ms=2000)
-        a = _Stalls(redis_client, keys, "acct", settings=PortfolioSettings(account="acct"),
+        a = StallsBeforeWriting(redis_client, keys, "acct", settings=PortfolioSettings(account="acct"),
                     lock_settings=lease, clock=LiveClock())
         a.open(Decimal(1000))
         b = Portfolio(redis_client, keys, "acct", settings=PortfolioSettings(account="acct"),

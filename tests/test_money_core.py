@@ -37,16 +37,16 @@ from shared.errors import (
     UnknownReservation,
 )
 from shared.keys import Keys
-from shared.limits import AccountSnapshot, OrderCheck, Rule, check_order, is_reducing
-from shared.locks import FencedLock
+from shared.limits import Rule, check_order, is_reducing
 from shared.models import Fill, Side
 from shared.portfolio import Outcome, Portfolio, RecordUpdate, lock_resource, read_ledger, verify
 from shared.redis_client import RECONNECT_RETRIES, connect_url
 from shared.symbols import PreparedOrder, SymbolProperties
 from tests.conftest import SERVER_BACKENDS
+from tests.support.portfolio import StallsBeforeWriting
+from tests.test_limits import SETTINGS, buy, sell, snapshot
 
 T0 = datetime(2026, 1, 2, 15, 0, tzinfo=UTC)
-NOW = datetime(2026, 1, 12, 15, 0, tzinfo=UTC)  # a Monday, 10:00 in New York
 
 
 def fill(fill_id: str, qty: str, price: str, fee: str = "0") -> Fill:
@@ -573,25 +573,12 @@ class TestResentWrite:
         return book, lambda: [e for e in read_ledger(client, keys, "acct") if e.get("rid") == "a1"]
 
 
-class _StallsBeforeWriting(Portfolio):
-    """A portfolio that runs ``stall`` between its decision and its write (a holder that pauses)."""
-
-    stall: Any = None
-
-    def _commit(self, lock: FencedLock, token: int, state: Any, entry: Any, outcome: Outcome,
-                then: Any = None, record: Any = None) -> tuple[Any, ...]:
-        if self.stall is not None:
-            stall, self.stall = self.stall, None
-            stall()
-        return super()._commit(lock, token, state, entry, outcome, then, record)
-
-
 class TestFence:
     def test_a_write_under_a_token_older_than_the_newest_is_refused_and_changes_nothing(
             self, redis_client: redis.Redis, keys: Keys) -> None:
         """A holds token t and stalls; its lease expires; B takes t+1 and writes; A's write under t is
         refused (StaleFencingToken naming both tokens) and leaves B's state exactly as it was."""
-        stalled = book_on(redis_client, keys, "10000", cls=_StallsBeforeWriting)
+        stalled = book_on(redis_client, keys, "10000", cls=StallsBeforeWriting)
         other = Portfolio(redis_client, keys, "acct", settings=PortfolioSettings(account="acct"),
                           lock_settings=LockSettings(lease_ms=2000, wait_ms=2000), clock=SimulatedClock())
         after_b: dict[str, Any] = {}
@@ -611,30 +598,16 @@ class TestFence:
         assert verify(redis_client, keys, "acct", allow_short=False).ok
 
 
-SETTINGS = LimitSettings()
-
-
-def snapshot(**fields: Any) -> AccountSnapshot:
-    base: dict[str, Any] = {"now": NOW, "equity": D(100_000), "balance_refreshed_at": NOW,
-                            "last_bars": {"AAPL": NOW}}
-    base.update(fields)
-    return AccountSnapshot(**base)
-
-
-def order(side: Side, quantity: str, price: str = "100", symbol: str = "AAPL") -> OrderCheck:
-    return OrderCheck(symbol, side, D(quantity), D(price))
-
-
 class TestPreTrade:
     @pytest.mark.parametrize("pending", [D(200), D(-200)])
     def test_pending_orders_count_in_gross_exposure(self, pending: D) -> None:
         """$80,000 pending elsewhere (long or short) plus a $20,000 buy is exactly 1x equity: allowed;
         $20,100 is refused, though it would pass with nothing pending."""
         snap = snapshot(pending={"MSFT": pending}, prices={"MSFT": D(400)})
-        assert check_order(order(Side.BUY, "200"), snap, SETTINGS) == []
-        assert [r.rule for r in check_order(order(Side.BUY, "201"), snap, SETTINGS)] == [
+        assert check_order(buy("200"), snap, SETTINGS) == []
+        assert [r.rule for r in check_order(buy("201"), snap, SETTINGS)] == [
             Rule.MAX_GROSS_EXPOSURE]
-        assert check_order(order(Side.BUY, "201"), snapshot(), SETTINGS) == []
+        assert check_order(buy("201"), snapshot(), SETTINGS) == []
 
     def test_an_order_through_zero_is_an_entry(self) -> None:
         """Selling 11 of a 10 long (or buying 11 against a 10 short) is not reducing, so the entry
@@ -642,18 +615,18 @@ class TestPreTrade:
         assert is_reducing(Side.SELL, D(10), D(10)) and not is_reducing(Side.SELL, D(10), D(11))
         assert is_reducing(Side.BUY, D(-10), D(10)) and not is_reducing(Side.BUY, D(-10), D(11))
         stale = snapshot(positions={"AAPL": D(10)}, last_bars={})
-        assert check_order(order(Side.SELL, "10"), stale, SETTINGS) == []
-        assert [r.rule for r in check_order(order(Side.SELL, "11"), stale, SETTINGS)] == [Rule.STALE_DATA]
+        assert check_order(sell("10"), stale, SETTINGS) == []
+        assert [r.rule for r in check_order(sell("11"), stale, SETTINGS)] == [Rule.STALE_DATA]
         short = snapshot(positions={"AAPL": D(-10)}, last_bars={})
-        assert check_order(order(Side.BUY, "10"), short, SETTINGS) == []
-        assert [r.rule for r in check_order(order(Side.BUY, "11"), short, SETTINGS)] == [Rule.STALE_DATA]
+        assert check_order(buy("10"), short, SETTINGS) == []
+        assert [r.rule for r in check_order(buy("11"), short, SETTINGS)] == [Rule.STALE_DATA]
 
     def test_minimum_notional_exactly_allowed_a_cent_below_refused(self) -> None:
         """With a $100 minimum, an entry of 1 @ 100.00 passes and 1 @ 99.99 is refused, in the
         pre-trade check and in the symbol's own rounding."""
         settings = LimitSettings(min_order_notional=D(100))
-        assert check_order(order(Side.BUY, "1", "100.00"), snapshot(), settings) == []
-        assert [r.rule for r in check_order(order(Side.BUY, "1", "99.99"), snapshot(), settings)] == [
+        assert check_order(buy("1", "100.00"), snapshot(), settings) == []
+        assert [r.rule for r in check_order(buy("1", "99.99"), snapshot(), settings)] == [
             Rule.MIN_ORDER_NOTIONAL]
         props = SymbolProperties("AAPL", min_notional=D(100))
         assert props.prepare(Side.BUY, D(1), D("100.00")) == PreparedOrder(D(1), D("100.00"))

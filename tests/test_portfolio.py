@@ -34,6 +34,7 @@ from shared.locks import FencedLock
 from shared.models import Fill
 from shared.portfolio import Portfolio, lock_resource, read_ledger, verify
 from tests.conftest import SERVER_BACKENDS
+from tests.support.portfolio import StallsBeforeWriting
 
 T0 = datetime(2026, 1, 2, 15, 0, tzinfo=UTC)
 
@@ -249,27 +250,14 @@ class TestLedger:
         assert not report.ok and "cash" in report.problems[0]
 
 
-class _Hooked(Portfolio):
-    """A portfolio that runs ``before_write`` between the decision and the write."""
-
-    before_write: Any = None
-
-    def _commit(self, lock: FencedLock, token: int, state: Any, entry: Any, outcome: Any,
-                then: Any = None, record: Any = None) -> tuple[Any, ...]:
-        if self.before_write is not None:
-            hook, self.before_write = self.before_write, None
-            hook()
-        return super()._commit(lock, token, state, entry, outcome, then, record)
-
-
 class TestWriteRefusals:
     def test_stale_token_refused_nothing_changes_retry_succeeds(self, redis_client: redis.Redis,
                                                                 keys: Keys) -> None:
         """If another holder's token was issued after the decision, the write is refused and a retry works."""
-        book = handle(redis_client, keys, cls=_Hooked)
+        book = handle(redis_client, keys, cls=StallsBeforeWriting)
         book.open(D(10000))
         before = everything(redis_client, keys)
-        book.before_write = lambda: redis_client.incr(keys.fence(lock_resource("acct")))  # type: ignore[attr-defined]
+        book.stall = lambda: redis_client.incr(keys.fence(lock_resource("acct")))  # type: ignore[attr-defined]
         with pytest.raises(StaleFencingToken):
             book.reserve("r1", "AAPL", "buy", D(1), D(10))
         assert everything(redis_client, keys) == before
@@ -281,7 +269,7 @@ class TestWriteRefusals:
             self, redis_client: redis.Redis, keys: Keys) -> None:
         """A publish queued behind the reservation's write (``then``) goes out with it; behind a
         refused write it finds no reservation and adds nothing; an open reservation queues nothing."""
-        book = handle(redis_client, keys, cls=_Hooked)
+        book = handle(redis_client, keys, cls=StallsBeforeWriting)
         book.open(D(10000))
         once = Idempotency(redis_client, keys, "risk", ttl_s=60)
         stream = keys.stream("orders")
@@ -290,7 +278,7 @@ class TestWriteRefusals:
         def publish(pipe: Any) -> None:
             once.queue_publish_once(pipe, "r1", stream, fields, 1000, provided=(book.reservations_key, "r1"))
 
-        book.before_write = lambda: redis_client.incr(keys.fence(lock_resource("acct")))  # type: ignore[attr-defined]
+        book.stall = lambda: redis_client.incr(keys.fence(lock_resource("acct")))  # type: ignore[attr-defined]
         with pytest.raises(StaleFencingToken):
             book.reserve("r1", "AAPL", "buy", D(1), D(10), then=publish)
         assert redis_client.xlen(stream) == 0 and not once.seen("r1")
@@ -327,9 +315,9 @@ class TestWriteRefusals:
 
     def test_version_moved_refused(self, redis_client: redis.Redis, keys: Keys) -> None:
         """A state version that moved between read and write makes the script refuse (PortfolioConflict)."""
-        book = handle(redis_client, keys, cls=_Hooked)
+        book = handle(redis_client, keys, cls=StallsBeforeWriting)
         book.open(D(10000))
-        book.before_write = lambda: redis_client.hincrby(keys.portfolio("acct"), "version", 1)  # type: ignore[attr-defined]
+        book.stall = lambda: redis_client.hincrby(keys.portfolio("acct"), "version", 1)  # type: ignore[attr-defined]
         with pytest.raises(PortfolioConflict):
             book.reserve("r1", "AAPL", "buy", D(1), D(10))
         assert ledger_len(redis_client, keys) == 1
@@ -417,7 +405,7 @@ class TestConnectionDrop:
         proxy.trigger = book._write.sha.encode()  # the EVALSHA of the write script
         return proxy, target, book
 
-    def test_drop_before_write_changes_nothing_and_retry_succeeds(self, server_url: str, keys: Keys) -> None:
+    def test_drop_stall_changes_nothing_and_retry_succeeds(self, server_url: str, keys: Keys) -> None:
         """The connection drops as the write is sent: RedisUnavailable, nothing changed, a retry works."""
         proxy, target, book = self._setup(server_url, keys)
         try:
