@@ -39,7 +39,7 @@ def ambiguous(call: BrokerCall) -> object:
 def due(world: World) -> None:
     """Make every unknown order due a look-up now."""
     for cid in world.client.smembers(KEYS.open_orders):
-        world.client.hset(KEYS.order(cid.decode()), "next_lookup_at", "0")
+        world.client.hset(KEYS.order(cid.decode()), "next_lookup_at", T0.isoformat())
 
 
 class TestUnknownOrders:

@@ -39,7 +39,7 @@ import contextlib
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -263,7 +263,7 @@ class Executor:
         reservation stays held. Changes nothing if the order has moved on meanwhile."""
         now = self.clock.now()
         fields = {"status": OrderStatus.UNKNOWN.value, "reason": reason[:500], "lookups": "0",
-                  "next_lookup_at": str(now.timestamp())}
+                  "next_lookup_at": now.isoformat()}
         marked = self.client.eval(_MARK_UNKNOWN, 1, self.keys.order(cid),
                                   *(x for pair in fields.items() for x in pair))
         if not marked:
@@ -613,7 +613,8 @@ class Executor:
                     self._mark_unknown(cid, f"pending_submit for {age:.0f}s with no submit seen")
                 continue  # the order consumer owns it until then
             if status is OrderStatus.UNKNOWN:
-                if now.timestamp() >= float(record.get("next_lookup_at", "0")):
+                due = record.get("next_lookup_at")
+                if due is None or now >= _parse_time(due):
                     self._chase(cid, record)
                     looked += 1
             elif full:
@@ -644,7 +645,8 @@ class Executor:
                 return
             wait = min(0.5 * 2 ** misses, self.settings.executor.unknown_backoff_max_s)
             self.client.hset(self.keys.order(cid), mapping={
-                "lookups": str(misses), "next_lookup_at": str(self.clock.now().timestamp() + wait)})
+                "lookups": str(misses),
+                "next_lookup_at": (self.clock.now() + timedelta(seconds=wait)).isoformat()})
             log.info("executor.unknown_not_found", client_order_id=cid, misses=misses, next_in_s=wait)
             return
         log.info("executor.unknown_resolved", client_order_id=cid, status=found.status.value)
