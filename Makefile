@@ -34,7 +34,7 @@ lock:
 
 ## redis: run the embedded Redis in the foreground
 redis: $(STAMP)
-	$(BIN)/python -m shared.redis_server
+	$(BIN)/python -m services.redis
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

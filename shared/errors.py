@@ -12,6 +12,8 @@ that calls them -- the bus, the lock, the portfolio store, the broker adapter --
     │   │                           count it against the message at hand (also a base of the two
     │   │                           broker errors marked *)
     │   └── RedisUnavailable        Redis did not answer (connection refused, timeout, reset)
+    │                               or refuses writes for now (memory full, disk failing)
+    ├── RedisCommandFailed          Redis answered a command with an error that waiting will not fix
     ├── CodecError                  a message that cannot be decoded: dead-lettered, never retried
     │   └── UnknownSchema           a type or schema version this build does not know
     ├── HandlerRejected             a handler's verdict that a message can never succeed
@@ -63,6 +65,7 @@ __all__ = [
     "PortfolioError",
     "RateLimitTimeout",
     "RateLimited",
+    "RedisCommandFailed",
     "RedisUnavailable",
     "StaleFencingToken",
     "Unavailable",
@@ -89,7 +92,11 @@ class Unavailable(BastionError):
 
 
 class RedisUnavailable(Unavailable):
-    """Redis could not be reached or dropped the connection mid-command."""
+    """Redis could not be reached, dropped the connection mid-command, or refuses writes for now."""
+
+
+class RedisCommandFailed(BastionError):
+    """Redis answered with an error reply that retrying will not fix (a bug or a bad key type)."""
 
 
 class CodecError(BastionError):

@@ -24,7 +24,7 @@ import redis
 
 from shared.clock import Clock
 from shared.keys import Keys
-from shared.redis_client import reply_text, script
+from shared.redis.client import reply_text, script
 
 __all__ = ["Heartbeat", "alive_instances"]
 

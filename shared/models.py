@@ -1,6 +1,6 @@
 """The messages Bastion's pipeline carries, as validated pydantic models.
 
-Money and quantities are ``Decimal`` (never float, exact on the wire through :mod:`shared.codec`);
+Money and quantities are ``Decimal`` (never float, exact on the wire through :mod:`shared.bus.codec`);
 times are aware UTC datetimes from the injected Clock. Every message has a ``TYPE`` and a schema
 ``VERSION``; bump the version when a change is not backward compatible, and teach the codec to
 read the old one.

@@ -19,14 +19,15 @@ from typing import Any
 
 import redis
 
-from shared.bus import Consumer, Handler, Publisher, StopSignal
+from shared.bus import Consumer, Handler, Publisher
 from shared.clock import Clock, LiveClock
 from shared.config import Settings, settings_or_exit
 from shared.errors import RedisUnavailable
 from shared.heartbeat import Heartbeat, alive_instances
 from shared.keys import Keys
 from shared.logging import configure_logging, get_logger
-from shared.redis_client import connect
+from shared.redis.client import connect
+from shared.stop import StopSignal
 
 __all__ = ["ServiceContext", "run_service"]
 

@@ -22,8 +22,8 @@ import pytest
 import redis
 
 from shared.keys import Keys
-from shared.redis_client import connect_url
-from shared.redis_server import RedisServer
+from shared.redis.client import connect_url
+from shared.redis.server import RedisServer
 from tests.support.paper import PaperExchange, running_exchange
 from tests.support.processes import free_port, spawn, stop_all
 

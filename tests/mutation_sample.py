@@ -55,14 +55,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MODULES = [
-    "shared/_portfolio_state.py",
-    "shared/portfolio.py",
-    "shared/_portfolio_scripts.py",
-    "shared/locks.py",
-    "shared/limits.py",
-    "shared/symbols.py",
-    "shared/rate_limit.py",
-    "shared/bus.py",
+    "shared/portfolio/_state.py",
+    "shared/portfolio/portfolio.py",
+    "shared/portfolio/reads.py",
+    "shared/portfolio/verify.py",
+    "shared/portfolio/_scripts.py",
+    "shared/portfolio/locks.py",
+    "shared/safety/limits.py",
+    "shared/safety/symbols.py",
+    "shared/safety/rate_limit.py",
+    "shared/bus/publisher.py",
+    "shared/bus/consumer.py",
+    "shared/bus/idempotency.py",
 ]
 TESTS = [
     "tests/test_portfolio.py",
@@ -75,16 +79,16 @@ TESTS = [
     "tests/test_rate_limit.py",
 ]
 # A module none of TESTS exercises is also run against its own mirror test.
-EXTRA_TESTS = {"shared/bus.py": ["tests/test_bus.py"]}
+EXTRA_TESTS = {module: ["tests/test_bus.py"] for module in MODULES if module.startswith("shared/bus/")}
 # The tests that run first for a module's mutants (with -x, a kill comes sooner; same verdicts).
 FIRST = {
-    "shared/_portfolio_state.py": ["tests/test_money_core.py", "tests/test_portfolio.py"],
-    "shared/portfolio.py": ["tests/test_money_core.py", "tests/test_portfolio.py"],
-    "shared/_portfolio_scripts.py": ["tests/test_money_core.py", "tests/test_portfolio.py"],
-    "shared/locks.py": ["tests/test_locks.py"],
-    "shared/limits.py": ["tests/test_limits.py", "tests/test_money_core.py"],
-    "shared/symbols.py": ["tests/test_symbols.py", "tests/test_money_core.py"],
-    "shared/rate_limit.py": ["tests/test_rate_limit.py", "tests/test_limits.py"],
+    "shared/portfolio/_state.py": ["tests/test_money_core.py", "tests/test_portfolio.py"],
+    "shared/portfolio/portfolio.py": ["tests/test_money_core.py", "tests/test_portfolio.py"],
+    "shared/portfolio/_scripts.py": ["tests/test_money_core.py", "tests/test_portfolio.py"],
+    "shared/portfolio/locks.py": ["tests/test_locks.py"],
+    "shared/safety/limits.py": ["tests/test_limits.py", "tests/test_money_core.py"],
+    "shared/safety/symbols.py": ["tests/test_symbols.py", "tests/test_money_core.py"],
+    "shared/safety/rate_limit.py": ["tests/test_rate_limit.py", "tests/test_limits.py"],
 }
 
 
@@ -97,56 +101,58 @@ PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider", "-m", "not multiprocess", "
 # Reviewed survivors that change no behaviour: (module, mutated line as written, mutant's
 # description) -> why it is equivalent.
 EQUIVALENT: dict[tuple[str, str, str], str] = {
-    ("shared/rate_limit.py", "if frees > wait then wait = frees end", "lua >->>="):
+    ("shared/safety/rate_limit.py", "if frees > wait then wait = frees end", "lua >->>="):
         "when frees == wait the assignment leaves wait as it was",
-    ("shared/portfolio.py", 'state = (_state_from_held(held.raw, rid or "") if held is not None',
+    ("shared/portfolio/portfolio.py", 'state = (state_from_held(held.raw, rid or "") if held is not None',
      "drop operand 2"):
         "with a held lock rid is always a reservation id (only reserve passes held): rid or '' is rid",
-    ("shared/_portfolio_scripts.py", "return {'ok', version + 1, id, release()}", "lua +->swap"):
+    ("shared/portfolio/_scripts.py", "return {'ok', version + 1, id, release()}", "lua +->swap"):
         "no caller reads the version of an 'ok' reply (only the verdict and the released flag)",
-    ("shared/_portfolio_scripts.py", "local RECENT_OPS_CHARS = 16 * 33 - 1", "lua -->swap"):
+    ("shared/portfolio/_scripts.py", "local RECENT_OPS_CHARS = 16 * 33 - 1", "lua -->swap"):
         "two more characters keep a space and one character of a 17th id, which no 32-digit op id "
         "can match: the same 16 ids are recognised",
-    ("shared/_portfolio_scripts.py", "local RECENT_OPS_CHARS = 16 * 33 - 1", "lua 33->34"):
+    ("shared/portfolio/_scripts.py", "local RECENT_OPS_CHARS = 16 * 33 - 1", "lua 33->34"):
         "16 more characters keep a space and 15 characters of a 17th id, which no 32-digit op id "
         "can match: the same 16 ids are recognised",
-    ("shared/_portfolio_scripts.py", "return {'ok', version + 1, id, release()}", "lua 1->2"):
+    ("shared/portfolio/_scripts.py", "return {'ok', version + 1, id, release()}", "lua 1->2"):
         "no caller reads the version of an 'ok' reply (only the verdict and the released flag)",
-    ("shared/portfolio.py", "def read_ledger(client: redis.Redis, keys: Keys, account: str, "
+    ("shared/portfolio/reads.py", "def read_ledger(client: redis.Redis, keys: Keys, account: str, "
      "batch: int = 1000) -> Iterator[dict[str, str]]:", "1000->1001"):
         "the page size of a read that pages to the end: every batch size reads the same entries",
-    ("shared/_portfolio_state.py", "if held == 0 or (held > 0) == (signed_qty > 0):", ">->>="):
+    ("shared/portfolio/_state.py", "if held == 0 or (held > 0) == (signed_qty > 0):", ">->>="):
         "held is not 0 past the first operand and signed_qty is never 0: > and >= agree",
-    ("shared/_portfolio_state.py", "direction = 1 if held > 0 else -1", ">->>="):
+    ("shared/portfolio/_state.py", "direction = 1 if held > 0 else -1", ">->>="):
         "held is not 0 on this path (a flat position grows instead): > and >= agree",
-    ("shared/_portfolio_state.py", "MONEY_CONTEXT = Context(prec=40, rounding=ROUND_HALF_EVEN)", "40->41"):
+    ("shared/portfolio/_state.py", "MONEY_CONTEXT = Context(prec=40, rounding=ROUND_HALF_EVEN)", "40->41"):
         "one more digit before the average cost's quantize to 1E-10: amounts are exact already",
-    ("shared/_portfolio_state.py", 'parts = dict(item.split("=", 1) for item in raw.split())', "1->2"):
+    ("shared/portfolio/_state.py", 'parts = dict(item.split("=", 1) for item in raw.split())', "1->2"):
         "no encoded value holds '=': splitting at most twice splits once",
-    ("shared/_portfolio_state.py", "fence: int = 0", "0->1"):
+    ("shared/portfolio/_state.py", "fence: int = 0", "0->1"):
         "fencing tokens start at 1, so max(1, token) is the token; reads set the fence explicitly",
-    ("shared/_portfolio_state.py", "elif (new_qty > 0) != (held > 0):", ">->>="):
+    ("shared/portfolio/_state.py", "elif (new_qty > 0) != (held > 0):", ">->>="):
         "neither new_qty nor held is 0 on this path: > and >= agree",
-    ("shared/locks.py", "client, keys.lock(resource), timeout=lease_ms / 1000, blocking=True,", "1000->1001"):
+    ("shared/portfolio/locks.py", "client, keys.lock(resource), timeout=lease_ms / 1000, blocking=True,",
+     "1000->1001"):
         "redis-py's timeout is read only by Lock.do_acquire/reacquire, which FencedLock replaces or "
         "never calls: its lease is lease_ms, sent by _attempt",
-    ("shared/locks.py", "blocking_timeout=wait_ms / 1000, thread_local=False,", "1000->1001"):
+    ("shared/portfolio/locks.py", "blocking_timeout=wait_ms / 1000, thread_local=False,", "1000->1001"):
         "redis-py's blocking_timeout is read only by Lock.acquire, which FencedLock replaces (it waits "
         "wait_ms)",
-    **{("shared/limits.py",
+    **{("shared/safety/limits.py",
         "if not is_reducing(order.side, position) and not is_reducing(order.side, opened):", kind):
        "is_day_trade returns is_reducing(side, opened_today) whatever this guard says (its False is the "
        "final return's too); dropping a part of it can only matter on a snapshot whose opened_today is "
        "not within the position, which account_activity never builds"
        for kind in ("drop not", "drop operand 1", "drop operand 2", "if->False")},
-    **{("shared/limits.py", "group=self.GROUP, clock=clock or LiveClock())", kind):
+    **{("shared/safety/limits.py", "group=self.GROUP, clock=clock or LiveClock())", kind):
         "RateLimiter defaults a missing clock to a LiveClock itself, and admit() never reads the clock"
        for kind in ("drop operand 1", "drop operand 2")},
-    ("shared/symbols.py", "ctx.prec = 60", "60->61"):
+    ("shared/safety/symbols.py", "ctx.prec = 60", "60->61"):
         "one more digit of working precision: the quotients rounded here are exact at 60 already",
-    ("shared/rate_limit.py", "if current > untl then untl = current end", "lua >->>="):
+    ("shared/safety/rate_limit.py", "if current > untl then untl = current end", "lua >->>="):
         "when current == untl the assignment leaves untl as it was",
-    ("shared/bus.py", "rows = self.client.xpending_range(self.stream_key, self.group, lo, hi, len(ids) + 16,",
+    ("shared/bus/consumer.py",
+     "rows = self.client.xpending_range(self.stream_key, self.group, lo, hi, len(ids) + 16,",
      "16->17"):
         "a count with one more row of slack: the rows are looked up by the ids asked for",
 }

@@ -12,7 +12,7 @@ from shared.config import LimitSettings
 from shared.errors import RateLimited
 from shared.keys import Keys
 from shared.models import Side
-from shared.rate_limit import RateLimiter
+from shared.safety.rate_limit import RateLimiter
 from tests.support.paper import HEADERS, PaperExchange
 
 pytestmark = pytest.mark.multiprocess

@@ -11,15 +11,14 @@ from pathlib import Path
 import pytest
 import redis
 
-from shared import codec
-from shared.bus import Consumer, Delivery, Idempotency, Publisher, publish, trim
+from shared.bus import Consumer, Delivery, Idempotency, Publisher, codec, publish, trim
 from shared.clock import LiveClock
 from shared.config import BusSettings
 from shared.errors import BrokerUnavailable, HandlerRejected, RateLimited, RedisUnavailable
 from shared.keys import BARS, Keys
 from shared.models import Alert, AlertSeverity, Bar
-from shared.redis_client import connect_url
-from shared.redis_server import RedisServer
+from shared.redis.client import connect_url
+from shared.redis.server import RedisServer
 from tests.support.processes import free_port, wait_for
 
 FAST = BusSettings(block_ms=100, claim_idle_ms=1, claim_interval_ms=1, max_deliveries=3, batch=16)

@@ -1,4 +1,4 @@
-"""Tests for shared.cli: the ``bastion`` command's parser, subcommand discovery and exit statuses."""
+"""Tests for services.cli: the ``bastion`` command's parser, subcommand discovery and exit statuses."""
 
 from __future__ import annotations
 
@@ -11,15 +11,16 @@ from pathlib import Path
 
 import pytest
 
-import shared.cli
-from shared.cli import EXIT_UNAVAILABLE, EXIT_USAGE, build_parser, main
-from shared.redis_client import connect_url
-from shared.redis_server import RedisServer
+import services.cli.commands
+from services.cli._context import EXIT_UNAVAILABLE, EXIT_USAGE
+from services.cli.service import build_parser, main
+from shared.redis.client import connect_url
+from shared.redis.server import RedisServer
 from tests.support.processes import REPO_ROOT, free_port
 
 FAKE_COMMANDS = {
     "hello": """
-        from shared.cli._context import Context
+        from services.cli._context import Context
 
         def register(subparsers):
             parser = subparsers.add_parser("hello", help="load settings and report the prefix")
@@ -54,13 +55,13 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def fake_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """shared.cli discovers its subcommands in a directory holding hello.py, down.py and _private.py."""
+    """services.cli discovers its subcommands in a directory holding hello.py, down.py and _private.py."""
     for name, source in FAKE_COMMANDS.items():
         (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
-    monkeypatch.setattr(shared.cli, "__path__", [str(tmp_path)])
+    monkeypatch.setattr(services.cli.commands, "__path__", [str(tmp_path)])
     yield tmp_path
     for name in FAKE_COMMANDS:
-        sys.modules.pop(f"shared.cli.{name}", None)
+        sys.modules.pop(f"services.cli.commands.{name}", None)
 
 
 def clean_env() -> dict[str, str]:
@@ -81,15 +82,15 @@ class TestUsage:
     def test_console_script_without_arguments(self) -> None:
         """The installed `bastion` command with no arguments exits 2 with usage on stderr."""
         script = Path(sys.executable).parent / "bastion"
-        command = [str(script)] if script.exists() else [sys.executable, "-m", "shared.cli"]
+        command = [str(script)] if script.exists() else [sys.executable, "-m", "services.cli"]
         result = subprocess.run(command, cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True,
                                 timeout=60, stdin=subprocess.DEVNULL)
         assert result.returncode == 2
         assert "usage: bastion" in result.stderr
 
     def test_python_dash_m(self) -> None:
-        """`python -m shared.cli --help` prints the description and exits 0."""
-        result = subprocess.run([sys.executable, "-m", "shared.cli", "--help"], cwd=REPO_ROOT,
+        """`python -m services.cli --help` prints the description and exits 0."""
+        result = subprocess.run([sys.executable, "-m", "services.cli", "--help"], cwd=REPO_ROOT,
                                 env=clean_env(), capture_output=True, text=True, timeout=60,
                                 stdin=subprocess.DEVNULL)
         assert result.returncode == 0
@@ -152,10 +153,10 @@ class TestErrors:
         try:
             connect_url(server.url).config_set("maxmemory", 1)
             env = clean_env() | {"REDIS_URL": server.url}
-            command = [sys.executable, "-m", "shared.cli", "kill-switch", "on", "--reason", "drill"]
+            command = [sys.executable, "-m", "services.cli", "kill-switch", "on", "--reason", "drill"]
             engage = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                                     timeout=60)
-            verify = subprocess.run([sys.executable, "-m", "shared.cli", "verify"], cwd=REPO_ROOT, env=env,
+            verify = subprocess.run([sys.executable, "-m", "services.cli", "verify"], cwd=REPO_ROOT, env=env,
                                     capture_output=True, text=True, timeout=60)
         finally:
             server.stop()
@@ -167,7 +168,7 @@ class TestErrors:
     def test_real_subcommand_with_bad_setting_exits_2(self) -> None:
         """`bastion verify` with a bad BASTION_ value exits 2 naming the field, before touching Redis."""
         script = Path(sys.executable).parent / "bastion"
-        command = [str(script)] if script.exists() else [sys.executable, "-m", "shared.cli"]
+        command = [str(script)] if script.exists() else [sys.executable, "-m", "services.cli"]
         env = clean_env() | {"BASTION_BUS__BATCH": "-1", "REDIS_URL": "redis://127.0.0.1:1/0"}
         result = subprocess.run([*command, "verify"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                                 timeout=60, stdin=subprocess.DEVNULL)

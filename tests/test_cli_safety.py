@@ -11,19 +11,20 @@ from decimal import Decimal
 import pytest
 import redis
 
+from services.cli._context import EXIT_OK, EXIT_USAGE
+from services.cli.commands.kill_switch import who
+from services.cli.service import main
 from services.risk.service import RiskService
 from shared.brokers import Account, BrokerCall, FakeBroker
 from shared.bus import Delivery
-from shared.cli import EXIT_OK, EXIT_USAGE, main
-from shared.cli.kill_switch import who
 from shared.clock import LiveClock
 from shared.config import Settings
-from shared.deferred import DeferredQueue
 from shared.keys import ALERTS, INTENTS, ORDERS, REJECTIONS, Keys
 from shared.models import Fill, Intent, Side
-from shared.protections import ClosedTrade, Protections
-from shared.redis_client import connect_url
-from shared.trading_state import LEDGER, KillSwitch, TradingState
+from shared.redis.client import connect_url
+from shared.safety.deferred import DeferredQueue
+from shared.safety.protections import ClosedTrade, Protections
+from shared.safety.trading_state import LEDGER, KillSwitch, TradingState
 
 
 @pytest.fixture

@@ -10,14 +10,15 @@ from decimal import Decimal
 import pytest
 import redis
 
+from services.cli._context import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE
+from services.cli.service import main
 from shared.brokers import AlpacaBroker, OrderRequest
-from shared.cli import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, main
 from shared.clock import LiveClock
 from shared.config import PortfolioSettings
 from shared.keys import Keys
 from shared.models import Fill, OrderStatus, OrderType, Side, TimeInForce
 from shared.portfolio import Portfolio
-from shared.redis_client import connect_url
+from shared.redis.client import connect_url
 from tests.support.paper import KEY_ID, SECRET, PaperExchange
 from tests.support.processes import free_port, wait_for
 
@@ -116,8 +117,8 @@ class TestVerifyBrokerUnreachable:
 def test_money_within_tolerance_is_printed_not_failed() -> None:
     """A cash difference within ``reconciler.cash_tolerance`` (a look-up's rounded average price)
     does not fail the check; one beyond it, or any order difference, does."""
+    from services.cli.commands.verify import _failing
     from services.reconciler._compare import Ours, Theirs, compare
-    from shared.cli.verify import _failing
 
     ours = Ours(opened=True, cash=Decimal("598.109999"), reserved=Decimal(0), positions={}, open_orders={})
     close = compare(ours, Theirs(cash=Decimal("598.11"), positions={}, open_orders={}),

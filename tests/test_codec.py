@@ -1,4 +1,4 @@
-"""Tests for shared.codec: exact round trips, readable envelopes, and malformed input."""
+"""Tests for shared.bus.codec: exact round trips, readable envelopes, and malformed input."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.codec import DECIMAL_EXT, decode, encode, pack, unpack
+from shared.bus.codec import DECIMAL_EXT, decode, encode, pack, unpack
 from shared.errors import CodecError, UnknownSchema
 from shared.models import (
     Alert,

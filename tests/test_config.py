@@ -266,10 +266,10 @@ class TestSettingsOrExit:
         assert settings_or_exit().key_prefix == "bastion"
 
     def test_service_entry_point_exits_2(self, tmp_path: Path) -> None:
-        """`python -m shared.redis_server` with a bad value exits 2 before starting anything, naming it."""
+        """`python -m services.redis` with a bad value exits 2 before starting anything, naming it."""
         env = clean_env() | {"BASTION_BUS__BATCH": "-1", "BASTION_EMBEDDED_REDIS__DATA_DIR": str(tmp_path),
                              "BASTION_BROKER__LIVE": "perhaps"}
-        result = subprocess.run([sys.executable, "-m", "shared.redis_server"], cwd=REPO_ROOT, env=env,
+        result = subprocess.run([sys.executable, "-m", "services.redis"], cwd=REPO_ROOT, env=env,
                                 capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
         assert result.returncode == 2, result.stderr
         assert "bus.batch" in result.stderr and "broker.live" in result.stderr

@@ -1,4 +1,6 @@
-"""Tests for shared.deferred: one entry per symbol and side, newer replaces older, expiry, revalidation."""
+"""Tests for shared.safety.deferred: one entry per symbol and side, newer replaces older, expiry,
+revalidation.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +10,9 @@ from decimal import Decimal as D
 import redis
 
 from shared.clock import SimulatedClock
-from shared.deferred import DeferredIntent, DeferredQueue
 from shared.keys import Keys
 from shared.models import Intent, Side
+from shared.safety.deferred import DeferredIntent, DeferredQueue
 
 
 def intent(clock: SimulatedClock, symbol: str = "AAPL", side: Side = Side.BUY, qty: str = "10") -> Intent:

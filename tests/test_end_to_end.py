@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from services.strategy._builtin import SmaCrossover, SmaParams, SmaState
-from shared import codec
+from shared.bus import codec
 from shared.keys import INTENTS, ORDERS, Keys
 from shared.models import Bar, Intent, Order, OrderStatus
 from shared.portfolio import Portfolio, verify

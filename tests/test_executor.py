@@ -12,18 +12,17 @@ import redis
 from structlog.testing import capture_logs
 
 from services.executor.service import Executor
-from shared import codec
-from shared.account_activity import AccountActivity
 from shared.brokers import BrokerCall, BrokerOrder, FakeBroker
-from shared.bus import Delivery, Publisher
+from shared.bus import Delivery, Publisher, codec
 from shared.clock import SimulatedClock
 from shared.config import LimitSettings, Settings
 from shared.errors import BrokerUnavailable, InsufficientBuyingPower, OrderNotFound
 from shared.keys import ALERTS, ORDER_EVENTS, ORDERS, Keys
 from shared.models import Fill, Order, OrderEvent, OrderStatus, OrderType, Side
-from shared.protections import Protections
-from shared.rate_limit import RateLimiter
-from shared.trading_state import KillSwitch
+from shared.safety.account_activity import AccountActivity
+from shared.safety.protections import Protections
+from shared.safety.rate_limit import RateLimiter
+from shared.safety.trading_state import KillSwitch
 from tests.support.processes import wait_for
 
 T0 = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)

@@ -10,14 +10,14 @@ from typing import Any
 
 import pytest
 
-from shared.account_activity import AccountActivity
 from shared.brokers import BrokerCall
 from shared.bus import Delivery
 from shared.errors import AmbiguousSubmit, HandlerRejected, OrderNotFound, StaleFencingToken
 from shared.keys import ALERTS, ORDERS
 from shared.models import Order, OrderStatus, Side
 from shared.portfolio import verify
-from shared.trading_state import KillSwitch, TradingState
+from shared.safety.account_activity import AccountActivity
+from shared.safety.trading_state import KillSwitch, TradingState
 from tests.support.processes import wait_for
 from tests.test_executor import KEYS, T0, World, broker_order
 

@@ -29,13 +29,13 @@ from services.ingester import (
     partition_of,
 )
 from services.ingester._sources import _nearest
-from shared import codec
+from shared.bus import codec
 from shared.clock import LiveClock, SimulatedClock
 from shared.config import BusSettings, IngesterSettings
 from shared.keys import ALERTS, BARS, Keys
 from shared.models import Alert, Bar
-from shared.redis_client import connect_url
-from shared.redis_server import RedisServer
+from shared.redis.client import connect_url
+from shared.redis.server import RedisServer
 from tests.conftest import delete_keys
 from tests.support.processes import free_port, wait_for
 

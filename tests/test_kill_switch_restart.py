@@ -13,17 +13,16 @@ from pathlib import Path
 import pytest
 import redis
 
-from shared import codec
-from shared.bus import publish
+from shared.bus import codec, publish
 from shared.clock import LiveClock
 from shared.config import PortfolioSettings
 from shared.heartbeat import alive_instances
 from shared.keys import INTENTS, ORDERS, REJECTIONS, Keys
 from shared.models import Fill, Intent, IntentRejected, Order, Side
 from shared.portfolio import Portfolio
-from shared.redis_client import connect_url
-from shared.redis_server import RedisServer
-from shared.trading_state import KillSwitch, TradingState
+from shared.redis.client import connect_url
+from shared.redis.server import RedisServer
+from shared.safety.trading_state import KillSwitch, TradingState
 from tests.support.processes import REPO_ROOT, free_port, spawn, stop_all, wait_for
 
 pytestmark = pytest.mark.multiprocess
@@ -56,8 +55,8 @@ class Desk:
         self.server.start()
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """``python -m shared.cli ARGS`` against this desk."""
-        return subprocess.run([sys.executable, "-m", "shared.cli", *args], cwd=REPO_ROOT,
+        """``python -m services.cli ARGS`` against this desk."""
+        return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=REPO_ROOT,
                               env={**os.environ, **self.env}, capture_output=True, text=True, timeout=60,
                               stdin=subprocess.DEVNULL)
 

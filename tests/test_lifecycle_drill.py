@@ -27,12 +27,12 @@ import redis
 import requests
 
 from services.reconciler.service import REPORT_STREAM
-from shared import codec
+from shared.bus import codec
 from shared.keys import ALERTS, INTENTS, ORDERS, REJECTIONS, Keys
 from shared.models import Alert, Intent, IntentRejected, Order, OrderStatus
 from shared.portfolio import Portfolio, verify
-from shared.redis_client import reply_text
-from shared.trading_state import KillSwitch, TradingState
+from shared.redis.client import reply_text
+from shared.safety.trading_state import KillSwitch, TradingState
 from tests.conftest import SERVER_BACKENDS
 from tests.support.drill import (
     CASH,

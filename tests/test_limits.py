@@ -1,4 +1,6 @@
-"""Tests for shared.limits: every pre-trade rule at its threshold, PDT, staleness, submissions per minute."""
+"""Tests for shared.safety.limits: every pre-trade rule at its threshold, PDT, staleness, submissions
+per minute.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import redis
 from shared.config import LimitSettings, load_settings
 from shared.errors import ConfigError
 from shared.keys import Keys
-from shared.limits import (
+from shared.models import Side
+from shared.safety.limits import (
     AccountSnapshot,
     OrderCheck,
     OrderSubmissions,
@@ -32,7 +35,6 @@ from shared.limits import (
     read_last_bars,
     trading_day,
 )
-from shared.models import Side
 
 NOW = datetime(2026, 1, 12, 15, 0, tzinfo=UTC)  # a Monday, 10:00 in New York
 SETTINGS = LimitSettings()

@@ -1,4 +1,4 @@
-"""Tests for shared.locks: fencing tokens, typed timeouts, owner-only release, extend, and the lock
+"""Tests for shared.portfolio.locks: fencing tokens, typed timeouts, owner-only release, extend, and the lock
 protocol between two holders in one process (each bounded by a short timeout, so a broken protocol
 fails in seconds with a message saying what broke, not in a multi-process test's timeout)."""
 
@@ -17,8 +17,8 @@ from shared.clock import LiveClock, SimulatedClock
 from shared.config import LockSettings, PortfolioSettings
 from shared.errors import LockError, LockNotOwned, LockTimeout, RedisUnavailable, StaleFencingToken
 from shared.keys import Keys
-from shared.locks import FencedLock, LockedRead
 from shared.portfolio import Portfolio, lock_resource, verify
+from shared.portfolio.locks import FencedLock, LockedRead
 from tests.support.portfolio import StallsBeforeWriting
 from tests.support.processes import free_port, wait_for
 

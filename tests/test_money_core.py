@@ -1,8 +1,8 @@
 """Pinned cases of the money core: each exact figure or refusal a changed behaviour would break.
 
-Portfolio arithmetic and refusals (shared.portfolio, shared._portfolio_state), a write resent by
+Portfolio arithmetic and refusals (shared.portfolio, shared.portfolio._state), a write resent by
 the production client after its reply was lost, the fence, and the pre-trade rules at their
-boundaries (shared.limits, shared.symbols).
+boundaries (shared.safety.limits, shared.safety.symbols).
 """
 
 from __future__ import annotations
@@ -19,14 +19,6 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import redis
 
-from shared._portfolio_state import (
-    Position,
-    Reservation,
-    State,
-    apply_entry,
-    invariant_violations,
-    replay,
-)
 from shared.clock import SimulatedClock
 from shared.config import LimitSettings, LockSettings, PortfolioSettings
 from shared.errors import (
@@ -37,11 +29,19 @@ from shared.errors import (
     UnknownReservation,
 )
 from shared.keys import Keys
-from shared.limits import Rule, check_order, is_reducing
 from shared.models import Fill, Side
 from shared.portfolio import Outcome, Portfolio, RecordUpdate, lock_resource, read_ledger, verify
-from shared.redis_client import RECONNECT_RETRIES, connect_url
-from shared.symbols import PreparedOrder, SymbolProperties
+from shared.portfolio._state import (
+    Position,
+    Reservation,
+    State,
+    apply_entry,
+    invariant_violations,
+    replay,
+)
+from shared.redis.client import RECONNECT_RETRIES, connect_url
+from shared.safety.limits import Rule, check_order, is_reducing
+from shared.safety.symbols import PreparedOrder, SymbolProperties
 from tests.conftest import SERVER_BACKENDS
 from tests.support.portfolio import StallsBeforeWriting
 from tests.test_limits import SETTINGS, buy, sell, snapshot

@@ -7,14 +7,14 @@ from decimal import Decimal as D
 import fakeredis
 import pytest
 
-from shared._portfolio_state import State, invariant_violations
 from shared.config import PortfolioSettings
 from shared.errors import LockError
 from shared.keys import Keys
-from shared.limits import is_reducing
-from shared.locks import FencedLock, LockedRead
 from shared.models import Side
 from shared.portfolio import Portfolio
+from shared.portfolio._state import State, invariant_violations
+from shared.portfolio.locks import FencedLock, LockedRead
+from shared.safety.limits import is_reducing
 
 KEYS = Keys("edge")
 

@@ -28,15 +28,14 @@ from services.monitor._names import MonitorKeys, job_id
 from services.monitor.checks import expected_services
 from services.monitor.jobs import write_balance
 from services.monitor.service import Monitor
-from shared import codec
 from shared.brokers import Account, BrokerCall, FakeBroker
-from shared.bus import Delivery, Publisher
+from shared.bus import Delivery, Publisher, codec
 from shared.clock import LiveClock, SimulatedClock
 from shared.config import Settings
 from shared.heartbeat import Heartbeat
 from shared.keys import ALERTS, Keys
 from shared.models import Alert, AlertSeverity
-from shared.redis_client import connect_url
+from shared.redis.client import connect_url
 from tests.support.processes import spawn
 
 T0 = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)

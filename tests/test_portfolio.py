@@ -15,8 +15,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from services.cli.service import main as cli_main
 from shared.bus import Idempotency
-from shared.cli import main as cli_main
 from shared.clock import LiveClock, SimulatedClock
 from shared.config import LockSettings, PortfolioSettings
 from shared.errors import (
@@ -30,9 +30,9 @@ from shared.errors import (
     UnknownReservation,
 )
 from shared.keys import Keys
-from shared.locks import FencedLock
 from shared.models import Fill
 from shared.portfolio import Portfolio, lock_resource, read_ledger, verify
+from shared.portfolio.locks import FencedLock
 from tests.conftest import SERVER_BACKENDS
 from tests.support.portfolio import StallsBeforeWriting
 

@@ -1,6 +1,6 @@
 """Hypothesis stateful tests: random portfolio operations against an independent reference model.
 
-The model (:class:`Model`) shares no code with :mod:`shared._portfolio_state` and does not read
+The model (:class:`Model`) shares no code with :mod:`shared.portfolio._state` and does not read
 the ledger: it keeps cash, reserved cash, each symbol's quantity, average cost and quantity held
 for sells, realized PnL, fees and every reservation in its own terms, and after every step the
 machine checks that ``Portfolio.snapshot()`` (and ``Portfolio.read()`` for the closed

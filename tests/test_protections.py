@@ -1,4 +1,6 @@
-"""Tests for shared.protections: each protection at its threshold, expiry on the simulated clock, restarts."""
+"""Tests for shared.safety.protections: each protection at its threshold, expiry on the simulated
+clock, restarts.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +14,9 @@ import redis
 from shared.clock import SimulatedClock
 from shared.config import ProtectionSettings
 from shared.keys import Keys
-from shared.limits import Rule
 from shared.models import Side
-from shared.protections import (
+from shared.safety.limits import Rule
+from shared.safety.protections import (
     ANY,
     COOLDOWN,
     LOW_PROFIT,

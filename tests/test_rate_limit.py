@@ -1,4 +1,4 @@
-"""Tests for shared.rate_limit: linked buckets, weights, waiting, the shared 429 pause, 8 processes."""
+"""Tests for shared.safety.rate_limit: linked buckets, weights, waiting, the shared 429 pause, 8 processes."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from shared.clock import LiveClock, SimulatedClock
 from shared.config import LimitSettings
 from shared.errors import RateLimitTimeout
 from shared.keys import Keys
-from shared.rate_limit import Denied, Grant, Limit, RateLimiter
-from shared.redis_client import connect_url
+from shared.redis.client import connect_url
+from shared.safety.rate_limit import Denied, Grant, Limit, RateLimiter
 from tests.conftest import SERVER_BACKENDS
 from tests.support.processes import spawn, stop_all, wait_for
 

@@ -15,15 +15,14 @@ from structlog.testing import capture_logs
 
 from services.reconciler._compare import OurOrder, Ours, Theirs, compare
 from services.reconciler.service import HOLD_REASON, REPORT_STREAM, Reconciler, report_key
-from shared import codec
 from shared.brokers import Account, BrokerCall, BrokerOrder, FakeBroker, Position
-from shared.bus import Publisher
+from shared.bus import Publisher, codec
 from shared.clock import SimulatedClock
 from shared.config import Settings
 from shared.errors import BrokerUnavailable, OrderNotFound
 from shared.keys import ALERTS, Keys
 from shared.models import Alert, Fill, OrderStatus, OrderType, Side
-from shared.trading_state import KillSwitch, TradingState
+from shared.safety.trading_state import KillSwitch, TradingState
 
 T0 = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)
 

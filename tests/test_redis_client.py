@@ -1,4 +1,4 @@
-"""Tests for shared.redis_client: which URL is used, and waiting for Redis with a deadline."""
+"""Tests for shared.redis.client: which URL is used, and waiting for Redis with a deadline."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import redis
 from shared.clock import SimulatedClock
 from shared.config import Settings, load_settings
 from shared.errors import RedisUnavailable
-from shared.redis_client import connect, connect_url, refusing_writes, resolve_url, unavailable
-from shared.redis_server import RedisServer
+from shared.redis.boundary import refusing_writes, unavailable
+from shared.redis.client import connect, connect_url, resolve_url
+from shared.redis.server import RedisServer
 from tests.support.processes import free_port
 
 

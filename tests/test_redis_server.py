@@ -1,4 +1,4 @@
-"""Tests for shared.redis_server: the embedded redis-server through both binaries, AOF and password."""
+"""Tests for shared.redis.server: the embedded redis-server through both binaries, AOF and password."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from shared.redis_server import PASSWORD_FILE, RedisServer, embedded_url, find_binary
+from shared.redis.server import PASSWORD_FILE, RedisServer, embedded_url, find_binary
 from tests.support.processes import REPO_ROOT, free_port
 
 SYSTEM_BINARY = shutil.which("redis-server")
@@ -170,7 +170,7 @@ class TestMain:
     def spawn(self, env: dict[str, str]) -> subprocess.Popen[str]:
         clean = {name: value for name, value in os.environ.items()
                  if not name.upper().startswith("BASTION_") and name.upper() != "REDIS_URL"}
-        return subprocess.Popen([sys.executable, "-m", "shared.redis_server"], cwd=REPO_ROOT,
+        return subprocess.Popen([sys.executable, "-m", "services.redis"], cwd=REPO_ROOT,
                                 env=clean | env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 stdin=subprocess.DEVNULL, text=True, start_new_session=True)
 
@@ -226,7 +226,7 @@ class TestMain:
             client.ping()
 
     def test_runs_embedded_redis_until_sigterm(self, tmp_path: Path) -> None:
-        """`python -m shared.redis_server` starts Redis, logs redis.started, and exits 0 on SIGTERM."""
+        """`python -m services.redis` starts Redis, logs redis.started, and exits 0 on SIGTERM."""
         port = free_port()
         proc = self.spawn({"BASTION_EMBEDDED_REDIS__PORT": str(port),
                            "BASTION_EMBEDDED_REDIS__DATA_DIR": str(tmp_path)})

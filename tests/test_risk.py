@@ -15,20 +15,19 @@ from structlog.testing import capture_logs
 
 from services.ingester import BarGate
 from services.risk.service import RiskService, client_order_id, retire_marks_group
-from shared import codec
-from shared.account_activity import AccountActivity
 from shared.brokers import Account, BrokerCall, FakeBroker
-from shared.bus import Consumer, Delivery, publish
+from shared.bus import Consumer, Delivery, codec, publish
 from shared.clock import LiveClock, SimulatedClock
 from shared.config import Settings
 from shared.errors import BrokerUnavailable, PortfolioConflict, RedisUnavailable, StaleFencingToken
 from shared.keys import BARS, INTENTS, ORDERS, REJECTIONS, Keys
 from shared.models import Bar, Fill, Intent, IntentRejected, Order, OrderType, Side
 from shared.portfolio import lock_resource
-from shared.protections import ClosedTrade, Protections
-from shared.redis_client import connect_url
-from shared.redis_server import RedisServer
-from shared.trading_state import KillSwitch
+from shared.redis.client import connect_url
+from shared.redis.server import RedisServer
+from shared.safety.account_activity import AccountActivity
+from shared.safety.protections import ClosedTrade, Protections
+from shared.safety.trading_state import KillSwitch
 from tests.support.processes import free_port, wait_for
 
 T0 = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)  # a Monday, 10:00 in New York

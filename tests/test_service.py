@@ -9,12 +9,12 @@ from typing import Any
 
 import fakeredis
 
-from shared.bus import StopSignal
 from shared.clock import LiveClock
 from shared.config import Settings
 from shared.heartbeat import Heartbeat
 from shared.keys import BARS, Keys
 from shared.service import ServiceContext
+from shared.stop import StopSignal
 from tests.conftest import delete_keys
 from tests.support.processes import REPO_ROOT
 

@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from services.strategy import GROUP
-from shared import codec
+from shared.bus import codec
 from shared.keys import BARS, INTENTS, Keys
 from shared.models import Intent
 from tests.conftest import SERVER_BACKENDS

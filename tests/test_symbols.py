@@ -1,4 +1,6 @@
-"""Tests for shared.symbols: sub-penny ticks, rounding never worse than asked, refusals; property tests."""
+"""Tests for shared.safety.symbols: sub-penny ticks, rounding never worse than asked, refusals;
+property tests.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.limits import Refusal, Rule
 from shared.models import Side
-from shared.symbols import PENNY, SUB_PENNY, PreparedOrder, SymbolProperties, sub_penny_tick
+from shared.safety.limits import Refusal, Rule
+from shared.safety.symbols import PENNY, SUB_PENNY, PreparedOrder, SymbolProperties, sub_penny_tick
 
 EQUITY = SymbolProperties("AAPL")
 FRACTIONAL = SymbolProperties("AAPL", lot_size=D("0.000000001"))

@@ -24,9 +24,9 @@ from shared.clock import LiveClock
 from shared.keys import ALERTS, BARS, INTENTS, ORDERS, Keys
 from shared.models import Order, Side
 from shared.portfolio import Portfolio, verify
-from shared.redis_client import connect_url
-from shared.redis_server import RedisServer
-from shared.trading_state import KillSwitch, TradingState
+from shared.redis.client import connect_url
+from shared.redis.server import RedisServer
+from shared.safety.trading_state import KillSwitch, TradingState
 from tests.conftest import SERVER_BACKENDS
 from tests.support.paper import HEADERS, KEY_ID, SECRET, PaperExchange, running_exchange
 from tests.support.processes import REPO_ROOT, free_port, spawn, stop_all, wait_for
@@ -264,5 +264,5 @@ def logged(path: Path, event: str) -> Callable[[], bool]:
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     """``bastion ARGS`` against the desk ``env`` describes."""
-    return subprocess.run([sys.executable, "-m", "shared.cli", *args], env={**os.environ, **env},
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], env={**os.environ, **env},
                           capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)

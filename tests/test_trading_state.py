@@ -1,4 +1,6 @@
-"""Tests for shared.trading_state: states, the ledger and alert, escalation, Redis restarted from AOF."""
+"""Tests for shared.safety.trading_state: states, the ledger and alert, escalation, Redis restarted
+from AOF.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +10,14 @@ from pathlib import Path
 import pytest
 import redis
 
-from shared import codec
+from shared.bus import codec
 from shared.clock import SimulatedClock
 from shared.keys import ALERTS, Keys
-from shared.limits import Rule
 from shared.models import Alert, AlertSeverity, Side
-from shared.redis_client import connect_url
-from shared.redis_server import RedisServer
-from shared.trading_state import LEDGER, KillSwitch, TradingState, TradingStatus
+from shared.redis.client import connect_url
+from shared.redis.server import RedisServer
+from shared.safety.limits import Rule
+from shared.safety.trading_state import LEDGER, KillSwitch, TradingState, TradingStatus
 from tests.support.processes import free_port
 
 

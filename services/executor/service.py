@@ -23,7 +23,7 @@ Guarantees (the failure table in docs/OPERATIONS.md says what each fault does):
   reconnect of the trade-update stream; the broker's open orders with our prefix that we do not
   track are adopted, others alerted (and cancelled with ``cancel_foreign_orders``); orders the
   reconciler asks about (``repair-requests``) are looked up at once.
-* **Kill switch requests** (:mod:`shared.trading_state`) are carried out once per change ``seq``:
+* **Kill switch requests** (:mod:`shared.safety.trading_state`) are carried out once per change ``seq``:
   cancel every open order (a pending or unknown one the broker does not show yet keeps the pass
   open until it resolves) and flatten every position (client_order_id ``bst-flat-<seq>-<SYMBOL>``).
 
@@ -46,9 +46,8 @@ from typing import Any
 import redis
 from redis.client import Pipeline
 
-from shared.account_activity import AccountActivity
 from shared.brokers import SUBMIT_ENDPOINT, Broker, BrokerOrder, OrderRequest, build_broker
-from shared.bus import Delivery, Publisher, StopSignal
+from shared.bus import Delivery, Publisher
 from shared.clock import Clock
 from shared.config import Settings
 from shared.errors import (
@@ -64,7 +63,6 @@ from shared.errors import (
     Unavailable,
 )
 from shared.keys import ALERTS, ORDER_EVENTS, ORDERS, Keys
-from shared.limits import Refusal
 from shared.logging import bind_correlation, get_logger
 from shared.models import (
     CLIENT_ORDER_PREFIX,
@@ -78,12 +76,16 @@ from shared.models import (
     Side,
 )
 from shared.portfolio import Outcome, Portfolio, RecordUpdate, Reservation
-from shared.protections import ClosedTrade, ProtectionLock, Protections
-from shared.rate_limit import Grant
-from shared.redis_client import reply_text, unavailable
+from shared.redis.boundary import unavailable
+from shared.redis.client import reply_text
+from shared.safety.account_activity import AccountActivity
+from shared.safety.limits import Refusal
+from shared.safety.protections import ClosedTrade, ProtectionLock, Protections
+from shared.safety.rate_limit import Grant
+from shared.safety.symbols import SymbolProperties
+from shared.safety.trading_state import KillSwitch, TradingState, TradingStatus
 from shared.service import ServiceContext
-from shared.symbols import SymbolProperties
-from shared.trading_state import KillSwitch, TradingState, TradingStatus
+from shared.stop import Stoppable
 
 __all__ = ["Executor", "main"]
 
@@ -580,7 +582,7 @@ class Executor:
                 done = False
         return done
 
-    def watch_trading_state(self, stop: StopSignal | threading.Event, interval_s: float = 1.0) -> None:
+    def watch_trading_state(self, stop: Stoppable, interval_s: float = 1.0) -> None:
         """Act on kill switch requests until ``stop``; a failed pass (broker or Redis unavailable, or
         a bug) is logged and the next one tries again, so no outage ends the watch."""
         while not stop.is_set():
@@ -679,7 +681,7 @@ class Executor:
             done += 1
         return done
 
-    def watch_orders(self, stop: StopSignal | threading.Event, tick_s: float = _WATCH_TICK_S) -> None:
+    def watch_orders(self, stop: Stoppable, tick_s: float = _WATCH_TICK_S) -> None:
         """Every ``tick_s``: chase unknown orders that are due and carry out repair requests; every
         ``poll_interval_s``, and at the tick after a stream reconnect, poll every open order. A
         failed pass is logged and the next one tries again."""

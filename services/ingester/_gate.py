@@ -38,12 +38,13 @@ from typing import Any
 
 import redis
 
-from shared import codec
+from shared.bus import codec
 from shared.clock import utc
 from shared.errors import RedisUnavailable
 from shared.keys import Keys
 from shared.models import Bar
-from shared.redis_client import refusing_writes, reply_text
+from shared.redis.boundary import refusing_writes
+from shared.redis.client import reply_text
 
 __all__ = ["AdmissionLane", "BarGate", "Verdict", "format_time"]
 

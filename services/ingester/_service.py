@@ -33,7 +33,7 @@ from typing import TypeVar
 import redis
 
 from services.ingester._gate import BarGate, Verdict
-from services.ingester._sources import AlpacaSource, BarSource, CsvSource, SyntheticSource, Waiter
+from services.ingester._sources import AlpacaSource, BarSource, CsvSource, SyntheticSource
 from shared.bus import publish, trim
 from shared.clock import Clock
 from shared.config import BusSettings, IngesterSettings, Settings
@@ -41,8 +41,9 @@ from shared.errors import RedisUnavailable
 from shared.keys import ALERTS, BARS, Keys
 from shared.logging import get_logger
 from shared.models import Alert, AlertSeverity, Bar
-from shared.redis_client import unavailable
+from shared.redis.boundary import unavailable
 from shared.service import ServiceContext
+from shared.stop import Stoppable
 
 __all__ = ["Counts", "Ingester", "main", "make_source", "partition_of"]
 
@@ -198,7 +199,7 @@ class Ingester:
                 raise
             log.warning("ingester.alert_failed", kind=kind, symbol=symbol, error=str(exc))  # logged above
 
-    def run(self, source: BarSource, stop: Waiter, max_bars: int = 0) -> Counts:
+    def run(self, source: BarSource, stop: Stoppable, max_bars: int = 0) -> Counts:
         """Feed ``source`` through the gate until it ends, ``stop`` is set, or ``max_bars`` were read.
 
         From an eager source (an unpaced replay) a batch is sent before the verdicts of the one
@@ -234,7 +235,7 @@ class Ingester:
             source.close()
         return self.counts
 
-    def _until_up(self, stop: Waiter, do: Callable[[], T]) -> T:
+    def _until_up(self, stop: Stoppable, do: Callable[[], T]) -> T:
         """``do()``, tried again while Redis is unavailable (waits doubling from 0.1 to 2 s); the
         RedisUnavailable is raised once ``stop`` is set."""
         delay = 0.0

@@ -26,13 +26,14 @@ from pydantic import ValidationError
 from shared.clock import Clock
 from shared.logging import get_logger
 from shared.models import Bar
+from shared.stop import Stoppable
 
 __all__ = [
     "AlpacaSource",
     "BarSource",
     "CsvSource",
+    "Stoppable",
     "SyntheticSource",
-    "Waiter",
     "bar_from_alpaca",
     "bar_id",
 ]
@@ -52,14 +53,6 @@ def _bar_id(symbol: str, iso_time: str) -> str:
     return hashlib.blake2b(f"bar:{symbol}:{iso_time}".encode(), digest_size=16).hexdigest()
 
 
-class Waiter(Protocol):
-    """A stop flag that can be waited on (:class:`shared.bus.StopSignal`, ``threading.Event``)."""
-
-    def is_set(self) -> bool: ...
-
-    def wait(self, seconds: float, /) -> bool: ...
-
-
 class BarSource(Protocol):
     """Yields batches of bars until exhausted or stopped; ``close`` frees what it holds."""
 
@@ -69,7 +62,7 @@ class BarSource(Protocol):
         batch before reading the verdicts of the one before it."""
         ...
 
-    def batches(self, stop: Waiter) -> Iterator[list[Bar]]: ...
+    def batches(self, stop: Stoppable) -> Iterator[list[Bar]]: ...
 
     def close(self) -> None: ...
 
@@ -83,7 +76,7 @@ class _Pacer:
         self.start = clock.monotonic()
         self.ticks = 0
 
-    def wait(self, stop: Waiter) -> None:
+    def wait(self, stop: Stoppable) -> None:
         due = self.start + self.ticks * self.interval
         self.ticks += 1
         delay = due - self.clock.monotonic()
@@ -165,7 +158,7 @@ class SyntheticSource:
                    high=_cents(high), low=_cents(low), close=_cents(close), volume=Decimal(volume),
                    vwap=_cents((high + low + close) // 3), trade_count=trades)
 
-    def batches(self, stop: Waiter) -> Iterator[list[Bar]]:
+    def batches(self, stop: Stoppable) -> Iterator[list[Bar]]:
         minute = 0
         if self.paced:
             pacer = _Pacer(self.clock, self.speed)
@@ -262,7 +255,7 @@ class CsvSource:
                    trade_count=int(Decimal(trades)) if trades else None,
                    vwap=Decimal(vwap) if vwap else None)
 
-    def batches(self, stop: Waiter) -> Iterator[list[Bar]]:
+    def batches(self, stop: Stoppable) -> Iterator[list[Bar]]:
         if not self.paced:
             out: list[Bar] = []
             for bar in self.rows():
@@ -363,7 +356,7 @@ class AlpacaSource:
         finally:
             self._ended.set()
 
-    def batches(self, stop: Waiter) -> Iterator[list[Bar]]:
+    def batches(self, stop: Stoppable) -> Iterator[list[Bar]]:
         self._stream = self.factory()
         self._stream.subscribe_bars(self._on_bar, *self.symbols)
         self._thread = threading.Thread(target=self._run, name="alpaca-data", daemon=True)

@@ -31,7 +31,7 @@ from shared.config import Settings
 from shared.heartbeat import alive_instances
 from shared.keys import Keys
 from shared.models import AlertSeverity
-from shared.redis_client import reply_text
+from shared.redis.client import reply_text
 
 __all__ = ["Checker", "Health", "Problem", "expected_services"]
 

@@ -37,7 +37,7 @@ from shared.keys import ALERTS, Keys
 from shared.logging import get_logger
 from shared.models import Alert, AlertSeverity
 from shared.portfolio import Portfolio
-from shared.redis_client import reply_text
+from shared.redis.client import reply_text
 
 __all__ = [
     "WebhookFailed",

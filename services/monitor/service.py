@@ -37,15 +37,17 @@ from rq.job import Job
 from services.monitor import jobs
 from services.monitor._names import MonitorKeys, job_id, queue_name
 from services.monitor.checks import Checker, Health, Problem
-from shared.bus import Delivery, Idempotency, Publisher, StopSignal
+from shared.bus import Delivery, Idempotency, Publisher
 from shared.clock import Clock
 from shared.config import Settings
 from shared.errors import RedisUnavailable
 from shared.keys import ALERTS, Keys
 from shared.logging import get_logger
 from shared.models import Alert, AlertSeverity
-from shared.redis_client import reply_text, unavailable
+from shared.redis.boundary import unavailable
+from shared.redis.client import reply_text
 from shared.service import ServiceContext
+from shared.stop import Stoppable
 
 __all__ = ["GROUP", "Monitor", "main"]
 
@@ -196,7 +198,7 @@ class Monitor:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def run(self, stop: StopSignal | threading.Event, consume: Callable[[], Any] | None = None,
+    def run(self, stop: Stoppable, consume: Callable[[], Any] | None = None,
             on_pass: Callable[[Health], None] | None = None) -> None:
         """Check and schedule every ``interval_s`` until ``stop``; ``consume`` runs in its own thread."""
         consumer = threading.Thread(target=consume, name="alerts", daemon=True) if consume else None

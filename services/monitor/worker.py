@@ -2,7 +2,7 @@
 
 The same as ``rq worker --with-scheduler -u <url> <queue>``, except that the URL is resolved the
 way every service resolves it (``REDIS_URL``, else the embedded server's URL with its generated
-password: :func:`shared.redis_client.resolve_url`), waiting for Redis to come up, and the queue
+password: :func:`shared.redis.client.resolve_url`), waiting for Redis to come up, and the queue
 is ``monitor.queue`` (default: the key prefix, ``bastion``). The scheduler runs alongside, so
 retries with an interval (``monitor.webhook_retry_intervals_s``) are enqueued when due.
 
@@ -37,7 +37,7 @@ from shared.errors import BastionError, RedisUnavailable
 from shared.heartbeat import Heartbeat
 from shared.keys import Keys
 from shared.logging import configure_logging, get_logger
-from shared.redis_client import connect
+from shared.redis.client import connect
 
 __all__ = ["main"]
 

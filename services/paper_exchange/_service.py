@@ -31,7 +31,7 @@ import redis
 from services.paper_exchange._engine import Exchange, credentials
 from services.paper_exchange._faults import FaultPlan, Faults, parse_plan
 from services.paper_exchange._server import Server
-from shared.bus import Delivery, StopSignal
+from shared.bus import Delivery
 from shared.config import Settings, settings_or_exit
 from shared.errors import ConfigError
 from shared.heartbeat import alive_instances
@@ -39,6 +39,7 @@ from shared.keys import BARS
 from shared.logging import get_logger
 from shared.models import Bar
 from shared.service import ServiceContext, run_service
+from shared.stop import StopSignal
 
 __all__ = ["consume_bars", "main", "serve"]
 

@@ -44,7 +44,7 @@ from redis.typing import EncodableT, FieldT
 from services.paper_exchange import _render as render
 from shared.config import PaperExchangeSettings
 from shared.keys import Keys
-from shared.redis_client import reply_text
+from shared.redis.client import reply_text
 
 __all__ = ["OPEN_STATUSES", "PRICES_EVERY_S", "Change", "Store", "credentials"]
 

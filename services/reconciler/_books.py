@@ -23,7 +23,7 @@ from shared.brokers import Broker, BrokerOrder
 from shared.errors import OrderNotFound
 from shared.keys import Keys
 from shared.portfolio import Portfolio
-from shared.redis_client import reply_text
+from shared.redis.client import reply_text
 
 __all__ = ["read_ours", "read_theirs", "with_records"]
 

@@ -54,7 +54,7 @@ import redis
 from services.reconciler._books import read_ours, read_theirs, with_records
 from services.reconciler._compare import Difference, Ours, Theirs, compare
 from shared.brokers import Broker, build_broker
-from shared.bus import Publisher, StopSignal
+from shared.bus import Publisher
 from shared.clock import Clock
 from shared.config import Settings
 from shared.errors import BrokerError, ConfigError, RedisUnavailable
@@ -62,9 +62,11 @@ from shared.keys import ALERTS, Keys
 from shared.logging import get_logger
 from shared.models import Alert, AlertSeverity
 from shared.portfolio import Portfolio
-from shared.redis_client import reply_text, unavailable
+from shared.redis.boundary import unavailable
+from shared.redis.client import reply_text
+from shared.safety.trading_state import KillSwitch, TradingState
 from shared.service import ServiceContext
-from shared.trading_state import KillSwitch, TradingState
+from shared.stop import Stoppable
 
 __all__ = ["HOLD_REASON", "REPORT_STREAM", "Reconciler", "Report", "main", "report_key"]
 
@@ -295,7 +297,7 @@ class Reconciler:
         self.kill_switch.engage(restore or TradingState.ACTIVE, SERVICE, "startup reconciliation passed")
         return True
 
-    def start(self, stop: StopSignal | Any) -> Report | None:
+    def start(self, stop: Stoppable) -> Report | None:
         """The fail-closed start: hold, then pass until one succeeds; None if stopped first."""
         if self.settings.reconciler.hold_until_reconciled:
             self.hold()
@@ -311,7 +313,7 @@ class Reconciler:
             stop.wait(self.settings.reconciler.startup_retry_s)
         return None
 
-    def run(self, stop: StopSignal | Any, *, max_passes: int | None = None) -> int:
+    def run(self, stop: Stoppable, *, max_passes: int | None = None) -> int:
         """Start (fail closed), then reconcile every ``interval_s`` until ``stop``; returns passes run."""
         passes = 0
         if self.start(stop) is None:

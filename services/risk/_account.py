@@ -1,6 +1,6 @@
 """Risk's view of the account before each decision: the limits snapshot and the broker balance.
 
-:class:`AccountView` reads everything :func:`shared.limits.check_order` decides on, fresh for each
+:class:`AccountView` reads everything :func:`shared.safety.limits.check_order` decides on, fresh for each
 intent: positions and open reservations from the portfolio (a pending order is its reservation's
 unfilled part, so an order risk approved a moment ago counts before the executor has recorded
 it), marks, the open orders (the executor's ``open-orders`` set and every open reservation),
@@ -9,7 +9,7 @@ locks, the deferred queue and whether the intent was decided already -- all in o
 round trip (:meth:`AccountView.read`). Nothing is cached but each order's reservation id, which
 never changes: two risk processes see the same state.
 
-The balance is refreshed from the broker when :func:`shared.limits.needs_refresh` says so (older
+The balance is refreshed from the broker when :func:`shared.safety.limits.needs_refresh` says so (older
 than ``balance_max_age_s``, or ``balance_refresh_after_fills`` fills since); the broker handle is
 built lazily on first use, and a failure to build it or to reach it is reported as a reason (a
 string), never raised: the caller refuses what needs a fresh balance and lets exits through.
@@ -25,21 +25,21 @@ from typing import Any
 
 import redis
 
-from shared.account_activity import AccountActivity, Balance, pending_day_trades
 from shared.brokers import Broker
 from shared.bus import Idempotency
 from shared.clock import Clock
 from shared.config import LimitSettings
-from shared.deferred import DeferredQueue
 from shared.errors import BrokerError, ConfigError, RedisUnavailable
 from shared.keys import Keys
-from shared.limits import AccountSnapshot, OrderSubmissions, Refusal, last_bars_from, needs_refresh
 from shared.logging import get_logger
 from shared.models import CLIENT_ORDER_PREFIX
 from shared.portfolio import Held, Portfolio, Snapshot
-from shared.protections import ProtectionLock, Protections
-from shared.redis_client import reply_text
-from shared.trading_state import KillSwitch, TradingStatus
+from shared.redis.client import reply_text
+from shared.safety.account_activity import AccountActivity, Balance, pending_day_trades
+from shared.safety.deferred import DeferredQueue
+from shared.safety.limits import AccountSnapshot, OrderSubmissions, Refusal, last_bars_from, needs_refresh
+from shared.safety.protections import ProtectionLock, Protections
+from shared.safety.trading_state import KillSwitch, TradingStatus
 
 __all__ = ["AccountView", "Reads", "client_order_id"]
 
@@ -55,7 +55,7 @@ def client_order_id(intent_id: str) -> str:
 
 
 class AccountView:
-    """Builds :class:`~shared.limits.AccountSnapshot` values and keeps the balance fresh."""
+    """Builds :class:`~shared.safety.limits.AccountSnapshot` values and keeps the balance fresh."""
 
     def __init__(self, client: redis.Redis, keys: Keys, portfolio: Portfolio, limits: LimitSettings,
                  clock: Clock, broker_factory: Callable[[], Broker] | None) -> None:

@@ -1,28 +1,28 @@
 """Risk: every intent is checked, sized, rounded and paid for before it becomes an order.
 
 For each intent on ``intents`` (group ``risk``), in this order (the first refusal wins, except
-that every limit :func:`shared.limits.check_order` finds is reported together):
+that every limit :func:`shared.safety.limits.check_order` finds is reported together):
 
-1. trading state (:class:`~shared.trading_state.KillSwitch`, read fresh): HALTED refuses
+1. trading state (:class:`~shared.safety.trading_state.KillSwitch`, read fresh): HALTED refuses
    everything; REDUCING refuses what would not reduce the position (checked again with the
    quantity once it is known: a sell may not go through zero);
-2. protections (:class:`~shared.protections.Protections`): a lock on (symbol, side) refuses an
+2. protections (:class:`~shared.safety.protections.Protections`): a lock on (symbol, side) refuses an
    entry; exits are never locked; then the market clock: while the broker says the market is
    closed (asked at most every 30 s) the intent cannot execute now (deferred, see below);
 3. sizing: a quantity is used as given, a notional becomes whole shares at the reference price
    (the limit price, the stop price, or the symbol's last mark);
-4. symbol rounding (:class:`~shared.symbols.SymbolProperties`, the default sub-penny
+4. symbol rounding (:class:`~shared.safety.symbols.SymbolProperties`, the default sub-penny
    properties): quantity toward zero, a buy limit down, a sell limit up; an order that rounds to
    zero (or below a minimum) is refused with the reason;
 5. stale balance: the broker balance is refreshed first when it is older than
    ``limits.balance_max_age_s`` or ``limits.balance_refresh_after_fills`` fills were applied since
    (the change is logged); if the broker cannot be reached an entry is refused with the reason,
    an exit goes on (it needs no balance);
-6. limits (:func:`shared.limits.check_order` over an :class:`~shared.limits.AccountSnapshot` of
+6. limits (:func:`shared.safety.limits.check_order` over an :class:`~shared.safety.limits.AccountSnapshot` of
    the portfolio, marks, open orders and reservations, day trades, last bars and the balance):
    stale data (entries only), order notional, open orders, position (quantity and fraction of
    equity), gross exposure, pattern day trading;
-7. submissions per minute (:class:`~shared.limits.OrderSubmissions`, shared by every risk
+7. submissions per minute (:class:`~shared.safety.limits.OrderSubmissions`, shared by every risk
    process) -- the submission is counted in the round trip of the decision's reads (to save a
    round trip) and refunded at once unless the decision publishes an order, so only orders
    count; near the limit a concurrent decision may see another's count for that moment and be
@@ -35,7 +35,7 @@ that every limit :func:`shared.limits.check_order` finds is reported together):
 Deferral: a *strategy's* intent (source ``strategy:*``) that cannot execute now -- the market is
 closed, its symbol has no price yet, or it fails only because of what pending orders hold: the
 limits pass when pending orders are left out, or the reservation lacks free cash that the
-account's cash would cover -- waits in the :class:`~shared.deferred.DeferredQueue`
+account's cash would cover -- waits in the :class:`~shared.safety.deferred.DeferredQueue`
 (one per symbol and side; expires ``limits.deferred_max_age_s`` after it was first deferred). A
 manual intent is never deferred: the person waiting gets an answer. Every ``TICK_S`` the queue,
 if not empty, is drained: each entry is revalidated (the trading state and protections must
@@ -78,12 +78,10 @@ import redis
 from redis.client import Pipeline
 
 from services.risk._account import AccountView, Reads, client_order_id
-from shared import codec
 from shared.brokers import Broker, build_broker
-from shared.bus import Delivery, Idempotency, StopSignal, publish
+from shared.bus import Delivery, Idempotency, codec, publish
 from shared.clock import Clock, epoch_micros
 from shared.config import Settings
-from shared.deferred import DEFER_SCRIPT, DeferredIntent, DeferredQueue
 from shared.errors import (
     HandlerRejected,
     InsufficientFunds,
@@ -94,7 +92,12 @@ from shared.errors import (
     StaleFencingToken,
 )
 from shared.keys import ALERTS, BARS, INTENTS, ORDERS, REJECTIONS, Keys
-from shared.limits import (
+from shared.logging import get_logger
+from shared.models import Alert, AlertSeverity, Intent, IntentRejected, Order, OrderType, Side
+from shared.portfolio import Portfolio, Reservation
+from shared.redis.boundary import unavailable
+from shared.safety.deferred import DEFER_SCRIPT, DeferredIntent, DeferredQueue
+from shared.safety.limits import (
     AccountSnapshot,
     OrderCheck,
     OrderSubmissions,
@@ -103,14 +106,11 @@ from shared.limits import (
     check_order,
     is_reducing,
 )
-from shared.logging import get_logger
-from shared.models import Alert, AlertSeverity, Intent, IntentRejected, Order, OrderType, Side
-from shared.portfolio import Portfolio, Reservation
-from shared.protections import ProtectionLock, Protections
-from shared.redis_client import unavailable
+from shared.safety.protections import ProtectionLock, Protections
+from shared.safety.symbols import PreparedOrder, SymbolProperties
+from shared.safety.trading_state import KillSwitch
 from shared.service import ServiceContext
-from shared.symbols import PreparedOrder, SymbolProperties
-from shared.trading_state import KillSwitch
+from shared.stop import Stoppable
 
 __all__ = ["EQUITY_SAMPLE_S", "TICK_S", "Deferred", "Refused", "RiskService", "client_order_id", "main",
            "retire_marks_group"]
@@ -428,7 +428,7 @@ class RiskService:
             return 0
         return self.run_deferred()
 
-    def run_ticks(self, stop: threading.Event | StopSignal) -> None:
+    def run_ticks(self, stop: Stoppable) -> None:
         """:meth:`tick` every ``TICK_S`` until ``stop``. A failed tick is logged and retried after
         a wait that doubles up to 2 s (Redis down: one warning line per try, no traceback)."""
         delay = TICK_S

@@ -68,8 +68,7 @@ import redis
 
 from services.strategy._api import Binding, Catalog, Strategy
 from services.strategy._leases import PartitionLeases
-from shared import codec
-from shared.bus import trim
+from shared.bus import codec, trim
 from shared.clock import Clock
 from shared.config import Settings
 from shared.errors import CodecError, RedisUnavailable
@@ -77,7 +76,8 @@ from shared.heartbeat import alive_instances
 from shared.keys import INTENTS, Keys
 from shared.logging import bind_correlation, get_logger
 from shared.models import Bar, Intent
-from shared.redis_client import reply_text, script, unavailable
+from shared.redis.boundary import unavailable
+from shared.redis.client import reply_text, script
 
 __all__ = ["GROUP", "SERVICE", "StoredState", "StrategyWorker", "WorkerStats", "consumer_name"]
 

@@ -28,7 +28,7 @@ from shared.clock import Clock
 from shared.config import Settings
 from shared.errors import ConfigError
 from shared.keys import Keys
-from shared.rate_limit import RateLimiter
+from shared.safety.rate_limit import RateLimiter
 
 __all__ = [
     "SUBMIT_ENDPOINT",

@@ -60,7 +60,7 @@ from shared.errors import (
 )
 from shared.logging import get_logger
 from shared.models import OrderStatus
-from shared.rate_limit import RateLimiter
+from shared.safety.rate_limit import RateLimiter
 
 __all__ = ["AlpacaBroker"]
 

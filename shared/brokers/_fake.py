@@ -23,7 +23,7 @@ from typing import Any
 
 from shared.brokers._types import Account, BrokerOrder, OrderRequest, Position
 from shared.models import OrderEvent
-from shared.rate_limit import RateLimiter
+from shared.safety.rate_limit import RateLimiter
 
 __all__ = ["BrokerCall", "FakeBroker"]
 

@@ -8,7 +8,7 @@ from decimal import Decimal
 from typing import Protocol
 
 from shared.models import Order, OrderEvent, OrderStatus, OrderType, Side, TimeInForce
-from shared.rate_limit import RateLimiter
+from shared.safety.rate_limit import RateLimiter
 
 __all__ = ["Account", "Broker", "BrokerOrder", "OrderRequest", "Position", "TradeUpdates"]
 

@@ -27,7 +27,7 @@ from shared.clock import LiveClock, epoch_micros
 from shared.heartbeat import alive_instances
 from shared.keys import BARS, INTENTS, ORDERS, Keys
 from shared.models import Bar, OrderStatus
-from shared.redis_client import reply_text
+from shared.redis.client import reply_text
 from tests.support.paper import KEY_ID, SECRET, PaperExchange
 from tests.support.processes import cpu_seconds, spawn, stop_all, wait_for
 

@@ -48,15 +48,14 @@ from typing import Any
 
 import redis
 
-from shared import codec
-from shared.bus import Consumer, Delivery, Publisher
+from shared.bus import Consumer, Delivery, Publisher, codec
 from shared.clock import LiveClock
 from shared.config import BusSettings
 from shared.keys import Keys
 from shared.logging import configure_logging
 from shared.models import Bar
-from shared.redis_client import connect_url
-from shared.redis_server import RedisServer
+from shared.redis.client import connect_url
+from shared.redis.server import RedisServer
 from tests.support.processes import free_port
 
 CONSUMERS = 2

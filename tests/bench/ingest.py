@@ -43,8 +43,8 @@ from typing import Any
 import redis
 
 from shared.keys import BARS, INTENTS, Keys
-from shared.redis_client import connect_url
-from shared.redis_server import RedisServer
+from shared.redis.client import connect_url
+from shared.redis.server import RedisServer
 from tests.support.processes import cpu_seconds, free_port, spawn, stop_all, wait_for
 
 PARTITIONS = 8

@@ -191,13 +191,13 @@ from typing import Any
 import redis
 
 from services.strategy import intent_id
-from shared import codec
+from shared.bus import codec
 from shared.clock import LiveClock, epoch_micros
 from shared.keys import INTENTS, ORDERS, REJECTIONS, Keys
 from shared.logging import configure_logging
-from shared.rate_limit import Limit, RateLimiter
-from shared.redis_client import connect_url, reply_text
-from shared.redis_server import RedisServer
+from shared.redis.client import connect_url, reply_text
+from shared.redis.server import RedisServer
+from shared.safety.rate_limit import Limit, RateLimiter
 from tests.bench._desk import (
     PARTITIONS,
     STRATEGY,

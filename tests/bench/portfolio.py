@@ -28,8 +28,8 @@ from shared.clock import LiveClock
 from shared.config import LockSettings, PortfolioSettings
 from shared.keys import Keys
 from shared.portfolio import Portfolio, verify
-from shared.redis_client import connect_url
-from shared.redis_server import RedisServer
+from shared.redis.client import connect_url
+from shared.redis.server import RedisServer
 from tests.support.processes import free_port
 
 SCENARIOS = [("1p_1acct", 1, 1), ("4p_1acct", 4, 1), ("8p_1acct", 8, 1), ("8p_8acct", 8, 8)]

@@ -14,13 +14,14 @@ import time
 
 from redis.client import Pipeline
 
-from shared.bus import Consumer, Delivery, Idempotency, StopSignal
+from shared.bus import Consumer, Delivery, Idempotency
 from shared.clock import LiveClock
 from shared.config import settings_or_exit
 from shared.keys import BARS, Keys
 from shared.logging import configure_logging
 from shared.models import Bar
-from shared.redis_client import connect
+from shared.redis.client import connect
+from shared.stop import StopSignal
 
 
 def main() -> int:

@@ -15,7 +15,7 @@ from shared.clock import LiveClock
 from shared.config import settings_or_exit
 from shared.keys import BARS, Keys
 from shared.models import Bar
-from shared.redis_client import connect
+from shared.redis.client import connect
 
 
 def main() -> int:

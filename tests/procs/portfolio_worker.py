@@ -38,10 +38,10 @@ from shared.errors import (
     StaleFencingToken,
 )
 from shared.keys import Keys
-from shared.locks import FencedLock
 from shared.models import Fill
 from shared.portfolio import Portfolio
-from shared.redis_client import connect_url
+from shared.portfolio.locks import FencedLock
+from shared.redis.client import connect_url
 
 SYMBOLS = ("AAA", "BBB", "CCC")
 

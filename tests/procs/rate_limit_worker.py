@@ -20,8 +20,8 @@ import sys
 
 from shared.clock import LiveClock
 from shared.keys import Keys
-from shared.rate_limit import Limit, RateLimiter
-from shared.redis_client import connect_url
+from shared.redis.client import connect_url
+from shared.safety.rate_limit import Limit, RateLimiter
 
 
 def main() -> int:

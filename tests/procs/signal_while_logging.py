@@ -12,8 +12,8 @@ import os
 import signal
 import sys
 
-from shared.bus import StopSignal
 from shared.logging import configure_logging, get_logger
+from shared.stop import StopSignal
 
 
 class _SignallingStream(io.StringIO):

@@ -46,8 +46,8 @@ from shared.clock import LiveClock
 from shared.keys import BARS, INTENTS, Keys
 from shared.models import Bar, Intent, OrderType, Side
 from shared.portfolio import Portfolio
-from shared.redis_client import connect_url, reply_text
-from shared.trading_state import KillSwitch, TradingState
+from shared.redis.client import connect_url, reply_text
+from shared.safety.trading_state import KillSwitch, TradingState
 from tests.support.paper import HEADERS, KEY_ID, SECRET, PaperExchange
 from tests.support.processes import REPO_ROOT, spawn, stop_all
 
@@ -281,7 +281,7 @@ class Desk:
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     """``bastion ARGS`` against the desk ``env`` describes."""
-    return subprocess.run([sys.executable, "-m", "shared.cli", *args], env={**os.environ, **env},
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], env={**os.environ, **env},
                           capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.locks import FencedLock
 from shared.portfolio import Portfolio
+from shared.portfolio.locks import FencedLock
 
 
 class StallsBeforeWriting(Portfolio):

@@ -39,7 +39,7 @@ from shared.errors import RedisUnavailable
 from shared.keys import Keys
 from shared.logging import get_logger
 from shared.models import Intent, Side
-from shared.redis_client import HDEL_IF_UNCHANGED, script
+from shared.redis.client import HDEL_IF_UNCHANGED, script
 
 __all__ = ["DEFER_SCRIPT", "DeferredIntent", "DeferredQueue", "Revalidate"]
 

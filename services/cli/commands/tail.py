@@ -11,8 +11,8 @@ import argparse
 import json
 from typing import Any
 
-from shared import codec
-from shared.cli._context import Context
+from services.cli._context import Context
+from shared.bus import codec
 from shared.errors import CodecError
 
 __all__ = ["register"]

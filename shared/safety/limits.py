@@ -29,8 +29,8 @@ from the portfolio, equity from a refreshed balance, marks), detect which symbol
 today and which pending orders would complete a day trade (``opened_today``,
 ``pending_day_trades``), keep the list of completed day trades, refresh the balance when
 :func:`needs_refresh` says so and log the change, and consult the trading state and protection
-locks (:mod:`shared.trading_state`, :mod:`shared.protections`). Business days are Monday to Friday
-in New York: exchange holidays are not known here, so a holiday counts as a business day (the
+locks (:mod:`shared.safety.trading_state`, :mod:`shared.safety.protections`). Business days are
+Monday to Friday in New York: exchange holidays are not known here, so a holiday counts as a business day (the
 window is then shorter in calendar time, never longer: the count errs towards refusing).
 """
 
@@ -52,7 +52,7 @@ from shared.config import LimitSettings
 from shared.errors import RedisUnavailable
 from shared.keys import Keys
 from shared.models import Side
-from shared.rate_limit import Denied, Grant, Limit, RateLimiter
+from shared.safety.rate_limit import Denied, Grant, Limit, RateLimiter
 
 __all__ = [
     "NEW_YORK",
@@ -377,7 +377,7 @@ def _parse_time(text: str) -> datetime | None:
 class OrderSubmissions:
     """Order submissions per minute, counted in Redis and shared by every risk process.
 
-    A sliding 60-second window timed by Redis ``TIME`` (see :mod:`shared.rate_limit`):
+    A sliding 60-second window timed by Redis ``TIME`` (see :mod:`shared.safety.rate_limit`):
     :meth:`admit` records a submission and returns None, or records nothing and refuses.
     """
 

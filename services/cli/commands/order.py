@@ -12,9 +12,8 @@ import time
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from shared import codec
-from shared.bus import publish
-from shared.cli._context import Context
+from services.cli._context import Context
+from shared.bus import codec, publish
 from shared.clock import LiveClock
 from shared.keys import INTENTS, ORDERS, REJECTIONS
 from shared.models import Intent, IntentRejected, Order, OrderType, Side

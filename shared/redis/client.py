@@ -22,16 +22,12 @@ from redis.retry import Retry
 from shared.clock import Clock, LiveClock
 from shared.config import Settings
 from shared.errors import RedisUnavailable
-from shared.redis_server import embedded_url
+from shared.redis.server import embedded_url
 
-__all__ = ["HDEL_IF_UNCHANGED", "RECONNECT_RETRIES", "connect", "connect_url", "refusing_writes",
-           "resolve_url", "script", "unavailable"]
+__all__ = ["HDEL_IF_UNCHANGED", "RECONNECT_RETRIES", "connect", "connect_url", "resolve_url",
+           "script"]
 
 RECONNECT_RETRIES = 3
-# Error replies with which Redis refuses a write for now, whatever the command: memory full under
-# noeviction, a failing disk (the AOF cannot be written), a read-only replica. A script is refused
-# before its first write, so none of it applied. Inside a script the reply keeps its prefix.
-_WRITES_REFUSED = ("OOM ", "MISCONF ", "READONLY ")
 
 
 _SCRIPTS: dict[str, Any] = {}
@@ -44,25 +40,6 @@ if redis.call('hget', KEYS[1], ARGV[1]) == ARGV[2] then
 end
 return 0
 """
-
-
-def refusing_writes(exc: BaseException) -> bool:
-    """Whether ``exc`` is Redis refusing writes for now (memory full, disk failing, a replica):
-    nothing was written, and the same command can succeed once that passes."""
-    if isinstance(exc, redis.exceptions.OutOfMemoryError | redis.exceptions.ReadOnlyError):
-        return True
-    if not isinstance(exc, redis.ResponseError):
-        return False
-    reply = str(exc).rpartition(" of pipeline caused error: ")[2]  # redis-py's note on a pipeline's
-    return reply.startswith(_WRITES_REFUSED)
-
-
-def unavailable(exc: BaseException) -> bool:
-    """Whether ``exc`` means Redis cannot serve us for now -- unreachable, timed out, or refusing
-    writes -- rather than anything wrong with the command or the message at hand: to be waited
-    out and tried again, never held against a message."""
-    down = isinstance(exc, RedisUnavailable | redis.ConnectionError | redis.TimeoutError)
-    return down or refusing_writes(exc)
 
 
 def reply_text(value: Any) -> str:

@@ -2,7 +2,7 @@
 
 * **The broker balance** risk sized on last (``cash``, ``equity``, ``buying_power``, when it was
   read) and how many fills were applied since: the executor counts fills, risk refreshes the
-  balance from the broker when :func:`shared.limits.needs_refresh` says so.
+  balance from the broker when :func:`shared.safety.limits.needs_refresh` says so.
 * **Day trades** (pattern day trading): the executor records, per New York trading day, how much
   of each symbol was opened that day, and every order whose fill closed part of a position opened
   the same day (a completed day trade, one per order).
@@ -38,8 +38,8 @@ from redis.client import Pipeline
 
 from shared.errors import RedisUnavailable
 from shared.keys import Keys
-from shared.limits import trading_day
-from shared.redis_client import reply_text
+from shared.redis.client import reply_text
+from shared.safety.limits import trading_day
 
 __all__ = ["AccountActivity", "Balance", "pending_day_trades"]
 

@@ -3,7 +3,7 @@
 ``on --reason TEXT [--state HALTED|REDUCING] [--cancel-orders] [--flatten]`` sets the trading
 state (HALTED by default); ``--cancel-orders`` and ``--flatten`` ask the executor to cancel every
 open order and to close every position, once. ``off --reason TEXT`` returns to ACTIVE. Who is the
-OS user running the command. The change goes through :class:`~shared.trading_state.KillSwitch`:
+OS user running the command. The change goes through :class:`~shared.safety.trading_state.KillSwitch`:
 the state hash and the ledger entry are one script, and an alert follows.
 
 Exit statuses: 0 recorded, 2 bad usage (a missing or empty reason), 3 Redis unreachable.
@@ -16,8 +16,8 @@ import getpass
 import sys
 from typing import Any
 
-from shared.cli._context import Context
-from shared.trading_state import KillSwitch, TradingState
+from services.cli._context import Context
+from shared.safety.trading_state import KillSwitch, TradingState
 
 __all__ = ["register", "who"]
 

@@ -53,7 +53,7 @@ from shared.config import LimitSettings
 from shared.errors import RateLimitTimeout, RedisUnavailable
 from shared.keys import Keys
 from shared.logging import get_logger
-from shared.redis_client import script
+from shared.redis.client import script
 
 __all__ = ["ACQUIRE_SCRIPT", "PAUSE_SCRIPT", "Denied", "Grant", "Limit", "RateLimiter"]
 

@@ -9,7 +9,9 @@ import redis
 
 from shared.config import Settings, load_settings
 from shared.keys import Keys
-from shared.redis_client import connect
+from shared.redis.client import connect
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
 
 @dataclass

@@ -39,10 +39,10 @@ from shared.bus import publish
 from shared.clock import Clock, LiveClock
 from shared.errors import RedisUnavailable
 from shared.keys import ALERTS, Keys
-from shared.limits import Refusal, Rule, is_reducing
 from shared.logging import get_logger
 from shared.models import Alert, AlertSeverity, Side
-from shared.redis_client import reply_text, script
+from shared.redis.client import reply_text, script
+from shared.safety.limits import Refusal, Rule, is_reducing
 
 __all__ = ["ENGAGE_SCRIPT", "LEDGER", "Change", "KillSwitch", "TradingState", "TradingStatus"]
 

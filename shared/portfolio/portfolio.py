@@ -1,53 +1,9 @@
-"""An account's cash, reservations and positions, kept in Redis and changed only under its lock.
-
-Guarantee: every mutation (``open``, ``reserve``, ``release``, ``apply_fill``) is
-**lock -> read fresh -> decide -> one atomic write**:
-
-1. take the account's :class:`~shared.locks.FencedLock` (resource ``portfolio:{<account>}``),
-   which hands out a fencing token;
-2. read the state from Redis *after* the lock is held -- in the acquire script itself
-   (:class:`~shared.locks.LockedRead`), so the read is atomic with taking the lock; a
-   :class:`Portfolio` object keeps no copy, so nothing loaded before the lock is decided on;
-3. decide in Python with ``Decimal`` (:mod:`shared._portfolio_state`), refusing with a typed
-   :class:`~shared.errors.PortfolioError` before anything is written;
-4. run :data:`~shared._portfolio_scripts.WRITE_SCRIPT`, which refuses a token below the newest
-   accepted or below the fence counter (a holder that stalled past its lease:
-   :class:`~shared.errors.StaleFencingToken`) or a moved version
-   (:class:`~shared.errors.PortfolioConflict`), and otherwise writes the new values *and* appends
-   the ledger entry in one step.
-
-A refusal changes nothing, in Redis or in any object the caller holds. Every operation is
-idempotent, so after :class:`~shared.errors.RedisUnavailable` (a dropped connection: the write may
-or may not have landed) the caller retries *the same call*: a reservation id already open with the
-same terms is returned as it is, a fill id already applied is ignored, a closed reservation's
-release is a no-op. Left to the caller: choose unique reservation and fill ids, and retry.
-
-Keys (all share the hash tag ``{<account>}``; ``redis-cli`` reads them as they are)::
-
-    <prefix>:portfolio:{acct}                 cash reserved realized_pnl fees version fence recent_ops
-    <prefix>:portfolio:{acct}:positions       <SYM>:qty <SYM>:avg_cost <SYM>:reserved (sell qty held)
-    <prefix>:portfolio:{acct}:reservations    <rid> -> "side=buy symbol=AAPL qty=40 price=150 held=6006
-                                              filled=0" (open reservations only)
-    <prefix>:portfolio:{acct}:closed          <rid> -> why it closed (filled, canceled...)
-    <prefix>:portfolio:{acct}:fills           <fill_id> -> <rid> (applied fills: a repeat is ignored)
-    <prefix>:ledger:{acct}                    one entry per mutation, never trimmed
-    <prefix>:lock:portfolio:{acct}            the lock's owner token, expires with the lease
-    <prefix>:fence:portfolio:{acct}           the fencing counter
-
-A ledger entry holds the operation's inputs (enough to replay it) and, for a reader, its result::
-
-    op=reserve account=paper op_id=... rid=r1 side=buy symbol=AAPL qty=40 price=150
-    buffer_bps=10 v=2 fence=2 at=2026-01-02T14:30:00+00:00 amount=6006.000
-    cash_after=10000 reserved_after=6006.000
-
-``op`` is ``open`` (``cash``), ``reserve`` (``rid side symbol qty price buffer_bps``), ``release``
-(``rid reason``) or ``fill`` (``rid fill_id qty price fee``). :func:`verify` replays them.
-"""
+"""The :class:`Portfolio`: every mutation of an account under its lock, read fresh, written once."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
@@ -55,25 +11,6 @@ from typing import Any
 import redis
 from redis.client import Pipeline
 
-from shared._portfolio_scripts import (
-    CONFLICT,
-    FULL_READ_SCRIPT,
-    HELD_READ,
-    READ_SCRIPT,
-    RECORD_MOVED,
-    STALE_FENCE,
-    WRITE_SCRIPT,
-)
-from shared._portfolio_state import (
-    Outcome,
-    Position,
-    Reservation,
-    State,
-    apply_entry,
-    dec,
-    fmt,
-    invariant_violations,
-)
 from shared.clock import Clock, LiveClock
 from shared.config import LockSettings, PortfolioSettings
 from shared.errors import (
@@ -84,29 +21,33 @@ from shared.errors import (
     StaleFencingToken,
 )
 from shared.keys import Keys
-from shared.locks import FencedLock, LockedRead
 from shared.logging import get_logger
 from shared.models import Fill, Side
-from shared.redis_client import refusing_writes, reply_text
+from shared.portfolio._scripts import (
+    CONFLICT,
+    HELD_READ,
+    READ_SCRIPT,
+    RECORD_MOVED,
+    STALE_FENCE,
+    WRITE_SCRIPT,
+)
+from shared.portfolio._state import (
+    Outcome,
+    Position,
+    Reservation,
+    State,
+    apply_entry,
+    dec,
+    fmt,
+)
+from shared.portfolio.locks import FencedLock, LockedRead
+from shared.portfolio.reads import PARTS, read_state, state_from_held, state_from_read
+from shared.redis.boundary import REDIS_DOWN, redis_errors, refusing_writes
+from shared.redis.client import reply_text
 
-__all__ = [
-    "Held",
-    "Outcome",
-    "Portfolio",
-    "Position",
-    "RecordUpdate",
-    "Reservation",
-    "Snapshot",
-    "VerifyReport",
-    "lock_resource",
-    "read_ledger",
-    "read_state",
-    "verify",
-]
+__all__ = ["Held", "Portfolio", "RecordUpdate", "Snapshot", "lock_resource"]
 
 log = get_logger(module="portfolio")
-_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
-_PARTS = ("positions", "reservations", "closed", "fills")
 
 
 def lock_resource(account: str) -> str:
@@ -182,7 +123,7 @@ class Portfolio:
         self.settings = settings or PortfolioSettings(account=account)
         self.lock_settings = lock_settings or LockSettings()
         self.clock = clock or LiveClock()
-        self._keys = [keys.portfolio(account), *(keys.portfolio_part(account, p) for p in _PARTS),
+        self._keys = [keys.portfolio(account), *(keys.portfolio_part(account, p) for p in PARTS),
                       keys.ledger(account), keys.fence(lock_resource(account)),
                       keys.lock(lock_resource(account))]
         self._write = client.register_script(WRITE_SCRIPT)
@@ -274,7 +215,7 @@ class Portfolio:
         (then the snapshot was read under it; the caller must spend it: :meth:`reserve` or
         :meth:`let_go`)."""
         taken = lock.tried_from(raw)
-        snapshot = self._snapshot(_state_from_held(lock.reads, ""))
+        snapshot = self._snapshot(state_from_held(lock.reads, ""))
         if not taken or lock.fencing_token is None:
             return snapshot, None
         return snapshot, Held(lock, lock.fencing_token, reservation_id, lock.reads)
@@ -312,7 +253,8 @@ class Portfolio:
         """Last prices by symbol (for equity): the close of each symbol's newest bar, which the
         ingester writes to ``<prefix>:last-price`` as it publishes the bar (market data, shared
         by every account; not portfolio state)."""
-        return self.marks_from(_call(lambda: self.redis.hgetall(self.keys.last_price)))
+        with redis_errors("reading marks"):
+            return self.marks_from(self.redis.hgetall(self.keys.last_price))
 
     @staticmethod
     def marks_from(raw: Any) -> dict[str, Decimal]:
@@ -345,8 +287,8 @@ class Portfolio:
         try:
             if held is not None and held.reservation_id != rid:
                 raise ValueError(f"the lock was taken for reservation {held.reservation_id!r}, not {rid!r}")
-            state = (_state_from_held(held.raw, rid or "") if held is not None
-                     else _state_from_read(lock.reads, rid, fill_id))
+            state = (state_from_held(held.raw, rid or "") if held is not None
+                     else state_from_read(lock.reads, rid, fill_id))
             outcome = precheck(state) if precheck is not None else None
             if outcome is None:
                 outcome = apply_entry(state, entry, allow_short=self.settings.allow_short)
@@ -427,7 +369,7 @@ class Portfolio:
                 raise RedisUnavailable(f"portfolio {self.account!r}: Redis refuses writes ({exc}); nothing "
                                        f"of {entry['op']} was written, retry the same call") from exc
             raise PortfolioError(self.account, f"write refused: {exc}") from exc
-        except _REDIS_DOWN as exc:
+        except REDIS_DOWN as exc:
             lock.released_by_store()
             raise RedisUnavailable(f"portfolio {self.account!r}: write of {entry['op']} failed, it may or "
                                    f"may not have been applied; retry the same call: {exc}") from exc
@@ -453,150 +395,8 @@ class Portfolio:
                                  f"state version moved from {sent} to {found} between read and write")
 
 
-def read_state(client: redis.Redis, keys: Keys, account: str, *, history: bool = False) -> State:
-    """Read all of ``account`` in one script (a consistent view, taken without the lock).
-
-    With ``history`` also every closed reservation and applied fill id (for replay checks).
-    """
-    names = [keys.portfolio(account), *(keys.portfolio_part(account, name) for name in _PARTS)]
-    script = client.register_script(FULL_READ_SCRIPT)
-    raw = _call(lambda: script(keys=names, args=["1" if history else "0"], client=client))
-    return _state_from_full_read(raw, history=history)
-
-
-def _state_from_full_read(raw: Any, *, history: bool) -> State:
-    """The state in a reply of FULL_READ_SCRIPT."""
-    head, positions, reservations, closed, fills = raw
-    state = _base_state(_pairs(head), _pairs(positions))
-    state.reservations = {k.decode(): Reservation.decode(v) for k, v in _pairs(reservations).items()}
-    if history:
-        state.closed = {k.decode(): v.decode() for k, v in _pairs(closed).items()}
-        state.fills = {k.decode(): v.decode() for k, v in _pairs(fills).items()}
-    return state
-
-
-def _base_state(head: Mapping[bytes, bytes], positions: Mapping[bytes, bytes]) -> State:
-    state = State(opened=b"cash" in head, cash=dec(head.get(b"cash")), reserved=dec(head.get(b"reserved")),
-                  realized_pnl=dec(head.get(b"realized_pnl")), fees=dec(head.get(b"fees")),
-                  version=int(head.get(b"version", 0)), fence=int(head.get(b"fence", 0)))
-    for key, value in positions.items():
-        symbol, _, attr = key.decode().rpartition(":")
-        setattr(state.position(symbol), attr, dec(value))
-    return state
-
-
-def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
-    return dict(zip(flat[::2], flat[1::2], strict=True))
-
-
-def _state_from_held(raw: list[Any], rid: str) -> State:
-    """The state HELD_READ returned (see its contract), with ``rid``'s close reason if closed."""
-    head, positions, reservations, closed = raw
-    state = _state_from_full_read([head, positions, reservations, 0, 0], history=False)
-    if rid and closed:
-        state.closed[rid] = closed.decode()
-    return state
-
-
-def _state_from_read(raw: list[Any], rid: str | None, fill_id: str | None) -> State:
-    """The state READ_SCRIPT returned (see its contract)."""
-    head, positions, reservation, closed, fill = raw
-    state = _base_state(_pairs(head), _pairs(positions))
-    if rid and reservation:
-        state.reservations[rid] = Reservation.decode(reservation)
-    if rid and closed:
-        state.closed[rid] = closed.decode()
-    if fill_id and fill:
-        state.fills[fill_id] = fill.decode()
-    return state
-
-
-def read_ledger(client: redis.Redis, keys: Keys, account: str, batch: int = 1000) -> Iterator[dict[str, str]]:
-    """Every ledger entry of ``account``, oldest first, with its stream id under ``id``."""
-    start = "-"
-    while True:
-        chunk = _call(lambda s=start: client.xrange(keys.ledger(account), s, "+", count=batch))
-        for entry_id, fields in chunk:
-            yield {"id": entry_id.decode(), **{k.decode(): v.decode() for k, v in fields.items()}}
-        if len(chunk) < batch:
-            return
-        start = "(" + chunk[-1][0].decode()
-
-
-@dataclass
-class VerifyReport:
-    """What :func:`verify` found: ``problems`` is empty when the ledger and the state agree."""
-
-    entries: int = 0
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-def verify(client: redis.Redis, keys: Keys, account: str, *, allow_short: bool) -> VerifyReport:
-    """Replay ``account``'s ledger from zero, checking the invariants after every entry, and
-    compare the result with the state in Redis. Stops at the first difference."""
-    report = VerifyReport()
-    replayed = State()
-    controls = True  # until a fill was booked beyond its reservation (see invariant_violations)
-    for entry in read_ledger(client, keys, account):
-        report.entries += 1
-        where = f"ledger entry {report.entries} ({entry['id']}, op={entry.get('op')})"
-        try:
-            outcome = apply_entry(replayed, entry, allow_short=allow_short)
-        except (PortfolioError, ValueError, KeyError) as exc:
-            report.problems.append(f"{where}: cannot be replayed: {exc}")
-            return report
-        replayed.version += 1
-        replayed.fence = max(replayed.fence, int(entry.get("fence", "0")))
-        recorded = (entry.get("v"), entry.get("cash_after"), entry.get("reserved_after"))
-        if not outcome.changed or recorded[0] != str(replayed.version) or \
-                dec(recorded[1]) != replayed.cash or dec(recorded[2]) != replayed.reserved:
-            report.problems.append(f"{where}: recorded v={recorded[0]} cash={recorded[1]} reserved="
-                                   f"{recorded[2]}, replay gives v={replayed.version} cash="
-                                   f"{fmt(replayed.cash)} reserved={fmt(replayed.reserved)}")
-            return report
-        controls = controls and not entry.get("beyond")
-        broken = invariant_violations(replayed, allow_short=allow_short, controls=controls)
-        if broken:
-            report.problems.append(f"{where}: invariant broken: {broken[0]}")
-            return report
-    current = read_state(client, keys, account, history=True)
-    difference = first_difference(replayed, current)
-    if difference:
-        report.problems.append(f"replayed ledger != state in Redis: {difference}")
-    else:
-        broken = invariant_violations(current, allow_short=allow_short, controls=controls)
-        if broken:
-            report.problems.append(f"state in Redis: invariant broken: {broken[0]}")
-    return report
-
-
-def first_difference(replayed: State, current: State) -> str | None:
-    """The first field where two states differ, as ``name: replay X, redis Y`` (None if equal)."""
-    for name in ("opened", "cash", "reserved", "realized_pnl", "fees", "version", "fence"):
-        a, b = getattr(replayed, name), getattr(current, name)
-        if a != b:
-            return f"{name}: replay {a}, redis {b}"
-    for name in ("positions", "reservations", "closed", "fills"):
-        a, b = getattr(replayed, name), getattr(current, name)
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                return f"{name}[{key}]: replay {a.get(key)}, redis {b.get(key)}"
-    return None
-
-
 def _group(sets: list[tuple[str, str]], deletes: list[str]) -> list[Any]:
     return [len(sets), *(x for pair in sets for x in pair), len(deletes), *deletes]
-
-
-def _call(fn: Any) -> Any:
-    try:
-        return fn()
-    except _REDIS_DOWN as exc:
-        raise RedisUnavailable(f"portfolio read failed: {exc}") from exc
 
 
 def _positive(value: Decimal, name: str, *, allow_zero: bool = False) -> Decimal:

@@ -1,10 +1,10 @@
-"""The ``bastion`` command: one subcommand per module in this package.
+"""Parse the ``bastion`` command line and run the subcommand.
 
-Each public module here defines ``register(subparsers)``, which adds its subcommand and sets
-``func`` -- a callable taking the parsed arguments and returning the exit status. Exit
-statuses: 0 success, 1 a check failed or the request was refused, 2 bad usage or
-configuration, 3 Redis unreachable or refusing writes (memory full, a failing disk, a replica),
-or (``verify --broker``) the broker unreachable.
+Each public module of :mod:`services.cli.commands` defines ``register(subparsers)``, which adds its
+subcommand and sets ``func`` -- a callable taking the parsed arguments and returning the exit
+status. Exit statuses: 0 success, 1 a check failed or the request was refused, 2 bad usage or
+configuration, 3 Redis unreachable or refusing writes (memory full, a failing disk, a replica), or
+(``verify --broker``) the broker unreachable.
 """
 
 from __future__ import annotations
@@ -17,21 +17,21 @@ from collections.abc import Sequence
 
 import redis
 
+from services.cli import commands
+from services.cli._context import EXIT_UNAVAILABLE, EXIT_USAGE
 from shared.errors import ConfigError, RedisUnavailable
-from shared.redis_client import refusing_writes, unavailable
+from shared.redis.boundary import refusing_writes, unavailable
 
-__all__ = ["main"]
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+__all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand registered."""
     parser = argparse.ArgumentParser(prog="bastion", description="Watch and steer a Bastion deployment.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    for module_info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         if not module_info.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{module_info.name}").register(subparsers)
+            importlib.import_module(f"{commands.__name__}.{module_info.name}").register(subparsers)
     return parser
 
 
@@ -56,6 +56,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return EXIT_UNAVAILABLE
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -30,7 +30,7 @@ removed lazily, only if nobody replaced it meanwhile. Recording the same trade t
 
 Left to the caller: apply :meth:`Protections.refusal` to entries only (an exit is never locked),
 decide what is a stop-out, alert on the locks each ``record_*`` returns, and engage the trading
-state (:mod:`shared.trading_state`) if a lock should also stop exits. Times come from the
+state (:mod:`shared.safety.trading_state`) if a lock should also stop exits. Times come from the
 caller's Clock: processes on several hosts that share the locks must keep their clocks in sync.
 
 Keys (``redis-cli``)::
@@ -56,10 +56,10 @@ from shared.clock import Clock, LiveClock, epoch_micros, from_epoch_micros, utc
 from shared.config import ProtectionSettings
 from shared.errors import RedisUnavailable
 from shared.keys import Keys
-from shared.limits import Refusal, Rule
 from shared.logging import get_logger
 from shared.models import Side
-from shared.redis_client import HDEL_IF_UNCHANGED, script
+from shared.redis.client import HDEL_IF_UNCHANGED, script
+from shared.safety.limits import Refusal, Rule
 
 __all__ = [
     "ANY",

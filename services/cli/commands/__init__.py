@@ -1,0 +1,1 @@
+"""One module per ``bastion`` subcommand; each public module defines ``register(subparsers)``."""

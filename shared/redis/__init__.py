@@ -1,0 +1,1 @@
+"""Redis plumbing: connecting (embedded or external), the embedded server, scripts, error classification."""

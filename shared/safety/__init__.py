@@ -1,0 +1,3 @@
+"""The desk's safety rules: limits, protections, deferred intents, symbols, trading state, account
+activity, rate limits.
+"""
