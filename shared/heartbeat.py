@@ -80,7 +80,7 @@ class Heartbeat:
 
 # KEYS[1] = the heartbeats set; KEYS[i + 1] = the heartbeat key of the name in ARGV[i]
 # removes each name from the set whose key does not exist (now); returns how many it removed
-_FORGET_EXPIRED = """
+_FORGET_EXPIRED_SCRIPT = """
 local removed = 0
 for i, name in ipairs(ARGV) do
     if redis.call('EXISTS', KEYS[i + 1]) == 0 then
@@ -112,7 +112,7 @@ def alive_instances(client: redis.Redis, keys: Keys, service: str | None = None)
             status = None
         result[name] = status if isinstance(status, dict) else {"value": raw.decode(errors="replace")}
     if gone:  # expired: forget them, each only if its key is still missing (a beat may be racing)
-        forget = script(client, _FORGET_EXPIRED)
+        forget = script(client, _FORGET_EXPIRED_SCRIPT)
         forget(keys=[keys.heartbeats, *(keys.heartbeat(*name.split(":", 1)) for name in gone)], args=gone,
                client=client)
     return result

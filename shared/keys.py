@@ -26,13 +26,23 @@ Read this module to learn what to type into ``redis-cli``. With the default pref
 ``bastion:order:<client_order_id>`` an order the executor tracks (hash)
 ``bastion:open-orders``             client_order_ids of orders not yet terminal (set)
 ``bastion:trading-state``           ACTIVE / REDUCING / HALTED with who, why, when (hash)
+``bastion:trading-state:acted``     the trading-state change the executor last carried out
 ``bastion:protection-locks``        active protection locks with their expiry (hash)
+``bastion:protection-locks:trades`` closed round trips for the protections (sorted set, score µs)
+``bastion:protection-locks:equity`` equity samples for the drawdown protection (sorted set, score µs)
 ``bastion:ratelimit:<name>``        a shared token bucket
 ``bastion:deferred``                intents waiting to be executed (hash, one per symbol and side)
 ``bastion:reconciliation``          the reconciler's latest report (hash; history on stream:reconciliation)
 ``bastion:repair-requests``         orders the reconciler asks the executor to look up again (hash)
-``bastion:monitor:<name>``          the monitor's state: health, problems, schedule, balance,
-                                    deliveries, failed-deliveries (see services/monitor/_names.py)
+``bastion:monitor:health``          the monitor's latest check, JSON (services, lag, stale, problems)
+``bastion:monitor:problems``        current problems: ``<kind>:<subject>`` -> JSON (hash)
+``bastion:monitor:schedule``        periodic job -> next due time, ISO UTC (hash)
+``bastion:monitor:balance``         the broker account's latest balances (hash)
+``bastion:monitor:daily-summary``   the latest daily summary (hash)
+``bastion:monitor:deliveries``      alert delivery counters (hash: enqueued, delivered,
+                                    attempt_failed, failed, logged)
+``bastion:monitor:failed-deliveries``  alerts whose webhook delivery gave up, newest first
+``bastion:monitor:recent-alerts``   the newest alerts the monitor consumed, JSON (list)
 ==================================  ==========================================================
 
 Keys that one Lua script touches together share a hash tag (``{<account>}``) so they live on
@@ -52,6 +62,7 @@ __all__ = [
     "ORDER_EVENTS",
     "REJECTIONS",
     "Keys",
+    "MonitorKeys",
 ]
 
 BARS = "bars"
@@ -152,9 +163,24 @@ class Keys:
         return f"{self.prefix}:trading-state"
 
     @property
+    def trading_state_acted(self) -> str:
+        """The ``seq`` of the trading-state change whose actions the executor has carried out."""
+        return f"{self.trading_state}:acted"
+
+    @property
     def protection_locks(self) -> str:
         """Active protection locks."""
         return f"{self.prefix}:protection-locks"
+
+    @property
+    def closed_trades(self) -> str:
+        """Sorted set: closed round trips the protections count (score: µs since epoch)."""
+        return f"{self.protection_locks}:trades"
+
+    @property
+    def equity_samples(self) -> str:
+        """Sorted set: sampled equity for the drawdown protection (score: µs since epoch)."""
+        return f"{self.protection_locks}:equity"
 
     def rate_limit(self, name: str) -> str:
         """A shared token bucket."""
@@ -183,3 +209,45 @@ class Keys:
     def pattern(self) -> str:
         """A SCAN pattern matching every key under this prefix."""
         return f"{self.prefix}:*"
+
+
+@dataclass(frozen=True)
+class MonitorKeys:
+    """Key names of the monitor and its jobs under one prefix."""
+
+    keys: Keys
+
+    def _key(self, name: str) -> str:
+        return self.keys.monitor(name)
+
+    @property
+    def health(self) -> str:
+        return self._key("health")
+
+    @property
+    def problems(self) -> str:
+        return self._key("problems")
+
+    @property
+    def schedule(self) -> str:
+        return self._key("schedule")
+
+    @property
+    def balance(self) -> str:
+        return self._key("balance")
+
+    @property
+    def daily_summary(self) -> str:
+        return self._key("daily-summary")
+
+    @property
+    def deliveries(self) -> str:
+        return self._key("deliveries")
+
+    @property
+    def failed_deliveries(self) -> str:
+        return self._key("failed-deliveries")
+
+    @property
+    def recent_alerts(self) -> str:
+        return self._key("recent-alerts")

@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from shared.keys import Keys
-from shared.redis.client import connect_url
+from shared.redis.connection import connect_url
 from shared.redis.server import RedisServer
 from tests.support.paper import PaperExchange, running_exchange
 from tests.support.processes import free_port, spawn, stop_all

@@ -34,7 +34,7 @@ from shared.errors import (
 )
 from shared.keys import Keys
 from shared.models import OrderEvent, OrderStatus, OrderType, Side, TimeInForce
-from shared.redis.client import connect_url
+from shared.redis.connection import connect_url
 from tests.conftest import FAKE_TCP, REAL, delete_keys
 from tests.support.paper import HEADERS, PaperExchange, running_exchange
 from tests.support.processes import free_port, wait_for

@@ -17,7 +17,7 @@ from shared.config import BusSettings
 from shared.errors import BrokerUnavailable, HandlerRejected, RateLimited, RedisUnavailable
 from shared.keys import BARS, Keys
 from shared.models import Alert, AlertSeverity, Bar
-from shared.redis.client import connect_url
+from shared.redis.connection import connect_url
 from shared.redis.server import RedisServer
 from tests.support.processes import free_port, wait_for
 

@@ -14,7 +14,7 @@ import pytest
 import services.cli.commands
 from services.cli._context import EXIT_UNAVAILABLE, EXIT_USAGE
 from services.cli.service import build_parser, main
-from shared.redis.client import connect_url
+from shared.redis.connection import connect_url
 from shared.redis.server import RedisServer
 from tests.support.processes import REPO_ROOT, free_port
 

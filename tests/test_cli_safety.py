@@ -21,7 +21,7 @@ from shared.clock import LiveClock
 from shared.config import Settings
 from shared.keys import ALERTS, INTENTS, ORDERS, REJECTIONS, Keys
 from shared.models import Fill, Intent, Side
-from shared.redis.client import connect_url
+from shared.redis.connection import connect_url
 from shared.safety.deferred import DeferredQueue
 from shared.safety.protections import ClosedTrade, Protections
 from shared.safety.trading_state import LEDGER, KillSwitch, TradingState

@@ -18,7 +18,7 @@ from shared.config import PortfolioSettings
 from shared.keys import Keys
 from shared.models import Fill, OrderStatus, OrderType, Side, TimeInForce
 from shared.portfolio import Portfolio
-from shared.redis.client import connect_url
+from shared.redis.connection import connect_url
 from tests.support.paper import KEY_ID, SECRET, PaperExchange
 from tests.support.processes import free_port, wait_for
 

@@ -32,9 +32,10 @@ from services.ingester._sources import _nearest
 from shared.bus import codec
 from shared.clock import LiveClock, SimulatedClock
 from shared.config import BusSettings, IngesterSettings
+from shared.errors import RedisCommandFailed
 from shared.keys import ALERTS, BARS, Keys
 from shared.models import Alert, Bar
-from shared.redis.client import connect_url
+from shared.redis.connection import connect_url
 from shared.redis.server import RedisServer
 from tests.conftest import delete_keys
 from tests.support.processes import free_port, wait_for
@@ -236,7 +237,7 @@ class TestGate:
         broken = keys.stream(keys.bar_partition(partition_of("AAPL", 4)))
         assert partition_of("MSFT", 4) != partition_of("AAPL", 4)
         client.set(broken, "not a stream")
-        with pytest.raises(redis.ResponseError):
+        with pytest.raises(RedisCommandFailed):
             ing.offer([make_bar("MSFT", 0), make_bar("AAPL", 0)])
         assert ing.gate.newest() == {}
         assert [b.symbol for b in stream_bars(client, keys.stream(BARS))] == ["MSFT", "AAPL"]

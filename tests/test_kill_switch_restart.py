@@ -20,7 +20,7 @@ from shared.heartbeat import alive_instances
 from shared.keys import INTENTS, ORDERS, REJECTIONS, Keys
 from shared.models import Fill, Intent, IntentRejected, Order, Side
 from shared.portfolio import Portfolio
-from shared.redis.client import connect_url
+from shared.redis.connection import connect_url
 from shared.redis.server import RedisServer
 from shared.safety.trading_state import KillSwitch, TradingState
 from tests.support.processes import REPO_ROOT, free_port, spawn, stop_all, wait_for

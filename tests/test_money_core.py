@@ -39,7 +39,7 @@ from shared.portfolio._state import (
     invariant_violations,
     replay,
 )
-from shared.redis.client import RECONNECT_RETRIES, connect_url
+from shared.redis.connection import RECONNECT_RETRIES, connect_url
 from shared.safety.limits import Rule, check_order, is_reducing
 from shared.safety.symbols import PreparedOrder, SymbolProperties
 from tests.conftest import SERVER_BACKENDS

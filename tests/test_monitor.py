@@ -24,8 +24,8 @@ from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
 from structlog.testing import capture_logs
 
-from services.monitor._names import MonitorKeys, job_id
-from services.monitor.checks import expected_services
+from services.monitor._checks import expected_services
+from services.monitor._names import job_id
 from services.monitor.jobs import write_balance
 from services.monitor.service import Monitor
 from shared.brokers import Account, BrokerCall, FakeBroker
@@ -33,9 +33,9 @@ from shared.bus import Delivery, Publisher, codec
 from shared.clock import LiveClock, SimulatedClock
 from shared.config import Settings
 from shared.heartbeat import Heartbeat
-from shared.keys import ALERTS, Keys
+from shared.keys import ALERTS, Keys, MonitorKeys
 from shared.models import Alert, AlertSeverity
-from shared.redis.client import connect_url
+from shared.redis.connection import connect_url
 from tests.support.processes import spawn
 
 T0 = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)

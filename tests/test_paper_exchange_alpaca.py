@@ -27,7 +27,7 @@ from websockets.sync.client import connect
 from shared.clock import LiveClock
 from shared.heartbeat import Heartbeat
 from shared.keys import BARS, Keys
-from shared.redis.client import connect_url
+from shared.redis.connection import connect_url
 from shared.redis.server import RedisServer
 from tests.support.paper import KEY_ID, SECRET, PaperExchange, running_exchange
 from tests.support.processes import free_port, spawn, wait_for

@@ -15,7 +15,7 @@ import pytest
 import requests
 import yaml
 
-from shared.redis.client import connect_url
+from shared.redis.connection import connect_url
 from tests.support.paper import HEADERS, PaperExchange
 from tests.support.processes import wait_for
 

@@ -32,7 +32,7 @@ from services.paper_exchange._server import Server
 from shared.clock import LiveClock
 from shared.config import PaperExchangeSettings
 from shared.keys import Keys
-from shared.redis.client import connect_url
+from shared.redis.connection import connect_url
 from tests.conftest import delete_keys
 from tests.support.paper import KEY_ID, SECRET, PaperExchange, running_exchange
 from tests.support.processes import free_port, wait_for

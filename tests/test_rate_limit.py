@@ -12,7 +12,7 @@ from shared.clock import LiveClock, SimulatedClock
 from shared.config import LimitSettings
 from shared.errors import RateLimitTimeout
 from shared.keys import Keys
-from shared.redis.client import connect_url
+from shared.redis.connection import connect_url
 from shared.safety.rate_limit import Denied, Grant, Limit, RateLimiter
 from tests.conftest import SERVER_BACKENDS
 from tests.support.processes import spawn, stop_all, wait_for

@@ -13,7 +13,8 @@ from shared.clock import SimulatedClock
 from shared.config import Settings, load_settings
 from shared.errors import RedisUnavailable
 from shared.redis.boundary import refusing_writes, unavailable
-from shared.redis.client import connect, connect_url, resolve_url
+from shared.redis.client import connect, resolve_url
+from shared.redis.connection import connect_url
 from shared.redis.server import RedisServer
 from tests.support.processes import free_port
 

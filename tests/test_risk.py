@@ -14,7 +14,7 @@ import redis
 from structlog.testing import capture_logs
 
 from services.ingester import BarGate
-from services.risk.service import RiskService, client_order_id, retire_marks_group
+from services.risk.service import RiskService, client_order_id
 from shared.brokers import Account, BrokerCall, FakeBroker
 from shared.bus import Consumer, Delivery, codec, publish
 from shared.clock import LiveClock, SimulatedClock
@@ -23,7 +23,7 @@ from shared.errors import BrokerUnavailable, PortfolioConflict, RedisUnavailable
 from shared.keys import BARS, INTENTS, ORDERS, REJECTIONS, Keys
 from shared.models import Bar, Fill, Intent, IntentRejected, Order, OrderType, Side
 from shared.portfolio import lock_resource
-from shared.redis.client import connect_url
+from shared.redis.connection import connect_url
 from shared.redis.server import RedisServer
 from shared.safety.account_activity import AccountActivity
 from shared.safety.protections import ClosedTrade, Protections
@@ -591,18 +591,7 @@ class TestTicker:
                 ticker.join(30)
         assert [o.intent_id for o in desk.orders()] == [wish.id]
         assert [(e["event"], e["retry_in_s"]) for e in logs if "retry_in_s" in e] == [
-            (event, 0.2), (event, 0.4), (event, 0.8)]
-
-    def test_the_retired_marks_group_is_destroyed_once(self) -> None:
-        """The bars group an older risk consumed is destroyed at start; other groups stay."""
-        client = fakeredis.FakeRedis()
-        assert retire_marks_group(client, KEYS) is False  # no bars stream yet
-        for group in ("risk-marks", "paper-exchange"):
-            client.xgroup_create(KEYS.stream(BARS), group, id="0", mkstream=True)
-        assert retire_marks_group(client, KEYS) is True
-        assert retire_marks_group(client, KEYS) is False
-        assert [g["name"] for g in client.xinfo_groups(KEYS.stream(BARS))] == [b"paper-exchange"]
-
+            (event, 0.1), (event, 0.2), (event, 0.4)]
 
 class TestRedisRefusingWrites:
     """Risk on a real redis-server whose memory is full (maxmemory 1 under noeviction) for a moment."""

@@ -32,7 +32,7 @@ from shared.clock import SimulatedClock
 from shared.config import BusSettings, IngesterSettings, Settings, StrategySettings
 from shared.keys import DEAD_LETTER, INTENTS, Keys
 from shared.models import Bar, Intent, Side
-from shared.redis.client import connect_url
+from shared.redis.connection import connect_url
 from shared.redis.server import RedisServer
 from tests.procs import recording_strategy
 from tests.support.processes import free_port, wait_for

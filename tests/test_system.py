@@ -24,7 +24,7 @@ from shared.clock import LiveClock
 from shared.keys import ALERTS, BARS, INTENTS, ORDERS, Keys
 from shared.models import Order, Side
 from shared.portfolio import Portfolio, verify
-from shared.redis.client import connect_url
+from shared.redis.connection import connect_url
 from shared.redis.server import RedisServer
 from shared.safety.trading_state import KillSwitch, TradingState
 from tests.conftest import SERVER_BACKENDS

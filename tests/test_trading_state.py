@@ -14,7 +14,7 @@ from shared.bus import codec
 from shared.clock import SimulatedClock
 from shared.keys import ALERTS, Keys
 from shared.models import Alert, AlertSeverity, Side
-from shared.redis.client import connect_url
+from shared.redis.connection import connect_url
 from shared.redis.server import RedisServer
 from shared.safety.limits import Rule
 from shared.safety.trading_state import LEDGER, KillSwitch, TradingState, TradingStatus

@@ -43,13 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"bastion: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except RedisUnavailable as exc:
-        print(f"bastion: {exc}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
-    except redis.RedisError as exc:
-        if refusing_writes(exc):
+    except (RedisUnavailable, redis.RedisError) as exc:
+        if refusing_writes(exc.__cause__ or exc):
             print(f"bastion: Redis refuses writes now, so nothing was written (memory full, a failing "
                   f"disk or a read-only replica): {exc}", file=sys.stderr)
+        elif isinstance(exc, RedisUnavailable):
+            print(f"bastion: {exc}", file=sys.stderr)
         elif unavailable(exc):
             print(f"bastion: Redis unreachable: {exc}", file=sys.stderr)
         else:

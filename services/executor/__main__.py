@@ -5,4 +5,5 @@ import sys
 from services.executor.service import main
 from shared.service import run_service
 
-sys.exit(run_service("executor", main))
+if __name__ == "__main__":
+    sys.exit(run_service("executor", main))

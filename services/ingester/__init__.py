@@ -1,14 +1,14 @@
 """The ingester: market data into the ``bars`` stream and its per-partition copies.
 
-Run it with ``python -m services.ingester [--bars N]``. Sources (``ingester.source``): a seeded
-synthetic market (the default), a CSV replay of the user's own bars, or Alpaca's live stream.
-Every bar passes an atomic per-symbol gate (duplicates dropped, out-of-order bars refused with a
-log line) and is published to ``bars`` and to ``bars:<crc32(symbol) % partitions>``; a symbol
-with no bar for ``ingester.stale_after_s`` is logged and alerted on the ``alerts`` stream.
+Consumes: a bar source (``ingester.source``: a seeded synthetic market, the default; a CSV
+replay; Alpaca's live stream); no stream group. Produces: each bar once, in order, on ``bars``
+and on ``bars:<crc32(symbol) % partitions>``, with its close in ``<prefix>:last-price``, all in
+one script per batch (:mod:`._gate`: duplicates dropped, out-of-order bars refused); alerts on
+``alerts`` for a symbol with no bar for ``ingester.stale_after_s``. Acknowledges nothing.
+Run it with ``python -m services.ingester [--bars N]``.
 """
 
 from services.ingester._gate import BarGate, Verdict, format_time
-from services.ingester._service import Counts, Ingester, main, make_source, partition_of
 from services.ingester._sources import (
     AlpacaSource,
     BarSource,
@@ -17,6 +17,7 @@ from services.ingester._sources import (
     bar_from_alpaca,
     bar_id,
 )
+from services.ingester.service import Counts, Ingester, main, make_source, partition_of
 
 __all__ = [
     "AlpacaSource",

@@ -4,7 +4,7 @@ import argparse
 import functools
 import sys
 
-from services.ingester._service import main
+from services.ingester.service import main
 from shared.service import run_service
 
 if __name__ == "__main__":

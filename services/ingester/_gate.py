@@ -43,7 +43,7 @@ from shared.clock import utc
 from shared.errors import RedisUnavailable
 from shared.keys import Keys
 from shared.models import Bar
-from shared.redis.boundary import refusing_writes
+from shared.redis.boundary import redis_errors, refusing_writes
 from shared.redis.client import reply_text
 
 __all__ = ["AdmissionLane", "BarGate", "Verdict", "format_time"]
@@ -60,7 +60,7 @@ __all__ = ["AdmissionLane", "BarGate", "Verdict", "format_time"]
 # published and not marked -- published again if offered again: at least once, like every
 # stream -- but never a bar marked and not published.
 # Never errors (fakeredis's TCP server drops the connection on a Lua error).
-ADMIT_AND_PUBLISH = """
+ADMIT_AND_PUBLISH_SCRIPT = """
 local n = tonumber(ARGV[1])
 local fields = {}
 for j = 1, n do fields[2 * j - 1] = ARGV[1 + j] end
@@ -124,7 +124,7 @@ class BarGate:
         self.client = client
         self.key = keys.last_bar
         self.price_key = keys.last_price
-        self._publish = client.register_script(ADMIT_AND_PUBLISH)
+        self._publish = client.register_script(ADMIT_AND_PUBLISH_SCRIPT)
 
     def admit_and_publish(self, bars: Sequence[Bar], bars_key: str, partition_keys: Sequence[str],
                           partitions: Sequence[int]) -> list[Verdict]:
@@ -134,15 +134,13 @@ class BarGate:
         """
         if not bars:
             return []
-        try:
+        with redis_errors("bar admission"):
             reply: Any = self._publish(keys=[self.key, self.price_key, bars_key, *partition_keys],
                                        args=self.publish_args(bars, partitions))
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise RedisUnavailable(f"bar admission failed: {exc}") from exc
         return _verdicts_of(reply)
 
     def publish_args(self, bars: Sequence[Bar], partitions: Sequence[int]) -> list[Any]:
-        """The ARGV of :data:`ADMIT_AND_PUBLISH` for ``bars`` (non-empty) and their partitions."""
+        """The ARGV of :data:`ADMIT_AND_PUBLISH_SCRIPT` for ``bars`` (non-empty) and their partitions."""
         names: list[str] | None = None
         args: list[Any] = []
         times: dict[datetime, str] = {}  # a batch holds few distinct times (a tick's bars share one)
@@ -234,7 +232,7 @@ class AdmissionLane:
 
     def _send_unsent(self) -> None:
         while self._sent < len(self._in_flight):
-            self._connection.send_command("EVAL", ADMIT_AND_PUBLISH, len(self._keys), *self._keys,
+            self._connection.send_command("EVAL", ADMIT_AND_PUBLISH_SCRIPT, len(self._keys), *self._keys,
                                           *self._in_flight[self._sent])
             self._sent += 1
 
@@ -243,7 +241,5 @@ class AdmissionLane:
             self._connection.disconnect()
             self._sent = 0
 
-        try:
+        with redis_errors("bar admission"):
             return self._connection.retry.call_with_retry(do, dropped)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise RedisUnavailable(f"bar admission failed: {exc}") from exc

@@ -28,12 +28,11 @@ from typing import Any
 import redis
 from rq import get_current_job
 
-from services.monitor._names import MonitorKeys
 from shared.brokers import Broker, build_broker
 from shared.bus import publish
 from shared.clock import Clock, LiveClock
 from shared.config import load_settings
-from shared.keys import ALERTS, Keys
+from shared.keys import ALERTS, Keys, MonitorKeys
 from shared.logging import get_logger
 from shared.models import Alert, AlertSeverity
 from shared.portfolio import Portfolio
@@ -142,7 +141,7 @@ def summarize(client: redis.Redis, keys: Keys, account: str, clock: Clock) -> di
     raw_state: Any = client.hgetall(keys.trading_state)
     state = {reply_text(k): reply_text(v) for k, v in raw_state.items()}
     raw_deliveries: Any = client.hgetall(names.deliveries)
-    raw_recon: Any = client.hget(f"{keys.prefix}:reconciliation", "status")
+    raw_recon: Any = client.hget(keys.reconciliation, "status")
     positions = {s: str(p.qty) for s, p in sorted(snapshot.positions.items()) if p.qty}
     return {"at": clock.now().isoformat(), "account": account, "cash": str(snapshot.cash),
             "reserved": str(snapshot.reserved), "realized_pnl": str(snapshot.realized_pnl),

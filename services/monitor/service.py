@@ -1,6 +1,6 @@
 """The monitor: health checks, alert delivery, and the schedule of periodic rq jobs.
 
-Every ``interval_s`` it runs the checks of :mod:`services.monitor.checks` (dead services, lag,
+Every ``interval_s`` it runs the checks of :mod:`services.monitor._checks` (dead services, lag,
 stale data, no rq worker), writes the result to ``<prefix>:monitor:health`` and the current
 problems to ``<prefix>:monitor:problems``, and publishes an Alert when a problem appears and an
 INFO alert when it clears -- on the transition, not on every pass. The problems hash is read back
@@ -34,17 +34,17 @@ from redis.client import Pipeline
 from rq import Queue, Retry
 from rq.job import Job
 
-from services.monitor import jobs
-from services.monitor._names import MonitorKeys, job_id, queue_name
-from services.monitor.checks import Checker, Health, Problem
+import services.monitor.jobs as jobs
+from services.monitor._checks import Checker, Health, Problem
+from services.monitor._names import job_id, queue_name
 from shared.bus import Delivery, Idempotency, Publisher
 from shared.clock import Clock
 from shared.config import Settings
 from shared.errors import RedisUnavailable
-from shared.keys import ALERTS, Keys
+from shared.keys import ALERTS, Keys, MonitorKeys
 from shared.logging import get_logger
 from shared.models import Alert, AlertSeverity
-from shared.redis.boundary import unavailable
+from shared.redis.boundary import redis_errors, unavailable
 from shared.redis.client import reply_text
 from shared.service import ServiceContext
 from shared.stop import Stoppable
@@ -57,7 +57,6 @@ SERVICE = "monitor"
 RECENT_ALERTS = 200
 JOB_RESULT_TTL_S = 86_400
 JOB_FAILURE_TTL_S = 30 * 86_400
-_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
 
 class Monitor:
@@ -80,7 +79,7 @@ class Monitor:
 
     def check(self) -> Health:
         """One pass of every check; alert on problems that appeared or cleared."""
-        try:
+        with redis_errors("monitor check"):
             health = self.checker.run()
             current = {p.key: p for p in health.problems}
             for key, problem in current.items():
@@ -103,8 +102,6 @@ class Monitor:
                         key: json.dumps({"kind": p.kind, "subject": p.subject, "severity": p.severity.value,
                                          "text": p.text}) for key, p in current.items()})
                 pipe.execute()
-        except _REDIS_DOWN as exc:
-            raise RedisUnavailable(f"monitor check failed: {exc}") from exc
         return health
 
     def _load_problems(self) -> dict[str, Problem]:
@@ -174,7 +171,7 @@ class Monitor:
     def tick(self) -> list[str]:
         """Enqueue every periodic job that is due; return the ids enqueued."""
         now = self.clock.now()
-        try:
+        with redis_errors("monitor schedule"):
             raw: Any = self.client.hgetall(self.names.schedule)
             stored = {reply_text(k): datetime.fromisoformat(reply_text(v)) for k, v in raw.items()}
             enqueued = []
@@ -192,8 +189,6 @@ class Monitor:
                     enqueued.append(jid)
                     log.info("monitor.job_enqueued", job=name, job_id=jid)
                 self.client.hset(self.names.schedule, name, (now + timedelta(seconds=every)).isoformat())
-        except _REDIS_DOWN as exc:
-            raise RedisUnavailable(f"monitor schedule failed: {exc}") from exc
         return enqueued
 
     # -- the loop -------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """``python -m services.paper_exchange``: run the embedded paper exchange."""
 
-from services.paper_exchange._service import main
+from services.paper_exchange.service import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

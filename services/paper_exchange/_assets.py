@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from services.paper_exchange import _render as render
+import services.paper_exchange._render as render
 from services.paper_exchange._requests import ApiError
 from services.paper_exchange._store import Store
 

@@ -37,8 +37,8 @@ from typing import Any
 
 import redis
 
-from services.paper_exchange import _buying_power as bp
-from services.paper_exchange import _render as render
+import services.paper_exchange._buying_power as bp
+import services.paper_exchange._render as render
 from services.paper_exchange._matching import match
 from services.paper_exchange._store import OPEN_STATUSES, PRICES_EVERY_S, Change, Store
 from shared.clock import Clock

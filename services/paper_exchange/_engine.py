@@ -25,8 +25,8 @@ from typing import Any
 
 import redis
 
-from services.paper_exchange import _buying_power as bp
-from services.paper_exchange import _render as render
+import services.paper_exchange._buying_power as bp
+import services.paper_exchange._render as render
 from services.paper_exchange._assets import Assets
 from services.paper_exchange._book import Book, log
 from services.paper_exchange._requests import (

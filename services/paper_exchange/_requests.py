@@ -10,7 +10,7 @@ from datetime import datetime
 from decimal import ROUND_FLOOR, Decimal, InvalidOperation
 from typing import Any
 
-from services.paper_exchange import _render as render
+import services.paper_exchange._render as render
 
 __all__ = ["ApiError", "invalid", "parse_close_qty", "parse_legs", "parse_order", "parse_replace"]
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from services.paper_exchange import _render as render
+import services.paper_exchange._render as render
 from services.paper_exchange._engine import ApiError, Exchange
 from services.paper_exchange._faults import FaultRule, Faults, parse_plan
 from services.paper_exchange._updates import TradeUpdates

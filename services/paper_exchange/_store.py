@@ -41,7 +41,7 @@ from typing import Any
 import redis
 from redis.typing import EncodableT, FieldT
 
-from services.paper_exchange import _render as render
+import services.paper_exchange._render as render
 from shared.config import PaperExchangeSettings
 from shared.keys import Keys
 from shared.redis.client import reply_text

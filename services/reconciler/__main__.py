@@ -5,4 +5,5 @@ import sys
 from services.reconciler.service import main
 from shared.service import run_service
 
-sys.exit(run_service("reconciler", main))
+if __name__ == "__main__":
+    sys.exit(run_service("reconciler", main))

@@ -62,7 +62,7 @@ from shared.keys import ALERTS, Keys
 from shared.logging import get_logger
 from shared.models import Alert, AlertSeverity
 from shared.portfolio import Portfolio
-from shared.redis.boundary import unavailable
+from shared.redis.boundary import redis_errors, unavailable
 from shared.redis.client import reply_text
 from shared.safety.trading_state import KillSwitch, TradingState
 from shared.service import ServiceContext
@@ -74,7 +74,6 @@ log = get_logger(component="reconciler")
 SERVICE = "reconciler"
 REPORT_STREAM = "reconciliation"  # Keys.stream(REPORT_STREAM)
 HOLD_REASON = "startup reconciliation pending"
-_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
 
 def report_key(keys: Keys) -> str:
@@ -176,19 +175,15 @@ class Reconciler:
                       broker=_summary_theirs(theirs), cash_compared=outcome.cash_compared)
 
     def _read_ours(self) -> Ours:
-        try:
+        with redis_errors("reading our books"):
             return read_ours(self.client, self.keys, self.portfolio)
-        except _REDIS_DOWN as exc:
-            raise RedisUnavailable(f"reading our books failed: {exc}") from exc
 
     def _read_theirs(self, ours: Ours) -> Theirs:
         return read_theirs(self.broker(), ours)
 
     def _records_of(self, theirs: Theirs, ours: Ours) -> Ours:
-        try:
+        with redis_errors("reading order records"):
             return with_records(self.client, self.keys, ours, theirs)
-        except _REDIS_DOWN as exc:
-            raise RedisUnavailable(f"reading order records failed: {exc}") from exc
 
     def broker(self) -> Broker:
         """The broker, built on first use (a paper exchange not yet up is a failed pass, not a crash)."""
@@ -208,7 +203,7 @@ class Reconciler:
                          if (now - since).total_seconds() >= settings.repair_after_s)
         if not overdue:
             return []
-        try:
+        with redis_errors("repair requests"):
             requested = {reply_text(k): _parse_time(reply_text(v))
                          for k, v in self.client.hgetall(self.keys.repair_requests).items()}
             failed = []
@@ -220,8 +215,6 @@ class Reconciler:
                                 in_flight_s=round((now - self._in_flight_since[cid]).total_seconds(), 1))
                 elif (now - asked).total_seconds() >= settings.repair_wait_s:
                     failed.append(cid)
-        except _REDIS_DOWN as exc:
-            raise RedisUnavailable(f"repair requests: {exc}") from exc
         return [Difference("order_unrepaired", cid, "in flight", "not applied", "", True,
                            f"order {cid}: in flight since {self._in_flight_since[cid].isoformat()}, and "
                            f"the executor has not applied the broker's report within "
@@ -239,16 +232,14 @@ class Reconciler:
 
     def _publish(self, report: Report) -> None:
         fields = report.fields()
-        try:
-            with self.client.pipeline(transaction=True) as pipe:
-                if report.succeeded:
-                    fields["last_success"] = report.at.isoformat()
-                pipe.hset(report_key(self.keys), mapping=fields)  # type: ignore[arg-type]
-                pipe.xadd(self.keys.stream(REPORT_STREAM), fields,  # type: ignore[arg-type]
-                          maxlen=self.settings.reconciler.report_maxlen, approximate=True)
-                pipe.execute()
-        except _REDIS_DOWN as exc:
-            raise RedisUnavailable(f"publishing the reconciliation report failed: {exc}") from exc
+        with redis_errors("publishing the reconciliation report"), \
+                self.client.pipeline(transaction=True) as pipe:
+            if report.succeeded:
+                fields["last_success"] = report.at.isoformat()
+            pipe.hset(report_key(self.keys), mapping=fields)  # type: ignore[arg-type]
+            pipe.xadd(self.keys.stream(REPORT_STREAM), fields,  # type: ignore[arg-type]
+                      maxlen=self.settings.reconciler.report_maxlen, approximate=True)
+            pipe.execute()
         log.info("reconciler.report", status=report.status, differences=len(report.differences),
                  in_flight=len(report.in_flight), error=report.error or None)
 

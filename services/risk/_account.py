@@ -29,11 +29,12 @@ from shared.brokers import Broker
 from shared.bus import Idempotency
 from shared.clock import Clock
 from shared.config import LimitSettings
-from shared.errors import BrokerError, ConfigError, RedisUnavailable
+from shared.errors import BrokerError, ConfigError
 from shared.keys import Keys
 from shared.logging import get_logger
 from shared.models import CLIENT_ORDER_PREFIX
 from shared.portfolio import Held, Portfolio, Snapshot
+from shared.redis.boundary import redis_errors
 from shared.redis.client import reply_text
 from shared.safety.account_activity import AccountActivity, Balance, pending_day_trades
 from shared.safety.deferred import DeferredQueue
@@ -108,21 +109,18 @@ class AccountView:
         """
         self.market_closed()
         now = self.clock.now()
-        try:
-            with self.client.pipeline(transaction=False) as pipe:
-                admission_id = submissions.queue_admit(pipe)
-                once.queue_seen(pipe, intent_id)
-                lock = self.portfolio.queue_reads_holding(pipe, intent_id)
-                self.activity.queue_reads(pipe, now)
-                kill_switch.queue_current(pipe)
-                protections.queue_locks(pipe)
-                deferred.queue_read(pipe)
-                pipe.hgetall(self.keys.last_bar)
-                pipe.smembers(self.keys.open_orders)
-                (admission, seen, book, marks, balance, opened, day_trades, status, locks, queued, last_bars,
-                 open_orders) = pipe.execute()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise RedisUnavailable(f"risk: reading the account failed: {exc}") from exc
+        with redis_errors("risk: reading the account"), self.client.pipeline(transaction=False) as pipe:
+            admission_id = submissions.queue_admit(pipe)
+            once.queue_seen(pipe, intent_id)
+            lock = self.portfolio.queue_reads_holding(pipe, intent_id)
+            self.activity.queue_reads(pipe, now)
+            kill_switch.queue_current(pipe)
+            protections.queue_locks(pipe)
+            deferred.queue_read(pipe)
+            pipe.hgetall(self.keys.last_bar)
+            pipe.smembers(self.keys.open_orders)
+            (admission, seen, book, marks, balance, opened, day_trades, status, locks, queued, last_bars,
+             open_orders) = pipe.execute()
         snapshot, held = self.portfolio.held_from(lock, book, intent_id)
         return Reads(
             now=now, seen=bool(seen), book=snapshot, held=held,

@@ -1,69 +1,22 @@
 """Risk: every intent is checked, sized, rounded and paid for before it becomes an order.
 
-For each intent on ``intents`` (group ``risk``), in this order (the first refusal wins, except
-that every limit :func:`shared.safety.limits.check_order` finds is reported together):
+Consumes ``intents`` (group ``risk``); publishes approved orders to ``orders``, refusals to
+``rejections`` (``<rule>: <sentence>``) and protection locks to ``alerts``. The checks run in
+the order docs/RISK.md gives (the first refusal wins; every failing limit is reported together);
+the last is ``Portfolio.reserve`` under the account lock, the guard that makes overspending
+impossible. A strategy's intent that cannot execute now waits in the
+:class:`~shared.safety.deferred.DeferredQueue` and is decided again every ``TICK_S``; a manual
+intent is never deferred. Marks come from ``<prefix>:last-price``, which the ingester writes in
+the script that publishes each bar, so an intent finds the price of the bar it came from.
 
-1. trading state (:class:`~shared.safety.trading_state.KillSwitch`, read fresh): HALTED refuses
-   everything; REDUCING refuses what would not reduce the position (checked again with the
-   quantity once it is known: a sell may not go through zero);
-2. protections (:class:`~shared.safety.protections.Protections`): a lock on (symbol, side) refuses an
-   entry; exits are never locked; then the market clock: while the broker says the market is
-   closed (asked at most every 30 s) the intent cannot execute now (deferred, see below);
-3. sizing: a quantity is used as given, a notional becomes whole shares at the reference price
-   (the limit price, the stop price, or the symbol's last mark);
-4. symbol rounding (:class:`~shared.safety.symbols.SymbolProperties`, the default sub-penny
-   properties): quantity toward zero, a buy limit down, a sell limit up; an order that rounds to
-   zero (or below a minimum) is refused with the reason;
-5. stale balance: the broker balance is refreshed first when it is older than
-   ``limits.balance_max_age_s`` or ``limits.balance_refresh_after_fills`` fills were applied since
-   (the change is logged); if the broker cannot be reached an entry is refused with the reason,
-   an exit goes on (it needs no balance);
-6. limits (:func:`shared.safety.limits.check_order` over an :class:`~shared.safety.limits.AccountSnapshot` of
-   the portfolio, marks, open orders and reservations, day trades, last bars and the balance):
-   stale data (entries only), order notional, open orders, position (quantity and fraction of
-   equity), gross exposure, pattern day trading;
-7. submissions per minute (:class:`~shared.safety.limits.OrderSubmissions`, shared by every risk
-   process) -- the submission is counted in the round trip of the decision's reads (to save a
-   round trip) and refunded at once unless the decision publishes an order, so only orders
-   count; near the limit a concurrent decision may see another's count for that moment and be
-   refused (the safe side);
-8. payment: ``Portfolio.reserve`` under the account lock holds cash for a buy or quantity for a
-   sell -- the guard that makes overspending impossible;
-9. the approved :class:`~shared.models.Order` goes to ``orders``; a refusal goes to
-   ``rejections`` with its reason (``<rule>: <sentence>``).
+Guarantee: each intent is decided once. The reservation id is the intent id, the
+client_order_id derives from it, and the publish is applied once per intent id
+(:meth:`shared.bus.Idempotency.publish_once`); a redelivered intent whose reservation is open
+republishes the order that reservation records. A reservation refused because another writer
+moved the account (stale fencing token, version conflict) is decided again, not rejected.
 
-Deferral: a *strategy's* intent (source ``strategy:*``) that cannot execute now -- the market is
-closed, its symbol has no price yet, or it fails only because of what pending orders hold: the
-limits pass when pending orders are left out, or the reservation lacks free cash that the
-account's cash would cover -- waits in the :class:`~shared.safety.deferred.DeferredQueue`
-(one per symbol and side; expires ``limits.deferred_max_age_s`` after it was first deferred). A
-manual intent is never deferred: the person waiting gets an answer. Every ``TICK_S`` the queue,
-if not empty, is drained: each entry is revalidated (the trading state and protections must
-still allow it) and decided again from step 1; one that still cannot go is queued again with
-its first deferral time. A new intent of one side cancels the queued intent of the other side
-for its symbol and source (a downgraded signal).
-
-Equity samples for MaxDrawdown are recorded on the same tick, at most every ``EQUITY_SAMPLE_S``
-seconds (portfolio equity at marks); locks a sample or an intent writes are alerted on ``alerts``.
-
-Marks (the last price of each symbol, for sizing a notional or market order and for equity) are
-read with everything else a decision reads, from ``<prefix>:last-price``: the ingester writes a
-symbol's close there in the script that publishes its bar, so a strategy's intent always finds
-the price of the bar it came from. Risk consumes no bars.
-
-Idempotent: the reservation id is the intent id, the client_order_id is derived from it (the
-executor deduplicates on it), and the publish is applied once per intent id through
-:meth:`shared.bus.Idempotency.publish_once` (marker and XADD in one script). A redelivered intent
-whose reservation is open (its publish was lost) is not decided again: the order its reservation
-records is published. A reservation refused because another writer moved the account (stale
-fencing token, version conflict) is decided again, not rejected. A deferred intent is not marked:
-its decision is published once, later.
-
-Concurrency model: two threads -- the intents consumer, and the ticker (the deferred queue and
-equity samples, :meth:`RiskService.run_ticks`). They share nothing in memory but the equity
-sample time. Before the ingester wrote prices, a second consumer read every bar (group
-``risk-marks`` on ``bars``) to write them; that group is destroyed at start
-(:func:`retire_marks_group`), or the monitor would report its lag growing forever.
+Threads: the intents consumer and the ticker (:meth:`RiskService.run_ticks`: the deferred queue
+and MaxDrawdown's equity samples); they share only the equity sample time.
 """
 
 from __future__ import annotations
@@ -71,16 +24,17 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import ROUND_DOWN, Decimal
 
 import redis
 from redis.client import Pipeline
 
 from services.risk._account import AccountView, Reads, client_order_id
+from services.risk._deferred import DeferredTicks
 from shared.brokers import Broker, build_broker
-from shared.bus import Delivery, Idempotency, codec, publish
-from shared.clock import Clock, epoch_micros
+from shared.bus import Delivery, Idempotency, codec
+from shared.clock import Clock
 from shared.config import Settings
 from shared.errors import (
     HandlerRejected,
@@ -91,12 +45,12 @@ from shared.errors import (
     RedisUnavailable,
     StaleFencingToken,
 )
-from shared.keys import ALERTS, BARS, INTENTS, ORDERS, REJECTIONS, Keys
+from shared.keys import INTENTS, ORDERS, REJECTIONS, Keys
 from shared.logging import get_logger
-from shared.models import Alert, AlertSeverity, Intent, IntentRejected, Order, OrderType, Side
+from shared.models import Intent, IntentRejected, Order, OrderType
 from shared.portfolio import Portfolio, Reservation
-from shared.redis.boundary import unavailable
-from shared.safety.deferred import DEFER_SCRIPT, DeferredIntent, DeferredQueue
+from shared.redis.boundary import REDIS_DOWN
+from shared.safety.deferred import DeferredIntent, DeferredQueue
 from shared.safety.limits import (
     AccountSnapshot,
     OrderCheck,
@@ -106,21 +60,16 @@ from shared.safety.limits import (
     check_order,
     is_reducing,
 )
-from shared.safety.protections import ProtectionLock, Protections
+from shared.safety.protections import Protections
 from shared.safety.symbols import PreparedOrder, SymbolProperties
 from shared.safety.trading_state import KillSwitch
 from shared.service import ServiceContext
-from shared.stop import Stoppable
 
-__all__ = ["EQUITY_SAMPLE_S", "TICK_S", "Deferred", "Refused", "RiskService", "client_order_id", "main",
-           "retire_marks_group"]
+__all__ = ["Deferred", "Refused", "RiskService", "client_order_id", "main"]
 
 log = get_logger(component="risk")
 GROUP = "risk"
-EQUITY_SAMPLE_S = 60.0
-TICK_S = 0.1  # how often the deferred queue is looked at (one HLEN) and equity sampling is due
 _DECIDE_ATTEMPTS = 3
-RETIRED_GROUP = "risk-marks"  # the bars group risk consumed for marks before the ingester wrote them
 _PENDING_RULES = {Rule.MAX_GROSS_EXPOSURE, Rule.MAX_POSITION_FRACTION, Rule.MAX_POSITION_QUANTITY,
                   Rule.MAX_OPEN_ORDERS, Rule.PATTERN_DAY_TRADING}
 
@@ -133,7 +82,7 @@ class Deferred(Exception):
     """An intent that cannot go now, only because of pending orders; the message is the refusal."""
 
 
-class RiskService:
+class RiskService(DeferredTicks):
     """Decides on intents; holds no state of its own (everything is read from Redis)."""
 
     def __init__(self, client: redis.Redis, keys: Keys, settings: Settings, clock: Clock, *,
@@ -229,7 +178,7 @@ class RiskService:
                     self.once.queue_publish_once(pipe, rejection.intent_id, self.keys.stream(REJECTIONS),
                                                  codec.encode(rejection), self.settings.bus.maxlen)
                 replies = pipe.execute(raise_on_error=False)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except REDIS_DOWN as exc:
             if rejection is not None:
                 raise RedisUnavailable(f"risk: publishing the rejection failed: {exc}") from exc
             log.warning("risk.settle_failed", error=str(exc))
@@ -375,104 +324,6 @@ class RiskService:
         self.once.publish_once(intent_id, self.keys.stream(stream), codec.encode(message),
                                self.settings.bus.maxlen)
 
-    # -- the deferred queue ---------------------------------------------------------------------
-
-    def _defer(self, intent: Intent, reason: str, queued: DeferredIntent | None) -> None:
-        if queued is None:
-            self.deferred.defer(intent, reason)
-            return
-        if self.clock.now() >= queued.expires_at:
-            self._reject(intent, f"deferred since {queued.deferred_at.isoformat()} and expired: {reason}")
-            return
-        again = DeferredIntent(intent, reason, queued.deferred_at, queued.expires_at, queued.score)
-        script = self.client.register_script(DEFER_SCRIPT)
-        script(keys=[self.keys.deferred], args=[again.field, epoch_micros(intent.time), again.encode()],
-               client=self.client)
-        log.info("risk.deferred_again", reason=reason, expires_at=queued.expires_at.isoformat())
-
-    def _cancel_opposite(self, intent: Intent, reads: Reads) -> None:
-        other = Side.SELL if intent.side is Side.BUY else Side.BUY
-        queued = self.deferred.get(intent.symbol, other, reads.deferred)
-        if queued is not None and queued.intent.source == intent.source and queued.intent.time <= intent.time:
-            self.deferred.cancel(intent.symbol, other)
-            log.info("risk.deferred_cancelled", intent_id=queued.intent.id, by_intent=intent.id)
-            self._reject(queued.intent, f"cancelled while deferred: {intent.source} now signals "
-                                        f"{intent.side}")
-
-    def _revalidate(self, entry: DeferredIntent) -> str | None:
-        intent = entry.intent
-        held = self.portfolio.snapshot().positions.get(intent.symbol)
-        position = held.qty if held is not None else Decimal(0)
-        refusal = self.kill_switch.refusal(intent.side, position)
-        if refusal is None and not is_reducing(intent.side, position):
-            refusal = self.protections.refusal(intent.symbol, intent.side)
-        if refusal is not None:
-            self._reject(intent, f"cancelled while deferred: {refusal}")
-            return str(refusal)
-        return None
-
-    def run_deferred(self) -> int:
-        """Drain the deferred queue and decide each entry again; returns how many were drained."""
-        ready = self.deferred.drain(self._revalidate)
-        for entry in ready:
-            self._read_and_decide(entry.intent, entry)
-        return len(ready)
-
-    # -- the ticker -----------------------------------------------------------------------------
-
-    def tick(self) -> int:
-        """The periodic work: sample equity when due, and decide again the deferred intents if
-        any wait (one HLEN when none do); returns how many were drained."""
-        self.sample_equity()
-        if not self.deferred.count():
-            return 0
-        return self.run_deferred()
-
-    def run_ticks(self, stop: Stoppable) -> None:
-        """:meth:`tick` every ``TICK_S`` until ``stop``. A failed tick is logged and retried after
-        a wait that doubles up to 2 s (Redis down: one warning line per try, no traceback)."""
-        delay = TICK_S
-        while not stop.wait(delay):
-            try:
-                self.tick()
-            except Exception as exc:
-                delay = _backoff(delay)
-                if unavailable(exc):  # down, or refusing writes
-                    log.warning("risk.tick_redis_unavailable", error=str(exc), retry_in_s=delay)
-                else:
-                    log.exception("risk.tick_failed", retry_in_s=delay)
-            else:
-                delay = TICK_S
-
-    def sample_equity(self, *, force: bool = False) -> list[ProtectionLock]:
-        """Record portfolio equity at marks for MaxDrawdown, at most every EQUITY_SAMPLE_S seconds."""
-        now = self.clock.now()
-        with self._sample_lock:
-            last = self._last_equity_sample
-            if not force and last is not None and now - last < timedelta(seconds=EQUITY_SAMPLE_S):
-                return []
-            self._last_equity_sample = now
-        book = self.portfolio.snapshot()
-        if not book.opened:
-            return []
-        locks = self.protections.record_equity(book.equity(self.portfolio.marks()), now)
-        self._alert_locks(locks)
-        return locks
-
-    def _alert_locks(self, locks: list[ProtectionLock]) -> None:
-        for lock in locks:
-            publish(self.client, self.keys, ALERTS, Alert(
-                time=self.clock.now(), severity=AlertSeverity.WARNING, source="risk", kind="protection_lock",
-                text=f"{lock.protection} locks {lock.symbol} {lock.side} entries until "
-                     f"{lock.until.isoformat()}: {lock.reason}",
-                details={"protection": lock.protection, "symbol": lock.symbol, "side": lock.side,
-                         "until": lock.until.isoformat()}))
-
-
-def _backoff(delay: float) -> float:
-    """The wait after a failed tick that followed a wait of ``delay``."""
-    return min(max(delay * 2, 0.2), 2.0)
-
 
 def _rejection_reason(intent: Intent, outcome: Deferred | Refused) -> str | None:
     """Why an intent refused or deferred is rejected; None when it waits in the deferred queue."""
@@ -493,17 +344,6 @@ def _without_pending(snapshot: AccountSnapshot) -> AccountSnapshot:
     return replace(snapshot, pending={}, open_orders=0, pending_day_trades=0)
 
 
-def retire_marks_group(client: redis.Redis, keys: Keys) -> bool:
-    """Destroy the ``risk-marks`` group an older risk consumed ``bars`` with; True if there was one."""
-    try:
-        retired = bool(client.xgroup_destroy(keys.stream(BARS), RETIRED_GROUP))
-    except redis.ResponseError:  # no bars stream yet
-        return False
-    if retired:
-        log.info("risk.group_retired", stream=BARS, group=RETIRED_GROUP)
-    return retired
-
-
 def main(ctx: ServiceContext) -> None:
     """Run the risk service until stopped."""
     def broker() -> Broker:
@@ -511,7 +351,6 @@ def main(ctx: ServiceContext) -> None:
 
     service = RiskService(ctx.redis, ctx.keys, ctx.settings, ctx.clock, broker_factory=broker)
     service.portfolio.open()
-    retire_marks_group(ctx.redis, ctx.keys)
     ticker = threading.Thread(target=service.run_ticks, args=(ctx.stop,), name="risk-ticks", daemon=True)
     ticker.start()
     ctx.consumer(INTENTS, GROUP, service.handle_intent).run(ctx.stop)

@@ -1,18 +1,19 @@
 """Strategy workers: bars in, intents out, per-symbol state persisted, scaled by partition leases.
 
-Run one with ``python -m services.strategy``; run several (``honcho start -c strategy=3``) and
-each bar of a symbol is applied exactly once, in order, by one worker at a time. Write a
-strategy by subclassing :class:`Strategy` and decorating it with :func:`register` (see
-``docs/STRATEGIES.md``); list its module in ``strategy.modules`` and name it in
-``strategy.plugins``. Ships with ``sma_crossover`` and ``vwap_reversion``.
+Consumes: the partitions ``bars:<n>`` it leases, in group ``strategy`` (consumer name
+``partition-<n>``). Produces: intents on ``intents``, each strategy's state, dead letters.
+Acknowledges (or moves the group past) a batch in the same script that commits its effects
+(:mod:`._worker`). Run one with ``python -m services.strategy``, several with
+``honcho start -c strategy=3``. Write a strategy by subclassing :class:`Strategy` and decorating
+it with :func:`register` (docs/STRATEGIES.md). Ships with ``sma_crossover`` and ``vwap_reversion``.
 """
 
 from services.strategy import _builtin
 from services.strategy._api import Binding, Catalog, Strategy, intent_id, register, registered, strategy_class
 from services.strategy._builtin import SmaCrossover, SmaParams, SmaState, VwapParams, VwapReversion, VwapState
 from services.strategy._leases import PartitionLeases, lease_resource
-from services.strategy._service import load_catalog, main
 from services.strategy._worker import GROUP, StoredState, StrategyWorker, WorkerStats, consumer_name
+from services.strategy.service import load_catalog, main
 
 __all__ = [
     "GROUP",

@@ -2,7 +2,7 @@
 
 import sys
 
-from services.strategy._service import main
+from services.strategy.service import main
 from shared.service import run_service
 
 if __name__ == "__main__":

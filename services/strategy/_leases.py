@@ -28,9 +28,9 @@ from collections.abc import Iterable
 
 import redis
 
-from shared.errors import RedisUnavailable
 from shared.keys import Keys
 from shared.logging import get_logger
+from shared.redis.boundary import redis_errors
 
 __all__ = ["PartitionLeases", "lease_resource"]
 
@@ -39,7 +39,7 @@ log = get_logger(component="strategy")
 # KEYS[1] = a lease key
 # ARGV[1] = the caller's instance id; ARGV[2] = the lease length in ms
 # returns 1 if the caller still owned the lease (and it now lasts ARGV[2] ms more), else 0
-RENEW = """
+RENEW_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
@@ -50,7 +50,7 @@ return 0
 # KEYS[1] = a lease key
 # ARGV[1] = the caller's instance id
 # returns 1 if the caller owned the lease and it was deleted, else 0 (someone else's: untouched)
-RELEASE = """
+RELEASE_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
@@ -73,7 +73,7 @@ class PartitionLeases:
         self.partitions = partitions
         self.lease_ms = lease_ms
         self.held: list[int] = []  # in the order acquired
-        self._release = client.register_script(RELEASE)
+        self._release = client.register_script(RELEASE_SCRIPT)
         # start the search for free partitions at a point that differs between workers
         self._offset = zlib.crc32(owner.encode()) % partitions
 
@@ -90,10 +90,10 @@ class PartitionLeases:
 
         Returns (gained, lost) partitions; released partitions count as lost.
         """
-        try:
+        with redis_errors("lease upkeep"):
             with self.client.pipeline(transaction=False) as pipe:  # every renewal in one round trip
                 for partition in self.held:
-                    pipe.eval(RENEW, 1, self.key(partition), self.owner, self.lease_ms)
+                    pipe.eval(RENEW_SCRIPT, 1, self.key(partition), self.owner, self.lease_ms)
                 renewed = pipe.execute()
             lost = [n for n, ok in zip(self.held, renewed, strict=True) if not ok]
             self.held = [n for n in self.held if n not in lost]
@@ -112,8 +112,6 @@ class PartitionLeases:
                 if self.client.set(self.key(partition), self.owner, nx=True, px=self.lease_ms):
                     self.held.append(partition)
                     gained.append(partition)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise RedisUnavailable(f"lease upkeep failed: {exc}") from exc
         if gained or lost:
             log.info("strategy.leases_changed", gained=gained, lost=lost, held=sorted(self.held), share=share,
                      live_workers=live_workers)

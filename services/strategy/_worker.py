@@ -1,59 +1,21 @@
 """A strategy worker: serves the bar partitions it leases, every one of them in each pass.
 
-Concurrency model: one thread. The loop (1) every ``lease_ms/3`` renews its leases and takes or
-gives up partitions to hold its fair share (:mod:`._leases`); (2) reads a batch of at most
-``strategy.batch`` entries from every held partition, all in one round trip, and applies those
-batches in one atomic commit; (3) when that pass can have left nothing behind (no full batch,
-every pending list known empty), the next read is a wait: one blocking ``XREAD`` over every held
-partition for at most ``strategy.idle_wait_ms`` (never past the next lease upkeep), whose reply
-is the next pass's batches. A stop request ends the loop after the batches in hand; ``finally``
-releases the leases.
+Guarantee: each bar of a partition is applied exactly once, in stream order (each symbol's time
+order), by whichever worker holds the partition's lease. A pass reads a batch from every held
+partition in one round trip and commits their effects in one script (``_COMMIT_SCRIPT``): the
+states, the intents (ids derived from strategy, symbol and bar), the dead letters, the
+strategies' :meth:`~services.strategy.Strategy.queue_effects` and the group's acknowledgement
+or move past the entries read, all or nothing. The commit is refused, writing nothing, when a
+lease no longer names this worker, a state key changed since this worker read or wrote it, or
+the group moved since the read; the entries are then read again. A bar not newer than the one a
+symbol's state records is skipped. docs/STRATEGIES.md tells the reading protocol (pending list,
+cursor) and a redelivery as a timeline.
 
-Each partition stream is read in consumer group ``strategy`` under the consumer name
-``partition-<n>`` -- the partition's name, not the process's -- so whoever holds the lease sees
-the entries a previous holder was delivered and never acknowledged. Two ways to read:
+An entry that is not a bar, cannot be decoded, or whose strategy raised is dead-lettered with
+the reason in the same commit. Left to the strategy: be deterministic in its state and bars
+(no clock, no I/O), since a refused commit runs it again on the same bars.
 
-* **the pending list** (``XREADGROUP ... 0``), on gaining a partition, and after a Redis error or
-  a refused commit, until a read of it comes back empty or short of a full batch that then
-  commits; that same round trip reads the group's ``last-delivered-id`` (``XINFO GROUPS``): the
-  partition's **cursor**;
-* **after the cursor** (``XREAD``, the usual way, once the pending list is known empty): a look at
-  the entries the group has not been delivered yet, changing nothing on the server. The commit
-  moves the group past them (``XGROUP SETID`` with ``ENTRIESREAD``, inside the script; see
-  ``_COMMIT``), atomically with their effects, after checking that the group's
-  ``last-delivered-id`` is still the cursor they were read after. So the usual pass costs two
-  round trips, the read (which is also the wait) and the commit, and a lost reply of either
-  leaves nothing half done: the read changed nothing, and the commit happened whole or not at all.
-
-Entries are thus applied in stream order, which is each symbol's time order.
-
-Exactly-once effect, per pass, in one script (``_COMMIT``, atomic, one round trip):
-
-* every lease of the partitions read still names this worker (checked inside the script, so a
-  holder that stalled past its lease can never commit: the new holder's ``SET NX`` changed it);
-* every state key of the batches' symbols still holds what this worker last read or wrote
-  (the worker keeps that value between passes instead of reading it back: a state is read
-  only on a symbol's first bar, after a refused commit, a Redis error or a lease change);
-* every batch read after a cursor: the group's ``last-delivered-id`` is still that cursor (the
-  group is then moved past exactly the entries read);
-* every symbol's state document records the stream entry and the bar time last applied; a bar
-  not newer than that is skipped (a redelivery, or a duplicate XADD from a retried publish);
-* the states, the intents (``XADD intents``, ids derived from strategy, symbol and bar), any
-  dead letters, the strategies' :meth:`~services.strategy.Strategy.queue_effects`, the ``XACK``
-  of every pending batch and the group's move past every batch read after a cursor commit
-  together or not at all; a refused commit writes nothing: a pending batch stays pending, a
-  batch read after a cursor stays undelivered.
-
-A redelivery, as a timeline::
-
-    time 0   worker A reads entries 7-0..9-0 of partition 2 after its cursor 6-0
-    time 1   A is SIGKILLed before its commit: no state, no intent, no ack; nothing delivered
-    time 6   A's lease expires; worker B's upkeep takes partition 2
-    time 6   B finds partition-2's pending list empty and the cursor at 6-0: reads 7-0..9-0 again
-
-An entry that is not a bar, cannot be decoded, or whose strategy raised is dead-lettered (with
-the reason) in the same commit; a failing strategy's state is rebuilt from the committed
-state plus the batch's earlier bars, so the failure leaves no half-applied state.
+One thread. A stop request ends the loop after the batches in hand; the leases are released.
 """
 
 from __future__ import annotations
@@ -76,7 +38,7 @@ from shared.heartbeat import alive_instances
 from shared.keys import INTENTS, Keys
 from shared.logging import bind_correlation, get_logger
 from shared.models import Bar, Intent
-from shared.redis.boundary import unavailable
+from shared.redis.boundary import WaitOut, unavailable
 from shared.redis.client import reply_text, script
 
 __all__ = ["GROUP", "SERVICE", "StoredState", "StrategyWorker", "WorkerStats", "consumer_name"]
@@ -101,7 +63,7 @@ SERVICE = "strategy"
 # on by its size (no entry can appear between the cursor and that id, and none the group was not
 # delivered is ever trimmed); where the group's entries-read is unknown (nil), by XREADGROUP,
 # which lets the server count, and XACK.
-_COMMIT = """
+_COMMIT_SCRIPT = """
 local unpack = unpack or table.unpack
 local n, m = tonumber(ARGV[2]), tonumber(ARGV[3])
 for i = 1, n do
@@ -258,12 +220,13 @@ class StrategyWorker:
         self._intents_since_trim = 0
         self._states: dict[str, bytes | None] = {}  # state key -> its value as last read or committed
         self._next_upkeep = 0.0
-        self._backoff = 0.0
+        self._backoff = 0.0  # while the server returns at once from a blocking read
 
     # -- the loop -----------------------------------------------------------------------------
 
     def run(self, stop: Any, *, burst: bool = False) -> WorkerStats:
         """Serve partitions until ``stop`` is set (``burst``: until a pass finds nothing)."""
+        outage = WaitOut()
         try:
             while not stop.is_set():
                 try:
@@ -271,6 +234,7 @@ class StrategyWorker:
                         self.upkeep()
                     if self.step():
                         self._backoff = 0.0
+                        outage.reset()
                         if self._more or burst:
                             continue
                     elif burst:
@@ -279,9 +243,7 @@ class StrategyWorker:
                 except (RedisUnavailable, redis.RedisError) as exc:
                     if unavailable(exc):  # down, or refusing writes (a refused commit wrote nothing)
                         self._forget()  # a commit whose reply was lost may or may not have been applied
-                        self._backoff = min(max(self._backoff * 2, 0.1), 2.0)
-                        log.warning("strategy.redis_unavailable", error=str(exc), retry_in_s=self._backoff)
-                        stop.wait(self._backoff)
+                        outage.wait(stop, log, "strategy.redis_unavailable", exc)
                         continue
                     if "NOGROUP" not in str(exc):
                         raise
@@ -480,7 +442,7 @@ class StrategyWorker:
         for command in commands:
             args += [len(command), *command]
         keys = [*lease_keys, *state_keys, *(self._stream_key(batch.partition) for batch in claimed)]
-        verdict = script(self.client, _COMMIT)(keys=keys, args=args, client=self.client)
+        verdict = script(self.client, _COMMIT_SCRIPT)(keys=keys, args=args, client=self.client)
         if reply_text(verdict[0]) != "ok":
             self._refused(batches, reply_text(verdict[0]), keys[int(verdict[1]) - 1], lease_keys)
             return False

@@ -42,7 +42,7 @@ from alpaca.trading.client import TradingClient
 from requests.utils import select_proxy
 from urllib3.exceptions import ConnectTimeoutError, ProtocolError
 
-from shared.brokers import _mapping as mapping
+import shared.brokers._mapping as mapping
 from shared.brokers._stream import AlpacaTradeUpdates
 from shared.brokers._types import SUBMIT_ENDPOINT, Account, BrokerOrder, OrderRequest, Position
 from shared.clock import Clock, LiveClock

@@ -45,8 +45,9 @@ returns at once from a blocking read with COUNT, so an instant empty reply backs
 
 from __future__ import annotations
 
+import shared.bus.codec as codec
 from shared.bus.consumer import Consumer, Delivery, Handler
 from shared.bus.idempotency import Idempotency
 from shared.bus.publisher import Publisher, publish, trim
 
-__all__ = ["Consumer", "Delivery", "Handler", "Idempotency", "Publisher", "publish", "trim"]
+__all__ = ["Consumer", "Delivery", "Handler", "Idempotency", "Publisher", "codec", "publish", "trim"]

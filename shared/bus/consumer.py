@@ -11,7 +11,7 @@ from typing import Any
 
 import redis
 
-from shared.bus import codec
+import shared.bus.codec as codec
 from shared.clock import Clock
 from shared.config import BusSettings
 from shared.errors import CodecError, HandlerRejected, RedisUnavailable, Unavailable

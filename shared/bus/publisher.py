@@ -5,7 +5,7 @@ from __future__ import annotations
 import redis
 from redis.client import Pipeline
 
-from shared.bus import codec
+import shared.bus.codec as codec
 from shared.config import BusSettings
 from shared.keys import Keys
 from shared.logging import get_logger

@@ -7,7 +7,7 @@ arrives as decimal strings computed in Python; the script compares integers only
 
 from __future__ import annotations
 
-__all__ = ["CONFLICT", "FULL_READ_SCRIPT", "HELD_READ", "READ_SCRIPT", "RECORD_MOVED", "STALE_FENCE",
+__all__ = ["CONFLICT", "FULL_READ_SCRIPT", "HELD_READ_SCRIPT", "READ_SCRIPT", "RECORD_MOVED", "STALE_FENCE",
            "WRITE_SCRIPT"]
 
 STALE_FENCE = "STALE_FENCE"
@@ -94,7 +94,7 @@ redis.call('hset', state, 'version', version + 1, 'fence', ARGV[1], 'recent_ops'
 return {'ok', version + 1, id, release()}
 """
 
-# The read a mutation makes, run by the lock's ACQUIRE_THEN_READ right after the lock is taken.
+# The read a mutation makes, run by the lock's ACQUIRE_THEN_READ_SCRIPT right after the lock is taken.
 # KEYS[1..5] = state, positions, reservations, closed and fills hashes (as for WRITE_SCRIPT)
 # ARGV[1] = a reservation id ("" for none), ARGV[2] = a fill id ("" for none)
 # returns {state as a flat HGETALL, positions as a flat HGETALL, the reservation's value,
@@ -122,11 +122,11 @@ return {redis.call('hgetall', KEYS[1]), redis.call('hgetall', KEYS[2]), redis.ca
 """
 
 # The read of a decision that tries to take the lock in its batched reads (a LockedRead body for
-# the lock's TRY_THEN_READ: it runs whether or not the lock was taken).
+# the lock's TRY_THEN_READ_SCRIPT: it runs whether or not the lock was taken).
 # KEYS[1..4] = state, positions, reservations and closed hashes; ARGV[1] = the id of the
 # reservation the decision may make
 # returns {state, positions, reservations (flat HGETALLs), that reservation's close reason or ""}
-HELD_READ = """
+HELD_READ_SCRIPT = """
 return {redis.call('hgetall', KEYS[1]), redis.call('hgetall', KEYS[2]), redis.call('hgetall', KEYS[3]),
         redis.call('hget', KEYS[4], ARGV[1]) or ''}
 """

@@ -59,10 +59,10 @@ from shared.config import LockSettings
 from shared.errors import LockError, LockNotOwned, LockTimeout, RedisUnavailable
 from shared.keys import Keys
 from shared.logging import get_logger
-from shared.redis.boundary import refusing_writes
+from shared.redis.boundary import REDIS_DOWN, refusing_writes
 from shared.redis.client import script
 
-__all__ = ["ACQUIRE_SCRIPT", "ACQUIRE_THEN_READ", "FencedLock", "LockedRead", "fenced"]
+__all__ = ["ACQUIRE_SCRIPT", "ACQUIRE_THEN_READ_SCRIPT", "FencedLock", "LockedRead", "fenced"]
 
 log = get_logger(module="locks")
 
@@ -81,7 +81,7 @@ return 0
 # KEYS[1], KEYS[2], ARGV[1], ARGV[2] as for ACQUIRE_SCRIPT; KEYS[3..] and ARGV[3..] are handed to
 # the read (a LockedRead's lua, pasted in for --READ--) as its own KEYS and ARGV
 # returns {0} if the lock is held, else {fencing token, whatever the read returns}
-ACQUIRE_THEN_READ = """
+ACQUIRE_THEN_READ_SCRIPT = """
 local unpack = unpack or table.unpack
 if not redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
     return {0}
@@ -93,9 +93,9 @@ end
 return {token, read({unpack(KEYS, 3)}, {unpack(ARGV, 3)})}
 """
 
-# As ACQUIRE_THEN_READ, but the read runs whether or not the lock was taken
+# As ACQUIRE_THEN_READ_SCRIPT, but the read runs whether or not the lock was taken
 # returns {fencing token, or 0 if the lock is held by another, whatever the read returns}
-TRY_THEN_READ = """
+TRY_THEN_READ_SCRIPT = """
 local unpack = unpack or table.unpack
 local token = 0
 if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
@@ -107,10 +107,9 @@ end
 return {token, read({unpack(KEYS, 3)}, {unpack(ARGV, 3)})}
 """
 
-_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 @dataclass(frozen=True)
 class LockedRead:
-    """Lua to run atomically right after the lock is taken (see ACQUIRE_THEN_READ).
+    """Lua to run atomically right after the lock is taken (see ACQUIRE_THEN_READ_SCRIPT).
 
     ``lua`` is a function body that sees its own ``KEYS`` (``keys``) and ``ARGV`` (``args``) and
     returns one value; it must only read, and must not call ``error()``.
@@ -174,12 +173,12 @@ class FencedLock(Lock):
         if reads is None:
             run = script(self.redis, ACQUIRE_SCRIPT)
         else:
-            run = script(self.redis, ACQUIRE_THEN_READ.replace("--READ--", reads.lua))
+            run = script(self.redis, ACQUIRE_THEN_READ_SCRIPT.replace("--READ--", reads.lua))
             keys += reads.keys
             args += reads.args
         try:
             result = run(keys=keys, args=args, client=self.redis)
-        except _REDIS_DOWN as exc:
+        except REDIS_DOWN as exc:
             raise RedisUnavailable(f"acquiring lock {self.resource!r}: {exc}") from exc
         except redis.ResponseError as exc:
             if refusing_writes(exc):
@@ -200,7 +199,7 @@ class FencedLock(Lock):
         self._queued_owner = uuid.uuid4().hex.encode()
         keys: list[Any] = [self.name, self.fence_key, *reads.keys]
         args: list[Any] = [self._queued_owner, self.lease_ms, *reads.args]
-        pipe.eval(TRY_THEN_READ.replace("--READ--", reads.lua), len(keys), *keys, *args)
+        pipe.eval(TRY_THEN_READ_SCRIPT.replace("--READ--", reads.lua), len(keys), *keys, *args)
 
     def tried_from(self, reply: Any) -> bool:
         """Whether the attempt :meth:`queue_try` queued took the lock (then it is held, with its
@@ -259,7 +258,7 @@ class FencedLock(Lock):
             raise LockNotOwned(self.resource, "released after its lease expired") from exc
         except redis.exceptions.LockError as exc:
             raise LockError(self.resource, str(exc)) from exc
-        except _REDIS_DOWN as exc:
+        except REDIS_DOWN as exc:
             raise RedisUnavailable(f"releasing lock {self.resource!r}: {exc}") from exc
         except redis.ResponseError as exc:
             if refusing_writes(exc):  # a failing disk refuses even the DEL: the lease expires it
@@ -295,7 +294,7 @@ class FencedLock(Lock):
             raise LockNotOwned(self.resource, "extended after its lease expired") from exc
         except redis.exceptions.LockError as exc:
             raise LockError(self.resource, str(exc)) from exc
-        except _REDIS_DOWN as exc:
+        except REDIS_DOWN as exc:
             raise RedisUnavailable(f"extending lock {self.resource!r}: {exc}") from exc
 
     @property
@@ -312,7 +311,7 @@ class FencedLock(Lock):
         """Whether Redis still holds this holder's owner token under the lock key."""
         try:
             return bool(super().owned())
-        except _REDIS_DOWN as exc:
+        except REDIS_DOWN as exc:
             raise RedisUnavailable(f"checking lock {self.resource!r}: {exc}") from exc
 
     def __enter__(self) -> FencedLock:

@@ -25,7 +25,7 @@ from shared.logging import get_logger
 from shared.models import Fill, Side
 from shared.portfolio._scripts import (
     CONFLICT,
-    HELD_READ,
+    HELD_READ_SCRIPT,
     READ_SCRIPT,
     RECORD_MOVED,
     STALE_FENCE,
@@ -101,7 +101,7 @@ class Held:
     lock: FencedLock
     token: int
     reservation_id: str
-    raw: Any  # HELD_READ's reply
+    raw: Any  # HELD_READ_SCRIPT's reply
 
 
 class Portfolio:
@@ -206,7 +206,7 @@ class Portfolio:
         to take the account lock, in the same script, for the caller to make ``reservation_id``
         under it without locking again: :meth:`held_from` says whether it was taken."""
         lock = self._lock()
-        lock.queue_try(pipe, LockedRead(HELD_READ, self._keys[:4], [reservation_id]))
+        lock.queue_try(pipe, LockedRead(HELD_READ_SCRIPT, self._keys[:4], [reservation_id]))
         pipe.hgetall(self.keys.last_price)
         return lock
 

@@ -56,7 +56,7 @@ def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
 
 
 def state_from_held(raw: list[Any], rid: str) -> State:
-    """The state HELD_READ returned (see its contract), with ``rid``'s close reason if closed."""
+    """The state HELD_READ_SCRIPT returned (see its contract), with ``rid``'s close reason if closed."""
     head, positions, reservations, closed = raw
     state = state_from_full_read([head, positions, reservations, 0, 0], history=False)
     if rid and closed:

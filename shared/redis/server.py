@@ -23,6 +23,7 @@ from typing import Literal
 import redis
 
 from shared.clock import LiveClock
+from shared.redis.connection import connect_url
 
 __all__ = ["RedisServer", "embedded_url", "find_binary"]
 
@@ -108,8 +109,6 @@ class RedisServer:
     def start(self, wait_s: float = 15.0, *, own_group: bool = False) -> None:
         """Start the server and return once it answers PING (``own_group``: in its own process
         group, which a signal to the caller's group does not reach, and tied to the caller's life)."""
-        from shared.redis.client import connect_url  # circular at import time
-
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, start_new_session=own_group,
                                         preexec_fn=_die_with_parent if own_group else None)

@@ -36,14 +36,13 @@ from typing import Any
 import redis
 from redis.client import Pipeline
 
-from shared.errors import RedisUnavailable
 from shared.keys import Keys
+from shared.redis.boundary import redis_errors
 from shared.redis.client import reply_text
 from shared.safety.limits import trading_day
 
 __all__ = ["AccountActivity", "Balance", "pending_day_trades"]
 
-_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 _ZERO = Decimal(0)
 _OPENED_TTL_S = 3 * 24 * 3600
 DAY_TRADE_WINDOW_DAYS = 14  # calendar days of day trades read (the PDT rule counts 5 business days)
@@ -78,7 +77,8 @@ class AccountActivity:
 
     def balance(self) -> Balance:
         """The last refreshed balance (fields None when it was never read)."""
-        return self.balance_from(_call(lambda: self.client.hgetall(self.balance_key)))
+        with redis_errors("account activity"):
+            return self.balance_from(self.client.hgetall(self.balance_key))
 
     def queue_reads(self, pipe: Pipeline, now: datetime) -> None:
         """Queue on ``pipe`` the balance, opened-today and day-trade reads, in that order (for a
@@ -107,7 +107,8 @@ class AccountActivity:
                                                  "buying_power": str(buying_power),
                                                  "refreshed_at": at.isoformat()})
             pipe.hincrby(self.balance_key, "fills_since", -fills_seen)
-            _call(pipe.execute)
+            with redis_errors("account activity"):
+                pipe.execute()
 
     # -- fills and day trades ------------------------------------------------------------------
 
@@ -119,7 +120,8 @@ class AccountActivity:
         a position opened that day)."""
         day = trading_day(at)
         key = self.opened_key(day)
-        opened = _dec(_call(lambda: self.client.hget(key, symbol)))
+        with redis_errors("account activity"):
+            opened = _dec(self.client.hget(key, symbol))
         closing = _ZERO
         if position_before and (position_before > 0) != (signed_qty > 0):
             closing = min(abs(signed_qty), abs(position_before))
@@ -138,7 +140,8 @@ class AccountActivity:
 
     def opened_today(self, now: datetime) -> dict[str, Decimal]:
         """Signed quantity of each symbol opened on ``now``'s trading day and not yet closed."""
-        return self.opened_from(_call(lambda: self.client.hgetall(self.opened_key(trading_day(now)))))
+        with redis_errors("account activity"):
+            return self.opened_from(self.client.hgetall(self.opened_key(trading_day(now))))
 
     @staticmethod
     def opened_from(raw: Any) -> dict[str, Decimal]:
@@ -147,8 +150,9 @@ class AccountActivity:
 
     def day_trades(self, now: datetime) -> list[date]:
         """The trading day of each completed day trade within the last ``DAY_TRADE_WINDOW_DAYS``."""
-        return self.day_trades_from(_call(lambda: self.client.zrangebyscore(
-            self.day_trades_key, _day_score(now), "+inf", withscores=True)))
+        with redis_errors("account activity"):
+            raw = self.client.zrangebyscore(self.day_trades_key, _day_score(now), "+inf", withscores=True)
+        return self.day_trades_from(raw)
 
     @staticmethod
     def day_trades_from(raw: Any) -> list[date]:
@@ -183,8 +187,3 @@ def _dec(value: Any) -> Decimal:
 
 
 
-def _call(fn: Any) -> Any:
-    try:
-        return fn()
-    except _REDIS_DOWN as exc:
-        raise RedisUnavailable(f"account activity: {exc}") from exc

@@ -35,29 +35,16 @@ import redis
 from redis.client import Pipeline
 
 from shared.clock import Clock, LiveClock, epoch_micros
-from shared.errors import RedisUnavailable
 from shared.keys import Keys
 from shared.logging import get_logger
 from shared.models import Intent, Side
-from shared.redis.client import HDEL_IF_UNCHANGED, script
+from shared.redis.boundary import redis_errors
+from shared.redis.client import HDEL_IF_UNCHANGED_SCRIPT, HSET_IF_NEWER_SCRIPT, script
 
-__all__ = ["DEFER_SCRIPT", "DeferredIntent", "DeferredQueue", "Revalidate"]
+__all__ = ["DeferredIntent", "DeferredQueue", "Revalidate"]
 
 log = get_logger(module="deferred")
-_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
-# KEYS[1] = the deferred hash
-# ARGV[1] = field "<SYMBOL>:<side>"   ARGV[2] = the intent's time (µs)   ARGV[3] = the entry as JSON
-# returns 1 if stored (new, or replacing an entry whose intent is not newer), 0 if a newer one is kept
-DEFER_SCRIPT = """
-local current = redis.call('hget', KEYS[1], ARGV[1])
-if current then
-    local stamp = tonumber(string.match(current, '^(%d+) '))
-    if stamp and stamp > tonumber(ARGV[2]) then return 0 end
-end
-redis.call('hset', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
-return 1
-"""
 
 
 
@@ -110,10 +97,16 @@ class DeferredQueue:
         """Queue ``intent`` (replacing an older one for its symbol and side); False if a newer one
         is already queued and was kept."""
         now = self.clock.now()
-        entry = DeferredIntent(intent, reason, now, now + self.max_age, score)
-        stored = bool(self._run(DEFER_SCRIPT, [entry.field, epoch_micros(intent.time), entry.encode()]))
+        return self.put(DeferredIntent(intent, reason, now, now + self.max_age, score))
+
+    def put(self, entry: DeferredIntent) -> bool:
+        """Store ``entry`` unless a newer intent for its symbol and side is queued (False: that one
+        was kept). The same intent time replaces: a redelivery stores its own entry again."""
+        intent = entry.intent
+        args = [entry.field, epoch_micros(intent.time), entry.encode(), "1"]
+        stored = bool(self._run(HSET_IF_NEWER_SCRIPT, args))
         log.info("deferred.queued" if stored else "deferred.kept_newer", symbol=intent.symbol,
-                 side=intent.side.value, intent_id=intent.id, reason=reason)
+                 side=intent.side.value, intent_id=intent.id, reason=entry.reason)
         return stored
 
     def entries(self) -> list[DeferredIntent]:
@@ -128,7 +121,8 @@ class DeferredQueue:
 
     def count(self) -> int:
         """How many entries there are (live or not yet swept): one HLEN."""
-        return int(self._call(lambda: self.client.hlen(self.keys.deferred)))
+        with redis_errors("deferred intents"):
+            return int(self.client.hlen(self.keys.deferred))
 
     def queue_read(self, pipe: Pipeline) -> None:
         """Queue on ``pipe`` the read of the whole queue (for a caller batching reads)."""
@@ -137,14 +131,15 @@ class DeferredQueue:
     def cancel(self, symbol: str, side: Side | str) -> bool:
         """Drop the entry for ``symbol`` and ``side``; True if there was one."""
         field = f"{symbol}:{Side(side).value}"
-        return bool(self._call(lambda: self.client.hdel(self.keys.deferred, field)))
+        with redis_errors("deferred intents"):
+            return bool(self.client.hdel(self.keys.deferred, field))
 
     def drain(self, revalidate: Revalidate) -> list[DeferredIntent]:
         """Claim every live entry and keep those ``revalidate`` lets through (it returns None);
         a returned reason cancels the entry. Each entry is handed out at most once."""
         ready = []
         for field, value, entry in self._live():
-            if not self._run(HDEL_IF_UNCHANGED, [field, value]):
+            if not self._run(HDEL_IF_UNCHANGED_SCRIPT, [field, value]):
                 continue  # replaced or taken by another process meanwhile
             why = revalidate(entry)
             if why is None:
@@ -157,7 +152,8 @@ class DeferredQueue:
     def _live(self, raw: Any = None) -> list[tuple[str, str, DeferredIntent]]:
         now = self.clock.now()
         if raw is None:
-            raw = self._call(lambda: self.client.hgetall(self.keys.deferred))
+            with redis_errors("deferred intents"):
+                raw = self.client.hgetall(self.keys.deferred)
         live = []
         for name, value in raw.items():
             field = name.decode() if isinstance(name, bytes) else str(name)
@@ -165,18 +161,13 @@ class DeferredQueue:
             entry = DeferredIntent.decode(text)
             if now < entry.expires_at:
                 live.append((field, text, entry))
-            elif self._run(HDEL_IF_UNCHANGED, [field, text]):
+            elif self._run(HDEL_IF_UNCHANGED_SCRIPT, [field, text]):
                 log.info("deferred.expired", symbol=entry.intent.symbol, side=entry.intent.side.value,
                          intent_id=entry.intent.id)
         return sorted(live, key=lambda item: item[2].deferred_at)
 
     def _run(self, text: str, args: list[Any]) -> Any:
         run = script(self.client, text)
-        return self._call(lambda: run(keys=[self.keys.deferred], args=args, client=self.client))
+        with redis_errors("deferred intents"):
+            return run(keys=[self.keys.deferred], args=args, client=self.client)
 
-    @staticmethod
-    def _call(fn: Any) -> Any:
-        try:
-            return fn()
-        except _REDIS_DOWN as exc:
-            raise RedisUnavailable(f"deferred: {exc}") from exc

@@ -49,9 +49,9 @@ from redis.client import Pipeline
 
 from shared.clock import Clock, LiveClock, utc
 from shared.config import LimitSettings
-from shared.errors import RedisUnavailable
 from shared.keys import Keys
 from shared.models import Side
+from shared.redis.boundary import redis_errors
 from shared.safety.rate_limit import Denied, Grant, Limit, RateLimiter
 
 __all__ = [
@@ -344,10 +344,8 @@ def check_order(order: OrderCheck, snapshot: AccountSnapshot, settings: LimitSet
 def read_last_bars(client: redis.Redis, keys: Keys) -> dict[str, datetime]:
     """Every symbol's newest bar time from ``Keys.last_bar`` (ISO times; epoch seconds accepted).
     An unreadable value is left out, so its symbol counts as stale."""
-    try:
+    with redis_errors(f"reading {keys.last_bar}"):
         raw = client.hgetall(keys.last_bar)
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise RedisUnavailable(f"reading {keys.last_bar} failed: {exc}") from exc
     return last_bars_from(raw)
 
 

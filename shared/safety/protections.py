@@ -32,12 +32,8 @@ Left to the caller: apply :meth:`Protections.refusal` to entries only (an exit i
 decide what is a stop-out, alert on the locks each ``record_*`` returns, and engage the trading
 state (:mod:`shared.safety.trading_state`) if a lock should also stop exits. Times come from the
 caller's Clock: processes on several hosts that share the locks must keep their clocks in sync.
-
-Keys (``redis-cli``)::
-
-    <prefix>:protection-locks          HGETALL: active (and not yet swept expired) locks
-    <prefix>:protection-locks:trades   ZRANGE ... WITHSCORES: closed trades, score = µs since epoch
-    <prefix>:protection-locks:equity   the equity samples, likewise
+Its keys are :attr:`~shared.keys.Keys.protection_locks`, :attr:`~shared.keys.Keys.closed_trades`
+and :attr:`~shared.keys.Keys.equity_samples`.
 """
 
 from __future__ import annotations
@@ -54,11 +50,11 @@ from redis.client import Pipeline
 
 from shared.clock import Clock, LiveClock, epoch_micros, from_epoch_micros, utc
 from shared.config import ProtectionSettings
-from shared.errors import RedisUnavailable
 from shared.keys import Keys
 from shared.logging import get_logger
 from shared.models import Side
-from shared.redis.client import HDEL_IF_UNCHANGED, script
+from shared.redis.boundary import redis_errors
+from shared.redis.client import HDEL_IF_UNCHANGED_SCRIPT, HSET_IF_NEWER_SCRIPT, script
 from shared.safety.limits import Refusal, Rule
 
 __all__ = [
@@ -74,25 +70,12 @@ __all__ = [
 ]
 
 log = get_logger(module="protections")
-_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 ANY = "*"
 STOPLOSS_GUARD = "stoploss_guard"
 MAX_DRAWDOWN = "max_drawdown"
 COOLDOWN = "cooldown"
 LOW_PROFIT = "low_profit"
 
-# KEYS[1] = the locks hash
-# ARGV[1] = field "<protection>:<symbol>:<side>"   ARGV[2] = until (µs)   ARGV[3] = the lock as JSON
-# returns 1 if written, 0 if the lock already there ends at or after ARGV[2] (never shortened)
-LOCK_SCRIPT = """
-local current = redis.call('hget', KEYS[1], ARGV[1])
-if current then
-    local ends = tonumber(string.match(current, '^(%d+) '))
-    if ends and ends >= tonumber(ARGV[2]) then return 0 end
-end
-redis.call('hset', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
-return 1
-"""
 
 
 
@@ -179,8 +162,8 @@ class Protections:
         self.keys = keys
         self.settings = settings
         self.clock = clock or LiveClock()
-        self.trades_key = f"{keys.protection_locks}:trades"
-        self.equity_key = f"{keys.protection_locks}:equity"
+        self.trades_key = keys.closed_trades
+        self.equity_key = keys.equity_samples
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -188,7 +171,8 @@ class Protections:
         """Record a closed trade and evaluate StoplossGuard, Cooldown and LowProfitPairs; return the
         locks written (new, or extended)."""
         at_us = epoch_micros(trade.at)
-        self._call(lambda: self.client.zadd(self.trades_key, {trade.encode(): at_us}))
+        with redis_errors("protections"):
+            self.client.zadd(self.trades_key, {trade.encode(): at_us})
         self._prune(self.trades_key, max(self.settings.stoploss_guard_lookback_s,
                                          self.settings.low_profit_lookback_s))
         now = self.clock.now()
@@ -207,7 +191,8 @@ class Protections:
         """Record an account equity sample and evaluate MaxDrawdown; return the locks written."""
         at = utc(at) if at is not None else self.clock.now()
         at_us = epoch_micros(at)
-        self._call(lambda: self.client.zadd(self.equity_key, {f"{at_us}:{equity}": at_us}))
+        with redis_errors("protections"):
+            self.client.zadd(self.equity_key, {f"{at_us}:{equity}": at_us})
         self._prune(self.equity_key, self.settings.max_drawdown_lookback_s)
         written: list[ProtectionLock] = []
         s = self.settings
@@ -228,7 +213,8 @@ class Protections:
     def active_locks(self) -> list[ProtectionLock]:
         """Every lock still active by the Clock, longest first (``bastion status``); expired ones
         are swept."""
-        return self.locks_from(self._call(lambda: self.client.hgetall(self.keys.protection_locks)))
+        with redis_errors("protections"):
+            return self.locks_from(self.client.hgetall(self.keys.protection_locks))
 
     def queue_locks(self, pipe: Pipeline) -> None:
         """Queue on ``pipe`` the read :meth:`locks_from` parses (for a caller batching reads)."""
@@ -245,7 +231,7 @@ class Protections:
                 active.append(lock)
             else:
                 field = name.decode() if isinstance(name, bytes) else str(name)
-                self._run(HDEL_IF_UNCHANGED, [self.keys.protection_locks], [field, text])
+                self._run(HDEL_IF_UNCHANGED_SCRIPT, [self.keys.protection_locks], [field, text])
         return sorted(active, key=lambda lock: lock.until, reverse=True)
 
     def check(self, symbol: str, side: Side | str, locks: list[ProtectionLock] | None = None
@@ -267,7 +253,8 @@ class Protections:
     def unlock(self, protection: str, symbol: str = ANY, side: str = ANY) -> bool:
         """Remove one lock by hand (an operator's override); True if there was one."""
         field = f"{protection}:{symbol}:{side}"
-        return bool(self._call(lambda: self.client.hdel(self.keys.protection_locks, field)))
+        with redis_errors("protections"):
+            return bool(self.client.hdel(self.keys.protection_locks, field))
 
     # -- the protections ------------------------------------------------------------------------
 
@@ -303,8 +290,8 @@ class Protections:
         lock = ProtectionLock(protection, symbol, side, until, reason, now)
         if not lock.active(now):
             return
-        args = [lock.field, epoch_micros(lock.until), lock.encode()]
-        if self._run(LOCK_SCRIPT, [self.keys.protection_locks], args):
+        args = [lock.field, epoch_micros(lock.until), lock.encode(), "0"]  # a lock is never shortened
+        if self._run(HSET_IF_NEWER_SCRIPT, [self.keys.protection_locks], args):
             log.warning("protections.locked", protection=protection, symbol=symbol, side=side,
                         until=lock.until.isoformat(), reason=reason)
             written.append(lock)
@@ -315,22 +302,19 @@ class Protections:
 
     def _since(self, key: str, now: datetime, lookback_s: float) -> list[tuple[str, float]]:
         start = epoch_micros(now - timedelta(seconds=lookback_s))
-        raw = self._call(lambda: self.client.zrangebyscore(key, f"({start}", "+inf", withscores=True))
+        with redis_errors("protections"):
+            raw: Any = self.client.zrangebyscore(key, f"({start}", "+inf", withscores=True)
         return [(member.decode() if isinstance(member, bytes) else str(member), float(score))
                 for member, score in raw]
 
     def _prune(self, key: str, lookback_s: float) -> None:
         """Drop events older than any lookback can reach (twice the lookback: late events still count)."""
         horizon = epoch_micros(self.clock.now() - timedelta(seconds=2 * lookback_s))
-        self._call(lambda: self.client.zremrangebyscore(key, "-inf", f"({horizon}"))
+        with redis_errors("protections"):
+            self.client.zremrangebyscore(key, "-inf", f"({horizon}")
 
     def _run(self, text: str, keys: list[str], args: list[Any]) -> Any:
         run = script(self.client, text)
-        return self._call(lambda: run(keys=keys, args=args, client=self.client))
+        with redis_errors("protections"):
+            return run(keys=keys, args=args, client=self.client)
 
-    @staticmethod
-    def _call(fn: Any) -> Any:
-        try:
-            return fn()
-        except _REDIS_DOWN as exc:
-            raise RedisUnavailable(f"protections: {exc}") from exc

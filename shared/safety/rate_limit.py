@@ -50,15 +50,15 @@ from redis.client import Pipeline
 
 from shared.clock import Clock, LiveClock
 from shared.config import LimitSettings
-from shared.errors import RateLimitTimeout, RedisUnavailable
+from shared.errors import RateLimitTimeout
 from shared.keys import Keys
 from shared.logging import get_logger
+from shared.redis.boundary import redis_errors
 from shared.redis.client import script
 
 __all__ = ["ACQUIRE_SCRIPT", "PAUSE_SCRIPT", "Denied", "Grant", "Limit", "RateLimiter"]
 
 log = get_logger(module="rate_limit")
-_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 _MICROS = 1_000_000
 
 # KEYS[1] = the group's pause key
@@ -214,7 +214,8 @@ class RateLimiter:
 
     def paused_until(self) -> int:
         """The Redis time (µs) the current pause ends, 0 if none was set (it may be in the past)."""
-        value = self._call(lambda: self.client.get(self.bucket_key("pause")))
+        with redis_errors("rate limit"):
+            value = self.client.get(self.bucket_key("pause"))
         return int(value) if value else 0
 
     def _buckets(self, endpoint: str) -> tuple[list[str], list[int]]:
@@ -247,7 +248,8 @@ class RateLimiter:
         """Give back a grant that was not used (its units count again at once)."""
         with self.client.pipeline(transaction=True) as pipe:
             self.queue_refund(pipe, endpoint, grant_id, weight)
-            self._call(pipe.execute)
+            with redis_errors("rate limit"):
+                pipe.execute()
 
     def queue_refund(self, pipe: Pipeline, endpoint: str, grant_id: str, weight: int = 1) -> None:
         """Queue :meth:`refund`'s writes on ``pipe`` (for a caller batching its round trips)."""
@@ -262,7 +264,8 @@ class RateLimiter:
         keys, limits = self._buckets(endpoint)
         grant_id = uuid.uuid4().hex
         run = script(self.client, ACQUIRE_SCRIPT)
-        reply = self._call(lambda: run(keys=keys, args=[weight, grant_id, *limits], client=self.client))
+        with redis_errors("rate limit"):
+            reply = run(keys=keys, args=[weight, grant_id, *limits], client=self.client)
         return self._outcome(reply, endpoint, weight)
 
     def _outcome(self, reply: Any, endpoint: str, weight: int) -> tuple[int, int]:
@@ -278,14 +281,9 @@ class RateLimiter:
     def _pause(self, relative_us: int, absolute_us: int) -> tuple[int, int]:
         run = script(self.client, PAUSE_SCRIPT)
         key = self.bucket_key("pause")
-        reply = self._call(lambda: run(keys=[key], args=[relative_us, absolute_us], client=self.client))
+        with redis_errors("rate limit"):
+            reply = run(keys=[key], args=[relative_us, absolute_us], client=self.client)
         now, until = int(reply[0]), int(reply[1])
         log.warning("rate_limit.paused", group=self.group, seconds=max(until - now, 0) / _MICROS)
         return now, until
 
-    @staticmethod
-    def _call(fn: Any) -> Any:
-        try:
-            return fn()
-        except _REDIS_DOWN as exc:
-            raise RedisUnavailable(f"rate limit: {exc}") from exc

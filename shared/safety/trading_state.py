@@ -37,17 +37,16 @@ from redis.client import Pipeline
 
 from shared.bus import publish
 from shared.clock import Clock, LiveClock
-from shared.errors import RedisUnavailable
 from shared.keys import ALERTS, Keys
 from shared.logging import get_logger
 from shared.models import Alert, AlertSeverity, Side
+from shared.redis.boundary import redis_errors
 from shared.redis.client import reply_text, script
 from shared.safety.limits import Refusal, Rule, is_reducing
 
 __all__ = ["ENGAGE_SCRIPT", "LEDGER", "Change", "KillSwitch", "TradingState", "TradingStatus"]
 
 log = get_logger(module="trading_state")
-_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 LEDGER = "trading-state"  # Keys.stream(LEDGER): every change, never trimmed
 
 
@@ -162,8 +161,9 @@ class KillSwitch:
         args = [change_id, state.value, by, reason, at.isoformat(), _flag(cancel_open_orders),
                 _flag(flatten_positions), _flag(escalate_only), str(_RANK[state]), *ranks]
         run = script(self.client, ENGAGE_SCRIPT)
-        reply = self._call(lambda: run(keys=[self.keys.trading_state, self.keys.stream(LEDGER)], args=args,
-                                          client=self.client))
+        with redis_errors("trading state"):
+            reply = run(keys=[self.keys.trading_state, self.keys.stream(LEDGER)], args=args,
+                        client=self.client)
         outcome = reply_text(reply[0])
         previous = TradingState(reply_text(reply[2]))
         change = Change(outcome, int(reply[1]), previous, state if outcome != "kept" else previous,
@@ -177,7 +177,8 @@ class KillSwitch:
 
     def current(self) -> TradingStatus:
         """The state as Redis has it now (ACTIVE if never set)."""
-        return self.status_from(self._call(lambda: self.client.hgetall(self.keys.trading_state)))
+        with redis_errors("trading state"):
+            return self.status_from(self.client.hgetall(self.keys.trading_state))
 
     def queue_current(self, pipe: Pipeline) -> None:
         """Queue on ``pipe`` the read :meth:`status_from` parses (for a caller batching reads)."""
@@ -209,7 +210,8 @@ class KillSwitch:
 
     def history(self, count: int = 20) -> list[dict[str, str]]:
         """The newest ``count`` ledger entries, newest first (``bastion status``)."""
-        entries = self._call(lambda: self.client.xrevrange(self.keys.stream(LEDGER), count=count))
+        with redis_errors("trading state"):
+            entries: Any = self.client.xrevrange(self.keys.stream(LEDGER), count=count)
         return [{"id": reply_text(entry_id), **{reply_text(k): reply_text(v) for k, v in fields.items()}}
                 for entry_id, fields in entries]
 
@@ -222,14 +224,9 @@ class KillSwitch:
                       details={"state": change.state.value, "previous": change.previous.value,
                                "seq": str(change.seq), "cancel_open_orders": _flag(cancel),
                                "flatten_positions": _flag(flatten)})
-        self._call(lambda: publish(self.client, self.keys, ALERTS, alert))
+        with redis_errors("trading state"):
+            publish(self.client, self.keys, ALERTS, alert)
 
-    @staticmethod
-    def _call(fn: Any) -> Any:
-        try:
-            return fn()
-        except _REDIS_DOWN as exc:
-            raise RedisUnavailable(f"trading state: {exc}") from exc
 
 
 def _flag(value: bool) -> str:

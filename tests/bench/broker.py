@@ -39,7 +39,7 @@ from shared.clock import LiveClock
 from shared.keys import BARS, Keys
 from shared.logging import configure_logging
 from shared.models import Bar, OrderStatus, Side
-from shared.redis.client import connect_url
+from shared.redis.connection import connect_url
 from shared.redis.server import RedisServer
 from tests.support.paper import PaperExchange
 from tests.support.processes import free_port

@@ -54,7 +54,7 @@ from shared.config import BusSettings
 from shared.keys import Keys
 from shared.logging import configure_logging
 from shared.models import Bar
-from shared.redis.client import connect_url
+from shared.redis.connection import connect_url
 from shared.redis.server import RedisServer
 from tests.support.processes import free_port
 

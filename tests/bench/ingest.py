@@ -43,7 +43,7 @@ from typing import Any
 import redis
 
 from shared.keys import BARS, INTENTS, Keys
-from shared.redis.client import connect_url
+from shared.redis.connection import connect_url
 from shared.redis.server import RedisServer
 from tests.support.processes import cpu_seconds, free_port, spawn, stop_all, wait_for
 

@@ -195,7 +195,8 @@ from shared.bus import codec
 from shared.clock import LiveClock, epoch_micros
 from shared.keys import INTENTS, ORDERS, REJECTIONS, Keys
 from shared.logging import configure_logging
-from shared.redis.client import connect_url, reply_text
+from shared.redis.client import reply_text
+from shared.redis.connection import connect_url
 from shared.redis.server import RedisServer
 from shared.safety.rate_limit import Limit, RateLimiter
 from tests.bench._desk import (

@@ -28,7 +28,7 @@ from shared.clock import LiveClock
 from shared.config import LockSettings, PortfolioSettings
 from shared.keys import Keys
 from shared.portfolio import Portfolio, verify
-from shared.redis.client import connect_url
+from shared.redis.connection import connect_url
 from shared.redis.server import RedisServer
 from tests.support.processes import free_port
 

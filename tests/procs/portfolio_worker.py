@@ -41,7 +41,7 @@ from shared.keys import Keys
 from shared.models import Fill
 from shared.portfolio import Portfolio
 from shared.portfolio.locks import FencedLock
-from shared.redis.client import connect_url
+from shared.redis.connection import connect_url
 
 SYMBOLS = ("AAA", "BBB", "CCC")
 

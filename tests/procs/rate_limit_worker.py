@@ -20,7 +20,7 @@ import sys
 
 from shared.clock import LiveClock
 from shared.keys import Keys
-from shared.redis.client import connect_url
+from shared.redis.connection import connect_url
 from shared.safety.rate_limit import Limit, RateLimiter
 
 

@@ -46,7 +46,8 @@ from shared.clock import LiveClock
 from shared.keys import BARS, INTENTS, Keys
 from shared.models import Bar, Intent, OrderType, Side
 from shared.portfolio import Portfolio
-from shared.redis.client import connect_url, reply_text
+from shared.redis.client import reply_text
+from shared.redis.connection import connect_url
 from shared.safety.trading_state import KillSwitch, TradingState
 from tests.support.paper import HEADERS, KEY_ID, SECRET, PaperExchange
 from tests.support.processes import REPO_ROOT, spawn, stop_all

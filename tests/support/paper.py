@@ -19,7 +19,7 @@ from shared.clock import LiveClock
 from shared.config import BrokerSettings
 from shared.keys import BARS, Keys
 from shared.models import Bar
-from shared.redis.client import connect_url
+from shared.redis.connection import connect_url
 from tests.support.processes import free_port, spawn, stop_all, wait_for
 
 KEY_ID = "PKTESTKEY"

@@ -41,7 +41,7 @@ from shared.errors import RedisUnavailable
 from shared.keys import ALERTS, BARS, Keys
 from shared.logging import get_logger
 from shared.models import Alert, AlertSeverity, Bar
-from shared.redis.boundary import unavailable
+from shared.redis.boundary import WaitOut, redis_errors
 from shared.service import ServiceContext
 from shared.stop import Stoppable
 
@@ -143,11 +143,10 @@ class Ingester:
             since = self._since_trim.get(key, 0) + count
             if since >= self.bus.trim_every:
                 try:
-                    trim(self.client, key, self.bus.maxlen)
+                    with redis_errors(f"trimming {key}"):
+                        trim(self.client, key, self.bus.maxlen)
                     since = 0
-                except redis.RedisError as exc:
-                    if not unavailable(exc):
-                        raise
+                except RedisUnavailable as exc:
                     log.warning("ingester.trim_failed", stream=key, error=str(exc))
             self._since_trim[key] = since
 
@@ -193,10 +192,9 @@ class Ingester:
         alert = Alert(time=self.clock.now(), severity=severity, source="ingester", kind=kind, text=text,
                       details=details)
         try:
-            publish(self.client, self.keys, ALERTS, alert)
-        except redis.RedisError as exc:
-            if not unavailable(exc):
-                raise
+            with redis_errors("publishing an alert"):
+                publish(self.client, self.keys, ALERTS, alert)
+        except RedisUnavailable as exc:
             log.warning("ingester.alert_failed", kind=kind, symbol=symbol, error=str(exc))  # logged above
 
     def run(self, source: BarSource, stop: Stoppable, max_bars: int = 0) -> Counts:
@@ -236,18 +234,16 @@ class Ingester:
         return self.counts
 
     def _until_up(self, stop: Stoppable, do: Callable[[], T]) -> T:
-        """``do()``, tried again while Redis is unavailable (waits doubling from 0.1 to 2 s); the
-        RedisUnavailable is raised once ``stop`` is set."""
-        delay = 0.0
+        """``do()``, tried again while Redis is unavailable (:class:`~shared.redis.boundary.WaitOut`);
+        the RedisUnavailable is raised once ``stop`` is set."""
+        outage = WaitOut()
         while True:
             try:
                 return do()
             except RedisUnavailable as exc:
                 if stop.is_set():
                     raise
-                delay = min(max(delay * 2, 0.1), 2.0)
-                log.warning("ingester.redis_unavailable", error=str(exc), retry_in_s=delay)
-                stop.wait(delay)
+                outage.wait(stop, log, "ingester.redis_unavailable", exc)
 
 
 def make_source(settings: Settings, client: redis.Redis, keys: Keys, clock: Clock) -> BarSource:
