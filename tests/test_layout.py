@@ -120,3 +120,29 @@ LIBRARY = sorted((REPO / "shared").rglob("*.py"))
 def test_library_modules_stay_small(path: Path) -> None:
     """A module of the shared library fits one read: about 400 lines at most."""
     assert len(path.read_text().splitlines()) <= MAX_LIBRARY_LINES
+
+
+LAYERS = {  # shared/'s layers, as its package docstring states them
+    "shared.clock": 1, "shared.config": 1, "shared.errors": 1, "shared.keys": 1, "shared.logging": 1,
+    "shared.models": 1, "shared.stop": 1,
+    "shared.redis": 2,
+    "shared.bus": 3, "shared.portfolio": 3,
+    "shared.safety": 4, "shared.brokers": 4,
+    "shared.service": 5, "shared.heartbeat": 5,
+}
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    for size in range(len(parts), 0, -1):
+        if ".".join(parts[:size]) in LAYERS:
+            return LAYERS[".".join(parts[:size])]
+    raise KeyError(f"{module} has no layer in LAYERS")
+
+
+def test_shared_imports_only_its_own_layer_or_below() -> None:
+    """No library module imports from a layer above its own (shared/__init__.py lists them)."""
+    edges = _edges(_modules())
+    upward = [(source, target) for source, targets in edges.items() if source.startswith("shared.")
+              for target in targets if target != "shared" and _layer(target) > _layer(source)]
+    assert upward == []

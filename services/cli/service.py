@@ -15,12 +15,10 @@ import pkgutil
 import sys
 from collections.abc import Sequence
 
-import redis
-
 from services.cli import commands
 from services.cli._context import EXIT_UNAVAILABLE, EXIT_USAGE
 from shared.errors import ConfigError, RedisUnavailable
-from shared.redis.boundary import refusing_writes, unavailable
+from shared.redis.boundary import redis_errors, refusing_writes
 
 __all__ = ["build_parser", "main"]
 
@@ -39,19 +37,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bastion`` console script."""
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        with redis_errors("Redis unreachable"):
+            return int(args.func(args))
     except ConfigError as exc:
         print(f"bastion: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (RedisUnavailable, redis.RedisError) as exc:
-        if refusing_writes(exc.__cause__ or exc):
+    except RedisUnavailable as exc:
+        if exc.__cause__ is not None and refusing_writes(exc.__cause__):
             print(f"bastion: Redis refuses writes now, so nothing was written (memory full, a failing "
                   f"disk or a read-only replica): {exc}", file=sys.stderr)
-        elif isinstance(exc, RedisUnavailable):
-            print(f"bastion: {exc}", file=sys.stderr)
-        elif unavailable(exc):
-            print(f"bastion: Redis unreachable: {exc}", file=sys.stderr)
         else:
-            raise
+            print(f"bastion: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
 

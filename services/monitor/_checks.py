@@ -120,11 +120,10 @@ class Checker:
 
     def _lag(self, health: Health) -> None:
         limit = self.settings.monitor.max_lag
-        prefix = f"{self.keys.prefix}:stream:"
-        for raw in sorted(self.client.scan_iter(match=f"{prefix}*", count=500, _type="stream")):
+        for raw in sorted(self.client.scan_iter(match=self.keys.stream("*"), count=500, _type="stream")):
             stream = reply_text(raw)
             for group in self.client.xinfo_groups(stream):
-                name = f"{stream.removeprefix(prefix)}/{reply_text(group['name'])}"
+                name = f"{stream.removeprefix(self.keys.stream(''))}/{reply_text(group['name'])}"
                 lag = None if group.get("lag") is None else int(group["lag"])
                 pending = int(group["pending"])
                 health.groups[name] = {"lag": lag, "pending": pending}

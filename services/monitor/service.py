@@ -44,7 +44,7 @@ from shared.errors import RedisUnavailable
 from shared.keys import ALERTS, Keys, MonitorKeys
 from shared.logging import get_logger
 from shared.models import Alert, AlertSeverity
-from shared.redis.boundary import redis_errors, unavailable
+from shared.redis.boundary import redis_errors
 from shared.redis.client import reply_text
 from shared.service import ServiceContext
 from shared.stop import Stoppable
@@ -201,13 +201,12 @@ class Monitor:
             consumer.start()
         while not stop.is_set():
             try:
-                health = self.check()
-                self.tick()
+                with redis_errors("monitor pass"):
+                    health = self.check()
+                    self.tick()
                 if on_pass is not None:
                     on_pass(health)
-            except (RedisUnavailable, redis.RedisError) as exc:
-                if not unavailable(exc):
-                    raise
+            except RedisUnavailable as exc:
                 log.warning("monitor.redis_unavailable", error=str(exc))
             stop.wait(self.settings.monitor.interval_s)
         if consumer is not None:

@@ -26,18 +26,17 @@ import sys
 import threading
 from collections.abc import Callable
 
-import redis
-
 from services.paper_exchange._engine import Exchange, credentials
 from services.paper_exchange._faults import FaultPlan, Faults, parse_plan
 from services.paper_exchange._server import Server
 from shared.bus import Delivery
 from shared.config import Settings, settings_or_exit
-from shared.errors import ConfigError
+from shared.errors import ConfigError, RedisCommandFailed, RedisUnavailable
 from shared.heartbeat import alive_instances
 from shared.keys import BARS
 from shared.logging import get_logger
 from shared.models import Bar
+from shared.redis.boundary import redis_errors
 from shared.service import ServiceContext, run_service
 from shared.stop import StopSignal
 
@@ -89,8 +88,9 @@ def serve(ctx: ServiceContext) -> None:
     consumer = threading.Thread(target=consume, name="bars")
     def others() -> list[str]:  # the other services still running (they may still call us)
         try:
-            alive = alive_instances(ctx.redis, ctx.keys)
-        except redis.RedisError:
+            with redis_errors("reading heartbeats"):
+                alive = alive_instances(ctx.redis, ctx.keys)
+        except (RedisUnavailable, RedisCommandFailed):
             return []  # Redis is gone: nobody can be seen, and the services need it more than us
         return [name for name in alive if not name.startswith(f"{SERVICE}:")]
 

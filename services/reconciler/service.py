@@ -62,7 +62,7 @@ from shared.keys import ALERTS, Keys
 from shared.logging import get_logger
 from shared.models import Alert, AlertSeverity
 from shared.portfolio import Portfolio
-from shared.redis.boundary import redis_errors, unavailable
+from shared.redis.boundary import redis_errors
 from shared.redis.client import reply_text
 from shared.safety.trading_state import KillSwitch, TradingState
 from shared.service import ServiceContext
@@ -321,10 +321,9 @@ class Reconciler:
         """One :meth:`reconcile`; None when Redis was unavailable (logged; the next pass tries
         again, and at start the hold stays)."""
         try:
-            return self.reconcile()
-        except (RedisUnavailable, redis.RedisError) as exc:
-            if not unavailable(exc):  # down, or refusing writes
-                raise
+            with redis_errors("reconciliation pass"):
+                return self.reconcile()
+        except RedisUnavailable as exc:  # down, or refusing writes
             log.warning("reconciler.redis_unavailable", error=str(exc))
             return None
 

@@ -33,12 +33,12 @@ from services.strategy._leases import PartitionLeases
 from shared.bus import codec, trim
 from shared.clock import Clock
 from shared.config import Settings
-from shared.errors import CodecError, RedisUnavailable
+from shared.errors import CodecError, RedisCommandFailed, RedisUnavailable
 from shared.heartbeat import alive_instances
 from shared.keys import INTENTS, Keys
 from shared.logging import bind_correlation, get_logger
 from shared.models import Bar, Intent
-from shared.redis.boundary import WaitOut, unavailable
+from shared.redis.boundary import WaitOut, redis_errors
 from shared.redis.client import reply_text, script
 
 __all__ = ["GROUP", "SERVICE", "StoredState", "StrategyWorker", "WorkerStats", "consumer_name"]
@@ -230,21 +230,24 @@ class StrategyWorker:
         try:
             while not stop.is_set():
                 try:
-                    if self.clock.monotonic() >= self._next_upkeep:
-                        self.upkeep()
-                    if self.step():
+                    with redis_errors("strategy pass"):
+                        if self.clock.monotonic() >= self._next_upkeep:
+                            self.upkeep()
+                        progressed = self.step()
+                    if progressed:
                         self._backoff = 0.0
                         outage.reset()
                         if self._more or burst:
                             continue
                     elif burst:
                         break
-                    self._idle(stop)
-                except (RedisUnavailable, redis.RedisError) as exc:
-                    if unavailable(exc):  # down, or refusing writes (a refused commit wrote nothing)
-                        self._forget()  # a commit whose reply was lost may or may not have been applied
-                        outage.wait(stop, log, "strategy.redis_unavailable", exc)
-                        continue
+                    with redis_errors("strategy idle wait"):
+                        self._idle(stop)
+                except RedisUnavailable as exc:  # down, or refusing writes (a refused commit wrote nothing)
+                    self._forget()  # a commit whose reply was lost may or may not have been applied
+                    outage.wait(stop, log, "strategy.redis_unavailable", exc)
+                    continue
+                except RedisCommandFailed as exc:
                     if "NOGROUP" not in str(exc):
                         raise
                     log.warning("strategy.group_missing", error=str(exc))  # Redis restarted empty
@@ -252,8 +255,9 @@ class StrategyWorker:
                     self._forget()
         finally:
             try:
-                self.leases.release_all()
-            except redis.RedisError as exc:
+                with redis_errors("releasing leases"):
+                    self.leases.release_all()
+            except (RedisUnavailable, RedisCommandFailed) as exc:
                 log.warning("strategy.release_failed", error=str(exc))
         return self.stats
 

@@ -40,7 +40,7 @@ def register(subparsers: Any) -> None:
 
 def _streams(ctx: Context) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    for raw in sorted(ctx.redis.scan_iter(match=f"{ctx.keys.prefix}:stream:*", count=500, _type="stream")):
+    for raw in sorted(ctx.redis.scan_iter(match=ctx.keys.stream("*"), count=500, _type="stream")):
         key = reply_text(raw)
         groups = {}
         for group in ctx.redis.xinfo_groups(key):
@@ -48,7 +48,7 @@ def _streams(ctx: Context) -> dict[str, Any]:
             groups[reply_text(group["name"])] = {"pending": int(group["pending"]),
                                             "consumers": int(group["consumers"]),
                                             "lag": int(lag) if lag is not None else None}
-        result[key.removeprefix(f"{ctx.keys.prefix}:stream:")] = {"length": int(ctx.redis.xlen(key)),
+        result[key.removeprefix(ctx.keys.stream(""))] = {"length": int(ctx.redis.xlen(key)),
                                                                    "groups": groups}
     return result
 
