@@ -6,7 +6,8 @@
                      or the server named by ``REDIS_URL`` when that is set
 
 Each test gets a fresh key prefix, so tests never see each other's keys and a user's REDIS_URL
-is only touched under ``t-<random>:*`` (deleted afterwards).
+is only touched under ``t-<random>:*`` (deleted afterwards). ``clean_environment`` keeps the outer
+environment's REDIS_URL and BASTION_* variables out of a test that reads settings.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import redis
 from shared.keys import Keys
 from shared.redis.connection import connect_url
 from shared.redis.server import RedisServer
+from tests.support.environment import clear_settings
 from tests.support.paper import PaperExchange, running_exchange
 from tests.support.processes import free_port, spawn, stop_all
 
@@ -125,6 +127,13 @@ def redis_client(backend: str, keys: Keys, request: pytest.FixtureRequest) -> It
     yield client
     _cleanup(client, keys)
     client.close()
+
+
+@pytest.fixture
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No REDIS_URL or BASTION_* variable of the outer environment reaches the test (a module asks
+    for it for all its tests with ``pytestmark = pytest.mark.usefixtures("clean_environment")``)."""
+    clear_settings(monkeypatch)
 
 
 @pytest.fixture

@@ -68,27 +68,29 @@ MODULES = [
     "shared/bus/consumer.py",
     "shared/bus/idempotency.py",
 ]
+PORTFOLIO, SAFETY = "tests/shared/portfolio/", "tests/shared/safety/"  # the mirror tests of each package
 TESTS = [
-    "tests/test_portfolio.py",
-    "tests/test_money_core.py",
-    "tests/test_money_core_edges.py",
-    "tests/test_portfolio_stateful.py",
-    "tests/test_locks.py",
-    "tests/test_limits.py",
-    "tests/test_symbols.py",
-    "tests/test_rate_limit.py",
+    PORTFOLIO + "test_portfolio.py",
+    PORTFOLIO + "test_money_core.py",
+    PORTFOLIO + "test_money_core_edges.py",
+    PORTFOLIO + "test_portfolio_stateful.py",
+    PORTFOLIO + "test_locks.py",
+    SAFETY + "test_limits.py",
+    SAFETY + "test_symbols.py",
+    SAFETY + "test_rate_limit.py",
 ]
 # A module none of TESTS exercises is also run against its own mirror test.
-EXTRA_TESTS = {module: ["tests/test_bus.py"] for module in MODULES if module.startswith("shared/bus/")}
+EXTRA_TESTS = {module: ["tests/shared/bus/test_bus.py"]
+               for module in MODULES if module.startswith("shared/bus/")}
 # The tests that run first for a module's mutants (with -x, a kill comes sooner; same verdicts).
 FIRST = {
-    "shared/portfolio/_state.py": ["tests/test_money_core.py", "tests/test_portfolio.py"],
-    "shared/portfolio/portfolio.py": ["tests/test_money_core.py", "tests/test_portfolio.py"],
-    "shared/portfolio/_scripts.py": ["tests/test_money_core.py", "tests/test_portfolio.py"],
-    "shared/portfolio/locks.py": ["tests/test_locks.py"],
-    "shared/safety/limits.py": ["tests/test_limits.py", "tests/test_money_core.py"],
-    "shared/safety/symbols.py": ["tests/test_symbols.py", "tests/test_money_core.py"],
-    "shared/safety/rate_limit.py": ["tests/test_rate_limit.py", "tests/test_limits.py"],
+    "shared/portfolio/_state.py": [PORTFOLIO + "test_money_core.py", PORTFOLIO + "test_portfolio.py"],
+    "shared/portfolio/portfolio.py": [PORTFOLIO + "test_money_core.py", PORTFOLIO + "test_portfolio.py"],
+    "shared/portfolio/_scripts.py": [PORTFOLIO + "test_money_core.py", PORTFOLIO + "test_portfolio.py"],
+    "shared/portfolio/locks.py": [PORTFOLIO + "test_locks.py"],
+    "shared/safety/limits.py": [SAFETY + "test_limits.py", PORTFOLIO + "test_money_core.py"],
+    "shared/safety/symbols.py": [SAFETY + "test_symbols.py", PORTFOLIO + "test_money_core.py"],
+    "shared/safety/rate_limit.py": [SAFETY + "test_rate_limit.py", SAFETY + "test_limits.py"],
 }
 
 

@@ -1,4 +1,4 @@
-"""A portfolio client in its own OS process, for tests/test_portfolio_processes.py.
+"""A portfolio client in its own OS process, for tests/system/test_portfolio_processes.py.
 
 ``python -m tests.procs.portfolio_worker --url U --prefix P --name N --mode M [...]``
 

@@ -1,4 +1,4 @@
-"""A rate-limited client in its own OS process, for tests/test_rate_limit.py.
+"""A rate-limited client in its own OS process, for tests/system/test_rate_limit_processes.py.
 
 ``python -m tests.procs.rate_limit_worker --url U --prefix P --limit L --period S --mode M [...]``
 

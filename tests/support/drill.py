@@ -1,4 +1,4 @@
-"""The lifecycle drill's machinery (tests/test_lifecycle_drill.py): the desk as OS processes, a
+"""The lifecycle drill's machinery (tests/system/test_lifecycle_drill.py): the desk as OS processes, a
 seeded storm (exchange faults and process kills), a driver of intents and bars, an operator.
 
 Everything random is drawn from one ``random.Random(seed)`` before the storm starts
@@ -49,7 +49,8 @@ from shared.portfolio import Portfolio
 from shared.redis.client import reply_text
 from shared.redis.connection import connect_url
 from shared.safety.trading_state import KillSwitch, TradingState
-from tests.support.paper import HEADERS, KEY_ID, SECRET, PaperExchange
+from tests.support.environment import desk_env
+from tests.support.paper import HEADERS, PaperExchange
 from tests.support.processes import REPO_ROOT, spawn, stop_all
 
 SYMBOLS = ("AAPL", "MSFT", "SPY")
@@ -96,11 +97,8 @@ def drill_env(url: str, keys: Keys, exchange: PaperExchange) -> dict[str, str]:
         "PROTECTIONS__COOLDOWN_ENABLED": "false", "PROTECTIONS__LOW_PROFIT_ENABLED": "false",
         "PROTECTIONS__STOPLOSS_GUARD_ENABLED": "false", "PROTECTIONS__MAX_DRAWDOWN_ENABLED": "false",
         "PORTFOLIO__STARTING_CASH": CASH, "PAPER_EXCHANGE__STARTING_CASH": CASH,
-        "PAPER_EXCHANGE__PORT": str(exchange.port), "PAPER_EXCHANGE__API_KEY": KEY_ID,
-        "PAPER_EXCHANGE__SECRET_KEY": SECRET, "LOG__LEVEL": "INFO",
     }
-    return {"REDIS_URL": url, "BASTION_KEY_PREFIX": keys.prefix, "PYTHONFAULTHANDLER": "1",
-            **{f"BASTION_{name}": value for name, value in settings.items()}}
+    return {**desk_env(url, keys, settings, exchange=exchange), "PYTHONFAULTHANDLER": "1"}
 
 
 # -- the storm ----------------------------------------------------------------------------------
