@@ -111,9 +111,13 @@ class PortfolioSettings(_Section):
 
 
 class RiskSettings(_Section):
-    """Sizing for strategies; every pre-trade limit the risk service applies is in LimitSettings."""
+    """How risk sizes an intent that gives neither quantity nor notional (docs/RISK.md, "Sizing"):
+    an entry with a stop-loss risks ``max_risk_fraction`` of equity between entry and stop; one
+    without risks ``position_fraction`` of equity in the position. Limits (LimitSettings) cap both.
+    """
 
-    max_risk_fraction: Fraction = Decimal("0.02")
+    max_risk_fraction: Fraction = Decimal("0.01")
+    position_fraction: Fraction = Decimal("0.05")
 
 
 class ProtectionSettings(_Section):

@@ -61,6 +61,7 @@ from shared.safety.limits import (
     is_reducing,
 )
 from shared.safety.protections import Protections
+from shared.safety.sizing import check_exit_prices, size_order
 from shared.safety.symbols import PreparedOrder, SymbolProperties
 from shared.safety.trading_state import KillSwitch
 from shared.service import ServiceContext
@@ -236,14 +237,23 @@ class RiskService(DeferredTicks):
         if closed is not None:
             raise Deferred(closed)
         price = self._reference_price(intent, reads.marks)
-        quantity = intent.quantity if intent.quantity is not None else self._shares_for(intent, price)
+        _refuse_if(check_exit_prices(intent.side, price, intent.stop_loss, intent.take_profit))
+        stale_balance: str | None = None
+        if intent.quantity is not None:
+            quantity = intent.quantity
+        elif intent.notional is not None:
+            quantity = self._shares_for(intent, price)
+        else:  # sized on the account: the balance must be fresh first
+            stale_balance = self.account.refresh_if_needed(reads)
+            quantity = self._sized(intent, price, reads, position, stale_balance)
         prepared = self._round(intent, quantity, price)
         quantity = prepared.quantity
         if prepared.limit_price is not None and intent.order_type in (OrderType.LIMIT, OrderType.STOP_LIMIT):
             price = prepared.limit_price
         _refuse_if(status.refusal(intent.side, position, quantity))
         entry = not is_reducing(intent.side, position, quantity)
-        stale_balance = self.account.refresh_if_needed(reads)
+        if intent.quantity is not None or intent.notional is not None:
+            stale_balance = self.account.refresh_if_needed(reads)
         if stale_balance is not None and entry:
             raise Refused(f"{Rule.STALE_BALANCE}: {stale_balance}; entries wait for a fresh balance")
         snapshot = self.account.snapshot(reads)
@@ -262,7 +272,9 @@ class RiskService(DeferredTicks):
                       quantity=quantity, order_type=intent.order_type,
                       limit_price=prepared.limit_price,
                       stop_price=intent.stop_price, time_in_force=intent.time_in_force,
-                      reservation_id=intent.id)
+                      reservation_id=intent.id, exit_reason=intent.exit_reason,
+                      stop_loss=intent.stop_loss if entry else None,
+                      take_profit=intent.take_profit if entry else None)
         return order, self._reserve(intent, reads, order, price)
 
     def _reserve(self, intent: Intent, reads: Reads, order: Order, price: Decimal) -> bool:
@@ -312,6 +324,24 @@ class RiskService(DeferredTicks):
         if mark is None:
             raise Deferred(f"no price for {intent.symbol} yet (no bar seen)")  # a strategy's waits for one
         return mark
+
+    def _sized(self, intent: Intent, price: Decimal, reads: Reads, position: Decimal,
+               stale_balance: str | None) -> Decimal:
+        """The size of an intent that named none (:mod:`shared.safety.sizing`)."""
+        book = reads.book
+        held = book.positions.get(intent.symbol)
+        free = position - held.reserved if held is not None and position > 0 else position
+        if stale_balance is not None and not is_reducing(intent.side, position):
+            raise Refused(f"{Rule.STALE_BALANCE}: {stale_balance}; entries wait for a fresh balance")
+        sized = size_order(intent.symbol, intent.side, price, intent.stop_loss, free_position=free,
+                           buying_power=book.cash - book.reserved,
+                           fee_buffer_bps=self.settings.portfolio.fee_buffer_bps,
+                           snapshot=self.account.snapshot(reads), risk=self.settings.risk,
+                           limits=self.settings.limits)
+        if isinstance(sized, Refusal):
+            raise Refused(str(sized))
+        log.info("risk.sized", quantity=str(sized.quantity), basis=sized.basis)
+        return sized.quantity
 
     def _shares_for(self, intent: Intent, price: Decimal) -> Decimal:
         assert intent.notional is not None

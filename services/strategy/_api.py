@@ -44,7 +44,7 @@ from redis.client import Pipeline
 
 from shared.config import StrategySettings
 from shared.keys import Keys
-from shared.models import Bar, Intent, Side
+from shared.models import Bar, ExitReason, Intent, Side
 
 __all__ = [
     "Binding",
@@ -89,13 +89,17 @@ class Strategy(ABC, Generic[P, S]):
         are run inside the commit script, after its checks, so their replies are not returned."""
         return None
 
-    def intent(self, bar: Bar, side: Side, quantity: Decimal, reason: str) -> Intent:
-        """A market intent for ``quantity`` of this symbol with a deterministic id."""
+    def intent(self, bar: Bar, side: Side, quantity: Decimal | None, reason: str, *,
+               stop_loss: Decimal | None = None, take_profit: Decimal | None = None,
+               exit_reason: ExitReason = ExitReason.SIGNAL) -> Intent:
+        """A market intent for this symbol with a deterministic id. ``quantity`` None: risk sizes
+        it (an entry by ``risk.max_risk_fraction`` and ``stop_loss``, an exit: the whole position);
+        ``stop_loss``/``take_profit`` protect the entry once it fills (docs/RISK.md)."""
         index = self._emitted.get(bar.id, 0)
         self._emitted[bar.id] = index + 1
         return Intent(id=intent_id(self.name, self.symbol, bar.id, index), time=self.now or bar.time,
                       source=f"strategy:{self.name}", symbol=self.symbol, side=side, quantity=quantity,
-                      reason=reason)
+                      stop_loss=stop_loss, take_profit=take_profit, exit_reason=exit_reason, reason=reason)
 
 
 _REGISTRY: dict[str, type[Strategy[Any, Any]]] = {}

@@ -103,6 +103,7 @@ class Rule(StrEnum):
     PRICE_ROUNDS_TO_ZERO = "price_rounds_to_zero"
     BELOW_MIN_QUANTITY = "below_min_quantity"
     BELOW_MIN_NOTIONAL = "below_min_notional"
+    SIZING = "sizing"
 
 
 @dataclass(frozen=True)

@@ -120,11 +120,27 @@ class TestIntent:
         assert intent(quantity="5").quantity == Decimal("5")
         assert intent(quantity=None, notional="250.50").notional == Decimal("250.50")
 
-    @pytest.mark.parametrize("changes", [{"quantity": None}, {"notional": "100"}], ids=["neither", "both"])
-    def test_exactly_one_of_quantity_and_notional(self, changes: dict[str, Any]) -> None:
-        """Giving neither or both of quantity and notional is refused."""
-        with pytest.raises(ValidationError, match="exactly one of quantity and notional"):
-            intent(**changes)
+    def test_no_size_is_left_to_risk(self) -> None:
+        """An intent with neither quantity nor notional is valid: risk sizes it."""
+        sized_by_risk = intent(quantity=None)
+        assert (sized_by_risk.quantity, sized_by_risk.notional) == (None, None)
+
+    def test_quantity_and_notional_together_refused(self) -> None:
+        """Giving both quantity and notional is refused."""
+        with pytest.raises(ValidationError, match="quantity or notional, not both"):
+            intent(notional="100")
+
+    @pytest.mark.parametrize(("side", "stop_loss", "take_profit"),
+                             [("buy", "110", "90"), ("buy", "100", "100"), ("sell", "90", "110")])
+    def test_take_profit_beyond_stop_loss(self, side: str, stop_loss: str, take_profit: str) -> None:
+        """A take-profit on the wrong side of the stop-loss for the entry's side is refused."""
+        with pytest.raises(ValidationError, match="take_profit .* must be beyond stop_loss"):
+            intent(side=side, stop_loss=stop_loss, take_profit=take_profit)
+
+    def test_exits_on_either_side(self) -> None:
+        """A long entry's stop is below its take-profit; a short entry's above."""
+        assert intent(side="buy", stop_loss="95", take_profit="110").stop_loss == Decimal("95")
+        assert intent(side="sell", stop_loss="105", take_profit="90").take_profit == Decimal("90")
 
     @pytest.mark.parametrize("field", ["quantity", "notional"])
     @pytest.mark.parametrize("number", ["0", "-1", "NaN", "Infinity"])
