@@ -111,10 +111,8 @@ class PortfolioSettings(_Section):
 
 
 class RiskSettings(_Section):
-    """How risk sizes an intent that gives neither quantity nor notional (docs/RISK.md, "Sizing"):
-    an entry with a stop-loss risks ``max_risk_fraction`` of equity between entry and stop; one
-    without risks ``position_fraction`` of equity in the position. Limits (LimitSettings) cap both.
-    """
+    """How risk sizes an intent without quantity or notional (docs/RISK.md, "Sizing"): equity x
+    ``max_risk_fraction`` at risk to its stop-loss, else ``position_fraction`` of equity."""
 
     max_risk_fraction: Fraction = Decimal("0.01")
     position_fraction: Fraction = Decimal("0.05")
@@ -123,11 +121,12 @@ class RiskSettings(_Section):
 class ProtectionSettings(_Section):
     """Freqtrade-style protections (see docs/RISK.md); durations and lookbacks in seconds.
 
-    StoplossGuard locks after ``stoploss_guard_trade_limit`` stop-outs within its lookback,
-    globally, per symbol, per side, or per symbol and side. MaxDrawdown halts every entry when
-    account equity falls ``max_drawdown_fraction`` from its peak within the lookback. Cooldown
-    locks a symbol after each exit. LowProfitPairs locks a symbol whose realised PnL over the
-    lookback (at least ``low_profit_trade_limit`` trades) is below ``low_profit_required``.
+    StoplossGuard locks after ``stoploss_guard_trade_limit`` stop-outs within its lookback, globally, per
+    symbol, per side, or both; a stop-out is a stop exit (``ExitReason.is_stop``) whose PnL (money, after
+    fees) is below ``stoploss_guard_required_profit``. MaxDrawdown halts every entry when account equity
+    falls ``max_drawdown_fraction`` from its peak within the lookback. Cooldown locks a symbol after each
+    exit. LowProfitPairs locks a symbol (each entry side apart with ``low_profit_per_side``) whose realised
+    PnL over the lookback (at least ``low_profit_trade_limit`` trades) is below ``low_profit_required``.
     """
 
     stoploss_guard_enabled: bool = True
@@ -136,6 +135,7 @@ class ProtectionSettings(_Section):
     stoploss_guard_duration_s: PositiveFloat = 3600.0
     stoploss_guard_per_symbol: bool = False
     stoploss_guard_per_side: bool = False
+    stoploss_guard_required_profit: Annotated[Decimal, Field(allow_inf_nan=False)] = Decimal("0")
     max_drawdown_enabled: bool = True
     max_drawdown_fraction: Fraction = Decimal("0.10")
     max_drawdown_lookback_s: PositiveFloat = 86_400.0
@@ -147,6 +147,7 @@ class ProtectionSettings(_Section):
     low_profit_trade_limit: PositiveInt = 2
     low_profit_required: Annotated[Decimal, Field(allow_inf_nan=False)] = Decimal("0")
     low_profit_duration_s: PositiveFloat = 3600.0
+    low_profit_per_side: bool = False
 
 
 class LimitSettings(_Section):
@@ -224,14 +225,12 @@ class PaperExchangeSettings(_Section):
     always_open: bool = True  # /v2/clock says open at any hour (bars drive the session)
     # tradable besides the ingester's symbols and every symbol a bar has been seen for
     symbols: list[Annotated[str, Field(pattern=r"^[A-Z0-9./-]+$")]] = []
-    # an order needing money that cannot be valued yet (a market order before its symbol's first
-    # price): checked against buying power before its first fill and rejected then if it does
-    # not fit ("check_at_fill"), or refused when placed ("refuse")
+    # a market order before its symbol's first price: checked against buying power at its first
+    # fill and rejected then if it does not fit ("check_at_fill"), or refused when placed
     unpriced_orders: Literal["check_at_fill", "refuse"] = "check_at_fill"
     consumer_group: Annotated[str, Field(min_length=1)] = "paper-exchange"
     faults: str = ""  # a JSON fault plan (see docs/BROKERS.md); empty: no faults
-    # on a stop signal, how long the exchange keeps serving while a trade-update stream is still
-    # connected or another service still runs (an executor finishing its order in hand)
+    # on a stop, how long the exchange serves on while a trade-update stream or another service is up
     stop_wait_s: Annotated[float, Field(ge=0)] = 3.0
 
 
@@ -284,6 +283,9 @@ class ExecutorSettings(_Section):
     unknown_backoff_max_s: Annotated[float, Field(gt=0)] = 30.0  # longest wait between look-ups of one
     stale_pending_s: Annotated[float, Field(gt=0)] = 120.0  # a pending_submit this old is chased as UNKNOWN
     cancel_foreign_orders: bool = False  # cancel open broker orders without our client_order_id prefix
+    # tries to place a protective stop, protect_backoff_s apart (doubling), then flatten (docs/RISK.md)
+    protect_attempts: PositiveInt = 3
+    protect_backoff_s: Annotated[float, Field(ge=0)] = 0.5
 
 
 class ReconcilerSettings(_Section):

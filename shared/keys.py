@@ -158,6 +158,16 @@ class Keys:
         return f"{self.prefix}:open-orders"
 
     @property
+    def unprotected(self) -> str:
+        """Set of entry client_order_ids with filled shares a protective stop may not yet cover."""
+        return f"{self.prefix}:unprotected"
+
+    @property
+    def round_trips(self) -> str:
+        """Hash: symbol -> realised PnL after fees of the round trip still open in it."""
+        return f"{self.prefix}:round-trips"
+
+    @property
     def trading_state(self) -> str:
         """The kill switch / trading state hash."""
         return f"{self.prefix}:trading-state"

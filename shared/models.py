@@ -101,7 +101,7 @@ class ExitReason(StrEnum):
 
     SIGNAL = "signal"  # a strategy's or an operator's exit
     STOP_LOSS = "stop_loss"  # a protective stop filled, or a strategy's own stop-loss exit
-    TAKE_PROFIT = "take_profit"
+    TAKE_PROFIT = "take_profit"  # a strategy's exit at its profit target
     TRAILING_STOP = "trailing_stop"
     PROTECTION_FAILED = "protection_failed"  # flattened because no protective stop could be placed
     FLATTEN = "flatten"  # the kill switch flattened the position
@@ -172,8 +172,8 @@ class Intent(Message):
     """A wish to trade, from a strategy or a manual ``bastion order``; ``id`` is the intent id.
 
     Size: ``quantity`` (shares), ``notional`` (money), or neither: risk sizes it (docs/RISK.md,
-    "Sizing"). ``stop_loss`` and ``take_profit`` are the exit prices that protect an entry once
-    it fills (docs/RISK.md, "Protective exits"); ``exit_reason`` says why an exit is made.
+    "Sizing"). ``stop_loss`` is the price a protective stop guards an entry at once it fills
+    (docs/RISK.md, "Protective exits"); ``exit_reason`` says why an exit is made.
     """
 
     TYPE: ClassVar[str] = "intent"
@@ -188,7 +188,6 @@ class Intent(Message):
     stop_price: Price | None = None
     time_in_force: TimeInForce = TimeInForce.DAY
     stop_loss: Price | None = None
-    take_profit: Price | None = None
     exit_reason: ExitReason = ExitReason.SIGNAL
     reason: str = ""
 
@@ -197,7 +196,6 @@ class Intent(Message):
         if self.quantity is not None and self.notional is not None:
             raise ValueError("give quantity or notional, not both")
         _check_prices(self.order_type, self.limit_price, self.stop_price)
-        _check_exits(self.side, self.stop_loss, self.take_profit)
         return self
 
     @property
@@ -236,14 +234,12 @@ class Order(Message):
     time_in_force: TimeInForce = TimeInForce.DAY
     reservation_id: str = Field(min_length=1)
     stop_loss: Price | None = None
-    take_profit: Price | None = None
     exit_reason: ExitReason = ExitReason.SIGNAL
     protects: str | None = None  # a protective exit: the client_order_id of the entry it protects
 
     @model_validator(mode="after")
     def _shape(self) -> Order:
         _check_prices(self.order_type, self.limit_price, self.stop_price)
-        _check_exits(self.side, self.stop_loss, self.take_profit)
         return self
 
     @property
@@ -308,13 +304,6 @@ def _check_prices(order_type: OrderType, limit: Decimal | None, stop: Decimal | 
         raise ValueError(f"{order_type} order {'needs' if needs_limit else 'takes no'} limit_price")
     if needs_stop != (stop is not None):
         raise ValueError(f"{order_type} order {'needs' if needs_stop else 'takes no'} stop_price")
-
-
-def _check_exits(side: Side, stop_loss: Decimal | None, take_profit: Decimal | None) -> None:
-    if stop_loss is None or take_profit is None:
-        return
-    if (side is Side.BUY and take_profit <= stop_loss) or (side is Side.SELL and take_profit >= stop_loss):
-        raise ValueError(f"take_profit {take_profit} must be beyond stop_loss {stop_loss} for a {side} entry")
 
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (Bar, Intent, IntentRejected, Order, OrderEvent, Alert)

@@ -15,7 +15,6 @@ from services.executor._records import (
     APPLY_ATTEMPTS,
     CREATE_RECORD_SCRIPT,
     PRICE_PLACES,
-    STOP_TYPES,
     execute_queued,
     next_status,
     parse_time,
@@ -36,6 +35,7 @@ from shared.models import (
     CLIENT_ORDER_PREFIX,
     Alert,
     AlertSeverity,
+    ExitReason,
     Fill,
     OrderEvent,
     OrderStatus,
@@ -82,10 +82,11 @@ class EventBook:
             status=placed.status, filled_quantity=placed.filled_quantity,
             filled_avg_price=placed.filled_avg_price))
 
-    def apply_event(self, event: OrderEvent) -> None:
+    def apply_event(self, event: OrderEvent) -> bool:
         """Apply an order report: the fill increase (once, with the record, atomically), the
         status, the release when the broker ended the order. A report racing another for the same
         order is re-read and applied again; an order we do not track is adopted when its id is ours.
+        True when the order is an entry with a stop-loss and the report booked a fill of it.
         """
         with self._symbol_lock(event.symbol), bind_correlation(client_order_id=event.client_order_id):
             for attempt in range(1, APPLY_ATTEMPTS + 1):
@@ -93,19 +94,20 @@ class EventBook:
                 if not record:
                     record = self._adopt(event)
                     if not record:
-                        return
+                        return False
                 try:
-                    self._apply(event, record)
-                    return
+                    return self._apply(event, record)
                 except (PortfolioConflict, StaleFencingToken) as exc:
                     if attempt == APPLY_ATTEMPTS:
                         raise
                     log.info("executor.apply_retry", error=str(exc), attempt=attempt)
+        return False
 
-    def _apply(self, event: OrderEvent, record: dict[str, str]) -> None:
+    def _apply(self, event: OrderEvent, record: dict[str, str]) -> bool:
         """Apply ``event`` to the order ``record``: the fill (written with the record), the release
         of what the reservation still holds when the broker ended the order, then the status,
-        counts, open set and published event in one MULTI."""
+        counts, open set and published event in one MULTI. True when a fill of an entry with a
+        stop-loss was booked."""
         cid = event.client_order_id
         with self.client.pipeline(transaction=True) as writes:
             if record.get("unannounced"):  # a fill booked before a crash, not yet counted
@@ -113,7 +115,7 @@ class EventBook:
             booked = self._book_fill(event, record)
             if booked is None:  # filled more than applied, with no price to book it at: wait
                 execute_queued(writes)
-                return
+                return False
             outcome, fill = booked
             if outcome is not None:
                 self._queue_announcement(writes, cid, record, record["unannounced"], fill)
@@ -135,6 +137,8 @@ class EventBook:
                     writes.sadd(self.keys.open_orders, cid)
             if ended:
                 writes.srem(self.keys.open_orders, cid)
+                if record.get("protects") and not record.get("cancel_reason"):
+                    writes.sadd(self.keys.unprotected, record["protects"])  # replaced if it did not fill
             if new_status != status or outcome is not None:
                 self.publisher.queue_publish(writes, ORDER_EVENTS, event.model_copy(update={
                     "status": new_status, "intent_id": record.get("intent_id"), "time": self.clock.now()}))
@@ -147,6 +151,7 @@ class EventBook:
                         f"placed, but the broker reports it {event.status.value}; tracking it again", cid)
         if outcome is not None and outcome.beyond:
             self._beyond_reservation(cid, record, outcome)
+        return outcome is not None and bool(record.get("stop_loss"))
 
     def _book_fill(self, event: OrderEvent, record: dict[str, str]
                    ) -> tuple[Outcome | None, Fill | None] | None:
@@ -205,6 +210,8 @@ class EventBook:
         signed, before, at = note.split(" ")
         self.activity.queue_fill(writes, cid, record["symbol"], Decimal(signed), Decimal(before),
                                  fill.time if fill is not None else parse_time(at))
+        if record.get("stop_loss"):
+            writes.sadd(self.keys.unprotected, cid)
         writes.hdel(self.keys.order(cid), "unannounced")
 
     def _beyond_reservation(self, cid: str, record: Mapping[str, str], outcome: Outcome) -> None:
@@ -267,12 +274,26 @@ class EventBook:
             log.warning("executor.release_failed", error=str(exc))
 
     def _record_trade_closed(self, cid: str, record: dict[str, str]) -> None:
-        """Hand an order that reduced a position to the protections (once per order: same id)."""
-        trade = ClosedTrade(trade_id=cid, symbol=record["symbol"], side=Side(record.get("entry_side", "buy")),
-                            pnl=Decimal(record.get("realized", "0")) - Decimal(record.get("fees", "0")),
-                            stop_out=record.get("order_type") in STOP_TYPES, at=self.clock.now())
+        """An order that reduced a position ended: add its PnL to the symbol's round trip, and when
+        the position is flat (or turned), hand the round trip to the protections, named by this
+        order and its exit reason (once per order: same id)."""
+        symbol = record["symbol"]
+        pnl = Decimal(record.get("realized", "0")) - Decimal(record.get("fees", "0"))
+        before: Any = self.client.hget(self.keys.round_trips, symbol)
+        pnl += Decimal(before.decode()) if before is not None else Decimal(0)
+        held = self.portfolio.snapshot().positions.get(symbol)
+        entry_side = Side(record.get("entry_side", "buy"))
+        still_open = held is not None and held.qty and (held.qty > 0) == (entry_side is Side.BUY)
+        if still_open:
+            self.client.hset(self.keys.round_trips, symbol, str(pnl))
+            log.info("executor.trade_reduced", symbol=symbol, round_trip_pnl=str(pnl))
+            return
+        trade = ClosedTrade(trade_id=cid, symbol=symbol, side=entry_side, pnl=pnl,
+                            exit_reason=ExitReason(record.get("exit_reason", ExitReason.SIGNAL.value)),
+                            at=self.clock.now())
         locks = self.protections.record_trade_closed(trade)
-        log.info("executor.trade_closed", symbol=trade.symbol, pnl=str(trade.pnl), stop_out=trade.stop_out)
+        self.client.hdel(self.keys.round_trips, symbol)
+        log.info("executor.trade_closed", symbol=symbol, pnl=str(pnl), exit_reason=trade.exit_reason.value)
         self._alert_locks(locks)
 
     def _alert_locks(self, locks: list[ProtectionLock]) -> None:

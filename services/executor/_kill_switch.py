@@ -19,6 +19,7 @@ from shared.errors import (
 from shared.keys import ORDERS
 from shared.logging import get_logger
 from shared.models import (
+    ExitReason,
     Order,
     OrderStatus,
     Side,
@@ -61,6 +62,8 @@ class KillSwitchActions(OrderDesk):
         for cid in sorted(m.decode() for m in members):
             if cid.startswith(f"bst-flat-{status.seq}-"):
                 continue  # this change's own flatten orders
+            if not status.flatten_positions and self._record(cid).get("protects"):
+                continue  # a protective stop stays while its position does
             try:
                 self.broker.cancel(cid)
                 log.info("executor.cancel_requested", client_order_id=cid, seq=status.seq)
@@ -92,7 +95,7 @@ class KillSwitchActions(OrderDesk):
             price = marks.get(symbol, position.avg_cost)
             order = Order(time=self.clock.now(), intent_id=cid, client_order_id=cid,
                           account=self.portfolio.account, symbol=symbol, side=side, quantity=quantity,
-                          reservation_id=cid)
+                          reservation_id=cid, exit_reason=ExitReason.FLATTEN)
             try:
                 if cid not in snapshot.reservations:
                     self.portfolio.reserve(cid, symbol, side, quantity, price)

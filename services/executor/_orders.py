@@ -142,7 +142,12 @@ class OrderDesk(EventBook):
             "reservation_id": order.reservation_id, "symbol": order.symbol, "side": order.side.value,
             "quantity": str(order.quantity), "order_type": order.order_type.value, "applied_qty": "0",
             "applied_cost": "0", "created_at": self.clock.now().isoformat(),
+            "exit_reason": order.exit_reason.value,
         }
+        if order.stop_loss is not None:
+            fields["stop_loss"] = str(order.stop_loss)
+        if order.protects is not None:
+            fields["protects"] = order.protects
         cid = order.client_order_id
         with self.client.pipeline(transaction=False) as pipe:
             pipe.hget(self.portfolio.reservations_key, order.reservation_id)
@@ -188,8 +193,8 @@ class OrderDesk(EventBook):
                  never_placed: bool = False) -> None:
         """End an order the broker never took (refused, or never placed): the reservation is released."""
         log.warning("executor.order_failed", client_order_id=cid, status=status.value, reason=reason)
-        if never_placed:
-            self.client.hset(self.keys.order(cid), "never_placed", "1")
+        self.client.hset(self.keys.order(cid), mapping={"reason": reason[:500],
+                                                        **({"never_placed": "1"} if never_placed else {})})
         self.apply_event(OrderEvent(time=self.clock.now(), client_order_id=cid,
                                     intent_id=record.get("intent_id"), symbol=record["symbol"],
                                     side=Side(record["side"]), status=status, reason=reason))

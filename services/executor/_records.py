@@ -14,12 +14,11 @@ from shared.errors import (
 from shared.logging import get_logger
 from shared.models import (
     OrderStatus,
-    OrderType,
 )
 from shared.redis.boundary import unavailable
 
 __all__ = ["APPLY_ATTEMPTS", "CREATE_RECORD_SCRIPT", "MARK_UNKNOWN_SCRIPT", "NOT_YET_SHOWN", "PRICE_PLACES",
-           "STOP_TYPES", "execute_queued", "next_status", "parse_time", "run_pass"]
+           "execute_queued", "next_status", "parse_time", "run_pass"]
 
 log = get_logger(component="executor")
 
@@ -43,7 +42,6 @@ redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1
 """
 PRICE_PLACES = Decimal("0.000001")
-STOP_TYPES = (OrderType.STOP, OrderType.STOP_LIMIT)
 NOT_YET_SHOWN = (OrderStatus.PENDING_SUBMIT, OrderStatus.UNKNOWN)
 APPLY_ATTEMPTS = 5  # a report racing another for the same order (or a stalled lock) is re-read
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
-from services.executor._orders import OrderDesk
+from services.executor._protection import ProtectiveExits
 from services.executor._records import parse_time, run_pass
 from shared.errors import (
     BrokerError,
@@ -29,7 +29,7 @@ log = get_logger(component="executor")
 _WATCH_TICK_S = 0.5
 
 
-class OrderWatch(OrderDesk):
+class OrderWatch(ProtectiveExits):
     """Closes gaps: polls open orders, chases unknown ones, adopts untracked ones, follows trade updates."""
 
     def poll_orders(self, *, full: bool = True) -> int:
@@ -136,6 +136,7 @@ class OrderWatch(OrderDesk):
                 next_poll = self.clock.monotonic() + self.settings.executor.poll_interval_s
             self.poll_orders(full=full)
             self.run_repairs()
+            self.protect_pending()
 
         while not stop.is_set():
             run_pass("orders", one_pass)

@@ -37,6 +37,7 @@ from shared.bus import Delivery, Idempotency, codec
 from shared.clock import Clock
 from shared.config import Settings
 from shared.errors import (
+    BrokerError,
     HandlerRejected,
     InsufficientFunds,
     InsufficientPosition,
@@ -47,9 +48,10 @@ from shared.errors import (
 )
 from shared.keys import INTENTS, ORDERS, REJECTIONS, Keys
 from shared.logging import get_logger
-from shared.models import Intent, IntentRejected, Order, OrderType
+from shared.models import ExitReason, Intent, IntentRejected, Order, OrderType
 from shared.portfolio import Portfolio, Reservation
 from shared.redis.boundary import REDIS_DOWN
+from shared.redis.client import reply_text
 from shared.safety.deferred import DeferredIntent, DeferredQueue
 from shared.safety.limits import (
     AccountSnapshot,
@@ -61,7 +63,7 @@ from shared.safety.limits import (
     is_reducing,
 )
 from shared.safety.protections import Protections
-from shared.safety.sizing import check_exit_prices, size_order
+from shared.safety.sizing import check_stop_loss, size_order
 from shared.safety.symbols import PreparedOrder, SymbolProperties
 from shared.safety.trading_state import KillSwitch
 from shared.service import ServiceContext
@@ -71,6 +73,7 @@ __all__ = ["Deferred", "Refused", "RiskService", "client_order_id", "main"]
 log = get_logger(component="risk")
 GROUP = "risk"
 _DECIDE_ATTEMPTS = 3
+_STOP_TYPES = (OrderType.STOP, OrderType.STOP_LIMIT)
 _PENDING_RULES = {Rule.MAX_GROSS_EXPOSURE, Rule.MAX_POSITION_FRACTION, Rule.MAX_POSITION_QUANTITY,
                   Rule.MAX_OPEN_ORDERS, Rule.PATTERN_DAY_TRADING}
 
@@ -233,11 +236,13 @@ class RiskService(DeferredTicks):
         _refuse_if(status.refusal(intent.side, position))
         if not is_reducing(intent.side, position):
             _refuse_if(self.protections.refusal(intent.symbol, intent.side, reads.locks))
+        elif position > 0:
+            self._make_room_for_exit(intent, reads, position)
         closed = self.account.market_closed()
         if closed is not None:
             raise Deferred(closed)
         price = self._reference_price(intent, reads.marks)
-        _refuse_if(check_exit_prices(intent.side, price, intent.stop_loss, intent.take_profit))
+        _refuse_if(check_stop_loss(intent.side, price, intent.stop_loss))
         stale_balance: str | None = None
         if intent.quantity is not None:
             quantity = intent.quantity
@@ -272,9 +277,8 @@ class RiskService(DeferredTicks):
                       quantity=quantity, order_type=intent.order_type,
                       limit_price=prepared.limit_price,
                       stop_price=intent.stop_price, time_in_force=intent.time_in_force,
-                      reservation_id=intent.id, exit_reason=intent.exit_reason,
-                      stop_loss=intent.stop_loss if entry else None,
-                      take_profit=intent.take_profit if entry else None)
+                      reservation_id=intent.id, exit_reason=_exit_reason(intent, entry),
+                      stop_loss=intent.stop_loss if entry else None)
         return order, self._reserve(intent, reads, order, price)
 
     def _reserve(self, intent: Intent, reads: Reads, order: Order, price: Decimal) -> bool:
@@ -325,6 +329,35 @@ class RiskService(DeferredTicks):
             raise Deferred(f"no price for {intent.symbol} yet (no bar seen)")  # a strategy's waits for one
         return mark
 
+    def _make_room_for_exit(self, intent: Intent, reads: Reads, position: Decimal) -> None:
+        """A sell of a long that the protective stops' reservations leave no room for: ask the
+        broker to cancel those stops (marked ``cancel_reason``, so the executor does not replace
+        them) and defer the exit until their shares are released."""
+        held = reads.book.positions.get(intent.symbol)
+        free = position - (held.reserved if held is not None else Decimal(0))
+        if free >= (intent.quantity if intent.quantity is not None else position):
+            return
+        with self.client.pipeline(transaction=False) as pipe:
+            for cid in reads.open_orders:
+                pipe.hmget(self.keys.order(cid), ["symbol", "side", "protects"])
+            found = pipe.execute()
+        wanted = [intent.symbol, intent.side.value]
+        stops = [cid for cid, (symbol, side, protects) in zip(reads.open_orders, found, strict=True)
+                 if protects and [reply_text(symbol), reply_text(side)] == wanted]
+        if not stops:
+            return  # other orders hold the shares: the reservation's refusal says so
+        self.account.let_go(reads)  # no broker call under the account lock
+        broker = self.account.broker()
+        for cid in stops:
+            self.client.hset(self.keys.order(cid), "cancel_reason", f"exit {intent.id}")
+            try:
+                broker.cancel(cid)
+            except BrokerError as exc:  # the next decision asks again
+                log.warning("risk.protection_cancel_failed", client_order_id=cid, error=str(exc))
+        log.info("risk.protection_cancelled_for_exit", stops=stops)
+        raise Deferred(f"{intent.symbol} shares are held by protective stop(s) {', '.join(stops)}: "
+                       "cancelling them first")
+
     def _sized(self, intent: Intent, price: Decimal, reads: Reads, position: Decimal,
                stale_balance: str | None) -> Decimal:
         """The size of an intent that named none (:mod:`shared.safety.sizing`)."""
@@ -362,6 +395,13 @@ def _rejection_reason(intent: Intent, outcome: Deferred | Refused) -> str | None
     if intent.source.startswith("strategy:"):
         return None
     return f"{outcome} (not now; a manual intent is not deferred)"
+
+
+def _exit_reason(intent: Intent, entry: bool) -> ExitReason:
+    """The intent's exit reason; a stop order that reduces a position is a stop-loss exit."""
+    if not entry and intent.exit_reason is ExitReason.SIGNAL and intent.order_type in _STOP_TYPES:
+        return ExitReason.STOP_LOSS
+    return intent.exit_reason
 
 
 def _refuse_if(refusal: Refusal | None) -> None:

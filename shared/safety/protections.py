@@ -3,7 +3,7 @@
 The risk service feeds in events and asks before each entry:
 
 * :meth:`Protections.record_trade_closed` -- a round trip closed (its realised PnL after fees, and
-  whether a stop-loss closed it);
+  its :class:`~shared.models.ExitReason`: what closed it);
 * :meth:`Protections.record_equity` -- an account equity sample;
 * :meth:`Protections.refusal` / :meth:`Protections.check` -- is an entry on (symbol, side) locked?
 
@@ -11,12 +11,24 @@ The four protections (parameters in :class:`~shared.config.ProtectionSettings`):
 
 * **StoplossGuard**: when the stop-outs closed within the lookback reach ``trade_limit`` (counted
   globally, per symbol, per side, or per symbol and side), entries in that scope are locked
-  until the last of them + ``duration``.
+  until the last of them + ``duration``. A stop-out is a trade whose exit reason is a stop
+  (``ExitReason.is_stop``: stop-loss, trailing stop, protection failed) and whose PnL is below
+  ``required_profit`` (money, after fees; Freqtrade's rule on profit), so with the default 0 a
+  trailing stop that closed in profit does not count.
 * **MaxDrawdown**: when account equity, within the lookback, has fallen from a peak by at least
   ``max_drawdown_fraction`` of that peak, every entry is locked until that sample + ``duration``.
 * **CooldownPeriod**: after any exit on a symbol, its entries are locked for ``duration``.
 * **LowProfitPairs**: when a symbol's realised PnL over the lookback (at least ``trade_limit``
   trades) is below ``low_profit_required``, its entries are locked until its last trade + ``duration``.
+  With ``low_profit_per_side`` the trades are grouped by entry side and only that side is locked.
+
+An operator manages locks with :meth:`Protections.lock` (a lock by hand, under the protection
+``manual``, honoured like any other) and :meth:`Protections.unlock`; both log who and why. An
+unlock removes the lock, not the events that caused it::
+
+    time 0: StoplossGuard (limit 4) locks every entry after the 4th stop-out
+    time 1: an operator unlocks it
+    time 2: a 5th stop-out closes: 5 stop-outs within the lookback, so it locks again
 
 Guarantee: a protection triggers on the event that reaches its threshold -- not one before --
 and its lock is active while ``now < until`` by the injected Clock, so it expires exactly on
@@ -26,12 +38,15 @@ Locks live in the hash ``Keys.protection_locks`` (field ``<protection>:<symbol>:
 over the same Redis -- a restarted risk service -- sees every lock and every event. Writing a
 lock never shortens one already there (one script compares the ends); an expired lock is
 removed lazily, only if nobody replaced it meanwhile. Recording the same trade twice (same
-``trade_id`` and fields) is a no-op, so redelivered events are harmless.
+``trade_id`` and fields) is a no-op, so redelivered events are harmless; a trade stored with the
+earlier ``stop_out`` flag reads as STOP_LOSS (true) or SIGNAL (false), and recording it again
+with its exit reason replaces it rather than counting it twice.
 
 Left to the caller: apply :meth:`Protections.refusal` to entries only (an exit is never locked),
-decide what is a stop-out, alert on the locks each ``record_*`` returns, and engage the trading
-state (:mod:`shared.safety.trading_state`) if a lock should also stop exits. Times come from the
-caller's Clock: processes on several hosts that share the locks must keep their clocks in sync.
+give each closed trade its exit reason, alert on the locks each ``record_*`` returns, and engage
+the trading state (:mod:`shared.safety.trading_state`) if a lock should also stop exits. Times
+come from the caller's Clock: processes on several hosts that share the locks must keep their
+clocks in sync.
 Its keys are :attr:`~shared.keys.Keys.protection_locks`, :attr:`~shared.keys.Keys.closed_trades`
 and :attr:`~shared.keys.Keys.equity_samples`.
 """
@@ -52,16 +67,18 @@ from shared.clock import Clock, LiveClock, epoch_micros, from_epoch_micros, utc
 from shared.config import ProtectionSettings
 from shared.keys import Keys
 from shared.logging import get_logger
-from shared.models import Side
+from shared.models import ExitReason, Side
 from shared.redis.boundary import redis_errors
-from shared.redis.client import HDEL_IF_UNCHANGED_SCRIPT, HSET_IF_NEWER_SCRIPT, script
+from shared.redis.client import HDEL_IF_UNCHANGED_SCRIPT, HSET_IF_NEWER_SCRIPT, reply_text, script
 from shared.safety.limits import Refusal, Rule
 
 __all__ = [
     "ANY",
     "COOLDOWN",
     "LOW_PROFIT",
+    "MANUAL",
     "MAX_DRAWDOWN",
+    "PROTECTIONS",
     "STOPLOSS_GUARD",
     "ClosedTrade",
     "ProtectionLock",
@@ -75,30 +92,42 @@ STOPLOSS_GUARD = "stoploss_guard"
 MAX_DRAWDOWN = "max_drawdown"
 COOLDOWN = "cooldown"
 LOW_PROFIT = "low_profit"
-
-
+MANUAL = "manual"
+PROTECTIONS = (STOPLOSS_GUARD, MAX_DRAWDOWN, COOLDOWN, LOW_PROFIT, MANUAL)
 
 
 @dataclass(frozen=True)
 class ClosedTrade:
-    """A closed round trip: ``side`` is its entry side (BUY for a long), ``pnl`` realised after fees."""
+    """A closed round trip: ``side`` is its entry side (BUY for a long), ``pnl`` realised after fees,
+    ``exit_reason`` what closed it."""
 
     trade_id: str
     symbol: str
     side: Side
     pnl: Decimal
-    stop_out: bool
+    exit_reason: ExitReason
     at: datetime
 
+    def _fields(self) -> dict[str, str]:
+        return {"id": self.trade_id, "symbol": self.symbol, "side": self.side.value, "pnl": str(self.pnl)}
+
     def encode(self) -> str:
-        return json.dumps({"id": self.trade_id, "symbol": self.symbol, "side": self.side.value,
-                           "pnl": str(self.pnl), "stop_out": self.stop_out}, sort_keys=True)
+        return json.dumps({**self._fields(), "exit_reason": self.exit_reason.value}, sort_keys=True)
+
+    def _legacy_encodings(self) -> list[str]:
+        """This trade as it was stored before exit reasons, with either ``stop_out`` flag."""
+        return [json.dumps({**self._fields(), "stop_out": flag}, sort_keys=True) for flag in (True, False)]
 
     @classmethod
     def decode(cls, member: str, score: float) -> ClosedTrade:
+        """A stored trade; one stored with a ``stop_out`` flag reads as STOP_LOSS (true) or SIGNAL."""
         data = json.loads(member)
-        return cls(data["id"], data["symbol"], Side(data["side"]), Decimal(data["pnl"]),
-                   bool(data["stop_out"]), from_epoch_micros(int(score)))
+        if "exit_reason" in data:
+            reason = ExitReason(data["exit_reason"])
+        else:
+            reason = ExitReason.STOP_LOSS if data["stop_out"] else ExitReason.SIGNAL
+        return cls(data["id"], data["symbol"], Side(data["side"]), Decimal(data["pnl"]), reason,
+                   from_epoch_micros(int(score)))
 
 
 @dataclass(frozen=True)
@@ -154,7 +183,8 @@ def max_drawdown(samples: Iterable[tuple[datetime, Decimal]]) -> tuple[Decimal, 
 
 
 class Protections:
-    """The four protections over one Redis (one key prefix); cheap to construct."""
+    """The four protections and the operator's locks over one Redis (one key prefix); cheap to
+    construct."""
 
     def __init__(self, client: redis.Redis, keys: Keys, settings: ProtectionSettings,
                  clock: Clock | None = None) -> None:
@@ -171,8 +201,10 @@ class Protections:
         """Record a closed trade and evaluate StoplossGuard, Cooldown and LowProfitPairs; return the
         locks written (new, or extended)."""
         at_us = epoch_micros(trade.at)
-        with redis_errors("protections"):
-            self.client.zadd(self.trades_key, {trade.encode(): at_us})
+        with redis_errors("protections"), self.client.pipeline(transaction=True) as pipe:
+            pipe.zrem(self.trades_key, *trade._legacy_encodings())  # itself, if stored before exit reasons
+            pipe.zadd(self.trades_key, {trade.encode(): at_us})
+            pipe.execute()
         self._prune(self.trades_key, max(self.settings.stoploss_guard_lookback_s,
                                          self.settings.low_profit_lookback_s))
         now = self.clock.now()
@@ -181,10 +213,10 @@ class Protections:
         if s.cooldown_enabled:
             self._lock(written, COOLDOWN, trade.symbol, ANY, trade.at, s.cooldown_duration_s,
                        f"cooldown after the exit of {trade.symbol} at {trade.at.isoformat()}", now)
-        if s.stoploss_guard_enabled and trade.stop_out:
+        if s.stoploss_guard_enabled and self.is_stop_out(trade):
             self._stoploss_guard(trade, now, written)
         if s.low_profit_enabled:
-            self._low_profit(trade.symbol, now, written)
+            self._low_profit(trade, now, written)
         return written
 
     def record_equity(self, equity: Decimal, at: datetime | None = None) -> list[ProtectionLock]:
@@ -250,11 +282,49 @@ class Protections:
         return Refusal(Rule.PROTECTION_LOCK, f"{lock.protection} locks {symbol} {Side(side).value} entries "
                        f"until {lock.until.isoformat()}: {lock.reason}")
 
-    def unlock(self, protection: str, symbol: str = ANY, side: str = ANY) -> bool:
-        """Remove one lock by hand (an operator's override); True if there was one."""
+    def is_stop_out(self, trade: ClosedTrade) -> bool:
+        """True if StoplossGuard counts ``trade``: a stop closed it, below the required profit."""
+        return trade.exit_reason.is_stop and trade.pnl < self.settings.stoploss_guard_required_profit
+
+    # -- an operator's locks --------------------------------------------------------------------
+
+    def lock(self, symbol: str, side: Side | str, until: datetime, reason: str, who: str
+             ) -> ProtectionLock | None:
+        """Lock entries of ``side`` (``*``: both) on ``symbol`` (``*``: all) until ``until`` by hand,
+        under the protection :data:`MANUAL`; return the lock, or None when the manual lock already
+        on that symbol and side ends as late or later (it is kept: a lock is never shortened).
+        ValueError for a blank symbol, reason or who, a bad side, or ``until`` not after now."""
+        side_value = ANY if side == ANY else Side(side).value
+        if not (symbol.strip() and reason.strip() and who.strip()):
+            raise ValueError("a manual lock needs a symbol, a reason and who")
+        now = self.clock.now()
+        lock = ProtectionLock(MANUAL, symbol, side_value, utc(until), f"{reason} (by {who})", now)
+        if not lock.active(now):
+            raise ValueError(f"a manual lock must end after now ({now.isoformat()})")
+        if self._store(lock, who=who):
+            return lock
+        log.info("protections.lock_kept", protection=MANUAL, symbol=symbol, side=side_value,
+                 until=lock.until.isoformat(), reason=lock.reason, who=who)
+        return None
+
+    def unlock(self, protection: str, symbol: str, side: str, reason: str, who: str) -> bool:
+        """Remove the active lock of ``protection`` on ``symbol`` and ``side`` (its field) by hand;
+        True if there was one. Logged with who and why either way; ValueError for a blank reason
+        or who."""
+        if not (reason.strip() and who.strip()):
+            raise ValueError("an unlock needs a reason and who")
         field = f"{protection}:{symbol}:{side}"
-        with redis_errors("protections"):
-            return bool(self.client.hdel(self.keys.protection_locks, field))
+        with redis_errors("protections"), self.client.pipeline(transaction=True) as pipe:
+            pipe.hget(self.keys.protection_locks, field)
+            pipe.hdel(self.keys.protection_locks, field)
+            value, _ = pipe.execute()
+        lock = ProtectionLock.decode(reply_text(value)) if value is not None else None
+        context = {"protection": protection, "symbol": symbol, "side": side, "who": who, "reason": reason}
+        if lock is None or not lock.active(self.clock.now()):  # an expired one was swept, no more
+            log.info("protections.unlock_found_none", **context)
+            return False
+        log.warning("protections.unlocked", until=lock.until.isoformat(), lock_reason=lock.reason, **context)
+        return True
 
     # -- the protections ------------------------------------------------------------------------
 
@@ -263,23 +333,27 @@ class Protections:
         symbol = trade.symbol if s.stoploss_guard_per_symbol else ANY
         side = trade.side.value if s.stoploss_guard_per_side else ANY
         stops = [t for t in self._trades(now, s.stoploss_guard_lookback_s)
-                 if t.stop_out and symbol in (ANY, t.symbol) and side in (ANY, t.side.value)]
+                 if self.is_stop_out(t) and symbol in (ANY, t.symbol) and side in (ANY, t.side.value)]
         if len(stops) >= s.stoploss_guard_trade_limit:
             last = max(t.at for t in stops)
             self._lock(written, STOPLOSS_GUARD, symbol, side, last, s.stoploss_guard_duration_s,
                        f"{len(stops)} stop-outs within {s.stoploss_guard_lookback_s:g}s "
                        f"(limit {s.stoploss_guard_trade_limit})", now)
 
-    def _low_profit(self, symbol: str, now: datetime, written: list[ProtectionLock]) -> None:
+    def _low_profit(self, trade: ClosedTrade, now: datetime, written: list[ProtectionLock]) -> None:
         s = self.settings
-        trades = [t for t in self._trades(now, s.low_profit_lookback_s) if t.symbol == symbol]
+        symbol = trade.symbol
+        side = trade.side.value if s.low_profit_per_side else ANY
+        trades = [t for t in self._trades(now, s.low_profit_lookback_s)
+                  if t.symbol == symbol and side in (ANY, t.side.value)]
         if len(trades) < s.low_profit_trade_limit:
             return
         profit = sum((t.pnl for t in trades), Decimal(0))
         if profit < s.low_profit_required:
             last = max(t.at for t in trades)
-            self._lock(written, LOW_PROFIT, symbol, ANY, last, s.low_profit_duration_s,
-                       f"{symbol} realised {profit} over {len(trades)} trades in "
+            scope = symbol if side == ANY else f"{symbol} {side} entries"
+            self._lock(written, LOW_PROFIT, symbol, side, last, s.low_profit_duration_s,
+                       f"{scope} realised {profit} over {len(trades)} trades in "
                        f"{s.low_profit_lookback_s:g}s, below {s.low_profit_required}", now)
 
     # -- storage --------------------------------------------------------------------------------
@@ -288,13 +362,17 @@ class Protections:
               duration_s: float, reason: str, now: datetime) -> None:
         until = utc(start) + timedelta(seconds=duration_s)
         lock = ProtectionLock(protection, symbol, side, until, reason, now)
-        if not lock.active(now):
-            return
-        args = [lock.field, epoch_micros(lock.until), lock.encode(), "0"]  # a lock is never shortened
-        if self._run(HSET_IF_NEWER_SCRIPT, [self.keys.protection_locks], args):
-            log.warning("protections.locked", protection=protection, symbol=symbol, side=side,
-                        until=lock.until.isoformat(), reason=reason)
+        if lock.active(now) and self._store(lock):
             written.append(lock)
+
+    def _store(self, lock: ProtectionLock, **context: str) -> bool:
+        """Write ``lock`` unless the lock on its field ends as late or later; True if written (logged)."""
+        args = [lock.field, epoch_micros(lock.until), lock.encode(), "0"]  # a lock is never shortened
+        if not self._run(HSET_IF_NEWER_SCRIPT, [self.keys.protection_locks], args):
+            return False
+        log.warning("protections.locked", protection=lock.protection, symbol=lock.symbol, side=lock.side,
+                    until=lock.until.isoformat(), reason=lock.reason, **context)
+        return True
 
     def _trades(self, now: datetime, lookback_s: float) -> list[ClosedTrade]:
         return [ClosedTrade.decode(member, score)

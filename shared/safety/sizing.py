@@ -3,7 +3,8 @@
 A pure function over an :class:`~shared.safety.limits.AccountSnapshot`, like the limit checks:
 
 * an **exit** (an order against the position) without a size takes the whole position that other
-  orders do not already hold;
+  orders do not already hold; a sell with neither a position nor a stop-loss is refused (a short
+  entry is never sized by accident);
 * an **entry** with a stop-loss risks ``max_risk_fraction`` of equity between the entry price and
   the stop: ``shares = equity x fraction / |price - stop|`` (a stop on the wrong side of the
   entry price is refused);
@@ -25,7 +26,7 @@ from shared.config import LimitSettings, RiskSettings
 from shared.models import Side
 from shared.safety.limits import AccountSnapshot, Refusal, Rule, is_reducing
 
-__all__ = ["Sized", "check_exit_prices", "size_order"]
+__all__ = ["Sized", "check_stop_loss", "size_order"]
 
 _ZERO = Decimal(0)
 
@@ -48,10 +49,13 @@ def size_order(symbol: str, side: Side, price: Decimal, stop_loss: Decimal | Non
         if not is_reducing(side, free_position):
             return Refusal(Rule.SIZING, f"the {symbol} position of {position} is held by other orders")
         return Sized(abs(free_position), "the whole position")
+    if side is Side.SELL and stop_loss is None and not position:
+        return Refusal(Rule.SIZING, f"no {symbol} position to sell (a short entry names a quantity or a "
+                                    "stop_loss)")
     if snapshot.equity <= 0:
         return Refusal(Rule.NO_EQUITY, f"equity is {snapshot.equity}: nothing to size an entry on")
     if stop_loss is not None:
-        wrong_side = check_exit_prices(side, price, stop_loss, None)
+        wrong_side = check_stop_loss(side, price, stop_loss)
         if wrong_side is not None:
             return wrong_side
         distance = abs(price - stop_loss)
@@ -67,15 +71,11 @@ def size_order(symbol: str, side: Side, price: Decimal, stop_loss: Decimal | Non
     return smallest
 
 
-def check_exit_prices(side: Side, price: Decimal, stop_loss: Decimal | None,
-                      take_profit: Decimal | None) -> Refusal | None:
-    """A refusal when an entry's stop-loss or take-profit is on the wrong side of its price."""
+def check_stop_loss(side: Side, price: Decimal, stop_loss: Decimal | None) -> Refusal | None:
+    """A refusal when an entry's stop-loss is not on the losing side of its price."""
     long = side is Side.BUY
     if stop_loss is not None and (stop_loss >= price if long else stop_loss <= price):
         return Refusal(Rule.SIZING, f"stop_loss {stop_loss} is not {'below' if long else 'above'} "
-                                    f"the {side} entry price {price}")
-    if take_profit is not None and (take_profit <= price if long else take_profit >= price):
-        return Refusal(Rule.SIZING, f"take_profit {take_profit} is not {'above' if long else 'below'} "
                                     f"the {side} entry price {price}")
     return None
 

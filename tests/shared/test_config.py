@@ -33,7 +33,7 @@ class TestDefaults:
         settings = load_settings()
         assert settings.broker.kind == "paper"
         assert settings.redis_url is None
-        assert settings.risk.max_risk_fraction == Decimal("0.02")
+        assert settings.risk.max_risk_fraction == Decimal("0.01")
 
     def test_nested_environment_variable_is_read(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """BASTION_RISK__MAX_RISK_FRACTION sets risk.max_risk_fraction, exactly."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -129,18 +128,6 @@ class TestIntent:
         """Giving both quantity and notional is refused."""
         with pytest.raises(ValidationError, match="quantity or notional, not both"):
             intent(notional="100")
-
-    @pytest.mark.parametrize(("side", "stop_loss", "take_profit"),
-                             [("buy", "110", "90"), ("buy", "100", "100"), ("sell", "90", "110")])
-    def test_take_profit_beyond_stop_loss(self, side: str, stop_loss: str, take_profit: str) -> None:
-        """A take-profit on the wrong side of the stop-loss for the entry's side is refused."""
-        with pytest.raises(ValidationError, match="take_profit .* must be beyond stop_loss"):
-            intent(side=side, stop_loss=stop_loss, take_profit=take_profit)
-
-    def test_exits_on_either_side(self) -> None:
-        """A long entry's stop is below its take-profit; a short entry's above."""
-        assert intent(side="buy", stop_loss="95", take_profit="110").stop_loss == Decimal("95")
-        assert intent(side="sell", stop_loss="105", take_profit="90").take_profit == Decimal("90")
 
     @pytest.mark.parametrize("field", ["quantity", "notional"])
     @pytest.mark.parametrize("number", ["0", "-1", "NaN", "Infinity"])

@@ -18,7 +18,7 @@ from shared.clock import SimulatedClock
 from shared.config import LimitSettings, Settings
 from shared.errors import BrokerUnavailable, InsufficientBuyingPower, OrderNotFound
 from shared.keys import ALERTS, ORDER_EVENTS, ORDERS, Keys
-from shared.models import Fill, Order, OrderEvent, OrderStatus, OrderType, Side
+from shared.models import ExitReason, Fill, Order, OrderEvent, OrderStatus, OrderType, Side
 from shared.safety.account_activity import AccountActivity
 from shared.safety.protections import Protections
 from shared.safety.rate_limit import RateLimiter
@@ -439,7 +439,7 @@ class TestSafetyInputs:
         assert AccountActivity(world.client, KEYS, "paper").day_trades(T0) == [T0.date()]
 
     def test_three_stop_outs_lock_the_symbol(self) -> None:
-        """Three round trips closed by stop orders lock new AAPL buys (StoplossGuard, limit 3)."""
+        """Three round trips closed by stop-loss exits lock new AAPL buys (StoplossGuard, limit 3)."""
         settings = Settings(portfolio={"starting_cash": "10000"},
                             protections={"stoploss_guard_trade_limit": 3, "stoploss_guard_per_symbol": True,
                                          "cooldown_enabled": False, "low_profit_enabled": False})
@@ -447,17 +447,20 @@ class TestSafetyInputs:
         world.executor = Executor(world.client, KEYS, settings, SimulatedClock(T0), world.broker,
                                   world.executor.publisher)
         protections = Protections(world.client, KEYS, settings.protections, SimulatedClock(T0))
-        world.deliver()
-        world.executor.apply_event(filled(world.order, "150"))
+        world.executor.portfolio.release("i1")
         for n in range(3):
+            assert protections.check("AAPL", Side.BUY) is None
+            entry = Order(time=T0, intent_id=f"e{n}", client_order_id=f"bst-e{n}", account="paper",
+                          symbol="AAPL", side=Side.BUY, quantity=Decimal(3), reservation_id=f"e{n}")
             stop = Order(time=T0, intent_id=f"s{n}", client_order_id=f"bst-s{n}", account="paper",
                          symbol="AAPL", side=Side.SELL, quantity=Decimal(3), order_type=OrderType.STOP,
-                         stop_price=Decimal(140), reservation_id=f"s{n}")
-            assert protections.check("AAPL", Side.BUY) is None
-            world.executor.portfolio.reserve(stop.reservation_id, "AAPL", Side.SELL, Decimal(3), Decimal(140))
-            world.broker.handler = lambda call, stop=stop: broker_order(stop)  # type: ignore[misc]
-            world.executor.handle_order(Delivery(ORDERS, f"{n + 2}-0", stop, 1))
-            world.executor.apply_event(filled(stop, "140"))
+                         stop_price=Decimal(140), reservation_id=f"s{n}", exit_reason=ExitReason.STOP_LOSS)
+            for order, price in ((entry, "150"), (stop, "140")):
+                world.executor.portfolio.reserve(order.reservation_id, "AAPL", order.side, Decimal(3),
+                                                 Decimal(price))
+                world.broker.handler = lambda call, order=order: broker_order(order)  # type: ignore[misc]
+                world.executor.handle_order(Delivery(ORDERS, f"{n}-{price}", order, 1))
+                world.executor.apply_event(filled(order, price))
         lock = protections.check("AAPL", Side.BUY)
         assert lock is not None and lock.protection == "stoploss_guard"
         assert any(getattr(a, "kind", "") == "protection_lock" for a in world.stream(ALERTS))

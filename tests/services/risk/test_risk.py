@@ -21,7 +21,7 @@ from shared.clock import LiveClock, SimulatedClock
 from shared.config import Settings
 from shared.errors import BrokerUnavailable, PortfolioConflict, RedisUnavailable, StaleFencingToken
 from shared.keys import BARS, INTENTS, ORDERS, REJECTIONS, Keys
-from shared.models import Bar, Fill, Intent, IntentRejected, Order, OrderType, Side
+from shared.models import Bar, ExitReason, Fill, Intent, IntentRejected, Order, OrderType, Side
 from shared.portfolio import lock_resource
 from shared.redis.connection import connect_url
 from shared.redis.server import RedisServer
@@ -367,7 +367,7 @@ class TestProtections:
         """A cooldown lock after an exit refuses a new buy of the symbol but lets a sell through."""
         desk.hold("AAPL", "20")
         Protections(desk.client, KEYS, desk.settings.protections, desk.clock).record_trade_closed(
-            ClosedTrade("t1", "AAPL", Side.BUY, Decimal(5), stop_out=False, at=T0))
+            ClosedTrade("t1", "AAPL", Side.BUY, Decimal(5), exit_reason=ExitReason.SIGNAL, at=T0))
         desk.send(intent())
         desk.send(intent(Side.SELL))
         assert [o.side for o in desk.orders()] == [Side.SELL]

@@ -10,7 +10,7 @@ import pytest
 from shared.config import LimitSettings, RiskSettings
 from shared.models import Side
 from shared.safety.limits import AccountSnapshot, Refusal, Rule
-from shared.safety.sizing import Sized, check_exit_prices, size_order
+from shared.safety.sizing import Sized, check_stop_loss, size_order
 from tests.support.factories import T0
 
 D = Decimal
@@ -42,7 +42,8 @@ class TestEntries:
 
     def test_short_entry_stop_above(self) -> None:
         """A short entry's stop is above the price: 2% of $50,000 over $5 is 200 shares."""
-        assert quantity(size(Side.SELL, stop="105", equity="50000", risk={"max_risk_fraction": "0.02"})) == 200
+        result = size(Side.SELL, stop="105", equity="50000", risk={"max_risk_fraction": "0.02"})
+        assert quantity(result) == 200
 
     def test_without_stop_a_fraction_of_equity(self) -> None:
         """No stop: position_fraction of equity in the position (5% of $100,000 at $100: 50 shares)."""
@@ -90,7 +91,8 @@ class TestCaps:
         """max_position_quantity less the position held."""
         limits = LimitSettings(max_position_fraction=D(1), max_order_notional=D(1_000_000),
                                max_position_quantity=D(30))
-        assert size(stop="98", positions={"AAPL": D(10)}, limits=limits) == Sized(D(20), "max_position_quantity")
+        result = size(stop="98", positions={"AAPL": D(10)}, limits=limits)
+        assert result == Sized(D(20), "max_position_quantity")
 
     def test_used_up_cap_refused_naming_it(self) -> None:
         """When a cap leaves no room the refusal names it."""
@@ -109,23 +111,27 @@ class TestExits:
         result = size(Side.SELL, positions={"AAPL": D(40)}, free="0")
         assert isinstance(result, Refusal) and "held by other orders" in result.reason
 
+    def test_unsized_sell_when_flat_refused(self) -> None:
+        """A sell with no size, no position and no stop is not sized into a short."""
+        result = size(Side.SELL)
+        assert isinstance(result, Refusal) and "no AAPL position to sell" in result.reason
+
     def test_buy_to_cover_a_short(self) -> None:
         """A buy against a short position covers it whole."""
         assert quantity(size(Side.BUY, positions={"AAPL": D(-25)}, free="-25")) == D(25)
 
 
-@pytest.mark.parametrize(("side", "stop", "target", "word"), [
-    (Side.BUY, None, "100", "take_profit 100 is not above"),
-    (Side.SELL, None, "101", "take_profit 101 is not below"),
-    (Side.SELL, "100", None, "stop_loss 100 is not above"),
+@pytest.mark.parametrize(("side", "stop", "word"), [
+    (Side.BUY, "100", "stop_loss 100 is not below"),
+    (Side.SELL, "99", "stop_loss 99 is not above"),
 ])
-def test_exit_prices_on_the_wrong_side(side: Side, stop: str | None, target: str | None, word: str) -> None:
-    """A take-profit or stop on the wrong side of the entry price is refused with the reason."""
-    refusal = check_exit_prices(side, D(100), None if stop is None else D(stop),
-                                None if target is None else D(target))
+def test_stop_loss_on_the_wrong_side(side: Side, stop: str, word: str) -> None:
+    """A stop-loss at or beyond the entry price is refused with the reason."""
+    refusal = check_stop_loss(side, D(100), D(stop))
     assert refusal is not None and word in refusal.reason
 
 
-def test_exit_prices_on_the_right_side_pass() -> None:
-    """A long entry at 100 with its stop at 95 and target at 110 passes."""
-    assert check_exit_prices(Side.BUY, D(100), D(95), D(110)) is None
+@pytest.mark.parametrize(("side", "stop"), [(Side.BUY, "95"), (Side.SELL, "105"), (Side.BUY, None)])
+def test_stop_loss_on_the_losing_side_passes(side: Side, stop: str | None) -> None:
+    """A long's stop below the price, a short's above, or none, pass."""
+    assert check_stop_loss(side, D(100), None if stop is None else D(stop)) is None
