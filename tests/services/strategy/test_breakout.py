@@ -1,4 +1,4 @@
-"""The shipped strategies' entries carry stop-losses; the Donchian breakout enters, stops, targets and exits."""
+"""Shipped strategies carry stop-losses; the Donchian breakout enters, stops, takes profit and exits."""
 
 from __future__ import annotations
 
