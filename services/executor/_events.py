@@ -137,8 +137,9 @@ class EventBook:
                     writes.sadd(self.keys.open_orders, cid)
             if ended:
                 writes.srem(self.keys.open_orders, cid)
-                if record.get("protects") and not record.get("cancel_reason"):
-                    writes.sadd(self.keys.unprotected, record["protects"])  # replaced if it did not fill
+                if record.get("protects") and new_status is not OrderStatus.FILLED \
+                        and not record.get("cancel_reason"):  # ended unfilled, not by us: replaced
+                    writes.sadd(self.keys.unprotected, record["protects"])
             if new_status != status or outcome is not None:
                 self.publisher.queue_publish(writes, ORDER_EVENTS, event.model_copy(update={
                     "status": new_status, "intent_id": record.get("intent_id"), "time": self.clock.now()}))

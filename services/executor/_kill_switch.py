@@ -24,6 +24,7 @@ from shared.models import (
     OrderStatus,
     Side,
 )
+from shared.safety.protective_stops import cancel_on_purpose, open_protective_stops
 from shared.safety.trading_state import TradingStatus
 from shared.stop import Stoppable
 
@@ -62,10 +63,14 @@ class KillSwitchActions(OrderDesk):
         for cid in sorted(m.decode() for m in members):
             if cid.startswith(f"bst-flat-{status.seq}-"):
                 continue  # this change's own flatten orders
-            if not status.flatten_positions and self._record(cid).get("protects"):
+            protective = bool(self._record(cid).get("protects"))
+            if protective and not status.flatten_positions:
                 continue  # a protective stop stays while its position does
             try:
-                self.broker.cancel(cid)
+                if protective:  # not to be replaced: the flatten sells its shares
+                    self._cancel_on_purpose(cid, status)
+                else:
+                    self.broker.cancel(cid)
                 log.info("executor.cancel_requested", client_order_id=cid, seq=status.seq)
             except OrderNotFound:
                 if self._record(cid).get("status") in NOT_YET_SHOWN:
@@ -79,15 +84,21 @@ class KillSwitchActions(OrderDesk):
         return done
 
     def _flatten(self, status: TradingStatus) -> bool:
-        """A closing market order for every position (what other reservations do not already hold)."""
+        """A closing market order for every position (what other reservations do not already hold);
+        a position protective stops hold waits until their cancel (requested here) frees it."""
         snapshot = self.portfolio.snapshot()
         marks = self.portfolio.marks()
+        protected = open_protective_stops(self.client, self.keys)
         done = True
         for symbol, position in sorted(snapshot.positions.items()):
             cid = f"bst-flat-{status.seq}-{symbol}"
             record = self._record(cid)
             if record and record["status"] != OrderStatus.PENDING_SUBMIT:
                 continue  # submitted already; one still pending_submit is submitted again below
+            if protected.get(symbol):
+                self._cancel_protection(protected[symbol], status)
+                done = False
+                continue
             quantity = abs(position.qty) - position.reserved if position.qty > 0 else abs(position.qty)
             if quantity <= 0:
                 continue
@@ -104,6 +115,17 @@ class KillSwitchActions(OrderDesk):
                 log.warning("executor.flatten_failed", symbol=symbol, error=str(exc))
                 done = False
         return done
+
+    def _cancel_protection(self, stops: list[tuple[str, str]], status: TradingStatus) -> None:
+        """Ask the broker to cancel protective stops on purpose (a failure is asked again next pass)."""
+        for stop_cid, _ in stops:
+            try:
+                self._cancel_on_purpose(stop_cid, status)
+            except BrokerError as exc:
+                log.warning("executor.cancel_failed", client_order_id=stop_cid, error=str(exc))
+
+    def _cancel_on_purpose(self, cid: str, status: TradingStatus) -> None:
+        cancel_on_purpose(self.client, self.keys, cid, f"kill switch {status.seq}", self.broker.cancel)
 
     def watch_trading_state(self, stop: Stoppable, interval_s: float = 1.0) -> None:
         """Act on kill switch requests until ``stop``; a failed pass (broker or Redis unavailable, or

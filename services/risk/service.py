@@ -51,7 +51,6 @@ from shared.logging import get_logger
 from shared.models import ExitReason, Intent, IntentRejected, Order, OrderType
 from shared.portfolio import Portfolio, Reservation
 from shared.redis.boundary import REDIS_DOWN
-from shared.redis.client import reply_text
 from shared.safety.deferred import DeferredIntent, DeferredQueue
 from shared.safety.limits import (
     AccountSnapshot,
@@ -63,6 +62,7 @@ from shared.safety.limits import (
     is_reducing,
 )
 from shared.safety.protections import Protections
+from shared.safety.protective_stops import cancel_on_purpose, open_protective_stops
 from shared.safety.sizing import check_stop_loss, size_order
 from shared.safety.symbols import PreparedOrder, SymbolProperties
 from shared.safety.trading_state import KillSwitch
@@ -337,21 +337,15 @@ class RiskService(DeferredTicks):
         free = position - (held.reserved if held is not None else Decimal(0))
         if free >= (intent.quantity if intent.quantity is not None else position):
             return
-        with self.client.pipeline(transaction=False) as pipe:
-            for cid in reads.open_orders:
-                pipe.hmget(self.keys.order(cid), ["symbol", "side", "protects"])
-            found = pipe.execute()
-        wanted = [intent.symbol, intent.side.value]
-        stops = [cid for cid, (symbol, side, protects) in zip(reads.open_orders, found, strict=True)
-                 if protects and [reply_text(symbol), reply_text(side)] == wanted]
+        found = open_protective_stops(self.client, self.keys, reads.open_orders).get(intent.symbol, [])
+        stops = [cid for cid, side in found if side == intent.side.value]
         if not stops:
             return  # other orders hold the shares: the reservation's refusal says so
         self.account.let_go(reads)  # no broker call under the account lock
         broker = self.account.broker()
         for cid in stops:
-            self.client.hset(self.keys.order(cid), "cancel_reason", f"exit {intent.id}")
             try:
-                broker.cancel(cid)
+                cancel_on_purpose(self.client, self.keys, cid, f"exit {intent.id}", broker.cancel)
             except BrokerError as exc:  # the next decision asks again
                 log.warning("risk.protection_cancel_failed", client_order_id=cid, error=str(exc))
         log.info("risk.protection_cancelled_for_exit", stops=stops)

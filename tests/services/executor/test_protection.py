@@ -27,6 +27,7 @@ from shared.models import (
     Side,
 )
 from shared.safety.protections import Protections
+from shared.safety.trading_state import KillSwitch, TradingState
 from tests.support.factories import T0
 
 KEYS = Keys("t")
@@ -261,3 +262,33 @@ class TestStopOut:
             desk.report(cid, Side.SELL, OrderStatus.FILLED, "5", price=price)
         [member] = desk.client.zrange(KEYS.closed_trades, 0, -1)
         assert b'"id": "bst-x2"' in member and b'"pnl": "0' in member and b'"exit_reason": "signal"' in member
+
+
+class TestKillSwitch:
+    def test_halt_without_flatten_keeps_the_stop(self) -> None:
+        """HALTED with cancel-orders but no flatten: the protective stop stays at the broker."""
+        desk = Desk()
+        desk.submit_entry()
+        desk.report("bst-i1", Side.BUY, OrderStatus.FILLED, "10")
+        KillSwitch(desk.client, KEYS, desk.clock).engage(TradingState.HALTED, "test", "drill",
+                                                         cancel_open_orders=True)
+        assert desk.executor.act_on_trading_state()
+        assert [c for c in desk.broker.calls if c.method == "cancel"] == []
+
+    def test_flatten_cancels_the_stop_then_sells_the_whole_position(self) -> None:
+        """A flatten first cancels the stop holding the shares (on purpose: not replaced), and sells
+        all 10 once the broker confirms the cancel; until then the change is not done."""
+        desk = Desk()
+        desk.submit_entry()
+        desk.report("bst-i1", Side.BUY, OrderStatus.FILLED, "10")
+        KillSwitch(desk.client, KEYS, desk.clock).engage(TradingState.HALTED, "test", "drill",
+                                                         cancel_open_orders=True, flatten_positions=True)
+        assert not desk.executor.act_on_trading_state()
+        assert ("bst-i1-sl1",) in [c.args for c in desk.broker.calls if c.method == "cancel"]
+        assert desk.record("bst-i1-sl1")["cancel_reason"] == "kill switch 1"
+        desk.report("bst-i1-sl1", Side.SELL, OrderStatus.CANCELED, "0")
+        desk.executor.protect_pending()
+        assert len(desk.stops()) == 1  # not replaced
+        assert desk.executor.act_on_trading_state()
+        flatten = desk.record("bst-flat-1-AAPL")
+        assert (flatten["side"], flatten["quantity"], flatten["exit_reason"]) == ("sell", "10", "flatten")
