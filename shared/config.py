@@ -264,7 +264,7 @@ class IngesterSettings(_Section):
 
 
 class StrategySettings(_Section):
-    """Strategy workers: which strategy runs on which symbol, and partition leases."""
+    """Strategy workers: which strategy runs on which symbol, partition leases, warm-up."""
 
     lease_ms: PositiveInt = 5_000
     plugins: dict[str, str] = {"*": "sma_crossover"}  # symbol (or "*") -> strategy name
@@ -272,6 +272,9 @@ class StrategySettings(_Section):
     modules: list[str] = []  # modules imported at start-up that register more strategies
     batch: Annotated[int, Field(gt=0, le=10_000)] = 128  # partition entries applied per transaction
     idle_wait_ms: PositiveInt = 200  # longest wait for new bars before lease upkeep runs again
+    warmup: Literal["none", "stream", "csv", "alpaca"] = "stream"  # history fed to a fresh state
+    warmup_bars: Annotated[int, Field(gt=0, le=10_000)] = 200  # at most this many bars, newest
+    warmup_csv_path: Path | None = None  # warmup="csv": Alpaca's bar columns plus symbol
 
 
 class ExecutorSettings(_Section):

@@ -5,20 +5,25 @@ Consumes: the partitions ``bars:<n>`` it leases, in group ``strategy`` (consumer
 Acknowledges (or moves the group past) a batch in the same script that commits its effects
 (:mod:`._worker`). Run one with ``python -m services.strategy``, several with
 ``honcho start -c strategy=3``. Write a strategy by subclassing :class:`Strategy` and decorating
-it with :func:`register` (docs/STRATEGIES.md). Ships with ``sma_crossover`` and ``vwap_reversion``.
+it with :func:`register` (docs/STRATEGIES.md); it sees the account through ``self.account`` (an
+:class:`AccountView`) and may be warmed up on recent history (``strategy.warmup``). Ships with
+``sma_crossover`` and ``vwap_reversion``.
 """
 
 from services.strategy import _builtin
 from services.strategy._api import Binding, Catalog, Strategy, intent_id, register, registered, strategy_class
 from services.strategy._builtin import SmaCrossover, SmaParams, SmaState, VwapParams, VwapReversion, VwapState
 from services.strategy._leases import PartitionLeases, lease_resource
+from services.strategy._view import AccountView, OpenOrder
 from services.strategy._worker import GROUP, StoredState, StrategyWorker, WorkerStats, consumer_name
 from services.strategy.service import load_catalog, main
 
 __all__ = [
     "GROUP",
+    "AccountView",
     "Binding",
     "Catalog",
+    "OpenOrder",
     "PartitionLeases",
     "SmaCrossover",
     "SmaParams",

@@ -17,17 +17,23 @@ A strategy is a subclass of :class:`Strategy` registered under a name with :func
 
         def on_bar(self, bar: Bar) -> list[Intent]:
             self.state.closes = [*self.state.closes, bar.close][-self.params.lookback:]
-            if len(self.state.closes) == self.params.lookback and bar.close > self.state.closes[0]:
+            rising = len(self.state.closes) == self.params.lookback and bar.close > self.state.closes[0]
+            if rising and self.account.position_qty == 0 and not self.account.open_orders:
                 return [self.intent(bar, Side.BUY, self.params.quantity, "up over lookback")]
             return []
 
 One instance serves one symbol for one batch of bars: the worker builds it from the state
 stored in Redis (``<prefix>:strategy:<name>:<SYMBOL>``), calls ``on_bar`` for each new bar in
 order, and writes the state back in the same atomic commit that publishes the intents. So
-``on_bar`` must be deterministic and keep everything it needs to remember in ``self.state``
-(a pydantic model: Decimals stay exact as JSON strings); it must not talk to Redis or the
-outside world. A strategy that needs more Redis writes in that same commit queues them in
-:meth:`Strategy.queue_effects`.
+``on_bar`` must be deterministic in its state, the bar and ``self.account`` (the read-only
+:class:`~services.strategy._view.AccountView` the worker reads once per batch), and keep
+everything it needs to remember in ``self.state`` (a pydantic model: Decimals stay exact as JSON
+strings); it must not talk to Redis or the outside world. A strategy that needs more Redis
+writes in that same commit queues them in :meth:`Strategy.queue_effects`.
+
+A fresh state (no bar applied yet) may first be warmed up (``strategy.warmup``): recent history
+run through ``on_bar`` on another instance, with ``self.warming_up`` true and every intent it
+returns discarded; only the state it leaves is kept (:mod:`._warmup`).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 from pydantic import BaseModel, ValidationError
 from redis.client import Pipeline
 
+from services.strategy._view import AccountView
 from shared.config import StrategySettings
 from shared.keys import Keys
 from shared.models import Bar, ExitReason, Intent, Side
@@ -73,12 +80,20 @@ class Strategy(ABC, Generic[P, S]):
     params_model: ClassVar[type[BaseModel]]
     state_model: ClassVar[type[BaseModel]]
 
-    def __init__(self, symbol: str, params: P, state: S, now: datetime | None = None) -> None:
+    def __init__(self, symbol: str, params: P, state: S, now: datetime | None = None, *,
+                 account: AccountView | None = None) -> None:
         self.symbol = symbol
         self.params = params
         self.state = state
         self.now = now  # the worker's clock time when the batch started (stamped on intents)
+        self.warming_up = False  # true while fed warm-up history (its intents are discarded)
+        self._account = account or AccountView(symbol)
         self._emitted: dict[str, int] = {}
+
+    @property
+    def account(self) -> AccountView:
+        """The account as the worker read it for this batch: position, equity, open orders..."""
+        return self._account
 
     @abstractmethod
     def on_bar(self, bar: Bar) -> list[Intent]:
@@ -137,10 +152,14 @@ class Binding:
         self.cls = cls
         self.params = params
 
-    def build(self, symbol: str, state: Mapping[str, Any] | None, now: datetime | None) -> Strategy[Any, Any]:
-        """An instance for ``symbol`` from its stored state (or a fresh one)."""
+    def build(self, symbol: str, state: Mapping[str, Any] | None, now: datetime | None,
+              account: AccountView | None = None) -> Strategy[Any, Any]:
+        """An instance for ``symbol`` from its stored state (or a fresh one), seeing ``account``."""
         model = self.cls.state_model
-        return self.cls(symbol, self.params, model.model_validate(state) if state else model(), now)
+        instance = self.cls(symbol, self.params, model.model_validate(state) if state else model(), now)
+        if account is not None:  # set after construction: a subclass's __init__ need not pass it on
+            instance._account = account
+        return instance
 
 
 class Catalog:

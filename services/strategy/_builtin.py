@@ -2,10 +2,11 @@
 
 Each keeps a ``holding`` flag: the strategy's own view of whether its last signal was a buy. It
 is not the portfolio (risk may have rejected that buy); it only stops a strategy repeating a
-signal. Each entry carries a stop-loss (``stop_bps`` under the close, or ``stop_atr`` average
-true ranges for the breakout), which the executor places as a protective stop once the entry
-fills; with no ``quantity`` (the default) risk sizes the entry to risk ``risk.max_risk_fraction``
-of equity down to that stop, and an exit sells the whole position (docs/RISK.md).
+signal. An entry may carry a stop-loss (``stop_bps`` under the close, off by default, or
+``stop_atr`` average true ranges for the breakout), which the executor places as a protective
+stop once the entry fills; with no ``quantity`` (the default) risk sizes the entry -- to risk
+``risk.max_risk_fraction`` of equity down to the stop, else ``risk.position_fraction`` of
+equity -- and an exit sells the whole position (docs/RISK.md).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class SmaParams(BaseModel):
     fast: Annotated[int, Field(gt=0)] = 10
     slow: Annotated[int, Field(gt=1)] = 30
     quantity: PositiveQuantity | None = None
-    stop_bps: PositiveDecimal | None = Decimal("200")
+    stop_bps: PositiveDecimal | None = None
 
     @model_validator(mode="after")
     def _fast_below_slow(self) -> SmaParams:
@@ -103,7 +104,7 @@ class VwapParams(BaseModel):
     exit_bps: Annotated[Decimal, Field(allow_inf_nan=False)] = Decimal("0")
     min_bars: Annotated[int, Field(gt=0)] = 5
     quantity: PositiveQuantity | None = None
-    stop_bps: PositiveDecimal | None = Decimal("150")
+    stop_bps: PositiveDecimal | None = None
 
 
 class VwapState(BaseModel):

@@ -11,9 +11,13 @@ the group moved since the read; the entries are then read again. A bar not newer
 symbol's state records is skipped. docs/STRATEGIES.md tells the reading protocol (pending list,
 cursor) and a redelivery as a timeline.
 
+Each strategy sees the account as read once for the pass (:mod:`._view`); a symbol whose state
+has no bar applied yet is first warmed up on recent history (:mod:`._warmup`), its intents
+discarded, its state committed with the pass.
+
 An entry that is not a bar, cannot be decoded, or whose strategy raised is dead-lettered with
-the reason in the same commit. Left to the strategy: be deterministic in its state and bars
-(no clock, no I/O), since a refused commit runs it again on the same bars.
+the reason in the same commit. Left to the strategy: be deterministic in its state, bars and
+account view (no clock, no I/O), since a refused commit runs it again on the same bars.
 
 One thread. A stop request ends the loop after the batches in hand; the leases are released.
 """
@@ -30,6 +34,8 @@ import redis
 
 from services.strategy._api import Binding, Catalog, Strategy
 from services.strategy._leases import PartitionLeases
+from services.strategy._view import AccountReader, AccountView
+from services.strategy._warmup import Need, warm, warm_up
 from shared.bus import codec, trim
 from shared.clock import Clock
 from shared.config import Settings
@@ -158,6 +164,7 @@ class WorkerStats:
     """Counters of one worker's life."""
 
     applied: int = 0  # bars run through a strategy
+    warmed: int = 0  # history bars run through a fresh strategy before its first live bar
     skipped: int = 0  # bars already applied (redelivered or duplicated)
     unrouted: int = 0  # bars of symbols that run no strategy
     intents: int = 0
@@ -173,6 +180,7 @@ class _Slot:
     binding: Binding
     key: str
     stored: StoredState
+    account: AccountView
     strategy: Strategy[Any, Any]
     applied: list[tuple[int, Bar]] = field(default_factory=list)
 
@@ -211,6 +219,8 @@ class StrategyWorker:
         self.partitions = settings.ingester.partitions
         self.leases = PartitionLeases(client, keys, instance, self.partitions, self.config.lease_ms)
         self.stats = WorkerStats()
+        self.accounts = AccountReader(client, keys, settings, clock)
+        self.warmup = warm_up(settings, client, clock)
         self._intents_key = keys.stream(INTENTS)
         self._groups: set[int] = set()
         self._cursors: dict[int, str] = {}  # partition -> the group's last-delivered-id, as last known
@@ -387,15 +397,17 @@ class StrategyWorker:
                 if binding is not None:
                     bindings[bar.symbol] = binding
         state_keys = {symbol: self.keys.strategy_state(b.cls.name, symbol) for symbol, b in bindings.items()}
-        unknown = [key for key in state_keys.values() if key not in self._states]
-        if unknown:
-            self._states.update(zip(unknown, self.client.mget(unknown), strict=True))  # type: ignore[arg-type]
+        views = self._read_states_and_views(state_keys) if state_keys else {}
         now = self.clock.now()
-        slots = {symbol: self._slot(symbol, bindings[symbol], key, self._states[key], now)
+        slots = {symbol: self._slot(symbol, bindings[symbol], key, self._states[key], views[symbol], now)
                  for symbol, key in state_keys.items()}
+        if not self._warm_up(decoded, slots, now):
+            return len(decoded)  # fetching history took long: renew the leases, then run the pass again
         intents, dead = self._run_bars(decoded, slots, now)
         if not self._commit(batches, slots, intents, dead):
             return len(decoded)
+        if self.warmup is not None:
+            self.warmup.forget()
         for batch in batches:
             if batch.drains:
                 self._drained.add(batch.partition)
@@ -414,6 +426,46 @@ class StrategyWorker:
             trim(self.client, self._intents_key, self.settings.bus.maxlen)
             self._intents_since_trim = 0
         return len(decoded)
+
+    def _read_states_and_views(self, state_keys: Mapping[str, str]) -> dict[str, AccountView]:
+        """Read the states not known yet and the account, in one round trip (and the portfolio and
+        open orders after it, :class:`AccountReader`); each symbol's view."""
+        unknown = [key for key in state_keys.values() if key not in self._states]
+        with self.client.pipeline(transaction=False) as pipe:
+            if unknown:
+                pipe.mget(unknown)
+            self.accounts.queue(pipe)
+            replies = pipe.execute()
+        if unknown:
+            self._states.update(zip(unknown, replies[0], strict=True))
+        return self.accounts.views(replies[-3:], set(state_keys))
+
+    def _warm_up(self, decoded: Sequence[tuple[int, str, Bar | None, Any, str]], slots: Mapping[str, _Slot],
+                 now: datetime) -> bool:
+        """Start each fresh state (no bar applied yet) from its warm-up on history older than its
+        first live bar; False, warming nothing, when fetching that history took over a third of
+        the lease (it is kept; the pass is run again after the lease upkeep)."""
+        if self.warmup is None:
+            return True
+        needs: dict[str, Need] = {}
+        for partition, entry_id, bar, _, _ in decoded:
+            if (bar is not None and bar.symbol in slots and bar.symbol not in needs
+                    and slots[bar.symbol].stored.bar_time is None):
+                needs[bar.symbol] = Need(bar.symbol, self._stream_key(partition), entry_id, bar.time)
+        if not needs:
+            return True
+        history = self.warmup.history(needs.values())
+        if history is None:
+            self._next_upkeep = 0.0
+            return False
+        for symbol, bars in history.items():
+            slot = slots[symbol]
+            state = warm(slot.binding, symbol, bars, slot.account, now) if bars else None
+            if state is not None:
+                slot.stored.state = state  # what a failing bar's replay starts from, and what is stored
+                slot.strategy = slot.binding.build(symbol, state, now, slot.account)
+                self.stats.warmed += len(bars)
+        return True
 
     def _commit(self, batches: Sequence[_Batch], slots: Mapping[str, _Slot], intents: Sequence[Intent],
                 dead: Sequence[tuple[int, str, Any, str]]) -> bool:
@@ -474,9 +526,10 @@ class StrategyWorker:
             if owner is None or reply_text(owner) != self.instance:
                 self.leases.drop(partition)
 
-    def _slot(self, symbol: str, binding: Binding, key: str, raw: Any, now: datetime) -> _Slot:
+    def _slot(self, symbol: str, binding: Binding, key: str, raw: Any, account: AccountView,
+              now: datetime) -> _Slot:
         stored = StoredState.parse(raw)
-        return _Slot(binding, key, stored, binding.build(symbol, stored.state, now))
+        return _Slot(binding, key, stored, account, binding.build(symbol, stored.state, now, account))
 
     def _run_bars(self, decoded: Sequence[tuple[int, str, Bar | None, Any, str]], slots: Mapping[str, _Slot],
                   now: datetime) -> tuple[list[Intent], list[tuple[int, str, Any, str]]]:
@@ -519,7 +572,7 @@ class StrategyWorker:
 
     def _replay(self, slot: _Slot, now: datetime) -> list[tuple[int, str, Intent]]:
         """Rebuild a failed strategy from its committed state and re-apply the batch's earlier bars."""
-        slot.strategy = slot.binding.build(slot.strategy.symbol, slot.stored.state, now)
+        slot.strategy = slot.binding.build(slot.strategy.symbol, slot.stored.state, now, slot.account)
         out: list[tuple[int, str, Intent]] = []
         for seq, bar in slot.applied:
             out.extend((seq, bar.symbol, intent) for intent in slot.strategy.on_bar(bar))

@@ -62,8 +62,8 @@ def test_stop_touched_is_not_sold_again() -> None:
 
 
 def test_sma_entry_carries_its_stop_and_no_quantity() -> None:
-    """The SMA crossover's buy is sized by risk and protected 200 bps under the close by default."""
-    strategy = SmaCrossover("AAPL", SmaParams(fast=2, slow=4), SmaState())
+    """The SMA crossover's buy is sized by risk, and protected 200 bps under the close when asked."""
+    strategy = SmaCrossover("AAPL", SmaParams(fast=2, slow=4, stop_bps=D(200)), SmaState())
     closes = ["10", "10", "10", "9", "8", "9", "11"]
     [entry] = [i for n, c in enumerate(closes) for i in strategy.on_bar(bar("AAPL", n, c))]
     assert (entry.quantity, entry.stop_loss) == (None, D("10.78"))

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import redis
+from redis.client import Pipeline
 from structlog.testing import capture_logs
 
 from services.ingester import Ingester, bar_id, partition_of
@@ -306,8 +307,13 @@ class TestWorker:
         publish(redis_client, keys, series(["AAPL", "MSFT"], 6))
         w = worker(redis_client, keys, settings(batch=1))
         reads: list[Any] = []
-        real_mget = redis_client.mget
-        monkeypatch.setattr(redis_client, "mget", lambda *a, **k: reads.append(a) or real_mget(*a, **k))
+        real_mget = Pipeline.mget  # the worker reads states in its pipelined pass reads
+
+        def mget(pipe: Pipeline, *args: Any, **kwargs: Any) -> Any:
+            reads.append(args)
+            return real_mget(pipe, *args, **kwargs)
+
+        monkeypatch.setattr(Pipeline, "mget", mget)
         w.run(threading.Event(), burst=True)
         assert per_symbol(processed(redis_client, keys)) == {"AAPL": list(range(6)), "MSFT": list(range(6))}
         read_keys = sorted(key for (names,) in reads for key in names)
