@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import signal
 import subprocess
 from datetime import UTC, datetime, timedelta
@@ -36,8 +37,9 @@ pytestmark = pytest.mark.multiprocess
 
 SYMBOLS = ["AAPL", "MSFT", "NVDA", "SPY", "QQQ", "TSLA"]
 TICKS = 48
-PARAMS = {"fast": 3, "slow": 8, "quantity": Decimal(5)}
+PARAMS = {"fast": 3, "slow": 8, "quantity": Decimal(5), "stop_bps": Decimal(150)}
 START = datetime(2026, 3, 2, 14, 30, tzinfo=UTC)
+PROTECTIVE = re.compile(r"(.+)-(?:sl|flat)\d+")  # the executor's stops and flattens
 TERMINAL = {status.value.encode() for status in OrderStatus if status.is_terminal}
 
 
@@ -100,7 +102,7 @@ class Desk:
             "ingester__symbols": SYMBOLS, "ingester__speed": 8,
             "ingester__partitions": 4,
             "strategy__lease_ms": 1000,
-            "strategy__params": {"sma_crossover": {"fast": "3", "slow": "8", "quantity": "5"}},
+            "strategy__params": {"sma_crossover": {k: str(v) for k, v in PARAMS.items()}},
             "reconciler__interval_s": 2,
             # the CSV's bars are history: risk's stale-data rule compares bar time with the clock
             "limits__stale_data_after_s": 1000000000,
@@ -156,8 +158,11 @@ def run_desk(server_url: str, client: redis.Redis, keys: Keys, tmp_path: Path, *
                     exchange.bar(symbol, "100", "100", "100", "100")
                 approved = [m for m in messages(client, keys, ORDERS) if isinstance(m, Order)]
                 statuses = [client.hget(keys.order(o.client_order_id), "status") for o in approved]
-                return bool(approved) and all(s in TERMINAL for s in statuses) and not pending_everywhere(
-                    client, keys)
+                # and every order the exchange ended (protective stops too) has ended in our books
+                ended = [o["client_order_id"] for o in exchange.get("/v2/orders", status="closed", limit=500)]
+                booked = [client.hget(keys.order(cid), "status") for cid in ended]
+                return (bool(approved) and all(s in TERMINAL for s in statuses + booked)
+                        and not pending_everywhere(client, keys))
 
             wait_for(every_order_done, timeout=90, interval=0.3, message="every approved order done")
 
@@ -169,8 +174,11 @@ def run_desk(server_url: str, client: redis.Redis, keys: Keys, tmp_path: Path, *
             orders = [m for m in messages(client, keys, ORDERS) if isinstance(m, Order)]
             ids = [o.client_order_id for o in orders]
             assert len(set(ids)) == len(ids), "an order was approved twice"
-            at_exchange = exchange.get("/v2/orders", status="all", limit=500)
-            assert sorted(o["client_order_id"] for o in at_exchange) == sorted(ids)
+            at_exchange = [o["client_order_id"] for o in exchange.get("/v2/orders", status="all", limit=500)]
+            protective = [cid for cid in at_exchange if PROTECTIVE.fullmatch(cid)]
+            assert protective, "no entry was protected by a stop"
+            assert {PROTECTIVE.fullmatch(cid)[1] for cid in protective} <= set(ids)  # type: ignore[index]
+            assert sorted(set(at_exchange) - set(protective)) == sorted(ids)
 
             portfolio = Portfolio(client, keys, "paper")
             snap = portfolio.snapshot()
