@@ -242,6 +242,8 @@ class Book:
         execution_id = str(uuid.uuid5(uuid.NAMESPACE_URL, fill_id))
         change = self.store.change()
         change.orders[record["id"]] = record
+        if not complete and record["order_class"] == "oco":
+            self._shrink_group(record, change)
         change.events.append({
             **self._event("fill" if complete else "partial_fill", record, now),
             "execution_id": execution_id, "price": render.num(price), "qty": render.num(quantity),
@@ -260,8 +262,21 @@ class Book:
         log.info("order.fill", order_id=record["id"], client_order_id=record["client_order_id"],
                  qty=render.num(quantity), price=render.num(price), status=record["status"], bar_id=bar.id)
 
+    def _oco_group(self, record: dict[str, Any]) -> list[str]:
+        """The ids of the other orders of ``record``'s OCO group: a bracket or OTO leg's sibling
+        legs; an oco order's take-profit (the parent) and stop-loss leg. Empty for an entry."""
+        if record["order_class"] == "oco":
+            root = self.store.load(record["parent_id"]) if record["parent_id"] else record
+            members = [] if root is None else [root["id"], *root["legs"]]
+        elif record["parent_id"]:
+            members = list((self.store.load(record["parent_id"]) or {}).get("legs", []))
+        else:
+            members = []
+        return [member for member in members if member != record["id"]]
+
     def _after_fill(self, record: dict[str, Any], bar: Bar, change: Change) -> None:
-        """A filled parent activates its legs; a filled leg cancels its sibling (OCO)."""
+        """A filled parent activates its held legs; a filled member of an OCO group cancels the
+        rest of it."""
         for leg_id in record["legs"]:
             leg = self.store.load(leg_id)
             if leg is not None and leg["status"] == "held":
@@ -269,12 +284,26 @@ class Book:
                            updated_at=render.timestamp(self.clock.now()))
                 change.orders[leg_id] = leg
                 change.events.append(self._event("new", leg, self.clock.now()))
-        if record["parent_id"]:
-            parent = self.store.load(record["parent_id"])
-            for sibling_id in (parent or {}).get("legs", []):
-                sibling = self.store.load(sibling_id) if sibling_id != record["id"] else None
-                if sibling is not None and sibling["status"] in OPEN_STATUSES:
-                    self._close(sibling, "canceled", change)
+        for other_id in self._oco_group(record):
+            other = self.store.load(other_id)
+            if other is not None and other["status"] in OPEN_STATUSES:
+                self._close(other, "canceled", change)
+
+    def _shrink_group(self, record: dict[str, Any], change: Change) -> None:
+        """A partly filled member of an oco leaves each other open member only what it has left
+        to trade, so the two never sell more than the position together. Alpaca documents this for
+        a bracket's take-profit ("the stop-loss order will be adjusted to the remaining quantity")
+        and says an oco's orders work as a bracket's legs do; it names no trade update for it, so
+        none is sent: the order keeps its id, its ``qty`` shrinks and ``updated_at`` moves.
+        (Bracket legs are left as they were: a partly filled one does not shrink its sibling.)"""
+        left = bp.remaining(record)
+        for other_id in self._oco_group(record):
+            other = self.store.load(other_id)
+            if other is None or other["status"] not in OPEN_STATUSES or bp.remaining(other) <= left:
+                continue
+            other.update(qty=render.num(Decimal(other["filled_qty"]) + left),
+                         updated_at=render.timestamp(self.clock.now()))
+            change.orders[other_id] = other
 
     def _close(self, record: dict[str, Any], status: str, change: Change) -> None:
         now = self.clock.now()

@@ -17,8 +17,8 @@ already claimed by an earlier open order on the same side) and an **opening part
   valued: the caller decides (see :class:`Need`).
 
 An open order **reserves** its remaining opening part at that price (one amount per OCO group: a
-bracket's two active exit legs claim the same shares once); an order not valued yet reserves
-nothing until its symbol has a price.
+bracket's two active exit legs, or an oco order's take-profit and its stop-loss leg, claim the same
+shares once); an order not valued yet reserves nothing until its symbol has a price.
 
 Pure functions over the book's records; the caller holds the book's lock.
 """
@@ -52,13 +52,19 @@ def valuation_price(record: dict[str, Any], last: Decimal | None) -> Decimal | N
     return None if valued is None else Decimal(valued)
 
 
+def _root(record: dict[str, Any]) -> str:
+    """The order a record's group is named after: its parent, else itself."""
+    return str(record["parent_id"] or record["id"])
+
+
 def _groups(orders: Iterable[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
-    """Active open orders of one symbol in acceptance order, an OCO group (a bracket's exit legs,
-    which share a parent and a side) as one entry."""
+    """Active open orders of one symbol in acceptance order, an OCO group as one entry: the orders
+    of one side sharing a root (a bracket's exit legs share a parent; an oco's stop-loss leg has
+    its take-profit as parent)."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for record in sorted(orders, key=lambda r: int(r["seq"])):
         if record["status"] != "held":
-            groups.setdefault((record["side"], record["parent_id"] or record["id"]), []).append(record)
+            groups.setdefault((record["side"], _root(record)), []).append(record)
     return [(side, members) for (side, _), members in groups.items()]
 
 
@@ -123,10 +129,13 @@ def need(record: dict[str, Any], position: Decimal, open_orders: Iterable[dict[s
          last: Decimal | None, slippage_bps: Decimal, commission_per_share: Decimal) -> Need:
     """What ``record`` (not among ``open_orders``, which are its symbol's) needs to trade in full.
 
-    An exit leg shares its shares with its OCO siblings: their claim is not counted against it."""
+    An exit shares its shares with the rest of its OCO group: their claim is not counted against it.
+    Its group is its root's, or for a replacement the replaced order's (a replaced oco take-profit's
+    stop-loss leg still names the old order as parent)."""
     qty = remaining(record)
-    side, parent = record["side"], record["parent_id"]
-    others = [r for r in open_orders if not (parent and r["parent_id"] == parent and r["side"] == side)]
+    side = record["side"]
+    linked = {_root(record), record.get("replaces")}
+    others = [r for r in open_orders if not (r["side"] == side and _root(r) in linked)]
     free = free_to_close(position, others, record["side"])
     opening = max(qty - free, Decimal(0))
     if opening == 0:

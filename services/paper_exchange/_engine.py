@@ -31,6 +31,7 @@ from services.paper_exchange._assets import Assets
 from services.paper_exchange._book import Book, log
 from services.paper_exchange._requests import (
     ApiError,
+    check_oco_stop,
     invalid,
     parse_close_qty,
     parse_legs,
@@ -105,6 +106,8 @@ class Exchange(Book):
             self.assets.check_tradable(parent["symbol"])
             parent["not_before"] = render.timestamp(self.market_now())
             legs = parse_legs(body, parent, now)
+            if parent["order_class"] == "oco":
+                check_oco_stop(parent, legs, self._last_price(parent["symbol"]))
             if self.store.order_id_for(parent["client_order_id"]) is not None:
                 raise invalid("client_order_id must be unique")
             self._check(parent)
@@ -112,13 +115,15 @@ class Exchange(Book):
 
     def _accept(self, parent: dict[str, Any], legs: list[dict[str, Any]],
                 hide_lookups: int) -> dict[str, Any]:
-        """Write a checked order and its legs, send ``new``, and answer the order."""
+        """Write a checked order and its legs, send ``new`` for each not held (an oco's stop-loss
+        leg works from the start: its own ``new``, after its take-profit's), and answer the order."""
         parent["legs"] = [leg["id"] for leg in legs]
         change = self.store.change()
         for record, seq in zip((parent, *legs), self.store.take_seqs(1 + len(legs)), strict=True):
             record["seq"] = seq
             change.orders[record["id"]] = record
-        change.events.append(self._event("new", parent, self.clock.now()))
+        change.events.extend(self._event("new", record, self.clock.now())
+                             for record in (parent, *legs) if record["status"] != "held")
         change.client_ids = {record["client_order_id"]: record["id"] for record in (parent, *legs)}
         self._commit(change)
         if hide_lookups:
@@ -130,14 +135,17 @@ class Exchange(Book):
     def _check(self, record: dict[str, Any], *, besides: str | None = None) -> None:
         """Refuse what the buying-power rule refuses (403, as Alpaca), leaving out the open order
         ``besides`` (the one a replacement replaces). An order needing money that cannot be valued
-        yet is refused or marked ``unpriced`` (checked at its first fill), as configured."""
+        yet is refused or marked ``unpriced`` (checked at its first fill), as configured. An oco
+        order only exits (Alpaca): any opening part is refused as a short sale is."""
         symbol = record["symbol"]
         last = self.store.prices().get(symbol)
         need = self._need(record, last, besides=besides)
         if need.cost is None:  # no bar seen here yet: the ingester's last close, if it has one
             last = self.store.ingested_price(symbol)
             need = self._need(record, last, besides=besides)
-        if record["side"] == "sell" and need.opening > 0 and not self.settings.allow_short:
+        short_sale = record["side"] == "sell" and not self.settings.allow_short
+        exit_only = record["order_class"] == "oco" or short_sale
+        if exit_only and need.opening > 0:
             requested = render.num(bp.remaining(record))
             raise ApiError(403, 40310000, f"insufficient qty available for order (requested: {requested}, "
                                           f"available: {render.num(need.free)})")
@@ -154,6 +162,11 @@ class Exchange(Book):
         if need.cost > available:
             raise ApiError(403, 40310000, f"insufficient buying power (needed: {render.num(need.cost)}, "
                                           f"available: {render.num(available)})")
+
+    def _last_price(self, symbol: str) -> Decimal | None:
+        """The symbol's last close here, else the ingester's (None when neither has one)."""
+        last = self.store.prices().get(symbol)
+        return last if last is not None else self.store.ingested_price(symbol)
 
     def replace(self, order_id: str, body: dict[str, Any], *, hide_lookups: int = 0) -> dict[str, Any]:
         """PATCH /v2/orders/{order_id}: a new order with ``body``'s changes (qty, limit_price,
@@ -252,7 +265,8 @@ class Exchange(Book):
             return [self._render(r, nested=nested) for r in chosen[:limit]]
 
     def cancel(self, order_id: str) -> list[str]:
-        """Cancel an open order with its legs (or its OCO sibling); return the ids canceled.
+        """Cancel an open order with its legs and the rest of its OCO group (a bracket leg's
+        sibling; an oco's take-profit and stop-loss leg); return the ids canceled.
 
         404 if unknown, 422 if no longer cancelable.
         """
@@ -264,9 +278,8 @@ class Exchange(Book):
                 raise ApiError(422, 42210000, f"order is not cancelable (status {record['status']})")
             change = self.store.change()
             self._close(record, "canceled", change)
-            parent = self.store.load(record["parent_id"]) if record["parent_id"] else None
-            for other_id in [*record["legs"], *(parent or {}).get("legs", [])]:
-                other = self.store.load(other_id)
+            for other_id in dict.fromkeys([*record["legs"], *self._oco_group(record)]):
+                other = self.store.load(other_id)  # closed already if it was met before
                 if other is not None and other["status"] in OPEN_STATUSES:
                     self._close(other, "canceled", change)
             self._commit(change)

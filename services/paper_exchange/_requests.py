@@ -12,9 +12,11 @@ from typing import Any
 
 import services.paper_exchange._render as render
 
-__all__ = ["ApiError", "invalid", "parse_close_qty", "parse_legs", "parse_order", "parse_replace"]
+__all__ = ["ApiError", "check_oco_stop", "invalid", "parse_close_qty", "parse_legs", "parse_order",
+           "parse_replace"]
 
 _SYMBOL_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789./-")
+_OCO_GAP = Decimal("0.01")  # Alpaca: an oco's stop at least $0.01 beyond its base price
 
 
 class ApiError(Exception):
@@ -73,7 +75,10 @@ def parse_order(body: dict[str, Any], now: datetime) -> dict[str, Any]:
     tif = _time_in_force(body.get("time_in_force"))
     if body.get("extended_hours"):
         raise invalid("extended_hours orders are not supported by the paper exchange")
-    limit = body.get("limit_price")
+    order_class = body.get("order_class") or "simple"
+    if order_class not in ("simple", "bracket", "oto", "oco"):
+        raise invalid(f"order_class {order_class!r} is not supported (simple, bracket, oto, oco)")
+    limit = body.get("limit_price") if order_class != "oco" else _oco_limit(body, order_type)
     stop = body.get("stop_price")
     if order_type in ("limit", "stop_limit") and limit is None:
         raise invalid(f"limit_price is required for {order_type} orders")
@@ -84,9 +89,6 @@ def parse_order(body: dict[str, Any], now: datetime) -> dict[str, Any]:
     if order_type in ("market", "limit") and stop is not None:
         raise invalid(f"stop_price is not allowed for {order_type} orders")
     cid = _client_order_id(body.get("client_order_id"))
-    order_class = body.get("order_class") or "simple"
-    if order_class not in ("simple", "bracket", "oto"):
-        raise invalid(f"order_class {order_class!r} is not supported (simple, bracket, oto)")
     stamp = render.timestamp(now)
     return {
         "id": str(uuid.uuid4()), "client_order_id": cid, "symbol": symbol, "side": side,
@@ -97,6 +99,26 @@ def parse_order(body: dict[str, Any], now: datetime) -> dict[str, Any]:
         "created_at": stamp, "updated_at": stamp, "not_before": stamp, "strict": False,
         "triggered": False, "parent_id": None, "legs": [],
     }
+
+
+def _oco_limit(body: dict[str, Any], order_type: Any) -> Any:
+    """The limit price of an oco order: its take-profit's. Alpaca's oco is an exit of a position
+    held: a take-profit limit order (the order itself, ``type`` limit) and a stop-loss leg, both
+    working at once. ``limit_price`` may be omitted; Alpaca appears to ignore one that differs from
+    ``take_profit.limit_price`` (alpaca-py issue #401), which is ambiguous, so it is refused here."""
+    if order_type != "limit":
+        raise invalid(f"oco orders must have type limit (the take-profit order), got {order_type!r}")
+    take_profit, stop_loss = body.get("take_profit"), body.get("stop_loss")
+    if not isinstance(take_profit, dict) or take_profit.get("limit_price") is None:
+        raise invalid("oco orders need take_profit.limit_price")
+    if not isinstance(stop_loss, dict) or stop_loss.get("stop_price") is None:
+        raise invalid("oco orders need stop_loss.stop_price")
+    tp_price = _dec(take_profit["limit_price"], "take_profit.limit_price")
+    limit = body.get("limit_price")
+    if limit is not None and _dec(limit, "limit_price") != tp_price:
+        raise invalid(f"limit_price of an oco order must equal take_profit.limit_price or be omitted "
+                      f"(limit_price {limit}, take_profit.limit_price {take_profit['limit_price']})")
+    return take_profit["limit_price"]
 
 
 def parse_replace(body: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
@@ -148,26 +170,29 @@ def parse_close_qty(query: dict[str, str], held: Decimal) -> Decimal:
 
 
 def parse_legs(body: dict[str, Any], parent: dict[str, Any], now: datetime) -> list[dict[str, Any]]:
-    """The bracket/OTO exit legs of ``parent`` (held until it fills)."""
+    """The legs of ``parent``: a bracket's or OTO's exits (the opposite side, held until it fills),
+    or an oco's stop-loss (the same side, working from the start like the take-profit it is a leg
+    of; :func:`_oco_limit` has checked both are given)."""
     take_profit, stop_loss = body.get("take_profit"), body.get("stop_loss")
     order_class = parent["order_class"]
     if order_class == "simple":
         if take_profit or stop_loss:
-            raise invalid("take_profit/stop_loss need order_class bracket or oto")
+            raise invalid("take_profit/stop_loss need order_class bracket, oto or oco")
         return []
+    oco = order_class == "oco"
     if parent["type"] not in ("market", "limit"):
         raise invalid(f"{order_class} orders must enter with a market or limit order")
     if order_class == "bracket" and not (take_profit and stop_loss):
         raise invalid("bracket orders need both take_profit and stop_loss")
     if order_class == "oto" and bool(take_profit) == bool(stop_loss):
         raise invalid("oto orders need exactly one of take_profit and stop_loss")
-    exit_side = "sell" if parent["side"] == "buy" else "buy"
     stamp = render.timestamp(now)
     legs = []
     tp_price = sl_price = None
     if take_profit:
         tp_price = _dec((take_profit or {}).get("limit_price"), "take_profit.limit_price")
-        legs.append({"type": "limit", "limit_price": render.num(tp_price), "stop_price": None})
+        if not oco:  # an oco's take-profit is the parent itself
+            legs.append({"type": "limit", "limit_price": render.num(tp_price), "stop_price": None})
     if stop_loss:
         sl_price = _dec((stop_loss or {}).get("stop_price"), "stop_loss.stop_price")
         sl_limit = (stop_loss or {}).get("limit_price")
@@ -176,15 +201,38 @@ def parse_legs(body: dict[str, Any], parent: dict[str, Any], now: datetime) -> l
                      "limit_price": render.num(_dec(sl_limit, "stop_loss.limit_price"))
                      if sl_limit is not None else None})
     if tp_price is not None and sl_price is not None:
-        buy = parent["side"] == "buy"
-        if (buy and tp_price <= sl_price) or (not buy and tp_price >= sl_price):
-            raise invalid("take_profit.limit_price must be beyond stop_loss.stop_price "
-                           f"(take_profit {tp_price}, stop_loss {sl_price})")
+        # A long's exits sell, the take-profit above the stop (a short's buy, below it): a bracket's
+        # close what its entry opens, an oco's side is the exit's. Alpaca wants an oco's stop at
+        # least $0.01 beyond its take-profit (one of its "base prices", see check_oco_stop).
+        long = parent["side"] == ("sell" if oco else "buy")
+        spread = tp_price - sl_price if long else sl_price - tp_price
+        gap = _OCO_GAP if oco else Decimal(0)
+        if spread <= 0 or spread < gap:
+            beyond = f"at least {gap} beyond" if gap else "beyond"
+            raise invalid(f"take_profit.limit_price must be {beyond} stop_loss.stop_price "
+                          f"(take_profit {tp_price}, stop_loss {sl_price})")
+    if oco:
+        status, not_before, strict = "new", parent["not_before"], parent["strict"]
+    else:
+        status, not_before, strict = "held", stamp, True
     return [{
         **leg, "id": str(uuid.uuid4()), "client_order_id": str(uuid.uuid4()), "symbol": parent["symbol"],
-        "side": exit_side, "time_in_force": parent["time_in_force"], "qty": parent["qty"],
-        "order_class": order_class, "status": "held", "filled_qty": "0", "filled_avg_price": None,
-        "created_at": stamp, "updated_at": stamp, "not_before": stamp, "strict": True,
+        "side": parent["side"] if oco else ("sell" if parent["side"] == "buy" else "buy"),
+        "time_in_force": parent["time_in_force"], "qty": parent["qty"],
+        "order_class": order_class, "status": status, "filled_qty": "0", "filled_avg_price": None,
+        "created_at": stamp, "updated_at": stamp, "not_before": not_before, "strict": strict,
         "triggered": False, "parent_id": parent["id"], "legs": [],
     } for leg in legs]
 
+
+def check_oco_stop(parent: dict[str, Any], legs: list[dict[str, Any]], last: Decimal | None) -> None:
+    """Refuse an oco whose stop-loss is not at least $0.01 beyond the current price ``last`` (Alpaca's
+    other "base price" of an oco's stop: such a stop would trigger at once). No price, no check."""
+    if parent["order_class"] != "oco" or last is None:
+        return
+    stop = Decimal(legs[0]["stop_price"])
+    sell = parent["side"] == "sell"
+    if (sell and stop > last - _OCO_GAP) or (not sell and stop < last + _OCO_GAP):
+        where = "below" if sell else "above"
+        raise invalid(f"stop_loss.stop_price must be at least {_OCO_GAP} {where} the current price "
+                      f"(stop_loss {render.num(stop)}, price {render.num(last)})")

@@ -358,3 +358,185 @@ class TestFaultPlan:
             raise
         assert proc.returncode == 2, err.decode()
         assert b"paper_exchange.faults" in err
+
+
+def holding(qty: str = "10", price: str = "100", **settings: Any
+            ) -> tuple[Exchange, SimulatedClock, list[dict[str, Any]]]:
+    """An exchange holding ``qty`` AAPL bought at ``price`` (the last price too), its events cleared
+    and its clock a minute past the fill."""
+    exchange, clock, events = make(**settings)
+    exchange.submit(order(qty))
+    assert exchange.on_bar(bar(price=price, time=clock.now())) == 1
+    clock.advance(timedelta(minutes=1))
+    events.clear()
+    return exchange, clock, events
+
+
+def oco(qty: str = "10", side: str = "sell", take_profit: str = "110", stop: str = "95",
+        **extra: Any) -> dict[str, Any]:
+    """Alpaca's oco body as alpaca-py's LimitOrderRequest sends it (no limit_price of its own)."""
+    return order(qty, side, "limit", order_class="oco", take_profit={"limit_price": take_profit},
+                 stop_loss={"stop_price": stop}, **extra)
+
+
+def oco_events(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [(e["event"], e["order"]["type"]) for e in events]
+
+
+class TestOco:
+    def test_an_oco_on_a_held_position_puts_both_exits_to_work(self) -> None:
+        """The answer is the take-profit limit order (limit_price from take_profit) with the stop-loss
+        as its one leg; both are ``new`` at once, each with its own id, client_order_id and ``new``
+        update; nested listings show the leg under its parent; the two hold the shares once."""
+        exchange, _, events = holding()
+        placed = exchange.submit(oco(client_order_id="exit-1"))
+        (leg,) = placed["legs"]
+        assert (placed["type"], placed["limit_price"], placed["side"], placed["status"]) == (
+            "limit", "110", "sell", "new")
+        assert (leg["type"], leg["stop_price"], leg["side"], leg["qty"], leg["status"]) == (
+            "stop", "95", "sell", "10", "new")
+        assert {placed["order_class"], leg["order_class"]} == {"oco"}
+        assert placed["client_order_id"] == "exit-1" and leg["client_order_id"] not in ("exit-1", "")
+        assert leg["id"] != placed["id"]
+        assert [(e["event"], e["order"]["id"], e["order"]["client_order_id"]) for e in events] == [
+            ("new", placed["id"], "exit-1"), ("new", leg["id"], leg["client_order_id"])]
+        nested = exchange.list_orders(nested=True)
+        assert [(o["id"], [child["id"] for child in o["legs"]]) for o in nested] == [
+            (placed["id"], [leg["id"]])]
+        assert {o["id"] for o in exchange.list_orders()} == {placed["id"], leg["id"]}
+        assert exchange.account()["buying_power"] == "99000"  # exits reserve no money
+        with pytest.raises(ApiError, match=r"insufficient qty .*\(requested: 1, available: 0\)"):
+            exchange.submit(order("1", "sell"))
+
+    def test_a_limit_price_equal_to_the_take_profit_and_a_stop_limit_leg_are_accepted(self) -> None:
+        """A limit_price equal to take_profit.limit_price is the same order; stop_loss.limit_price
+        makes the leg a stop-limit."""
+        exchange, _, _ = holding()
+        placed = exchange.submit({**oco(limit_price="110.00"), "stop_loss": {"stop_price": "95",
+                                                                             "limit_price": "94.5"}})
+        (leg,) = placed["legs"]
+        assert placed["limit_price"] == "110"
+        assert (leg["type"], leg["stop_price"], leg["limit_price"]) == ("stop_limit", "95", "94.5")
+
+    def test_the_take_profit_fills_and_cancels_the_stop(self) -> None:
+        """A bar that started before the oco was accepted does not fill it; a later bar through the
+        take-profit fills it at its limit and the stop-loss is canceled: the position is closed once."""
+        exchange, clock, events = holding()
+        placed = exchange.submit(oco())
+        assert exchange.on_bar(bar(open="100", high="120", low="90", close="100",
+                                   time=clock.now() - timedelta(seconds=1))) == 0
+        assert exchange.on_bar(bar(open="104", high="111", low="103", close="110", time=clock.now())) == 1
+        after = exchange.get(placed["id"])
+        assert (after["status"], after["filled_avg_price"]) == ("filled", "110")
+        assert after["legs"][0]["status"] == "canceled" and after["legs"][0]["canceled_at"] is not None
+        assert oco_events(events) == [
+            ("new", "limit"), ("new", "stop"), ("fill", "limit"), ("canceled", "stop")]
+        assert exchange.positions() == [] and exchange.account()["cash"] == "100100"
+        assert exchange.list_orders() == []
+
+    def test_the_stop_fills_and_cancels_the_take_profit(self) -> None:
+        """A bar through the stop fills the stop-loss (at the worse of its stop and the open) and the
+        take-profit is canceled."""
+        exchange, clock, events = holding()
+        placed = exchange.submit(oco())
+        exchange.on_bar(bar(open="94", high="96", low="90", close="91", time=clock.now()))
+        after = exchange.get(placed["id"])
+        assert after["status"] == "canceled"
+        assert (after["legs"][0]["status"], after["legs"][0]["filled_avg_price"]) == ("filled", "94")
+        assert oco_events(events) == [
+            ("new", "limit"), ("new", "stop"), ("fill", "stop"), ("canceled", "limit")]
+        assert exchange.positions() == [] and exchange.account()["cash"] == "99940"
+
+    def test_canceling_either_order_cancels_both(self) -> None:
+        """Canceling the take-profit cancels its stop-loss leg, and canceling a stop-loss leg cancels
+        its take-profit: one ``canceled`` update each, and the shares are free to sell again."""
+        exchange, _, events = holding()
+        first = exchange.submit(oco())
+        leg_id = first["legs"][0]["id"]
+        assert exchange.cancel(first["id"]) == [first["id"], leg_id]
+        second = exchange.submit(oco())
+        assert exchange.cancel(second["legs"][0]["id"]) == [second["legs"][0]["id"], second["id"]]
+        assert [e["event"] for e in events] == ["new", "new", "canceled", "canceled"] * 2
+        assert exchange.list_orders() == []
+        exchange.submit(order("10", "sell"))
+
+    def test_a_partly_filled_take_profit_shrinks_the_stop(self) -> None:
+        """4 of 10 filled at the take-profit leave the stop-loss 6 shares (no update of its own);
+        the stop then sells those 6 and the take-profit is canceled: never more than was held."""
+        exchange, clock, events = holding(max_volume_fraction=Decimal("0.5"))
+        placed = exchange.submit(oco())
+        exchange.on_bar(bar(open="110", high="111", low="109", close="110", volume="8", time=clock.now()))
+        after = exchange.get(placed["id"])
+        assert (after["status"], after["filled_qty"]) == ("partially_filled", "4")
+        assert (after["legs"][0]["qty"], after["legs"][0]["status"]) == ("6", "new")
+        assert oco_events(events) == [("new", "limit"), ("new", "stop"), ("partial_fill", "limit")]
+        clock.advance(timedelta(minutes=1))
+        exchange.on_bar(bar(price="90", volume="100", time=clock.now()))
+        after = exchange.get(placed["id"])
+        assert (after["status"], after["legs"][0]["status"], after["legs"][0]["filled_qty"]) == (
+            "canceled", "filled", "6")
+        assert exchange.positions() == []
+
+    def test_replaced_orders_stay_in_the_group(self) -> None:
+        """Moving the stop-loss, then the take-profit (PATCH), is not refused as selling shares the
+        other order holds; the new take-profit keeps the new stop as its leg and still cancels it
+        when it fills."""
+        exchange, clock, _ = holding()
+        placed = exchange.submit(oco())
+        moved = exchange.replace(placed["legs"][0]["id"], {"stop_price": "97"})
+        assert exchange.get(placed["id"])["legs"][0]["id"] == moved["id"]
+        raised = exchange.replace(placed["id"], {"limit_price": "112"})
+        assert [leg["id"] for leg in raised["legs"]] == [moved["id"]]
+        exchange.on_bar(bar(open="105", high="111", low="104", close="111", time=clock.now()))
+        assert exchange.get(raised["id"])["status"] == "new"
+        exchange.on_bar(bar(open="111", high="113", low="110", close="112", time=clock.now()))
+        assert exchange.get(raised["id"])["filled_avg_price"] == "112"
+        assert exchange.get(moved["id"])["status"] == "canceled"
+        assert exchange.positions() == []
+
+    def test_a_day_oco_expires_whole_on_the_next_session(self) -> None:
+        """A day oco left open expires on the first bar of a later New York date, both its orders."""
+        exchange, clock, events = holding()
+        placed = exchange.submit({**oco(), "time_in_force": "day"})
+        clock.advance(timedelta(days=1))
+        exchange.on_bar(bar(price="100", time=clock.now()))
+        assert [e["event"] for e in events[2:]] == ["expired", "expired"]
+        assert exchange.get(placed["id"])["legs"][0]["status"] == "expired"
+
+    @pytest.mark.parametrize(("change", "words"), [
+        ({"take_profit": None}, "oco orders need take_profit.limit_price"),
+        ({"take_profit": {}}, "oco orders need take_profit.limit_price"),
+        ({"stop_loss": None}, "oco orders need stop_loss.stop_price"),
+        ({"stop_loss": {"limit_price": "94"}}, "oco orders need stop_loss.stop_price"),
+        ({"type": "market"}, "oco orders must have type limit"),
+        ({"type": "stop_limit", "stop_price": "95", "limit_price": "110"}, "oco orders must have type limit"),
+        ({"limit_price": "109"}, "limit_price of an oco order must equal take_profit.limit_price"),
+        ({"stop_loss": {"stop_price": "110"}}, r"take_profit.limit_price must be at least 0.01 beyond "
+                                               r"stop_loss.stop_price"),
+        ({"stop_loss": {"stop_price": "109.995"}}, "take_profit.limit_price must be at least 0.01 beyond"),
+        ({"stop_loss": {"stop_price": "100"}}, r"stop_loss.stop_price must be at least 0.01 below the "
+                                               r"current price \(stop_loss 100, price 100\)"),
+        ({"side": "buy", "take_profit": {"limit_price": "90"}, "stop_loss": {"stop_price": "99.995"}},
+         "stop_loss.stop_price must be at least 0.01 above the current price"),
+        ({"take_profit": {"limit_price": "-1"}}, "take_profit.limit_price must be a positive number"),
+    ])
+    def test_refusals_name_the_field(self, change: dict[str, Any], words: str) -> None:
+        """What Alpaca refuses of an oco is refused with 422 (code 40010001), naming the field, and
+        nothing is placed."""
+        exchange, _, events = holding()
+        with pytest.raises(ApiError, match=words) as refused:
+            exchange.submit({**oco(), **change})
+        assert (refused.value.status, refused.value.code) == (422, 40010001)
+        assert exchange.list_orders() == [] and events == []
+
+    @pytest.mark.parametrize(("body", "settings"), [
+        (oco("11"), {}), (oco("11"), {"allow_short": True}),
+        (oco("1", "buy", take_profit="90", stop="105"), {"allow_short": True})])
+    def test_an_oco_only_exits_what_is_held(self, body: dict[str, Any], settings: dict[str, Any]) -> None:
+        """An oco for more than the position (even with shorting allowed), or buying with no short to
+        cover, is refused as a plain uncovered sell is: 403 naming the quantity available."""
+        exchange, _, events = holding(**settings)
+        with pytest.raises(ApiError, match=r"insufficient qty .*\(requested: \d+, available: ") as refused:
+            exchange.submit(body)
+        assert refused.value.status == 403
+        assert exchange.list_orders() == [] and events == []
