@@ -141,8 +141,8 @@ class ProtectionSettings(_Section):
     max_drawdown_lookback_s: PositiveFloat = 86_400.0
     max_drawdown_duration_s: PositiveFloat = 43_200.0
     cooldown_enabled: bool = True
-    cooldown_duration_s: PositiveFloat = 300.0
-    low_profit_enabled: bool = True
+    cooldown_duration_s: PositiveFloat = 60.0
+    low_profit_enabled: bool = False  # opt-in: its threshold is the strategy's to choose
     low_profit_lookback_s: PositiveFloat = 86_400.0
     low_profit_trade_limit: PositiveInt = 2
     low_profit_required: Annotated[Decimal, Field(allow_inf_nan=False)] = Decimal("0")
@@ -253,7 +253,7 @@ class IngesterSettings(_Section):
     source: Literal["synthetic", "csv", "alpaca"] = "synthetic"
     symbols: list[Annotated[str, Field(pattern=r"^[A-Z0-9./-]+$")]] = ["AAPL", "MSFT", "SPY"]
     csv_path: Path | None = None
-    speed: Annotated[float, Field(gt=0)] = 60.0  # replay/synthetic bars per second of wall time, per symbol
+    speed: Annotated[float, Field(gt=0)] = 2.0  # replay/synthetic bars per second of wall time, per symbol
     seed: int = 7
     stale_after_s: Annotated[float, Field(gt=0)] = 120.0
     partitions: Annotated[int, Field(gt=0, le=256)] = 8

@@ -18,10 +18,12 @@ Read this module to learn what to type into ``redis-cli``. With the default pref
 ``bastion:heartbeat:<service>:<instance>``  expires when the process stops beating
 ``bastion:heartbeats``                 set of ``<service>:<instance>`` that have beaten (an index)
 ``bastion:paper:*``                 the embedded paper exchange's own state
-``bastion:stream:bars:<n>``         bars of the symbols hashed to partition n, for strategy workers
+``bastion:stream:bars:<n>``         bars of the symbols hashed to partition n, for strategy workers,
+                                    with the events of the strategies' orders on those symbols
 ``bastion:lease:<resource>``        a worker's lease (a strategy partition), expires unless renewed
 ``bastion:strategy:<name>:<SYM>``   a strategy's persisted per-symbol state
-``bastion:last-bar``                symbol -> time of its newest bar (staleness)
+``bastion:last-bar``                symbol -> time of its newest bar (market time: the ingester's gate)
+``bastion:bar-arrival``             symbol -> when the ingester accepted its newest bar (stale data)
 ``bastion:last-price``              symbol -> close of its newest bar (marks: equity, sizing)
 ``bastion:order:<client_order_id>`` an order the executor tracks (hash)
 ``bastion:open-orders``             client_order_ids of orders not yet terminal (set)
@@ -51,6 +53,7 @@ one slot of a Redis Cluster.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 __all__ = [
@@ -63,6 +66,7 @@ __all__ = [
     "REJECTIONS",
     "Keys",
     "MonitorKeys",
+    "partition_of",
 ]
 
 BARS = "bars"
@@ -72,6 +76,11 @@ ORDER_EVENTS = "order-events"
 ALERTS = "alerts"
 REJECTIONS = "rejections"
 DEAD_LETTER = "dead-letter"
+
+
+def partition_of(symbol: str, partitions: int) -> int:
+    """The bar partition of ``symbol``: ``crc32(symbol) % partitions`` (stable across hosts)."""
+    return zlib.crc32(symbol.encode()) % partitions
 
 
 @dataclass(frozen=True)
@@ -127,8 +136,15 @@ class Keys:
         return f"{self.prefix}:paper:{name}"
 
     def bar_partition(self, partition: int) -> str:
-        """Stream name (for :meth:`stream`) of bar partition ``partition``."""
+        """Stream name (for :meth:`stream`) of bar partition ``partition`` (:func:`partition_of`)."""
         return f"{BARS}:{partition}"
+
+    def strategy_feed(self, source: str, symbol: str, partitions: int) -> str | None:
+        """The stream key carrying ``symbol``'s bars to its strategy, where the events of an order
+        or rejection of an intent from ``source`` also go; None unless a strategy sent it."""
+        if not source.startswith("strategy:"):
+            return None
+        return self.stream(self.bar_partition(partition_of(symbol, partitions)))
 
     def lease(self, resource: str) -> str:
         """A worker's lease on ``resource``."""
@@ -140,8 +156,14 @@ class Keys:
 
     @property
     def last_bar(self) -> str:
-        """Hash: symbol -> ISO time of its newest bar."""
+        """Hash: symbol -> ISO time of its newest bar (market time: what the ingester's gate compares)."""
         return f"{self.prefix}:last-bar"
+
+    @property
+    def bar_arrival(self) -> str:
+        """Hash: symbol -> ISO time, on the ingester's clock, at which it accepted the symbol's newest
+        bar (whether the feed still delivers it, whatever the bar's own time)."""
+        return f"{self.prefix}:bar-arrival"
 
     @property
     def last_price(self) -> str:

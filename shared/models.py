@@ -174,6 +174,8 @@ class Intent(Message):
     Size: ``quantity`` (shares), ``notional`` (money), or neither: risk sizes it (docs/RISK.md,
     "Sizing"). ``stop_loss`` is the price a protective stop guards an entry at once it fills
     (docs/RISK.md, "Protective exits"); ``exit_reason`` says why an exit is made.
+    ``override_locks``: an operator's reason to enter past the protections' locks (a manual
+    intent only; logged with the locks it passed).
     """
 
     TYPE: ClassVar[str] = "intent"
@@ -190,11 +192,14 @@ class Intent(Message):
     stop_loss: Price | None = None
     exit_reason: ExitReason = ExitReason.SIGNAL
     reason: str = ""
+    override_locks: Annotated[str, Field(min_length=1, max_length=500)] | None = None
 
     @model_validator(mode="after")
     def _shape(self) -> Intent:
         if self.quantity is not None and self.notional is not None:
             raise ValueError("give quantity or notional, not both")
+        if self.override_locks is not None and self.source != "manual":
+            raise ValueError("only a manual intent may override the protections' locks")
         _check_prices(self.order_type, self.limit_price, self.stop_price)
         return self
 
@@ -236,6 +241,7 @@ class Order(Message):
     stop_loss: Price | None = None
     exit_reason: ExitReason = ExitReason.SIGNAL
     protects: str | None = None  # a protective exit: the client_order_id of the entry it protects
+    source: str = ""  # the intent's source ("strategy:<name>", "manual"): where its events are routed
 
     @model_validator(mode="after")
     def _shape(self) -> Order:

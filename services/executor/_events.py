@@ -20,7 +20,7 @@ from services.executor._records import (
     parse_time,
 )
 from shared.brokers import Broker, BrokerOrder
-from shared.bus import Publisher
+from shared.bus import Publisher, codec
 from shared.clock import Clock
 from shared.config import Settings
 from shared.errors import (
@@ -141,8 +141,13 @@ class EventBook:
                         and not record.get("cancel_reason"):  # ended unfilled, not by us: replaced
                     writes.sadd(self.keys.unprotected, record["protects"])
             if new_status != status or outcome is not None:
-                self.publisher.queue_publish(writes, ORDER_EVENTS, event.model_copy(update={
-                    "status": new_status, "intent_id": record.get("intent_id"), "time": self.clock.now()}))
+                published = event.model_copy(update={
+                    "status": new_status, "intent_id": record.get("intent_id"), "time": self.clock.now()})
+                self.publisher.queue_publish(writes, ORDER_EVENTS, published)
+                feed = self.keys.strategy_feed(record.get("source", ""), event.symbol,
+                                               self.settings.ingester.partitions)
+                if feed is not None:  # the strategy that asked for the order hears of it, in its bars' order
+                    writes.xadd(feed, codec.encode(published))  # type: ignore[arg-type]
             execute_queued(writes)
         if ended and Decimal(record.get("reduced_qty", "0")) > 0:
             self._record_trade_closed(cid, record)

@@ -148,6 +148,8 @@ class OrderDesk(EventBook):
             fields["stop_loss"] = str(order.stop_loss)
         if order.protects is not None:
             fields["protects"] = order.protects
+        if order.source:
+            fields["source"] = order.source
         cid = order.client_order_id
         with self.client.pipeline(transaction=False) as pipe:
             pipe.hget(self.portfolio.reservations_key, order.reservation_id)

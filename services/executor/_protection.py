@@ -190,7 +190,7 @@ class ProtectiveExits(OrderDesk):
         return Order(time=self.clock.now(), intent_id=record.get("intent_id") or cid,
                      client_order_id=exit_cid, account=self.portfolio.account, symbol=record["symbol"],
                      side=_exit_side(record), quantity=quantity, reservation_id=exit_cid, protects=cid,
-                     **kind)
+                     source=record.get("source", ""), **kind)
 
 
 def _exit_side(record: dict[str, str]) -> Side:

@@ -3,8 +3,10 @@
 Concurrency model: one thread (plus alpaca-py's own thread for the live source). The loop takes
 a batch from the source and runs it through :class:`~services.ingester._gate.BarGate`: one
 atomic script admits each bar and publishes every accepted one twice -- to ``bars`` for
-everyone and to ``bars:<n>`` (``n = crc32(symbol) % partitions``) for strategy workers -- then
-counts the verdicts, trims and checks staleness. From an eager source (an unpaced replay) the
+everyone and to ``bars:<n>`` (``n = crc32(symbol) % partitions``) for strategy workers -- and
+stamps each symbol with a bar accepted with the batch's arrival time (``bar-arrival``: this
+process's ``clock.now()`` as the batch is sent; risk's stale-data rule reads it), then counts
+the verdicts, trims and checks staleness. From an eager source (an unpaced replay) the
 script's reply is read one batch late, after the next batch was encoded and sent on the same
 connection (:class:`~services.ingester._gate.AdmissionLane`), so Redis and the ingester work at
 once. A stop request ends the loop after the batch in hand (and the one in flight).
@@ -23,7 +25,6 @@ about ``bus.maxlen`` every ``bus.trim_every`` bars, never past an entry a group 
 
 from __future__ import annotations
 
-import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from shared.bus import publish, trim
 from shared.clock import Clock
 from shared.config import BusSettings, IngesterSettings, Settings
 from shared.errors import RedisUnavailable
-from shared.keys import ALERTS, BARS, Keys
+from shared.keys import ALERTS, BARS, Keys, partition_of
 from shared.logging import get_logger
 from shared.models import Alert, AlertSeverity, Bar
 from shared.redis.boundary import WaitOut, redis_errors
@@ -49,11 +50,6 @@ __all__ = ["Counts", "Ingester", "main", "make_source", "partition_of"]
 
 log = get_logger(component="ingester")
 T = TypeVar("T")
-
-
-def partition_of(symbol: str, partitions: int) -> int:
-    """The bar partition of ``symbol``: ``crc32(symbol) % partitions`` (stable across hosts)."""
-    return zlib.crc32(symbol.encode()) % partitions
 
 
 @dataclass
@@ -101,7 +97,8 @@ class Ingester:
     def offer(self, bars: Sequence[Bar]) -> list[Verdict]:
         """Admit ``bars`` (in arrival order) and publish the accepted ones; one verdict per bar."""
         partitions = self._partitions_of(bars)
-        verdicts = self.gate.admit_and_publish(bars, self._bars_key, self._partition_keys, partitions)
+        verdicts = self.gate.admit_and_publish(bars, self._bars_key, self._partition_keys, partitions,
+                                               arrived=self.clock.now())
         self._settle(bars, partitions, verdicts)
         return verdicts
 
@@ -215,7 +212,7 @@ class Ingester:
                         batch = batch[:max_bars - sent]
                     if batch:
                         partitions = self._partitions_of(batch)
-                        lane.queue(batch, partitions)
+                        lane.queue(batch, partitions, arrived=self.clock.now())
                         in_flight.append((batch, partitions))
                         sent += len(batch)
                         self._until_up(stop, lane.flush)

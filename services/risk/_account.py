@@ -4,10 +4,10 @@
 intent: positions and open reservations from the portfolio (a pending order is its reservation's
 unfilled part, so an order risk approved a moment ago counts before the executor has recorded
 it), marks, the open orders (the executor's ``open-orders`` set and every open reservation),
-completed and pending day trades, last bars, the broker balance, the trading state, protection
-locks, the deferred queue and whether the intent was decided already -- all in one pipelined
-round trip (:meth:`AccountView.read`). Nothing is cached but each order's reservation id, which
-never changes: two risk processes see the same state.
+completed and pending day trades, when each symbol's newest bar arrived (stale data), the broker
+balance, the trading state, protection locks, the deferred queue and whether the intent was
+decided already -- all in one pipelined round trip (:meth:`AccountView.read`). Nothing is cached
+but each order's reservation id, which never changes: two risk processes see the same state.
 
 The balance is refreshed from the broker when :func:`shared.safety.limits.needs_refresh` says so (older
 than ``balance_max_age_s``, or ``balance_refresh_after_fills`` fills since); the broker handle is
@@ -38,7 +38,7 @@ from shared.redis.boundary import redis_errors
 from shared.redis.client import reply_text
 from shared.safety.account_activity import AccountActivity, Balance, pending_day_trades
 from shared.safety.deferred import DeferredQueue
-from shared.safety.limits import AccountSnapshot, OrderSubmissions, Refusal, last_bars_from, needs_refresh
+from shared.safety.limits import AccountSnapshot, OrderSubmissions, Refusal, bar_arrivals_from, needs_refresh
 from shared.safety.protections import ProtectionLock, Protections
 from shared.safety.trading_state import KillSwitch, TradingStatus
 
@@ -117,9 +117,9 @@ class AccountView:
             kill_switch.queue_current(pipe)
             protections.queue_locks(pipe)
             deferred.queue_read(pipe)
-            pipe.hgetall(self.keys.last_bar)
+            pipe.hgetall(self.keys.bar_arrival)
             pipe.smembers(self.keys.open_orders)
-            (admission, seen, book, marks, balance, opened, day_trades, status, locks, queued, last_bars,
+            (admission, seen, book, marks, balance, opened, day_trades, status, locks, queued, arrivals,
              open_orders) = pipe.execute()
         snapshot, held = self.portfolio.held_from(lock, book, intent_id)
         return Reads(
@@ -128,7 +128,7 @@ class AccountView:
             opened_today=self.activity.opened_from(opened),
             day_trades=self.activity.day_trades_from(day_trades),
             status=kill_switch.status_from(status), locks=protections.locks_from(locks), deferred=queued,
-            last_bars=last_bars_from(last_bars), open_orders=sorted(reply_text(m) for m in open_orders),
+            bar_arrivals=bar_arrivals_from(arrivals), open_orders=sorted(reply_text(m) for m in open_orders),
             admission_id=admission_id, admission=submissions.admitted(admission))
 
     def refresh_if_needed(self, reads: Reads) -> str | None:
@@ -177,7 +177,7 @@ class AccountView:
             day_trades=reads.day_trades,
             pending_day_trades=pending_day_trades(open_reservations, reads.opened_today),
             opened_today=reads.opened_today,
-            last_bars=reads.last_bars,
+            bar_arrivals=reads.bar_arrivals,
             balance_refreshed_at=balance.refreshed_at,
             fills_since_refresh=balance.fills_since,
         )
@@ -218,7 +218,7 @@ class Reads:
     status: TradingStatus
     locks: list[ProtectionLock]
     deferred: Any  # the deferred queue's raw read (for DeferredQueue.get)
-    last_bars: dict[str, datetime]
+    bar_arrivals: dict[str, datetime]  # when the ingester accepted each symbol's newest bar
     open_orders: list[str]  # client_order_ids the executor tracks as open
     admission_id: str  # the submission counted for this decision (OrderSubmissions.queue_refund)
     admission: Refusal | None  # None: counted; else why the submissions limit refuses

@@ -72,6 +72,11 @@ class DeferredTicks:
         self.deferred.put(again)
         log.info("risk.deferred_again", reason=reason, expires_at=queued.expires_at.isoformat())
 
+    def _expired(self, entry: DeferredIntent) -> None:
+        """A deferred intent swept as expired is rejected (its strategy hears of it)."""
+        self._reject(entry.intent,
+                     f"deferred since {entry.deferred_at.isoformat()} and expired: {entry.reason}")
+
     def _cancel_opposite(self, intent: Intent, reads: Reads) -> None:
         other = Side.SELL if intent.side is Side.BUY else Side.BUY
         queued = self.deferred.get(intent.symbol, other, reads.deferred)

@@ -101,7 +101,8 @@ class RiskService(DeferredTicks):
         self.kill_switch = KillSwitch(client, keys, clock)
         self.protections = Protections(client, keys, settings.protections, clock)
         self.submissions = OrderSubmissions(client, keys, settings.limits, clock)
-        self.deferred = DeferredQueue(client, keys, clock, settings.limits.deferred_max_age_s)
+        self.deferred = DeferredQueue(client, keys, clock, settings.limits.deferred_max_age_s,
+                                      on_expired=self._expired)
         factory = broker_factory if broker is None else (lambda: broker)
         self.account = AccountView(client, keys, self.portfolio, settings.limits, clock, factory)
         self._last_equity_sample: datetime | None = None
@@ -154,8 +155,8 @@ class RiskService(DeferredTicks):
                       account=self.portfolio.account, symbol=intent.symbol, side=intent.side,
                       quantity=recorded.qty, order_type=intent.order_type, limit_price=limit,
                       stop_price=intent.stop_price, time_in_force=intent.time_in_force,
-                      reservation_id=intent.id)
-        self._publish_once(intent.id, order, ORDERS)
+                      reservation_id=intent.id, source=intent.source)
+        self._publish_once(intent.id, order)
         log.info("risk.republished", client_order_id=order.client_order_id, quantity=str(order.quantity))
 
     def _read(self, intent: Intent) -> Reads:
@@ -163,10 +164,11 @@ class RiskService(DeferredTicks):
                                  protections=self.protections, deferred=self.deferred,
                                  submissions=self.submissions)
 
-    def _settle(self, reads: Reads, rejection: IntentRejected | None = None) -> None:
+    def _settle(self, reads: Reads, rejection: IntentRejected | None = None, source: str = "") -> None:
         """After a decision that made no order, in one round trip: let the account lock go (first:
         the executor may be waiting for it), uncount the submission counted with ``reads``, and
-        publish ``rejection`` if there is one. A failed let-go or refund is logged (the lock
+        publish ``rejection`` if there is one (and route it to the strategy of ``source``,
+        :meth:`_feed`). A failed let-go or refund is logged (the lock
         expires; the count leaves the window); a failed publish raises."""
         held, reads.held = reads.held, None
         refund = reads.admission is None  # None: the submission was counted
@@ -180,7 +182,8 @@ class RiskService(DeferredTicks):
                     self.submissions.queue_refund(pipe, reads.admission_id)
                 if rejection is not None:
                     self.once.queue_publish_once(pipe, rejection.intent_id, self.keys.stream(REJECTIONS),
-                                                 codec.encode(rejection), self.settings.bus.maxlen)
+                                                 codec.encode(rejection), self.settings.bus.maxlen,
+                                                 copies=self._feed(source, rejection.symbol))
                 replies = pipe.execute(raise_on_error=False)
         except REDIS_DOWN as exc:
             if rejection is not None:
@@ -203,14 +206,14 @@ class RiskService(DeferredTicks):
                 raise
             reason = _rejection_reason(intent, exc)
             rejection = None if reason is None else self._rejected(intent, reason)
-            self._settle(reads, rejection)
+            self._settle(reads, rejection, intent.source)
             if rejection is None:
                 self._defer(intent, f"waiting: {exc}", queued)
             else:
                 log.info("risk.rejected", reason=rejection.reason)
             return
         if not published:  # the reservation was there already (a redelivery): publish it now
-            self._publish_once(intent.id, order, ORDERS)
+            self._publish_once(intent.id, order)
         log.info("risk.approved", client_order_id=order.client_order_id, quantity=str(order.quantity),
                  side=order.side.value, deferred=queued is not None)
 
@@ -218,8 +221,28 @@ class RiskService(DeferredTicks):
         return IntentRejected(time=self.clock.now(), intent_id=intent.id, symbol=intent.symbol, reason=reason)
 
     def _reject(self, intent: Intent, reason: str) -> None:
-        self._publish_once(intent.id, self._rejected(intent, reason), REJECTIONS)
+        self.once.publish_once(intent.id, self.keys.stream(REJECTIONS),
+                               codec.encode(self._rejected(intent, reason)), self.settings.bus.maxlen,
+                               copies=self._feed(intent.source, intent.symbol))
         log.info("risk.rejected", reason=reason)
+
+    def _check_locks(self, intent: Intent, reads: Reads) -> None:
+        """Refuse an entry a protection locks, unless an operator overrides the locks (logged)."""
+        refusal = self.protections.refusal(intent.symbol, intent.side, reads.locks)
+        if refusal is None:
+            return
+        if intent.override_locks is None:
+            hint = "; an operator may override: bastion order ... --override-locks REASON" \
+                if intent.source == "manual" else ""
+            raise Refused(f"{refusal}{hint}")
+        log.warning("risk.locks_overridden", symbol=intent.symbol, side=intent.side.value,
+                    lock=refusal.reason, override=intent.override_locks)
+
+    def _feed(self, source: str, symbol: str) -> list[str]:
+        """Where a rejection of an intent from ``source`` is copied: its strategy's bar partition
+        (the strategy's ``on_order_event`` sees it), or nowhere."""
+        feed = self.keys.strategy_feed(source, symbol, self.settings.ingester.partitions)
+        return [feed] if feed else []
 
     def decide(self, intent: Intent, reads: Reads) -> tuple[Order, bool]:
         """The order ``intent`` becomes, with its reservation made; Refused or Deferred otherwise.
@@ -235,7 +258,7 @@ class RiskService(DeferredTicks):
         status = reads.status
         _refuse_if(status.refusal(intent.side, position))
         if not is_reducing(intent.side, position):
-            _refuse_if(self.protections.refusal(intent.symbol, intent.side, reads.locks))
+            self._check_locks(intent, reads)
         elif position > 0:
             self._make_room_for_exit(intent, reads, position)
         closed = self.account.market_closed()
@@ -278,7 +301,7 @@ class RiskService(DeferredTicks):
                       limit_price=prepared.limit_price,
                       stop_price=intent.stop_price, time_in_force=intent.time_in_force,
                       reservation_id=intent.id, exit_reason=_exit_reason(intent, entry),
-                      stop_loss=intent.stop_loss if entry else None)
+                      stop_loss=intent.stop_loss if entry else None, source=intent.source)
         return order, self._reserve(intent, reads, order, price)
 
     def _reserve(self, intent: Intent, reads: Reads, order: Order, price: Decimal) -> bool:
@@ -377,8 +400,8 @@ class RiskService(DeferredTicks):
             raise Refused(f"notional {intent.notional} buys no whole share at {price}")
         return shares
 
-    def _publish_once(self, intent_id: str, message: Order | IntentRejected, stream: str) -> None:
-        self.once.publish_once(intent_id, self.keys.stream(stream), codec.encode(message),
+    def _publish_once(self, intent_id: str, order: Order) -> None:
+        self.once.publish_once(intent_id, self.keys.stream(ORDERS), codec.encode(order),
                                self.settings.bus.maxlen)
 
 

@@ -23,9 +23,11 @@ A strategy is a subclass of :class:`Strategy` registered under a name with :func
             return []
 
 One instance serves one symbol for one batch of bars: the worker builds it from the state
-stored in Redis (``<prefix>:strategy:<name>:<SYMBOL>``), calls ``on_bar`` for each new bar in
-order, and writes the state back in the same atomic commit that publishes the intents. So
-``on_bar`` must be deterministic in its state, the bar and ``self.account`` (the read-only
+stored in Redis (``<prefix>:strategy:<name>:<SYMBOL>``), calls ``on_bar`` for each new bar and
+``on_order_event`` (``on_fill``) for each event of the strategy's own orders, in the order the
+partition stream holds them (the executor and risk append the events there), and writes the state
+back in the same atomic commit that publishes the intents: each bar and event is seen once. So
+the callbacks must be deterministic in the state, the message and ``self.account`` (the read-only
 :class:`~services.strategy._view.AccountView` the worker reads once per batch), and keep
 everything it needs to remember in ``self.state`` (a pydantic model: Decimals stay exact as JSON
 strings); it must not talk to Redis or the outside world. A strategy that needs more Redis
@@ -51,7 +53,7 @@ from redis.client import Pipeline
 from services.strategy._view import AccountView
 from shared.config import StrategySettings
 from shared.keys import Keys
-from shared.models import Bar, ExitReason, Intent, Side
+from shared.models import Bar, ExitReason, Intent, IntentRejected, Message, OrderEvent, OrderStatus, Side
 
 __all__ = [
     "Binding",
@@ -63,13 +65,14 @@ __all__ = [
     "strategy_class",
 ]
 
+_FILLED = (OrderStatus.PARTIALLY_FILLED, OrderStatus.FILLED)
 P = TypeVar("P", bound=BaseModel)
 S = TypeVar("S", bound=BaseModel)
 
 
-def intent_id(strategy: str, symbol: str, bar_id: str, index: int) -> str:
-    """The id of the ``index``-th intent a strategy emitted on one bar: the same on every run."""
-    text = f"intent:{strategy}:{symbol}:{bar_id}:{index}"
+def intent_id(strategy: str, symbol: str, trigger_id: str, index: int) -> str:
+    """The id of the ``index``-th intent a strategy emitted on one bar or event: the same on every run."""
+    text = f"intent:{strategy}:{symbol}:{trigger_id}:{index}"
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
@@ -99,19 +102,35 @@ class Strategy(ABC, Generic[P, S]):
     def on_bar(self, bar: Bar) -> list[Intent]:
         """React to the next bar of ``self.symbol``; return zero or more intents."""
 
+    def on_order_event(self, event: OrderEvent | IntentRejected) -> list[Intent]:
+        """What became of one of this strategy's intents on ``self.symbol``, in stream order with
+        its bars: risk refused it (:class:`IntentRejected`), or its order, or a protective stop or
+        flatten of it (``event.intent_id`` is the entry's), changed status at the broker
+        (:class:`OrderEvent`: new, partially_filled, filled, canceled, expired, rejected; quantities
+        cumulative). The default passes fills to :meth:`on_fill` and ignores the rest."""
+        if isinstance(event, OrderEvent) and event.status in _FILLED:
+            return self.on_fill(event)
+        return []
+
+    def on_fill(self, event: OrderEvent) -> list[Intent]:
+        """One of this strategy's orders filled more (``filled_quantity`` so far, at
+        ``filled_avg_price``; ``event.fill`` the execution when the broker named it)."""
+        return []
+
     def queue_effects(self, pipe: Pipeline, keys: Keys) -> None:
         """Queue extra writes into the batch's commit (runs once per batch, after the bars): they
         are run inside the commit script, after its checks, so their replies are not returned."""
         return None
 
-    def intent(self, bar: Bar, side: Side, quantity: Decimal | None, reason: str, *,
+    def intent(self, trigger: Message, side: Side, quantity: Decimal | None, reason: str, *,
                stop_loss: Decimal | None = None, exit_reason: ExitReason = ExitReason.SIGNAL) -> Intent:
-        """A market intent for this symbol with a deterministic id. ``quantity`` None: risk sizes
-        it (an entry by ``risk.max_risk_fraction`` and ``stop_loss``, an exit: the whole position);
-        ``stop_loss`` protects the entry once it fills (docs/RISK.md)."""
-        index = self._emitted.get(bar.id, 0)
-        self._emitted[bar.id] = index + 1
-        return Intent(id=intent_id(self.name, self.symbol, bar.id, index), time=self.now or bar.time,
+        """A market intent for this symbol, with an id derived from ``trigger`` (the bar or event
+        it answers: the same on every run). ``quantity`` None: risk sizes it (an entry by
+        ``risk.max_risk_fraction`` and ``stop_loss``, an exit: the whole position); ``stop_loss``
+        protects the entry once it fills (docs/RISK.md)."""
+        index = self._emitted.get(trigger.id, 0)
+        self._emitted[trigger.id] = index + 1
+        return Intent(id=intent_id(self.name, self.symbol, trigger.id, index), time=self.now or trigger.time,
                       source=f"strategy:{self.name}", symbol=self.symbol, side=side, quantity=quantity,
                       stop_loss=stop_loss, exit_reason=exit_reason, reason=reason)
 

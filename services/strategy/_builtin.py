@@ -1,8 +1,10 @@
 """The strategies Bastion ships: SMA crossover, VWAP mean reversion and a Donchian breakout.
 
-Each keeps a ``holding`` flag: the strategy's own view of whether its last signal was a buy. It
-is not the portfolio (risk may have rejected that buy); it only stops a strategy repeating a
-signal. An entry may carry a stop-loss (``stop_bps`` under the close, off by default, or
+Each keeps a ``holding`` flag: whether its last entry still holds shares, as its own signals and
+the events of its orders say. It is set by a buy signal and cleared by the sell signal, or by
+``on_order_event`` when risk refused the entry, the broker ended it unfilled, or its protective
+stop sold the shares -- so the strategy neither sells what it does not hold nor skips an entry.
+An entry carries a stop-loss (``stop_bps`` under the close, 200 by default, or
 ``stop_atr`` average true ranges for the breakout), which the executor places as a protective
 stop once the entry fills; with no ``quantity`` (the default) risk sizes the entry -- to risk
 ``risk.max_risk_fraction`` of equity down to the stop, else ``risk.position_fraction`` of
@@ -12,15 +14,15 @@ equity -- and an exit sells the whole position (docs/RISK.md).
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.strategy._api import Strategy, register
-from shared.models import Bar, ExitReason, Intent, Side
+from shared.models import Bar, ExitReason, Intent, IntentRejected, OrderEvent, OrderStatus, Side
 
-__all__ = ["DonchianBreakout", "DonchianParams", "DonchianState", "SmaCrossover", "SmaParams", "SmaState",
-           "VwapParams", "VwapReversion", "VwapState"]
+__all__ = ["DonchianBreakout", "DonchianParams", "DonchianState", "HoldingState", "SmaCrossover", "SmaParams",
+           "SmaState", "VwapParams", "VwapReversion", "VwapState", "entry_ended"]
 
 BPS = Decimal("10000")
 ZERO = Decimal(0)
@@ -33,6 +35,61 @@ def stop_below(price: Decimal, bps: Decimal | None) -> Decimal | None:
     return None if bps is None else price * (1 - bps / BPS)
 
 
+def entry_ended(event: OrderEvent | IntentRejected, entry: str) -> bool:
+    """True when ``event`` says the entry intent ``entry`` holds no shares any more: risk refused
+    it, the broker ended the buy with nothing filled, or an exit that protects it (a stop, a
+    flatten: they carry the entry's intent id) filled."""
+    if not entry or event.intent_id != entry:
+        return False
+    if isinstance(event, IntentRejected):
+        return True
+    if event.side is Side.BUY:
+        return event.status.is_terminal and event.filled_quantity == 0
+    return event.status is OrderStatus.FILLED
+
+
+class HoldingState(BaseModel):
+    """Whether the strategy's last entry holds shares, and that entry's intent id."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    holding: bool = False
+    entry: str = ""
+
+
+ParamsT = TypeVar("ParamsT", bound=BaseModel)
+StateT = TypeVar("StateT", bound=HoldingState)
+
+
+class _Holding(Strategy[ParamsT, StateT]):
+    """Enters with :meth:`enter`, leaves with :meth:`leave`; ``holding`` follows its orders' events."""
+
+    def enter(self, bar: Bar, quantity: Decimal | None, reason: str, stop_loss: Decimal | None
+              ) -> list[Intent]:
+        """A buy of ``bar``, remembered as the entry whose events clear ``holding``."""
+        intent = self.intent(bar, Side.BUY, quantity, reason, stop_loss=stop_loss)
+        self.state.holding, self.state.entry = True, intent.id
+        return [intent]
+
+    def leave(self, bar: Bar, quantity: Decimal | None, reason: str,
+              why: ExitReason = ExitReason.SIGNAL) -> list[Intent]:
+        """A sell of ``bar`` closing the entry."""
+        self.forget()
+        return [self.intent(bar, Side.SELL, quantity, reason, exit_reason=why)]
+
+    def forget(self) -> None:
+        """No entry holds shares any more."""
+        self.state.holding, self.state.entry = False, ""
+
+    def on_order_event(self, event: OrderEvent | IntentRejected) -> list[Intent]:
+        if not entry_ended(event, self.state.entry):
+            return []
+        # one stop filled while another still covers shares of the entry (it filled in parts): holding
+        if isinstance(event, IntentRejected) or event.side is Side.BUY or self.account.position_qty <= 0:
+            self.forget()
+        return []
+
+
 class SmaParams(BaseModel):
     """``fast`` and ``slow`` windows in bars (fast < slow); ``quantity`` per signal (None: sized by
     risk); ``stop_bps`` the entry's stop-loss under the close (None: no protective stop)."""
@@ -42,7 +99,7 @@ class SmaParams(BaseModel):
     fast: Annotated[int, Field(gt=0)] = 10
     slow: Annotated[int, Field(gt=1)] = 30
     quantity: PositiveQuantity | None = None
-    stop_bps: PositiveDecimal | None = None
+    stop_bps: PositiveDecimal | None = Decimal("200")
 
     @model_validator(mode="after")
     def _fast_below_slow(self) -> SmaParams:
@@ -51,18 +108,15 @@ class SmaParams(BaseModel):
         return self
 
 
-class SmaState(BaseModel):
+class SmaState(HoldingState):
     """The last ``slow`` closes, which side of the slow average the fast one was, and holding."""
-
-    model_config = ConfigDict(extra="forbid")
 
     closes: list[Decimal] = []
     fast_above: bool | None = None
-    holding: bool = False
 
 
 @register
-class SmaCrossover(Strategy[SmaParams, SmaState]):
+class SmaCrossover(_Holding[SmaParams, SmaState]):
     """Buy when the fast SMA crosses above the slow one; sell (if holding) when it crosses below."""
 
     name = "sma_crossover"
@@ -85,12 +139,10 @@ class SmaCrossover(Strategy[SmaParams, SmaState]):
             return []
         detail = f"fast SMA({params.fast})={fast:.4f} slow SMA({params.slow})={slow:.4f}"
         if above and not state.holding:
-            state.holding = True
-            return [self.intent(bar, Side.BUY, params.quantity, f"cross up: {detail}",
-                                stop_loss=stop_below(bar.close, params.stop_bps))]
+            stop = stop_below(bar.close, params.stop_bps)
+            return self.enter(bar, params.quantity, f"cross up: {detail}", stop)
         if not above and state.holding:
-            state.holding = False
-            return [self.intent(bar, Side.SELL, params.quantity, f"cross down: {detail}")]
+            return self.leave(bar, params.quantity, f"cross down: {detail}")
         return []
 
 
@@ -104,23 +156,20 @@ class VwapParams(BaseModel):
     exit_bps: Annotated[Decimal, Field(allow_inf_nan=False)] = Decimal("0")
     min_bars: Annotated[int, Field(gt=0)] = 5
     quantity: PositiveQuantity | None = None
-    stop_bps: PositiveDecimal | None = None
+    stop_bps: PositiveDecimal | None = Decimal("200")
 
 
-class VwapState(BaseModel):
+class VwapState(HoldingState):
     """The session (UTC date) and its running price x volume and volume; holding."""
-
-    model_config = ConfigDict(extra="forbid")
 
     session: str = ""
     price_volume: Decimal = Decimal(0)
     volume: Decimal = Decimal(0)
     bars: int = 0
-    holding: bool = False
 
 
 @register
-class VwapReversion(Strategy[VwapParams, VwapState]):
+class VwapReversion(_Holding[VwapParams, VwapState]):
     """Mean reversion to the session VWAP (each bar weighted by its own vwap, else (h+l+c)/3)."""
 
     name = "vwap_reversion"
@@ -142,14 +191,11 @@ class VwapReversion(Strategy[VwapParams, VwapState]):
         lower = vwap * (1 - params.band_bps / BPS)
         upper = vwap * (1 + params.exit_bps / BPS)
         if not state.holding and bar.close <= lower:
-            state.holding = True
             reason = f"close {bar.close} <= {lower:.4f} ({params.band_bps} bps under VWAP {vwap:.4f})"
-            return [self.intent(bar, Side.BUY, params.quantity, reason,
-                                stop_loss=stop_below(bar.close, params.stop_bps))]
+            return self.enter(bar, params.quantity, reason, stop_below(bar.close, params.stop_bps))
         if state.holding and bar.close >= upper:
-            state.holding = False
             reason = f"close {bar.close} >= {upper:.4f} (VWAP {vwap:.4f} + {params.exit_bps} bps)"
-            return [self.intent(bar, Side.SELL, params.quantity, reason)]
+            return self.leave(bar, params.quantity, reason)
         return []
 
 
@@ -168,22 +214,19 @@ class DonchianParams(BaseModel):
     quantity: PositiveQuantity | None = None
 
 
-class DonchianState(BaseModel):
+class DonchianState(HoldingState):
     """The recent bars' highs, lows and true ranges; the open trade's stop and target."""
-
-    model_config = ConfigDict(extra="forbid")
 
     highs: list[Decimal] = []
     lows: list[Decimal] = []
     ranges: list[Decimal] = []
     last_close: Decimal | None = None
-    holding: bool = False
     stop: Decimal | None = None
     target: Decimal | None = None
 
 
 @register
-class DonchianBreakout(Strategy[DonchianParams, DonchianState]):
+class DonchianBreakout(_Holding[DonchianParams, DonchianState]):
     """A Donchian channel breakout with an ATR stop (placed by the executor) and an ATR target."""
 
     name = "donchian_breakout"
@@ -206,8 +249,8 @@ class DonchianBreakout(Strategy[DonchianParams, DonchianState]):
         """The signal of ``bar`` against the channel of the bars before it."""
         params, state = self.params, self.state
         if state.holding:
-            if state.stop is not None and bar.low <= state.stop:  # the executor's stop took it
-                state.holding, state.stop, state.target = False, None, None
+            if state.stop is not None and bar.low <= state.stop:  # the executor's stop takes it
+                self.forget()
                 return []
             floor = min(state.lows[-params.exit_bars:])
             if state.target is not None and bar.close >= state.target:
@@ -220,13 +263,16 @@ class DonchianBreakout(Strategy[DonchianParams, DonchianState]):
         if bar.close <= ceiling:
             return []
         atr = sum(state.ranges, ZERO) / len(state.ranges)
-        state.holding = True
-        state.stop = bar.close - params.stop_atr * atr
-        state.target = bar.close + params.target_atr * atr
+        stop, target = bar.close - params.stop_atr * atr, bar.close + params.target_atr * atr
         reason = (f"close {bar.close} over the {params.entry_bars}-bar high {ceiling}; "
-                  f"ATR {atr:.4f}, stop {state.stop:.4f}, target {state.target:.4f}")
-        return [self.intent(bar, Side.BUY, params.quantity, reason, stop_loss=state.stop)]
+                  f"ATR {atr:.4f}, stop {stop:.4f}, target {target:.4f}")
+        out = self.enter(bar, params.quantity, reason, stop)
+        state.stop, state.target = stop, target
+        return out
 
     def _exit(self, bar: Bar, why: ExitReason, reason: str) -> list[Intent]:
-        self.state.holding, self.state.stop, self.state.target = False, None, None
-        return [self.intent(bar, Side.SELL, None, reason, exit_reason=why)]
+        return self.leave(bar, None, reason, why)
+
+    def forget(self) -> None:
+        super().forget()
+        self.state.stop = self.state.target = None

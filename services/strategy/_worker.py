@@ -11,6 +11,10 @@ the group moved since the read; the entries are then read again. A bar not newer
 symbol's state records is skipped. docs/STRATEGIES.md tells the reading protocol (pending list,
 cursor) and a redelivery as a timeline.
 
+The partition streams also carry the events of the strategies' own orders (the executor's
+order events, risk's rejections, routed by :meth:`~shared.keys.Keys.strategy_feed`): each is run
+through ``on_order_event`` in stream order and committed like a bar (no bar-time mark).
+
 Each strategy sees the account as read once for the pass (:mod:`._view`); a symbol whose state
 has no bar applied yet is first warmed up on recent history (:mod:`._warmup`), its intents
 discarded, its state committed with the pass.
@@ -43,13 +47,14 @@ from shared.errors import CodecError, RedisCommandFailed, RedisUnavailable
 from shared.heartbeat import alive_instances
 from shared.keys import INTENTS, Keys
 from shared.logging import bind_correlation, get_logger
-from shared.models import Bar, Intent
+from shared.models import Bar, Intent, IntentRejected, OrderEvent
 from shared.redis.boundary import WaitOut, redis_errors
 from shared.redis.client import reply_text, script
 
 __all__ = ["GROUP", "SERVICE", "StoredState", "StrategyWorker", "WorkerStats", "consumer_name"]
 
 log = get_logger(component="strategy")
+Fed = Bar | OrderEvent | IntentRejected  # what a partition stream carries to a strategy
 GROUP = "strategy"
 SERVICE = "strategy"
 
@@ -164,6 +169,7 @@ class WorkerStats:
     """Counters of one worker's life."""
 
     applied: int = 0  # bars run through a strategy
+    events: int = 0  # order events and rejections run through a strategy
     warmed: int = 0  # history bars run through a fresh strategy before its first live bar
     skipped: int = 0  # bars already applied (redelivered or duplicated)
     unrouted: int = 0  # bars of symbols that run no strategy
@@ -182,7 +188,7 @@ class _Slot:
     stored: StoredState
     account: AccountView
     strategy: Strategy[Any, Any]
-    applied: list[tuple[int, Bar]] = field(default_factory=list)
+    applied: list[tuple[int, Fed]] = field(default_factory=list)
 
     @property
     def dirty(self) -> bool:
@@ -391,11 +397,11 @@ class StrategyWorker:
         decoded = [(batch.partition, *_decode(reply_text(raw_id), fields))
                    for batch in batches for raw_id, fields in batch.entries]
         bindings: dict[str, Binding] = {}
-        for _, _, bar, _, _ in decoded:
-            if bar is not None and bar.symbol not in bindings:
-                binding = self.catalog.binding(bar.symbol)
+        for _, _, message, _, _ in decoded:
+            if message is not None and message.symbol not in bindings:
+                binding = self.catalog.binding(message.symbol)
                 if binding is not None:
-                    bindings[bar.symbol] = binding
+                    bindings[message.symbol] = binding
         state_keys = {symbol: self.keys.strategy_state(b.cls.name, symbol) for symbol, b in bindings.items()}
         views = self._read_states_and_views(state_keys) if state_keys else {}
         now = self.clock.now()
@@ -440,7 +446,7 @@ class StrategyWorker:
             self._states.update(zip(unknown, replies[0], strict=True))
         return self.accounts.views(replies[-3:], set(state_keys))
 
-    def _warm_up(self, decoded: Sequence[tuple[int, str, Bar | None, Any, str]], slots: Mapping[str, _Slot],
+    def _warm_up(self, decoded: Sequence[tuple[int, str, Fed | None, Any, str]], slots: Mapping[str, _Slot],
                  now: datetime) -> bool:
         """Start each fresh state (no bar applied yet) from its warm-up on history older than its
         first live bar; False, warming nothing, when fetching that history took over a third of
@@ -449,7 +455,7 @@ class StrategyWorker:
             return True
         needs: dict[str, Need] = {}
         for partition, entry_id, bar, _, _ in decoded:
-            if (bar is not None and bar.symbol in slots and bar.symbol not in needs
+            if (isinstance(bar, Bar) and bar.symbol in slots and bar.symbol not in needs
                     and slots[bar.symbol].stored.bar_time is None):
                 needs[bar.symbol] = Need(bar.symbol, self._stream_key(partition), entry_id, bar.time)
         if not needs:
@@ -531,39 +537,46 @@ class StrategyWorker:
         stored = StoredState.parse(raw)
         return _Slot(binding, key, stored, account, binding.build(symbol, stored.state, now, account))
 
-    def _run_bars(self, decoded: Sequence[tuple[int, str, Bar | None, Any, str]], slots: Mapping[str, _Slot],
+    def _run_bars(self, decoded: Sequence[tuple[int, str, Fed | None, Any, str]], slots: Mapping[str, _Slot],
                   now: datetime) -> tuple[list[Intent], list[tuple[int, str, Any, str]]]:
+        """Run each bar (not applied yet) and order event through its symbol's strategy, in stream
+        order: the intents, and the dead letters (undecodable entries, a strategy that raised)."""
         tagged: list[tuple[int, str, Intent]] = []
         dead: list[tuple[int, str, Any, str]] = []
-        for seq, (partition, entry_id, bar, fields, reason) in enumerate(decoded):
-            if bar is None:
+        for seq, (partition, entry_id, message, fields, reason) in enumerate(decoded):
+            if message is None:
                 dead.append((partition, entry_id, fields, reason))
                 continue
-            slot = slots.get(bar.symbol)
+            slot = slots.get(message.symbol)
             if slot is None:
                 self.stats.unrouted += 1
                 continue
             mark = slot.stored.bar_time
-            if mark is not None and bar.time <= mark:
+            if isinstance(message, Bar) and mark is not None and message.time <= mark:
                 self.stats.skipped += 1
-                log.info("strategy.bar_already_applied", symbol=bar.symbol, entry_id=entry_id,
-                         bar_time=bar.time.isoformat(), applied_through=mark.isoformat())
+                log.info("strategy.bar_already_applied", symbol=message.symbol, entry_id=entry_id,
+                         bar_time=message.time.isoformat(), applied_through=mark.isoformat())
                 continue
-            with bind_correlation(symbol=bar.symbol, entry_id=entry_id, message_id=bar.id):
+            with bind_correlation(symbol=message.symbol, entry_id=entry_id, message_id=message.id):
                 try:
-                    out = slot.strategy.on_bar(bar)
+                    out = _feed(slot.strategy, message)
                 except Exception as exc:
-                    log.exception("strategy.on_bar_failed", strategy=slot.binding.cls.name)
+                    log.exception("strategy.callback_failed", strategy=slot.binding.cls.name,
+                                  message_type=message.TYPE)
                     dead.append((partition, entry_id, fields,
                                  f"strategy {slot.binding.cls.name} failed: {type(exc).__name__}: {exc}"))
-                    tagged = [t for t in tagged if t[1] != bar.symbol]
+                    tagged = [t for t in tagged if t[1] != message.symbol]
                     tagged.extend(self._replay(slot, now))
                     continue
-            slot.applied.append((seq, bar))
-            slot.stored.entry, slot.stored.bar_time = entry_id, bar.time
+            slot.applied.append((seq, message))
+            slot.stored.entry = entry_id
+            if isinstance(message, Bar):
+                slot.stored.bar_time = message.time
+                self.stats.applied += 1
+            else:
+                self.stats.events += 1
             if out:
-                tagged.extend((seq, bar.symbol, intent) for intent in out)
-            self.stats.applied += 1
+                tagged.extend((seq, message.symbol, intent) for intent in out)
         for slot in slots.values():
             if slot.dirty:
                 slot.stored.state = slot.strategy.state.model_dump(mode="json")
@@ -571,11 +584,11 @@ class StrategyWorker:
         return [intent for _, _, intent in tagged], dead
 
     def _replay(self, slot: _Slot, now: datetime) -> list[tuple[int, str, Intent]]:
-        """Rebuild a failed strategy from its committed state and re-apply the batch's earlier bars."""
+        """Rebuild a failed strategy from its committed state and re-apply the batch's earlier entries."""
         slot.strategy = slot.binding.build(slot.strategy.symbol, slot.stored.state, now, slot.account)
         out: list[tuple[int, str, Intent]] = []
-        for seq, bar in slot.applied:
-            out.extend((seq, bar.symbol, intent) for intent in slot.strategy.on_bar(bar))
+        for seq, message in slot.applied:
+            out.extend((seq, message.symbol, intent) for intent in _feed(slot.strategy, message))
         return out
 
     def _dead_record(self, partition: int, entry_id: str, fields: Any, reason: str) -> Any:
@@ -602,14 +615,21 @@ def _entries(reply: Any) -> list[tuple[Any, Any]]:
     return list(reply[0][1])
 
 
-def _decode(entry_id: str, fields: Any) -> tuple[str, Bar | None, Any, str]:
-    """(entry id, bar or None, fields, reason it is not a bar)."""
+def _decode(entry_id: str, fields: Any) -> tuple[str, Fed | None, Any, str]:
+    """(entry id, bar or order event or None, fields, reason it is neither)."""
     if not fields:
         return entry_id, None, {}, "entry has no fields (trimmed while pending)"
     try:
         message = codec.decode(fields)
     except CodecError as exc:
         return entry_id, None, fields, f"undecodable: {exc.reason}"
-    if not isinstance(message, Bar):
-        return entry_id, None, fields, f"not a bar: {message.TYPE}"
+    if not isinstance(message, (Bar, OrderEvent, IntentRejected)):
+        return entry_id, None, fields, f"not a bar or an order event: {message.TYPE}"
     return entry_id, message, fields, ""
+
+
+def _feed(strategy: Strategy[Any, Any], message: Fed) -> list[Intent]:
+    """``message`` to the strategy's callback: a bar to ``on_bar``, an event to ``on_order_event``."""
+    if isinstance(message, Bar):
+        return strategy.on_bar(message)
+    return strategy.on_order_event(message)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import redis
@@ -15,16 +15,20 @@ from shared.redis.client import script
 __all__ = ["PUBLISH_ONCE_SCRIPT", "Idempotency"]
 
 
-# KEYS[1] = the marker applied:<scope>:<id>; KEYS[2] = the stream; KEYS[3] (optional) = a hash
-# ARGV[1] = the marker's ttl (s); ARGV[2] = the stream's approximate maxlen; ARGV[3] = the field
-# KEYS[3] must hold ("" without KEYS[3]); ARGV[4..] = field, value, ...
-# returns the new entry id; false when the marker was set already; -1 when KEYS[3] lacks the
-# field ARGV[3] (nothing added or marked in either case)
+# KEYS[1] = the marker applied:<scope>:<id>; KEYS[2] = the stream; KEYS[3..2+c] = c more streams
+# the same entry goes to, untrimmed (their owners trim them; c = ARGV[4]); KEYS[3+c] (optional) =
+# a hash
+# ARGV[1] = the marker's ttl (s); ARGV[2] = KEYS[2]'s approximate maxlen; ARGV[3] = the field
+# the hash must hold ("" without it); ARGV[4] = c; ARGV[5..] = field, value, ...
+# returns the new entry id on KEYS[2]; false when the marker was set already; -1 when the hash
+# lacks the field ARGV[3] (nothing added or marked in either case)
 PUBLISH_ONCE_SCRIPT = """
 local unpack = unpack or table.unpack
-if #KEYS > 2 and redis.call('HEXISTS', KEYS[3], ARGV[3]) == 0 then return -1 end
+local copies = tonumber(ARGV[4])
+if #KEYS > 2 + copies and redis.call('HEXISTS', KEYS[3 + copies], ARGV[3]) == 0 then return -1 end
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
-    return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 4))
+    for i = 3, 2 + copies do redis.call('XADD', KEYS[i], '*', unpack(ARGV, 5)) end
+    return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 5))
 end
 return false
 """
@@ -54,30 +58,31 @@ class Idempotency:
         pipe.exists(self.keys.applied(self.scope, message_id))
 
     def publish_once(self, message_id: str, stream_key: str, fields: Mapping[str, str | bytes],
-                     maxlen: int) -> bool:
-        """XADD ``fields`` to ``stream_key`` (trimmed to about ``maxlen``) and set the marker, in one
-        script: one round trip; False (nothing added) if ``message_id`` was already applied."""
+                     maxlen: int, *, copies: Sequence[str] = ()) -> bool:
+        """XADD ``fields`` to ``stream_key`` (trimmed to about ``maxlen``) and to each stream of
+        ``copies`` (untrimmed: their owners trim them) and set the marker, in one script: one round
+        trip; False (nothing added) if ``message_id`` was already applied."""
         flat = [x for pair in fields.items() for x in pair]
         run = script(self.client, PUBLISH_ONCE_SCRIPT)
         with redis_errors(f"publish_once({message_id!r})"):
-            added = run(keys=[self.keys.applied(self.scope, message_id), stream_key],
-                        args=[self.ttl_s, maxlen, "", *flat], client=self.client)
+            added = run(keys=[self.keys.applied(self.scope, message_id), stream_key, *copies],
+                        args=[self.ttl_s, maxlen, "", len(copies), *flat], client=self.client)
         return bool(added)
 
     def queue_publish_once(self, pipe: Pipeline, message_id: str, stream_key: str,
                            fields: Mapping[str, str | bytes], maxlen: int, *,
-                           provided: tuple[str, str] | None = None) -> None:
+                           provided: tuple[str, str] | None = None, copies: Sequence[str] = ()) -> None:
         """Queue on ``pipe`` :meth:`publish_once`'s script (for a caller batching its round trips),
         with ``provided`` applied only while the hash ``provided[0]`` has the field ``provided[1]``
         (for a publish sent behind the write that creates that field, in the same round trip);
         read its reply with :meth:`published`."""
         flat = [x for pair in fields.items() for x in pair]
-        keys = [self.keys.applied(self.scope, message_id), stream_key]
+        keys = [self.keys.applied(self.scope, message_id), stream_key, *copies]
         hash_field = ""
         if provided is not None:
             keys.append(provided[0])
             hash_field = provided[1]
-        pipe.eval(PUBLISH_ONCE_SCRIPT, len(keys), *keys, self.ttl_s, maxlen, hash_field, *flat)
+        pipe.eval(PUBLISH_ONCE_SCRIPT, len(keys), *keys, self.ttl_s, maxlen, hash_field, len(copies), *flat)
 
     @staticmethod
     def published(reply: Any) -> bool | None:

@@ -84,14 +84,17 @@ Revalidate = Callable[[DeferredIntent], "str | None"]
 class DeferredQueue:
     """The deferred-intent queue of one installation (one key prefix)."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, clock: Clock | None = None,
-                 max_age_s: float = 900.0) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, clock: Clock | None = None, max_age_s: float = 900.0,
+                 on_expired: Callable[[DeferredIntent], None] | None = None) -> None:
+        """``on_expired`` is told of each entry this queue sweeps as expired (once: the sweep that
+        removes it), so its intent can be reported."""
         if not max_age_s > 0:
             raise ValueError("max_age_s must be positive")
         self.client = client
         self.keys = keys
         self.clock = clock or LiveClock()
         self.max_age = timedelta(seconds=max_age_s)
+        self.on_expired = on_expired
 
     def defer(self, intent: Intent, reason: str, *, score: Decimal | None = None) -> bool:
         """Queue ``intent`` (replacing an older one for its symbol and side); False if a newer one
@@ -164,6 +167,8 @@ class DeferredQueue:
             elif self._run(HDEL_IF_UNCHANGED_SCRIPT, [field, text]):
                 log.info("deferred.expired", symbol=entry.intent.symbol, side=entry.intent.side.value,
                          intent_id=entry.intent.id)
+                if self.on_expired is not None:
+                    self.on_expired(entry)
         return sorted(live, key=lambda item: item[2].deferred_at)
 
     def _run(self, text: str, args: list[Any]) -> Any:

@@ -5,7 +5,8 @@ the same snapshot always gives the same verdict, and :func:`check_order` returns
 order breaks, in a fixed order, each as a :class:`Refusal` whose ``rule`` is machine-readable and
 whose ``reason`` a user can read. Two checks need Redis and say so: :class:`OrderSubmissions`
 counts submissions per minute in Redis (shared by every risk process, timed by Redis ``TIME``),
-and :func:`read_last_bars` reads each symbol's newest bar time from ``Keys.last_bar``.
+and :func:`read_bar_arrivals` reads when the ingester accepted each symbol's newest bar from
+``Keys.bar_arrival``.
 
 The rules (parameters in :class:`~shared.config.LimitSettings`; see docs/RISK.md):
 
@@ -18,8 +19,11 @@ The rules (parameters in :class:`~shared.config.LimitSettings`; see docs/RISK.md
 * pattern day trading: an order that would complete a day trade is refused when the completed
   day trades in the last ``pdt_window_business_days`` business days plus the pending ones reach
   ``pdt_max_day_trades`` while equity is below ``pdt_equity_threshold``;
-* stale data: an entry is refused when its symbol's last bar is older than ``stale_data_after_s``
-  (exits pass: never trap a position because the feed died);
+* stale data: an entry is refused when the ingester accepted no bar of its symbol for
+  ``stale_data_after_s`` (exits pass: never trap a position because the feed died). Measured by
+  *arrival* on the ingester's clock, not by bar time (a synthetic market's runs ahead of the
+  clock, a replay's years behind): has the feed stopped delivering this symbol? The ingester's
+  and risk's clocks must agree well within the limit (one host, or NTP);
 * stale balance: :func:`needs_refresh` says when the balance must be refreshed from the broker
   (older than ``balance_max_age_s``, or ``balance_refresh_after_fills`` fills since); an order
   sized on such a balance is refused.
@@ -61,6 +65,7 @@ __all__ = [
     "OrderSubmissions",
     "Refusal",
     "Rule",
+    "bar_arrivals_from",
     "business_days",
     "check_gross_exposure",
     "check_open_orders",
@@ -72,9 +77,8 @@ __all__ = [
     "check_stale_data",
     "is_day_trade",
     "is_reducing",
-    "last_bars_from",
     "needs_refresh",
-    "read_last_bars",
+    "read_bar_arrivals",
     "trading_day",
 ]
 
@@ -144,7 +148,8 @@ class AccountSnapshot:
     ``positions``/``pending``/``opened_today`` are signed quantities per symbol (short and sell
     negative); ``pending`` is what open orders would add if filled. ``day_trades`` holds the
     trading day of each completed day trade; ``pending_day_trades`` counts open orders that would
-    complete one. ``last_bars`` is each symbol's newest bar time (:func:`read_last_bars`).
+    complete one. ``bar_arrivals`` is when the ingester accepted each symbol's newest bar
+    (:func:`read_bar_arrivals`).
     """
 
     now: datetime
@@ -156,7 +161,7 @@ class AccountSnapshot:
     day_trades: Sequence[date] = ()
     pending_day_trades: int = 0
     opened_today: Mapping[str, Decimal] = field(default_factory=dict)
-    last_bars: Mapping[str, datetime] = field(default_factory=dict)
+    bar_arrivals: Mapping[str, datetime] = field(default_factory=dict)
     balance_refreshed_at: datetime | None = None
     fills_since_refresh: int = 0
 
@@ -285,16 +290,17 @@ def check_pdt(order: OrderCheck, snapshot: AccountSnapshot, settings: LimitSetti
     return None
 
 
-def check_stale_data(symbol: str, last_bar_at: datetime | None, now: datetime,
+def check_stale_data(symbol: str, arrived_at: datetime | None, now: datetime,
                      settings: LimitSettings, *, entry: bool = True) -> Refusal | None:
-    """Refuse an entry when ``symbol``'s last bar is missing or older than ``stale_data_after_s``."""
+    """Refuse an entry when no bar of ``symbol`` was ever accepted, or none for longer than
+    ``stale_data_after_s`` before ``now`` (``arrived_at``: when the ingester accepted its newest)."""
     if not entry:
         return None
-    if last_bar_at is None:
-        return Refusal(Rule.STALE_DATA, f"no bar seen for {symbol}")
-    age = (utc(now) - utc(last_bar_at)).total_seconds()
+    if arrived_at is None:
+        return Refusal(Rule.STALE_DATA, f"no bar for {symbol} accepted yet")
+    age = (utc(now) - utc(arrived_at)).total_seconds()
     if age > settings.stale_data_after_s:
-        return Refusal(Rule.STALE_DATA, f"{symbol}'s last bar is {age:g}s old, "
+        return Refusal(Rule.STALE_DATA, f"no bar for {symbol} accepted for {age:g}s, "
                        f"the limit is {settings.stale_data_after_s:g}s")
     return None
 
@@ -329,10 +335,10 @@ def check_order(order: OrderCheck, snapshot: AccountSnapshot, settings: LimitSet
     data, position and exposure caps)."""
     position = snapshot.positions.get(order.symbol, _ZERO)
     entry = not is_reducing(order.side, position, order.quantity)
-    last_bar = snapshot.last_bars.get(order.symbol)
+    arrived_at = snapshot.bar_arrivals.get(order.symbol)
     found = [
         check_stale_balance(snapshot, settings),
-        check_stale_data(order.symbol, last_bar, snapshot.now, settings, entry=entry),
+        check_stale_data(order.symbol, arrived_at, snapshot.now, settings, entry=entry),
         check_order_notional(order, settings, entry=entry),
         check_open_orders(snapshot, settings),
         check_position(order, snapshot, settings) if entry else None,
@@ -342,16 +348,16 @@ def check_order(order: OrderCheck, snapshot: AccountSnapshot, settings: LimitSet
     return [refusal for refusal in found if refusal is not None]
 
 
-def read_last_bars(client: redis.Redis, keys: Keys) -> dict[str, datetime]:
-    """Every symbol's newest bar time from ``Keys.last_bar`` (ISO times; epoch seconds accepted).
-    An unreadable value is left out, so its symbol counts as stale."""
-    with redis_errors(f"reading {keys.last_bar}"):
-        raw = client.hgetall(keys.last_bar)
-    return last_bars_from(raw)
+def read_bar_arrivals(client: redis.Redis, keys: Keys) -> dict[str, datetime]:
+    """When the ingester accepted each symbol's newest bar, from ``Keys.bar_arrival`` (ISO times;
+    epoch seconds accepted). An unreadable value is left out, so its symbol counts as stale."""
+    with redis_errors(f"reading {keys.bar_arrival}"):
+        raw = client.hgetall(keys.bar_arrival)
+    return bar_arrivals_from(raw)
 
 
-def last_bars_from(raw: Mapping[Any, Any]) -> dict[str, datetime]:
-    """The newest bar times in a reply of ``HGETALL`` of ``Keys.last_bar`` (as :func:`read_last_bars`)."""
+def bar_arrivals_from(raw: Mapping[Any, Any]) -> dict[str, datetime]:
+    """The arrival times in a reply of ``HGETALL`` of ``Keys.bar_arrival`` (as :func:`read_bar_arrivals`)."""
     out: dict[str, datetime] = {}
     for name, value in raw.items():
         symbol = name.decode() if isinstance(name, bytes) else str(name)

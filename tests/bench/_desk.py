@@ -63,7 +63,7 @@ class BarPublisher:
         when = self.clock.now()
         bar = flat_bar(symbol, when, number)
         verdicts = self.gate.admit_and_publish([bar], self.bars_key, self.partition_keys,
-                                               [partition_of(symbol, PARTITIONS)])
+                                               [partition_of(symbol, PARTITIONS)], arrived=when)
         if verdicts[0] != 1:
             raise RuntimeError(f"the gate did not accept bar {bar.id} of {symbol} at {when}: {verdicts[0]!r}")
         return bar.id, symbol, epoch_micros(when)

@@ -301,7 +301,8 @@ class Driver:
         self.errors: list[str] = []
 
     def bar_round(self, client: redis.Redis) -> None:
-        """One bar per symbol, starting now, its close the symbol's last price and bar time."""
+        """One bar per symbol, starting now, its close the symbol's last price, its time the last
+        bar's and its arrival."""
         now = LiveClock().now()
         for symbol in SYMBOLS:
             open_ = self.prices[symbol]
@@ -312,6 +313,7 @@ class Driver:
             publish(client, self.keys, BARS, bar)
             client.hset(self.keys.last_price, symbol, str(close))
             client.hset(self.keys.last_bar, symbol, now.isoformat())
+            client.hset(self.keys.bar_arrival, symbol, now.isoformat())
         self.bars += 1
 
     def intent(self, client: redis.Redis, portfolio: Portfolio) -> None:

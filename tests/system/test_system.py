@@ -51,7 +51,7 @@ def test_twenty_concurrent_orders_for_sixty_percent_of_cash(
                     for name in ("risk", "executor")]
         try:
             bar = exchange.bar("AAPL", "100", "100", "100", "100")
-            client.hset(keys.last_bar, "AAPL", bar.time.isoformat())  # as the ingester would (stale data)
+            client.hset(keys.bar_arrival, "AAPL", bar.time.isoformat())  # as the ingester would (stale data)
             portfolio = Portfolio(client, keys, "paper")
             wait_for(lambda: portfolio.marks().get("AAPL") == Decimal(100), timeout=30,
                      message="risk to see AAPL")
@@ -140,7 +140,7 @@ def test_the_desk_rides_out_a_redis_restart(keys: Keys, tmp_path: Path) -> None:
         wait_for(lambda: (kill_switch.current().state, kill_switch.current().by)
                  == (TradingState.ACTIVE, "reconciler"), timeout=60, message="the start-up reconciliation")
         bar = desk.exchange.bar("AAPL", "100", "100", "100", "100")
-        client.hset(keys.last_bar, "AAPL", bar.time.isoformat())  # as the ingester would (stale data)
+        client.hset(keys.bar_arrival, "AAPL", bar.time.isoformat())  # as the ingester would (stale data)
         rested = cli(desk.env, "order", "buy", "AAPL", "1", "--limit", "50", "--wait", "60")
         assert rested.returncode == 0, rested.stdout + rested.stderr
         wait_for(lambda: [o["status"] for o in desk.exchange.get("/v2/orders")] == ["new"], timeout=60,

@@ -1,6 +1,8 @@
-"""``bastion order buy|sell SYMBOL QTY [--limit PRICE] [--wait SECONDS]``: a manual intent.
+"""``bastion order buy|sell SYMBOL QTY [--limit PRICE] [--wait SECONDS] [--override-locks REASON]``.
 
-The intent goes through risk like any strategy's (trading state, limits, the portfolio lock).
+A manual intent: it goes through risk like any strategy's (trading state, protections' locks,
+limits, the portfolio lock); ``--override-locks`` lets an entry past the locks (only), logged by
+risk with its reason.
 With ``--wait`` the command waits for risk's decision: exit 0 when approved (the order is on
 its way to the broker), 1 when refused (the reason is printed), 4 when no decision came in time.
 """
@@ -42,6 +44,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--limit", type=_decimal, help="limit price (default: market order)")
     parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                         help="wait for risk's decision and report it")
+    parser.add_argument("--override-locks", metavar="REASON",
+                        help="enter even where a protection locks the symbol (logged with REASON); "
+                             "limits and the trading state still apply")
     parser.set_defaults(func=run)
 
 
@@ -50,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     clock = LiveClock()
     intent = Intent(time=clock.now(), source="manual", symbol=args.symbol, side=Side(args.side),
                     quantity=args.quantity, order_type=OrderType.LIMIT if args.limit else OrderType.MARKET,
-                    limit_price=args.limit, reason="bastion order")
+                    limit_price=args.limit, reason="bastion order", override_locks=args.override_locks)
     # read decisions from the streams' current ends, taken before the intent exists: none is missed
     cursors: Any = {}
     for key in (ctx.keys.stream(ORDERS), ctx.keys.stream(REJECTIONS)):

@@ -56,7 +56,7 @@ def risk_service(client: redis.Redis, keys: Keys) -> RiskService:
     service.portfolio.apply_fill("h", Fill(fill_id="h:1", quantity=Decimal(20), price=Decimal(150),
                                            time=LiveClock().now()))
     client.hset(keys.last_price, "AAPL", "150")  # as the ingester writes it
-    client.hset(keys.last_bar, "AAPL", LiveClock().now().isoformat())
+    client.hset(keys.bar_arrival, "AAPL", LiveClock().now().isoformat())  # a bar just arrived
     return service
 
 
@@ -148,7 +148,8 @@ class TestStatusSafetySections:
         assert state["at"] and state["history"][0]["state"] == "REDUCING"
         [lock] = report["protection_locks"]
         assert lock["protection"] == "cooldown" and lock["symbol"] == "AAPL"
-        assert datetime.fromisoformat(lock["until"]) == closed_at + timedelta(seconds=300)  # cooldown
+        cooldown = timedelta(seconds=Settings().protections.cooldown_duration_s)
+        assert datetime.fromisoformat(lock["until"]) == closed_at + cooldown
         [entry] = report["deferred"]
         assert (entry["symbol"], entry["side"], entry["source"]) == ("MSFT", "buy", "strategy:sma")
         assert report["reconciliation"]["status"] == "differences"

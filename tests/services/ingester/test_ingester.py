@@ -26,17 +26,19 @@ from services.ingester import (
     Verdict,
     bar_from_alpaca,
     bar_id,
+    format_time,
     partition_of,
 )
 from services.ingester._sources import _nearest
 from shared.bus import codec
 from shared.clock import LiveClock, SimulatedClock
-from shared.config import BusSettings, IngesterSettings
+from shared.config import BusSettings, IngesterSettings, LimitSettings
 from shared.errors import RedisCommandFailed
 from shared.keys import ALERTS, BARS, Keys
 from shared.models import Alert, Bar
 from shared.redis.connection import connect_url
 from shared.redis.server import RedisServer
+from shared.safety.limits import check_stale_data, read_bar_arrivals
 from tests.conftest import delete_keys
 from tests.support import factories
 from tests.support.factories import T0
@@ -55,11 +57,13 @@ def stream_bars(client: redis.Redis, key: str) -> list[Bar]:
     return out
 
 
-def publish_through(gate: BarGate, keys: Keys, bars: list[Bar], partitions: int = 4) -> list[Verdict]:
-    """``bars`` offered to ``gate`` as the ingester offers them: admitted and published in one script."""
+def publish_through(gate: BarGate, keys: Keys, bars: list[Bar], partitions: int = 4,
+                    arrived: datetime = T0) -> list[Verdict]:
+    """``bars`` offered to ``gate`` as the ingester offers them: admitted and published in one
+    script, arriving at ``arrived``."""
     partition_keys = [keys.stream(keys.bar_partition(n)) for n in range(partitions)]
     return gate.admit_and_publish(bars, keys.stream(BARS), partition_keys,
-                                  [partition_of(bar.symbol, partitions) for bar in bars])
+                                  [partition_of(bar.symbol, partitions) for bar in bars], arrived=arrived)
 
 
 def take(source: SyntheticSource, count: int) -> list[Bar]:
@@ -236,6 +240,7 @@ class TestGate:
         with pytest.raises(RedisCommandFailed):
             ing.offer([factories.bar("MSFT", 0), factories.bar("AAPL", 0)])
         assert ing.gate.newest() == {}
+        assert read_bar_arrivals(client, keys) == {}
         assert [b.symbol for b in stream_bars(client, keys.stream(BARS))] == ["MSFT", "AAPL"]
         client.delete(broken)
         assert ing.offer([factories.bar("MSFT", 0), factories.bar("AAPL", 0)]) == [
@@ -461,6 +466,101 @@ class TestIngester:
             ing.offer([factories.bar(s, minute) for s in SYMBOLS])
         assert fake.xlen(keys.stream(BARS)) <= 50 + 20 + 3
         assert all(fake.xlen(keys.stream(keys.bar_partition(n))) <= 50 + 20 + 3 for n in range(2))
+
+
+class TestArrival:
+    """``bar-arrival``: when the ingester accepted each symbol's newest bar, on its clock, which is
+    what risk's stale-data rule measures (not the bar's own time)."""
+
+    LIMITS = LimitSettings()  # stale_data_after_s 120
+
+    def stale(self, client: redis.Redis, keys: Keys, symbol: str, now: datetime) -> str | None:
+        """Risk's stale-data refusal of an entry in ``symbol`` at ``now``, from what the ingester wrote."""
+        refusal = check_stale_data(symbol, read_bar_arrivals(client, keys).get(symbol), now, self.LIMITS)
+        return None if refusal is None else refusal.reason
+
+    def test_a_synthetic_market_hours_ahead_of_the_clock_goes_stale_when_bars_stop(self, fake: redis.Redis,
+                                                                                    keys: Keys) -> None:
+        """The default synthetic market (a minute of market time per tick, 60 ticks a second) runs
+        hours ahead of the clock; once no bar is accepted for more than 120 s it is stale all the same."""
+        clock = SimulatedClock(T0)
+        ing = ingester(fake, keys, clock)
+        ing.run(SyntheticSource(["AAPL"], 7, clock.now(), clock), ClockStop(clock), max_bars=300)
+        assert ing.gate.newest()["AAPL"] - clock.now() > timedelta(hours=4)
+        arrived = read_bar_arrivals(fake, keys)["AAPL"]
+        assert T0 < arrived <= clock.now()
+        clock.set(arrived + timedelta(seconds=120))
+        assert self.stale(fake, keys, "AAPL", clock.now()) is None
+        clock.advance(timedelta(seconds=10))
+        assert self.stale(fake, keys, "AAPL", clock.now()) == (
+            "no bar for AAPL accepted for 130s, the limit is 120s")
+        ing.offer([factories.bar("AAPL", 300)])
+        assert self.stale(fake, keys, "AAPL", clock.now()) is None
+
+    def test_a_replayed_bar_from_years_ago_is_fresh_when_just_accepted(self, fake: redis.Redis, keys: Keys,
+                                                                       tmp_path: Path) -> None:
+        """A CSV replay of 2019 bars on a 2026 clock: a bar just accepted is not stale (its time is
+        seven years old), and goes stale 120 s after the replay stops."""
+        path = write_csv(tmp_path / "bars.csv", [
+            f"AAPL,2019-01-02 14:{30 + m}:00+00:00,10,10,10,10,1,{m},10" for m in range(3)])
+        clock = SimulatedClock(T0)
+        ing = ingester(fake, keys, clock)
+        counts = ing.run(CsvSource(path, clock, paced=False), threading.Event())
+        assert counts.accepted == 3
+        assert ing.gate.newest() == {"AAPL": datetime(2019, 1, 2, 14, 32, tzinfo=UTC)}
+        assert read_bar_arrivals(fake, keys) == {"AAPL": T0}
+        assert self.stale(fake, keys, "AAPL", clock.now()) is None
+        clock.advance(timedelta(seconds=121))
+        assert self.stale(fake, keys, "AAPL", clock.now()) == (
+            "no bar for AAPL accepted for 121s, the limit is 120s")
+
+    def test_a_duplicate_or_older_bar_does_not_refresh_the_arrival(self, redis_client: redis.Redis,
+                                                                   keys: Keys) -> None:
+        """Only an accepted bar stamps its symbol's arrival (fixed-width, the clock's time of the
+        batch); a repeat or an older bar leaves it, so a feed replaying old bars still goes stale."""
+        clock = SimulatedClock(T0)
+        ing = ingester(redis_client, keys, clock)
+        ing.offer([factories.bar("AAPL", 5), factories.bar("MSFT", 5)])
+        clock.advance(timedelta(seconds=100))
+        verdicts = ing.offer([factories.bar("AAPL", 5), factories.bar("AAPL", 3), factories.bar("MSFT", 6)])
+        assert verdicts == [Verdict.DUPLICATE, Verdict.OUT_OF_ORDER, Verdict.ACCEPTED]
+        assert redis_client.hgetall(keys.bar_arrival) == {
+            b"AAPL": format_time(T0).encode(), b"MSFT": format_time(clock.now()).encode()}
+        clock.advance(timedelta(seconds=21))
+        assert self.stale(redis_client, keys, "AAPL", clock.now()) == (
+            "no bar for AAPL accepted for 121s, the limit is 120s")
+        assert self.stale(redis_client, keys, "MSFT", clock.now()) is None
+
+    def test_batches_in_flight_carry_the_time_each_was_sent(self, redis_client: redis.Redis,
+                                                             keys: Keys) -> None:
+        """From an eager source, each batch's arrival is the clock's time when it was queued, not when
+        its verdicts were read."""
+        clock = SimulatedClock(T0)
+        ing = ingester(redis_client, keys, clock)
+
+        def ticking() -> Iterator[list[Bar]]:
+            yield [factories.bar("AAPL", 0), factories.bar("MSFT", 0)]
+            clock.advance(timedelta(seconds=10))
+            yield [factories.bar("AAPL", 1), factories.bar("MSFT", 0)]
+            clock.advance(timedelta(seconds=10))
+
+        ing.run(ListSource(ticking(), eager=True), threading.Event())
+        assert read_bar_arrivals(redis_client, keys) == {"AAPL": T0 + timedelta(seconds=10), "MSFT": T0}
+
+
+class ClockStop:
+    """A stop flag never set whose waits move a simulated clock: a paced source runs at once, its
+    ticks ``1/speed`` apart on the clock."""
+
+    def __init__(self, clock: SimulatedClock) -> None:
+        self.clock = clock
+
+    def is_set(self) -> bool:
+        return False
+
+    def wait(self, seconds: float) -> bool:
+        self.clock.sleep(seconds)
+        return False
 
 
 class ListSource:

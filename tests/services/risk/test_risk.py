@@ -72,9 +72,10 @@ class Desk:
         return []
 
     def bar(self, symbol: str, price: str) -> None:
-        """A bar's traces as the ingester leaves them (its time in last-bar, its close in
-        last-price), then a tick of risk's ticker."""
+        """A bar's traces as the ingester leaves them (its time in last-bar, when it arrived in
+        bar-arrival, its close in last-price), then a tick of risk's ticker."""
         self.client.hset(KEYS.last_bar, symbol, self.clock.now().isoformat())
+        self.client.hset(KEYS.bar_arrival, symbol, self.clock.now().isoformat())
         self.client.hset(KEYS.last_price, symbol, price)
         self.risk.tick()
 
@@ -271,7 +272,8 @@ class TestRefusal:
         desk = Desk()
         msft = Bar(time=desk.clock.now(), symbol="MSFT", open=Decimal(290), high=Decimal(301),
                    low=Decimal(289), close=Decimal(300), volume=Decimal(100))
-        BarGate(desk.client, KEYS).admit_and_publish([msft], KEYS.stream(BARS), [KEYS.stream("p0")], [0])
+        BarGate(desk.client, KEYS).admit_and_publish([msft], KEYS.stream(BARS), [KEYS.stream("p0")], [0],
+                                                     arrived=desk.clock.now())
         desk.send(intent(symbol="MSFT", quantity=None, notional=Decimal(3000)))
         [order] = desk.orders()
         assert (order.symbol, order.quantity) == ("MSFT", Decimal(10))
@@ -396,13 +398,28 @@ class TestProtections:
 
 class TestStaleness:
     def test_stale_data_refused_then_accepted_after_a_fresh_bar(self, desk: Desk) -> None:
-        """An entry on a symbol whose last bar is 121 s old is refused; after a new bar it is approved."""
+        """An entry on a symbol whose last bar arrived 121 s ago is refused; after a new bar, approved."""
         desk.clock.advance(timedelta(seconds=121))
         desk.send(intent())
         assert desk.reasons()[0].startswith("stale_data")
         desk.bar("AAPL", "150")
         desk.send(intent())
         assert len(desk.orders()) == 1
+
+    def test_stale_data_is_measured_by_arrival_not_by_bar_time(self, desk: Desk) -> None:
+        """A bar six hours ahead of the clock (a synthetic market) published through the ingester's
+        gate: fresh for 120 s after it arrived, then refused although its own time is still ahead."""
+        ahead = Bar(time=desk.clock.now() + timedelta(hours=6), symbol="MSFT", open=Decimal(300),
+                    high=Decimal(300), low=Decimal(300), close=Decimal(300), volume=Decimal(100))
+        BarGate(desk.client, KEYS).admit_and_publish([ahead], KEYS.stream(BARS), [KEYS.stream("p0")], [0],
+                                                     arrived=desk.clock.now())
+        desk.clock.advance(timedelta(seconds=120))
+        desk.bar("AAPL", "150")  # AAPL fresh: only MSFT's data ages
+        desk.send(intent(symbol="MSFT", quantity=Decimal(1)))
+        assert len(desk.orders()) == 1 and desk.reasons() == []
+        desk.clock.advance(timedelta(seconds=1))
+        desk.send(intent(symbol="MSFT", quantity=Decimal(1)))
+        assert desk.reasons() == ["stale_data: no bar for MSFT accepted for 121s, the limit is 120s"]
 
     def test_stale_data_does_not_trap_an_exit(self, desk: Desk) -> None:
         """A sell of a held position goes through even when the symbol's data is stale."""
@@ -628,7 +645,7 @@ class TestRedisRefusingWrites:
         runner = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
         try:
             risk.portfolio.open()
-            client.hset(KEYS.last_bar, "AAPL", clock.now().isoformat())
+            client.hset(KEYS.bar_arrival, "AAPL", clock.now().isoformat())
             client.hset(KEYS.last_price, "AAPL", "150")
             publish(client, KEYS, INTENTS, intent(quantity=Decimal(1), time=clock.now()))
             with capture_logs() as logs:

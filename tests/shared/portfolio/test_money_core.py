@@ -608,10 +608,10 @@ class TestPreTrade:
         rules apply (stale data refuses it); exactly 10 is an exit and passes."""
         assert is_reducing(Side.SELL, D(10), D(10)) and not is_reducing(Side.SELL, D(10), D(11))
         assert is_reducing(Side.BUY, D(-10), D(10)) and not is_reducing(Side.BUY, D(-10), D(11))
-        stale = snapshot(positions={"AAPL": D(10)}, last_bars={})
+        stale = snapshot(positions={"AAPL": D(10)}, bar_arrivals={})
         assert check_order(sell("10"), stale, SETTINGS) == []
         assert [r.rule for r in check_order(sell("11"), stale, SETTINGS)] == [Rule.STALE_DATA]
-        short = snapshot(positions={"AAPL": D(-10)}, last_bars={})
+        short = snapshot(positions={"AAPL": D(-10)}, bar_arrivals={})
         assert check_order(buy("10"), short, SETTINGS) == []
         assert [r.rule for r in check_order(buy("11"), short, SETTINGS)] == [Rule.STALE_DATA]
 

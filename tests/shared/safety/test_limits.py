@@ -32,7 +32,7 @@ from shared.safety.limits import (
     is_day_trade,
     is_reducing,
     needs_refresh,
-    read_last_bars,
+    read_bar_arrivals,
     trading_day,
 )
 
@@ -42,7 +42,7 @@ SETTINGS = LimitSettings()
 
 def snapshot(**fields: Any) -> AccountSnapshot:
     base: dict[str, Any] = {"now": NOW, "equity": D(100_000), "balance_refreshed_at": NOW,
-                            "last_bars": {"AAPL": NOW}}
+                            "bar_arrivals": {"AAPL": NOW}}
     base.update(fields)
     return AccountSnapshot(**base)
 
@@ -176,7 +176,7 @@ class TestOrderRules:
 
     def test_check_order_lists_every_broken_rule(self) -> None:
         """An oversized entry on stale data with 50 open orders gets every refusal at once."""
-        snap = snapshot(open_orders=50, last_bars={"AAPL": NOW - timedelta(hours=1)})
+        snap = snapshot(open_orders=50, bar_arrivals={"AAPL": NOW - timedelta(hours=1)})
         rules = [r.rule for r in check_order(buy("1500"), snap, SETTINGS)]
         assert rules == [Rule.STALE_DATA, Rule.MAX_ORDER_NOTIONAL, Rule.MAX_OPEN_ORDERS,
                          Rule.MAX_POSITION_FRACTION, Rule.MAX_GROSS_EXPOSURE]
@@ -258,27 +258,42 @@ class TestPatternDayTrading:
 class TestStaleness:
     def test_stale_data_refused_then_accepted_after_a_fresh_bar(self, redis_client: redis.Redis,
                                                                 keys: Keys) -> None:
-        """A bar 121 s old is refused (limit 120 s); after a fresh bar lands in Redis the entry passes."""
-        redis_client.hset(keys.last_bar, "AAPL", (NOW - timedelta(seconds=121)).isoformat())
-        bars = read_last_bars(redis_client, keys)
-        refusal = check_stale_data("AAPL", bars.get("AAPL"), NOW, SETTINGS)
-        assert refusal is not None and refusal.rule is Rule.STALE_DATA and "121" in refusal.reason
-        assert check_order(buy("1"), snapshot(last_bars=bars), SETTINGS)[0].rule is Rule.STALE_DATA
-        redis_client.hset(keys.last_bar, "AAPL", (NOW - timedelta(seconds=120)).isoformat())
-        bars = read_last_bars(redis_client, keys)
-        assert check_stale_data("AAPL", bars.get("AAPL"), NOW, SETTINGS) is None
-        assert check_order(buy("1"), snapshot(last_bars=bars), SETTINGS) == []
+        """No bar accepted for 121 s is refused (limit 120 s); after a bar arrives the entry passes."""
+        redis_client.hset(keys.bar_arrival, "AAPL", (NOW - timedelta(seconds=121)).isoformat())
+        arrivals = read_bar_arrivals(redis_client, keys)
+        refusal = check_stale_data("AAPL", arrivals.get("AAPL"), NOW, SETTINGS)
+        assert refusal is not None and refusal.rule is Rule.STALE_DATA
+        assert refusal.reason == "no bar for AAPL accepted for 121s, the limit is 120s"
+        assert check_order(buy("1"), snapshot(bar_arrivals=arrivals), SETTINGS)[0].rule is Rule.STALE_DATA
+        redis_client.hset(keys.bar_arrival, "AAPL", (NOW - timedelta(seconds=120)).isoformat())
+        arrivals = read_bar_arrivals(redis_client, keys)
+        assert check_stale_data("AAPL", arrivals.get("AAPL"), NOW, SETTINGS) is None
+        assert check_order(buy("1"), snapshot(bar_arrivals=arrivals), SETTINGS) == []
+
+    def test_the_bar_time_is_not_what_is_read(self, redis_client: redis.Redis, keys: Keys) -> None:
+        """Only the arrival hash counts: a bar time of now in ``last-bar`` does not make a symbol fresh
+        whose arrival is old, nor one from years ago make a just-arrived symbol stale."""
+        redis_client.hset(keys.last_bar, mapping={"AAPL": NOW.isoformat(),
+                                                  "MSFT": "2019-01-02T14:30:00+00:00"})
+        redis_client.hset(keys.bar_arrival, mapping={"AAPL": (NOW - timedelta(seconds=130)).isoformat(),
+                                                     "MSFT": NOW.isoformat()})
+        arrivals = read_bar_arrivals(redis_client, keys)
+        refusal = check_stale_data("AAPL", arrivals.get("AAPL"), NOW, SETTINGS)
+        assert refusal is not None
+        assert refusal.reason == "no bar for AAPL accepted for 130s, the limit is 120s"
+        assert check_stale_data("MSFT", arrivals.get("MSFT"), NOW, SETTINGS) is None
 
     def test_stale_data_never_blocks_an_exit(self) -> None:
         """A sell of a held position passes on stale data; a symbol never seen is stale for entries."""
-        old = snapshot(positions={"AAPL": D(5)}, last_bars={})
+        old = snapshot(positions={"AAPL": D(5)}, bar_arrivals={})
         assert check_order(sell("5"), old, SETTINGS) == []
-        assert check_stale_data("ZZZ", None, NOW, SETTINGS) is not None
+        refusal = check_stale_data("ZZZ", None, NOW, SETTINGS)
+        assert refusal is not None and refusal.reason == "no bar for ZZZ accepted yet"
 
-    def test_last_bar_in_epoch_seconds_and_garbage(self, redis_client: redis.Redis, keys: Keys) -> None:
+    def test_arrival_in_epoch_seconds_and_garbage(self, redis_client: redis.Redis, keys: Keys) -> None:
         """Epoch seconds are read; an unreadable value is left out (the symbol counts as stale)."""
-        redis_client.hset(keys.last_bar, mapping={"SPY": str(NOW.timestamp()), "BAD": "yesterday"})
-        assert read_last_bars(redis_client, keys) == {"SPY": NOW}
+        redis_client.hset(keys.bar_arrival, mapping={"SPY": str(NOW.timestamp()), "BAD": "yesterday"})
+        assert read_bar_arrivals(redis_client, keys) == {"SPY": NOW}
 
     def test_stale_balance_by_age(self) -> None:
         """Refreshed 301 s ago: refused; 300 s ago: accepted; a refresh makes it fresh again."""
