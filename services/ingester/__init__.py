@@ -2,7 +2,8 @@
 
 Consumes: a bar source (``ingester.source``: a seeded synthetic market, the default; a CSV
 replay; Alpaca's live stream); no stream group. Produces: each bar once, in order, on ``bars``
-and on ``bars:<crc32(symbol) % partitions>``, with its close in ``<prefix>:last-price``, all in
+and on ``bars:<crc32(symbol) % partitions>``, with its close in ``<prefix>:last-price`` and its
+arrival in ``<prefix>:bar-arrival``, all in
 one script per batch (:mod:`._gate`: duplicates dropped, out-of-order bars refused); alerts on
 ``alerts`` for a symbol with no bar for ``ingester.stale_after_s``. Acknowledges nothing.
 Run it with ``python -m services.ingester [--bars N]``.

@@ -481,7 +481,7 @@ class TestArrival:
 
     def test_a_synthetic_market_hours_ahead_of_the_clock_goes_stale_when_bars_stop(self, fake: redis.Redis,
                                                                                     keys: Keys) -> None:
-        """The default synthetic market (a minute of market time per tick, 60 ticks a second) runs
+        """A synthetic market (a minute of market time per tick, here 60 ticks a second) runs
         hours ahead of the clock; once no bar is accepted for more than 120 s it is stale all the same."""
         clock = SimulatedClock(T0)
         ing = ingester(fake, keys, clock)
