@@ -86,9 +86,11 @@ class KillSwitchActions(OrderDesk):
     def _flatten(self, status: TradingStatus) -> bool:
         """A closing market order for every position (what other reservations do not already hold);
         a position protective stops hold waits until their cancel (requested here) frees it."""
+        # the stops first: one that ended released its shares before it left the open set, so a
+        # snapshot read after finds them free (read before, it could still count them reserved)
+        protected = open_protective_stops(self.client, self.keys)
         snapshot = self.portfolio.snapshot()
         marks = self.portfolio.marks()
-        protected = open_protective_stops(self.client, self.keys)
         done = True
         for symbol, position in sorted(snapshot.positions.items()):
             cid = f"bst-flat-{status.seq}-{symbol}"
