@@ -101,7 +101,7 @@ class ExitReason(StrEnum):
 
     SIGNAL = "signal"  # a strategy's or an operator's exit
     STOP_LOSS = "stop_loss"  # a protective stop filled, or a strategy's own stop-loss exit
-    TAKE_PROFIT = "take_profit"  # a strategy's exit at its profit target
+    TAKE_PROFIT = "take_profit"  # a protective take-profit filled, or a strategy's exit at its target
     TRAILING_STOP = "trailing_stop"
     PROTECTION_FAILED = "protection_failed"  # flattened because no protective stop could be placed
     FLATTEN = "flatten"  # the kill switch flattened the position
@@ -172,8 +172,9 @@ class Intent(Message):
     """A wish to trade, from a strategy or a manual ``bastion order``; ``id`` is the intent id.
 
     Size: ``quantity`` (shares), ``notional`` (money), or neither: risk sizes it (docs/RISK.md,
-    "Sizing"). ``stop_loss`` is the price a protective stop guards an entry at once it fills
-    (docs/RISK.md, "Protective exits"); ``exit_reason`` says why an exit is made.
+    "Sizing"). ``stop_loss`` is the price a protective stop guards an entry at once it fills, and
+    ``take_profit`` the limit price of the profit target placed with it (one OCO pair; docs/RISK.md,
+    "Protective exits"); ``exit_reason`` says why an exit is made.
     ``override_locks``: an operator's reason to enter past the protections' locks (a manual
     intent only; logged with the locks it passed).
     """
@@ -190,6 +191,7 @@ class Intent(Message):
     stop_price: Price | None = None
     time_in_force: TimeInForce = TimeInForce.DAY
     stop_loss: Price | None = None
+    take_profit: Price | None = None
     exit_reason: ExitReason = ExitReason.SIGNAL
     reason: str = ""
     override_locks: Annotated[str, Field(min_length=1, max_length=500)] | None = None
@@ -198,6 +200,8 @@ class Intent(Message):
     def _shape(self) -> Intent:
         if self.quantity is not None and self.notional is not None:
             raise ValueError("give quantity or notional, not both")
+        if self.take_profit is not None and self.stop_loss is None:
+            raise ValueError("a take_profit needs a stop_loss: the two are placed as one OCO pair")
         if self.override_locks is not None and self.source != "manual":
             raise ValueError("only a manual intent may override the protections' locks")
         _check_prices(self.order_type, self.limit_price, self.stop_price)
@@ -223,7 +227,11 @@ class IntentRejected(Message):
 
 
 class Order(Message):
-    """An order approved by risk, with the reservation that pays for it."""
+    """An order approved by risk, with the reservation that pays for it.
+
+    On an entry, ``stop_loss`` and ``take_profit`` are the exits the executor places once it fills.
+    On a protective exit (``protects`` names the entry), a limit order with both is an OCO pair:
+    the take-profit at ``limit_price`` with a stop-loss leg at ``stop_loss``."""
 
     TYPE: ClassVar[str] = "order"
 
@@ -239,6 +247,7 @@ class Order(Message):
     time_in_force: TimeInForce = TimeInForce.DAY
     reservation_id: str = Field(min_length=1)
     stop_loss: Price | None = None
+    take_profit: Price | None = None
     exit_reason: ExitReason = ExitReason.SIGNAL
     protects: str | None = None  # a protective exit: the client_order_id of the entry it protects
     source: str = ""  # the intent's source ("strategy:<name>", "manual"): where its events are routed

@@ -70,17 +70,63 @@ class EventBook:
         self.activity = AccountActivity(client, keys, settings.portfolio.account)
         self.acted_key = keys.trading_state_acted
         self.poll_requested = threading.Event()  # set on a stream reconnect: poll at the next tick
-        self._locks: dict[str, threading.Lock] = {}  # one per symbol, made under _locks_guard
+        self._locks: dict[str, threading.RLock] = {}  # one per symbol, made under _locks_guard
         self._locks_guard = threading.Lock()
         self._foreign_alerted: set[str] = set()
 
     def apply_broker_order(self, placed: BrokerOrder) -> None:
-        """Apply an order as the broker reports it (a submit reply or a look-up)."""
-        self.apply_event(OrderEvent(
-            time=self.clock.now(), client_order_id=placed.client_order_id,
-            broker_order_id=placed.broker_order_id, symbol=placed.symbol, side=placed.side,
-            status=placed.status, filled_quantity=placed.filled_quantity,
-            filled_avg_price=placed.filled_avg_price))
+        """Apply an order as the broker reports it (a submit reply or a look-up), and its legs."""
+        if placed.legs:
+            self._record_legs(placed)
+        for order in (placed, *placed.legs):
+            self.apply_event(OrderEvent(
+                time=self.clock.now(), client_order_id=order.client_order_id,
+                broker_order_id=order.broker_order_id, symbol=order.symbol, side=order.side,
+                status=order.status, filled_quantity=order.filled_quantity,
+                filled_avg_price=order.filled_avg_price))
+
+    def _record_legs(self, placed: BrokerOrder) -> None:
+        """Record the legs of a protective OCO pair we placed (the broker names them), unless they
+        are recorded: each is tracked like the take-profit it belongs to (``oco_parent``), shares
+        its reservation and protects the same entry; a stop leg's exit reason is stop_loss."""
+        parent_cid = placed.client_order_id
+        parent = self._record(parent_cid)
+        if not parent.get("protects"):
+            return
+        with self.client.pipeline(transaction=True) as pipe:
+            for leg in placed.legs:
+                stop = leg.stop_price is not None
+                fields = {
+                    "status": OrderStatus.NEW.value, "intent_id": parent.get("intent_id", ""),
+                    "reservation_id": parent["reservation_id"], "symbol": leg.symbol, "side": leg.side.value,
+                    "quantity": str(leg.quantity), "order_type": leg.order_type.value, "applied_qty": "0",
+                    "applied_cost": "0", "created_at": self.clock.now().isoformat(),
+                    "exit_reason": (ExitReason.STOP_LOSS if stop else ExitReason.TAKE_PROFIT).value,
+                    "protects": parent["protects"], "oco_parent": parent_cid,
+                    "source": parent.get("source", "")}
+                leg_cid = leg.client_order_id
+                pipe.eval(CREATE_RECORD_SCRIPT, 2, self.keys.order(leg_cid), self.keys.open_orders, leg_cid,
+                          *(x for pair in fields.items() for x in pair))
+            pipe.hset(self.keys.order(parent_cid), "legs", " ".join(o.client_order_id for o in placed.legs))
+            pipe.execute()
+
+    def oco_members(self, cid: str, record: Mapping[str, str]) -> list[str]:
+        """The other orders of ``cid``'s OCO pair (empty for an order in none)."""
+        parent = record.get("oco_parent") or (cid if record.get("legs") else "")
+        if not parent:
+            return []
+        legs = (record if parent == cid else self._record(parent)).get("legs", "").split()
+        return [member for member in (parent, *legs) if member != cid]
+
+    def _may_release(self, cid: str, record: Mapping[str, str]) -> bool:
+        """Whether ``cid``, ended, gives back what its reservation holds: an OCO pair shares one,
+        given back when its last open order ends (unless a fill used it up)."""
+        others = self.oco_members(cid, record)
+        if not others:
+            return True
+        if any(not OrderStatus(self._record(m).get("status", "canceled")).is_terminal for m in others):
+            return False
+        return bool(self.client.hexists(self.portfolio.reservations_key, record["reservation_id"]))
 
     def apply_event(self, event: OrderEvent) -> bool:
         """Apply an order report: the fill increase (once, with the record, atomically), the
@@ -122,7 +168,7 @@ class EventBook:
             status = OrderStatus(record["status"])
             new_status, reopened = next_status(status, event.status, record.get("never_placed") == "1")
             ended = new_status.is_terminal and not status.is_terminal
-            if ended and not (outcome is not None and outcome.completed):
+            if ended and not (outcome is not None and outcome.completed) and self._may_release(cid, record):
                 self._release(record, new_status)  # before the status: a crash here repeats a no-op
             fields: dict[str, str] = {}
             if new_status != status:
@@ -264,11 +310,12 @@ class EventBook:
             with contextlib.suppress(OrderNotFound):
                 self.broker.cancel(cid)
 
-    def _symbol_lock(self, symbol: str) -> threading.Lock:
+    def _symbol_lock(self, symbol: str) -> threading.RLock:
         """The lock that serialises the events of ``symbol``'s orders (a fill reads the position
-        it changes); other symbols' events, and submits, do not wait for it."""
+        it changes); other symbols' events, and submits, do not wait for it (but the submit of an
+        OCO pair holds it until its legs are recorded)."""
         with self._locks_guard:
-            return self._locks.setdefault(symbol, threading.Lock())
+            return self._locks.setdefault(symbol, threading.RLock())
 
     def _release(self, record: dict[str, str], status: OrderStatus) -> None:
         """The broker ended an order with part of its reservation unused: give that part back."""

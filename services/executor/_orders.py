@@ -129,7 +129,9 @@ class OrderDesk(EventBook):
         if (prepared.quantity, prepared.limit_price) == (order.quantity, order.limit_price):
             return request
         log.info("executor.rounded", quantity=str(prepared.quantity), limit_price=str(prepared.limit_price))
-        return replace(request, quantity=prepared.quantity, limit_price=prepared.limit_price)
+        target = prepared.limit_price if request.oco else request.take_profit  # an OCO's limit is its target
+        return replace(request, quantity=prepared.quantity, limit_price=prepared.limit_price,
+                       take_profit=target)
 
     def _create_record(self, order: Order) -> tuple[dict[str, str], TradingStatus, str | None, bytes | None]:
         """In one round trip: read the order's reservation, record ``order`` (pending submit) unless
@@ -144,10 +146,12 @@ class OrderDesk(EventBook):
             "applied_cost": "0", "created_at": self.clock.now().isoformat(),
             "exit_reason": order.exit_reason.value,
         }
-        if order.stop_loss is not None:
-            fields["stop_loss"] = str(order.stop_loss)
         if order.protects is not None:
             fields["protects"] = order.protects
+        elif order.stop_loss is not None:  # an entry's exits, placed once it fills
+            fields["stop_loss"] = str(order.stop_loss)
+            if order.take_profit is not None:
+                fields["take_profit"] = str(order.take_profit)
         if order.source:
             fields["source"] = order.source
         cid = order.client_order_id

@@ -1,12 +1,16 @@
-"""Protective stops: every filled share of an entry with a ``stop_loss`` is covered at the broker.
+"""Protective exits: every filled share of an entry with a ``stop_loss`` is covered at the broker.
 
-An entry's record carries its ``stop_loss``; each booked fill of it puts its client_order_id in
-``Keys.unprotected``. A protection pass covers what is filled and not yet covered with a stop
-order on the exit side (client_order_id ``<entry>-sl<n>``, GTC, its own reservation
-of the shares, ``exit_reason`` stop_loss), so partial fills are protected as they come. What
-covers an entry is read from its protective orders' records (field ``protections``): a live one
-covers its quantity, an ended one what it filled, one cancelled for an exit (``cancel_reason``)
-its quantity -- so a protective stop the broker cancels, expires or never places is replaced.
+An entry's record carries its ``stop_loss`` (and ``take_profit``); each booked fill of it puts its
+client_order_id in ``Keys.unprotected``. A protection pass covers what is filled and not yet
+covered, on the exit side, GTC, with its own reservation of the shares, so partial fills are
+protected as they come: with a stop order (client_order_id ``<entry>-sl<n>``, ``exit_reason``
+stop_loss), or, when the entry has a take-profit, an OCO pair (``<entry>-tp<n>``, a take-profit
+limit, ``exit_reason`` take_profit, whose stop-loss leg the broker names; the leg is recorded
+from the submit's reply, under the symbol's lock so no report of it comes first). What covers an
+entry is read from its protective orders' records (field ``protections``; a pair counts once): a
+live one covers its quantity, an ended one what it filled, one cancelled for an exit
+(``cancel_reason``) its quantity -- so protection the broker cancels, expires or never places is
+replaced.
 
 A stop that cannot be placed (refused, broker down) is tried again after ``protect_backoff_s``,
 doubling, ``protect_attempts`` times in all; then the uncovered shares are sold at market
@@ -85,12 +89,14 @@ class ProtectiveExits(OrderDesk):
                 self.client.srem(self.keys.unprotected, cid)
                 return
             tries = int(record.get("protect_attempts", "0")) + 1
-            stop_cid = f"{cid}-sl{len(record.get('protections', '').split()) + 1}"
-            cause = self._place_stop(cid, record, stop_cid, need)
+            kind = "tp" if record.get("take_profit") else "sl"
+            stop_cid = f"{cid}-{kind}{len(record.get('protections', '').split()) + 1}"
+            cause = self._place_protection(cid, record, stop_cid, need)
             if cause is None:
                 self._covered_by(cid, record, stop_cid, {"protect_attempts": "0", "protect_next_at": ""})
                 log.info("executor.protected", client_order_id=cid, stop_client_order_id=stop_cid,
-                         quantity=str(need), stop_price=record["stop_loss"])
+                         quantity=str(need), stop_price=record["stop_loss"],
+                         take_profit=record.get("take_profit"))
             elif tries < self.settings.executor.protect_attempts:
                 wait = self.settings.executor.protect_backoff_s * 2 ** (tries - 1)
                 self._covered_by(cid, record, stop_cid, {
@@ -103,15 +109,18 @@ class ProtectiveExits(OrderDesk):
 
     def _covered(self, record: dict[str, str]) -> Decimal:
         """What the entry's protective orders cover: a live one its quantity, one cancelled for
-        an exit its quantity, an ended one what it filled."""
+        an exit its quantity, an ended one what it filled (an OCO pair: the pair's quantity while
+        one of it is live or it was cancelled for an exit, else what both filled)."""
         covered = _ZERO
         for stop_cid in record.get("protections", "").split():
             stop = self._record(stop_cid)
             if not stop:
                 continue
-            status = OrderStatus(stop["status"])
-            whole = not status.is_terminal or bool(stop.get("cancel_reason"))
-            covered += Decimal(stop["quantity"] if whole else stop["applied_qty"])
+            pair = [stop, *(self._record(m) for m in self.oco_members(stop_cid, stop))]
+            whole = any(not OrderStatus(o.get("status", "canceled")).is_terminal or o.get("cancel_reason")
+                        for o in pair)
+            covered += Decimal(stop["quantity"]) if whole else sum(
+                (Decimal(o.get("applied_qty", "0")) for o in pair), _ZERO)
         return covered
 
     def _free_shares(self, record: dict[str, str]) -> Decimal:
@@ -123,15 +132,25 @@ class ProtectiveExits(OrderDesk):
         free = held.qty - held.reserved if long else -held.qty - held.reserved
         return max(free, _ZERO)
 
-    def _place_stop(self, cid: str, record: dict[str, str], stop_cid: str, quantity: Decimal) -> str | None:
-        """Reserve and submit the protective stop; None when the broker holds it, else the cause."""
+    def _place_protection(self, cid: str, record: dict[str, str], stop_cid: str, quantity: Decimal
+                          ) -> str | None:
+        """Reserve and submit the protective stop, or OCO pair; None when the broker holds it, else
+        the cause."""
         side = _exit_side(record)
-        stop_price = SymbolProperties(record["symbol"]).round_price(side, Decimal(record["stop_loss"]))
-        order = self._exit_order(cid, record, stop_cid, quantity, order_type=OrderType.STOP,
-                                 stop_price=stop_price, time_in_force=TimeInForce.GTC,
-                                 exit_reason=ExitReason.STOP_LOSS)
+        symbol = SymbolProperties(record["symbol"])
+        stop_price = symbol.round_price(side, Decimal(record["stop_loss"]))
+        if record.get("take_profit"):
+            target = symbol.round_price(side, Decimal(record["take_profit"]))
+            order = self._exit_order(cid, record, stop_cid, quantity, order_type=OrderType.LIMIT,
+                                     limit_price=target, take_profit=target, stop_loss=stop_price,
+                                     time_in_force=TimeInForce.GTC, exit_reason=ExitReason.TAKE_PROFIT)
+        else:
+            order = self._exit_order(cid, record, stop_cid, quantity, order_type=OrderType.STOP,
+                                     stop_price=stop_price, time_in_force=TimeInForce.GTC,
+                                     exit_reason=ExitReason.STOP_LOSS)
         try:
-            self._submit_exit(order, stop_price)
+            with self._symbol_lock(record["symbol"]):  # no report of an OCO's leg before it is recorded
+                self._submit_exit(order, stop_price)
         except Unavailable as exc:  # nothing was placed: the order ends here, its shares released
             self._give_up(stop_cid, self._record(stop_cid), OrderStatus.REJECTED, str(exc))
             return f"{type(exc).__name__}: {exc}"
@@ -157,7 +176,7 @@ class ProtectiveExits(OrderDesk):
     def _give_up_protecting(self, cid: str, record: dict[str, str], stop_cid: str, quantity: Decimal,
                             cause: str, tries: int) -> None:
         """No stop could be placed: sell the uncovered shares at market and alert CRITICAL."""
-        flat_cid = f"{cid}-flat{stop_cid.rsplit('-sl', 1)[1]}"  # named after the last stop tried
+        flat_cid = f"{cid}-flat{stop_cid.rsplit('-', 1)[1][2:]}"  # numbered as the last protection tried
         mark = self.portfolio.marks().get(record["symbol"], Decimal(record["stop_loss"]))
         order = self._exit_order(cid, record, flat_cid, quantity, exit_reason=ExitReason.PROTECTION_FAILED)
         outcome = "flattened at market"

@@ -63,7 +63,7 @@ from shared.safety.limits import (
 )
 from shared.safety.protections import Protections
 from shared.safety.protective_stops import cancel_on_purpose, open_protective_stops
-from shared.safety.sizing import check_stop_loss, size_order
+from shared.safety.sizing import check_exits, size_order
 from shared.safety.symbols import PreparedOrder, SymbolProperties
 from shared.safety.trading_state import KillSwitch
 from shared.service import ServiceContext
@@ -132,7 +132,7 @@ class RiskService(DeferredTicks):
                 recorded = reads.book.reservations.get(intent.id)
                 if recorded is not None:  # decided before (its publish was lost): that decision stands
                     self._settle(reads)
-                    self._republish(intent, recorded)
+                    self._republish(intent, recorded, reads)
                     return
                 if queued is None:
                     self._cancel_opposite(intent, reads)
@@ -145,17 +145,23 @@ class RiskService(DeferredTicks):
             finally:
                 self.account.let_go(reads)
 
-    def _republish(self, intent: Intent, recorded: Reservation) -> None:
-        """Publish (once) the order the intent's reservation records, whatever the marks say now."""
+    def _republish(self, intent: Intent, recorded: Reservation, reads: Reads) -> None:
+        """Publish (once) the order the intent's reservation records, whatever the marks say now
+        (an entry with its protective exits: the order was never filled, so the position read now
+        says whether it opens one)."""
         if (recorded.side, recorded.symbol) != (intent.side.value, intent.symbol):
             raise HandlerRejected(f"reservation {intent.id!r} holds {recorded.side} {recorded.symbol}, "
                                   f"not this intent's {intent.side.value} {intent.symbol}")
         limit = recorded.price if intent.order_type in (OrderType.LIMIT, OrderType.STOP_LIMIT) else None
+        held = reads.book.positions.get(intent.symbol)
+        entry = not is_reducing(intent.side, held.qty if held is not None else Decimal(0), recorded.qty)
         order = Order(time=self.clock.now(), intent_id=intent.id, client_order_id=client_order_id(intent.id),
                       account=self.portfolio.account, symbol=intent.symbol, side=intent.side,
                       quantity=recorded.qty, order_type=intent.order_type, limit_price=limit,
                       stop_price=intent.stop_price, time_in_force=intent.time_in_force,
-                      reservation_id=intent.id, source=intent.source)
+                      reservation_id=intent.id, exit_reason=_exit_reason(intent, entry),
+                      stop_loss=intent.stop_loss if entry else None,
+                      take_profit=intent.take_profit if entry else None, source=intent.source)
         self._publish_once(intent.id, order)
         log.info("risk.republished", client_order_id=order.client_order_id, quantity=str(order.quantity))
 
@@ -265,7 +271,7 @@ class RiskService(DeferredTicks):
         if closed is not None:
             raise Deferred(closed)
         price = self._reference_price(intent, reads.marks)
-        _refuse_if(check_stop_loss(intent.side, price, intent.stop_loss))
+        _refuse_if(check_exits(intent.side, price, intent.stop_loss, intent.take_profit))
         stale_balance: str | None = None
         if intent.quantity is not None:
             quantity = intent.quantity
@@ -301,7 +307,8 @@ class RiskService(DeferredTicks):
                       limit_price=prepared.limit_price,
                       stop_price=intent.stop_price, time_in_force=intent.time_in_force,
                       reservation_id=intent.id, exit_reason=_exit_reason(intent, entry),
-                      stop_loss=intent.stop_loss if entry else None, source=intent.source)
+                      stop_loss=intent.stop_loss if entry else None,
+                      take_profit=intent.take_profit if entry else None, source=intent.source)
         return order, self._reserve(intent, reads, order, price)
 
     def _reserve(self, intent: Intent, reads: Reads, order: Order, price: Decimal) -> bool:

@@ -123,16 +123,17 @@ class Strategy(ABC, Generic[P, S]):
         return None
 
     def intent(self, trigger: Message, side: Side, quantity: Decimal | None, reason: str, *,
-               stop_loss: Decimal | None = None, exit_reason: ExitReason = ExitReason.SIGNAL) -> Intent:
+               stop_loss: Decimal | None = None, take_profit: Decimal | None = None,
+               exit_reason: ExitReason = ExitReason.SIGNAL) -> Intent:
         """A market intent for this symbol, with an id derived from ``trigger`` (the bar or event
         it answers: the same on every run). ``quantity`` None: risk sizes it (an entry by
         ``risk.max_risk_fraction`` and ``stop_loss``, an exit: the whole position); ``stop_loss``
-        protects the entry once it fills (docs/RISK.md)."""
+        (and ``take_profit`` with it) protect the entry once it fills (docs/RISK.md)."""
         index = self._emitted.get(trigger.id, 0)
         self._emitted[trigger.id] = index + 1
         return Intent(id=intent_id(self.name, self.symbol, trigger.id, index), time=self.now or trigger.time,
                       source=f"strategy:{self.name}", symbol=self.symbol, side=side, quantity=quantity,
-                      stop_loss=stop_loss, exit_reason=exit_reason, reason=reason)
+                      stop_loss=stop_loss, take_profit=take_profit, exit_reason=exit_reason, reason=reason)
 
 
 _REGISTRY: dict[str, type[Strategy[Any, Any]]] = {}

@@ -3,10 +3,10 @@
 Each keeps a ``holding`` flag: whether its last entry still holds shares, as its own signals and
 the events of its orders say. It is set by a buy signal and cleared by the sell signal, or by
 ``on_order_event`` when risk refused the entry, the broker ended it unfilled, or its protective
-stop sold the shares -- so the strategy neither sells what it does not hold nor skips an entry.
-An entry carries a stop-loss (``stop_bps`` under the close, 200 by default, or
-``stop_atr`` average true ranges for the breakout), which the executor places as a protective
-stop once the entry fills; with no ``quantity`` (the default) risk sizes the entry -- to risk
+stop (or take-profit) sold the shares -- so the strategy neither sells what it does not hold nor
+skips an entry. An entry carries a stop-loss (``stop_bps`` under the close, 200 by default, or
+``stop_atr`` average true ranges for the breakout, with a ``target_atr`` take-profit), which the
+executor places once the entry fills; with no ``quantity`` (the default) risk sizes the entry -- to risk
 ``risk.max_risk_fraction`` of equity down to the stop, else ``risk.position_fraction`` of
 equity -- and an exit sells the whole position (docs/RISK.md).
 """
@@ -38,7 +38,7 @@ def stop_below(price: Decimal, bps: Decimal | None) -> Decimal | None:
 def entry_ended(event: OrderEvent | IntentRejected, entry: str) -> bool:
     """True when ``event`` says the entry intent ``entry`` holds no shares any more: risk refused
     it, the broker ended the buy with nothing filled, or an exit that protects it (a stop, a
-    flatten: they carry the entry's intent id) filled."""
+    take-profit, a flatten: they carry the entry's intent id) filled."""
     if not entry or event.intent_id != entry:
         return False
     if isinstance(event, IntentRejected):
@@ -64,10 +64,10 @@ StateT = TypeVar("StateT", bound=HoldingState)
 class _Holding(Strategy[ParamsT, StateT]):
     """Enters with :meth:`enter`, leaves with :meth:`leave`; ``holding`` follows its orders' events."""
 
-    def enter(self, bar: Bar, quantity: Decimal | None, reason: str, stop_loss: Decimal | None
-              ) -> list[Intent]:
+    def enter(self, bar: Bar, quantity: Decimal | None, reason: str, stop_loss: Decimal | None,
+              take_profit: Decimal | None = None) -> list[Intent]:
         """A buy of ``bar``, remembered as the entry whose events clear ``holding``."""
-        intent = self.intent(bar, Side.BUY, quantity, reason, stop_loss=stop_loss)
+        intent = self.intent(bar, Side.BUY, quantity, reason, stop_loss=stop_loss, take_profit=take_profit)
         self.state.holding, self.state.entry = True, intent.id
         return [intent]
 
@@ -227,7 +227,8 @@ class DonchianState(HoldingState):
 
 @register
 class DonchianBreakout(_Holding[DonchianParams, DonchianState]):
-    """A Donchian channel breakout with an ATR stop (placed by the executor) and an ATR target."""
+    """A Donchian channel breakout with an ATR stop and an ATR target (placed by the executor as
+    one OCO pair once the entry fills)."""
 
     name = "donchian_breakout"
     params_model = DonchianParams
@@ -246,18 +247,14 @@ class DonchianBreakout(_Holding[DonchianParams, DonchianState]):
         return out
 
     def _decide(self, bar: Bar) -> list[Intent]:
-        """The signal of ``bar`` against the channel of the bars before it."""
+        """The signal of ``bar`` against the channel of the bars before it (the stop and the target
+        are the broker's: their fill ends the entry through :meth:`on_order_event`)."""
         params, state = self.params, self.state
         if state.holding:
-            if state.stop is not None and bar.low <= state.stop:  # the executor's stop takes it
-                self.forget()
-                return []
             floor = min(state.lows[-params.exit_bars:])
-            if state.target is not None and bar.close >= state.target:
-                return self._exit(bar, ExitReason.TAKE_PROFIT, f"close {bar.close} reached {state.target}")
             if bar.close < floor:
-                return self._exit(bar, ExitReason.SIGNAL,
-                                  f"close {bar.close} under the {params.exit_bars}-bar low {floor}")
+                reason = f"close {bar.close} under the {params.exit_bars}-bar low {floor}"
+                return self.leave(bar, None, reason)
             return []
         ceiling = max(state.highs[-params.entry_bars:])
         if bar.close <= ceiling:
@@ -266,12 +263,9 @@ class DonchianBreakout(_Holding[DonchianParams, DonchianState]):
         stop, target = bar.close - params.stop_atr * atr, bar.close + params.target_atr * atr
         reason = (f"close {bar.close} over the {params.entry_bars}-bar high {ceiling}; "
                   f"ATR {atr:.4f}, stop {stop:.4f}, target {target:.4f}")
-        out = self.enter(bar, params.quantity, reason, stop)
+        out = self.enter(bar, params.quantity, reason, stop, target)
         state.stop, state.target = stop, target
         return out
-
-    def _exit(self, bar: Bar, why: ExitReason, reason: str) -> list[Intent]:
-        return self.leave(bar, None, reason, why)
 
     def forget(self) -> None:
         super().forget()

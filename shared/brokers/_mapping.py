@@ -111,7 +111,7 @@ def order_body(request: OrderRequest) -> dict[str, Any]:
         body["stop_price"] = str(request.stop_price)
     if request.take_profit is not None or request.stop_loss is not None:
         both = request.take_profit is not None and request.stop_loss is not None
-        body["order_class"] = "bracket" if both else "oto"
+        body["order_class"] = "oco" if request.oco else "bracket" if both else "oto"
         if request.take_profit is not None:
             body["take_profit"] = {"limit_price": str(request.take_profit)}
         if request.stop_loss is not None:

@@ -15,7 +15,8 @@ __all__ = ["Account", "Broker", "BrokerOrder", "OrderRequest", "Position", "Trad
 
 @dataclass(frozen=True)
 class OrderRequest:
-    """An order to place. ``take_profit``/``stop_loss`` make it a bracket (both) or OTO (one)."""
+    """An order to place. ``take_profit``/``stop_loss`` make an entry a bracket (both) or OTO
+    (one); with ``oco``, the order is an exit: a take-profit limit with a stop-loss leg."""
 
     client_order_id: str
     symbol: str
@@ -28,15 +29,18 @@ class OrderRequest:
     take_profit: Decimal | None = None  # the exit leg's limit price
     stop_loss: Decimal | None = None  # the exit leg's stop price
     stop_loss_limit: Decimal | None = None  # makes the stop-loss leg a stop-limit
+    oco: bool = False
 
     @classmethod
-    def from_order(cls, order: Order, *, take_profit: Decimal | None = None,
-                   stop_loss: Decimal | None = None) -> OrderRequest:
-        """The request for an order approved by risk."""
+    def from_order(cls, order: Order) -> OrderRequest:
+        """The request for an approved order: a protective exit with a take-profit is an OCO pair
+        (an entry's own ``stop_loss``/``take_profit`` are placed by the executor once it fills)."""
+        oco = order.protects is not None and order.take_profit is not None
         return cls(client_order_id=order.client_order_id, symbol=order.symbol, side=order.side,
                    quantity=order.quantity, order_type=order.order_type, time_in_force=order.time_in_force,
-                   limit_price=order.limit_price, stop_price=order.stop_price, take_profit=take_profit,
-                   stop_loss=stop_loss)
+                   limit_price=order.limit_price, stop_price=order.stop_price,
+                   take_profit=order.take_profit if oco else None, stop_loss=order.stop_loss if oco else None,
+                   oco=oco)
 
 
 @dataclass(frozen=True)

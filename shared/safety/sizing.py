@@ -26,7 +26,7 @@ from shared.config import LimitSettings, RiskSettings
 from shared.models import Side
 from shared.safety.limits import AccountSnapshot, Refusal, Rule, is_reducing
 
-__all__ = ["Sized", "check_stop_loss", "size_order"]
+__all__ = ["Sized", "check_exits", "size_order"]
 
 _ZERO = Decimal(0)
 
@@ -55,7 +55,7 @@ def size_order(symbol: str, side: Side, price: Decimal, stop_loss: Decimal | Non
     if snapshot.equity <= 0:
         return Refusal(Rule.NO_EQUITY, f"equity is {snapshot.equity}: nothing to size an entry on")
     if stop_loss is not None:
-        wrong_side = check_stop_loss(side, price, stop_loss)
+        wrong_side = check_exits(side, price, stop_loss, None)
         if wrong_side is not None:
             return wrong_side
         distance = abs(price - stop_loss)
@@ -71,11 +71,16 @@ def size_order(symbol: str, side: Side, price: Decimal, stop_loss: Decimal | Non
     return smallest
 
 
-def check_stop_loss(side: Side, price: Decimal, stop_loss: Decimal | None) -> Refusal | None:
-    """A refusal when an entry's stop-loss is not on the losing side of its price."""
+def check_exits(side: Side, price: Decimal, stop_loss: Decimal | None,
+                take_profit: Decimal | None) -> Refusal | None:
+    """A refusal when an entry's stop-loss is not on the losing side of its price, or its
+    take-profit not on the winning side."""
     long = side is Side.BUY
     if stop_loss is not None and (stop_loss >= price if long else stop_loss <= price):
         return Refusal(Rule.SIZING, f"stop_loss {stop_loss} is not {'below' if long else 'above'} "
+                                    f"the {side} entry price {price}")
+    if take_profit is not None and (take_profit <= price if long else take_profit >= price):
+        return Refusal(Rule.SIZING, f"take_profit {take_profit} is not {'above' if long else 'below'} "
                                     f"the {side} entry price {price}")
     return None
 

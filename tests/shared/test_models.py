@@ -154,6 +154,12 @@ class TestIntent:
             intent(order_type=OrderType.STOP_LIMIT, limit_price="10")
         assert intent(order_type=OrderType.STOP_LIMIT, limit_price="10", stop_price="9.5").stop_price
 
+    def test_take_profit_needs_a_stop_loss(self) -> None:
+        """A take-profit alone is refused: the executor places it with its stop-loss as one OCO pair."""
+        with pytest.raises(ValidationError, match="a take_profit needs a stop_loss"):
+            intent(take_profit="170")
+        assert intent(stop_loss="140", take_profit="170").take_profit == Decimal(170)
+
     def test_stop_order_takes_no_limit_price(self) -> None:
         """A plain stop order with a limit_price is refused."""
         with pytest.raises(ValidationError, match="stop order takes no limit_price"):

@@ -38,6 +38,7 @@ pytestmark = pytest.mark.multiprocess
 CASH = "10000"
 ENTRY = "bst-i1"  # the entry's client_order_id (and "i1" its intent and reservation)
 STOP_LOSS = Decimal("95")
+TAKE_PROFIT = Decimal("110")
 QUANTITY = Decimal(10)
 # a $10,000 account at both ends; a protective stop tried 3 times, 0.2 s then 0.4 s apart; a submit
 # whose reply is a 503 looked up by client_order_id quickly before it counts as not placed
@@ -75,13 +76,14 @@ class Desk:
         self.executor.send_signal(signal.SIGTERM)
         assert self.executor.wait(30) == 0
 
-    def enter(self) -> None:
-        """As risk approves an entry: reserve 10 AAPL at 100, publish the buy with its stop-loss,
-        and wait until the exchange holds it (record ``new``)."""
+    def enter(self, take_profit: Decimal | None = None) -> None:
+        """As risk approves an entry: reserve 10 AAPL at 100, publish the buy with its stop-loss
+        (and ``take_profit``), and wait until the exchange holds it (record ``new``)."""
         self.portfolio.reserve("i1", "AAPL", Side.BUY, QUANTITY, Decimal(100))
         publish(self.client, self.keys, ORDERS, Order(
             time=LiveClock().now(), intent_id="i1", client_order_id=ENTRY, account="paper", symbol="AAPL",
-            side=Side.BUY, quantity=QUANTITY, reservation_id="i1", stop_loss=STOP_LOSS))
+            side=Side.BUY, quantity=QUANTITY, reservation_id="i1", stop_loss=STOP_LOSS,
+            take_profit=take_profit))
         self.wait_status(ENTRY, "new")
 
     def record(self, cid: str) -> dict[str, str]:
@@ -182,6 +184,65 @@ def test_entry_fills_stop_is_placed_and_the_stop_fills(desk: Desk) -> None:
     assert desk.exchange.get("/v2/positions") == []
     assert desk.alerts("protection_failed") == []
     assert desk.all_protected()  # a filled stop is not replaced
+    assert verify(desk.client, desk.keys, "paper", allow_short=False).ok
+    desk.stop()
+
+
+@pytest.mark.parametrize("server_url", SERVER_BACKENDS, indirect=True)
+@pytest.mark.parametrize(("bar", "exit_reason", "price"), [
+    (("105", "112", "104", "111"), ExitReason.TAKE_PROFIT, TAKE_PROFIT),  # the high reaches the target
+    (("97", "97", "93", "94"), ExitReason.STOP_LOSS, STOP_LOSS),  # the low crosses the stop
+], ids=["target", "stop"])
+def test_entry_with_a_take_profit_is_protected_by_an_oco_pair(
+        desk: Desk, bar: tuple[str, ...], exit_reason: ExitReason, price: Decimal) -> None:
+    """Entry with a take-profit fills: one OCO pair covers it at the exchange -- a GTC take-profit
+    sell limit at 110 (``-tp1``) with a stop-loss leg at 95 that the exchange names, recorded here
+    (same entry, same reservation: the 10 shares held once). The bar that reaches one side fills it
+    and the exchange cancels the other; the position is flat with nothing reserved, nothing open,
+    our books match the exchange's, and the round trip reaches the protections with the exit
+    reason of the side that filled."""
+    desk.enter(TAKE_PROFIT)
+    desk.exchange.bar("AAPL", "100", "101", "99", "100")  # the entry's fill bar, inside the pair
+    desk.wait_status(ENTRY, "filled")
+    tp_cid = f"{ENTRY}-tp1"
+
+    def resting_pair() -> dict[str, Any]:
+        found = desk.exchange.get("/v2/orders", status="open", nested="true")
+        return next((o for o in found if o["client_order_id"] == tp_cid), {})
+
+    pair = wait_for(resting_pair, message="the OCO pair at the exchange")
+    [leg] = pair["legs"]
+    assert (pair["order_class"], pair["side"], pair["type"], Decimal(pair["limit_price"]), pair["qty"],
+            pair["time_in_force"]) == ("oco", "sell", "limit", TAKE_PROFIT, "10", "gtc")
+    assert (leg["side"], leg["type"], Decimal(leg["stop_price"])) == ("sell", "stop", STOP_LOSS)
+    leg_cid = leg["client_order_id"]
+    parent = desk.wait_status(tp_cid, "new")
+    leg_record = desk.wait_status(leg_cid, "new")
+    assert (parent["protects"], parent["exit_reason"], parent["legs"]) == (ENTRY, "take_profit", leg_cid)
+    assert (leg_record["protects"], leg_record["exit_reason"], leg_record["oco_parent"],
+            leg_record["reservation_id"]) == (ENTRY, "stop_loss", tp_cid, tp_cid)
+    assert desk.record(ENTRY)["protections"] == tp_cid
+    held = desk.portfolio.snapshot().positions["AAPL"]
+    assert (held.qty, held.reserved) == (QUANTITY, QUANTITY)  # the pair holds the shares once
+    wait_for(desk.all_protected, message="the entry covered")
+
+    desk.exchange.bar("AAPL", *bar)
+    filled, other = (tp_cid, leg_cid) if exit_reason is ExitReason.TAKE_PROFIT else (leg_cid, tp_cid)
+    desk.wait_status(filled, "filled")
+    desk.wait_status(other, "canceled")
+    snap = desk.wait_flat()
+    [trade] = wait_for(desk.closed_trades, message="the round trip closed")
+    assert (trade.exit_reason, trade.pnl) == (exit_reason, (price - 100) * QUANTITY)
+    at_exchange = {c: desk.exchange.get("/v2/orders:by_client_order_id", client_order_id=c)
+                   for c in (ENTRY, filled, other)}
+    assert [at_exchange[c]["status"] for c in (ENTRY, filled, other)] == ["filled", "filled", "canceled"]
+    assert Decimal(at_exchange[filled]["filled_avg_price"]) == price
+    assert snap.cash == Decimal(desk.exchange.get("/v2/account")["cash"])
+    assert desk.exchange.get("/v2/positions") == []
+    wait_for(desk.all_protected, message="the ended pair not replaced")
+    assert not desk.client.smembers(desk.keys.open_orders)
+    assert desk.record(f"{ENTRY}-tp2") == {} and desk.record(f"{ENTRY}-sl2") == {}
+    assert desk.alerts("protection_failed") == [] and desk.alerts("foreign_order") == []
     assert verify(desk.client, desk.keys, "paper", allow_short=False).ok
     desk.stop()
 

@@ -145,6 +145,17 @@ class TestApproval:
         assert order.reservation_id == wish.id
         assert desk.risk.portfolio.snapshot().reserved == Decimal("1501.5")
 
+    def test_an_entry_republished_keeps_its_protective_exits(self, desk: Desk) -> None:
+        """An entry whose publish was lost goes out on redelivery with its stop-loss and take-profit
+        (the executor protects it once it fills); a take-profit under the price is refused."""
+        wish = intent(stop_loss="140", take_profit="170")
+        desk.risk.portfolio.reserve(wish.id, "AAPL", Side.BUY, Decimal(10), Decimal(150))
+        desk.send(wish)
+        [order] = desk.orders()
+        assert (order.stop_loss, order.take_profit) == (Decimal(140), Decimal(170))
+        desk.send(intent(stop_loss="140", take_profit="149"))
+        assert any("take_profit 149 is not above" in reason for reason in desk.reasons())
+
     def test_redelivery_at_a_moved_mark_publishes_the_recorded_decision(self, desk: Desk) -> None:
         """A market buy reserved at $150 whose publish was lost, delivered again after the mark moved
         to $170: the order its reservation records goes out; no rejection, nothing leaked."""

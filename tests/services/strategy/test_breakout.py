@@ -1,13 +1,16 @@
-"""Shipped strategies carry stop-losses; the Donchian breakout enters, stops, takes profit and exits."""
+"""Shipped strategies carry stop-losses; the Donchian breakout enters with a stop and a take-profit
+(the broker's), exits on its channel, and enters again once its exits' fill ends the entry."""
 
 from __future__ import annotations
 
 from decimal import Decimal
 
+import pytest
+
 from services.strategy import SmaCrossover, SmaParams, SmaState
 from services.strategy._builtin import DonchianBreakout, DonchianParams, DonchianState
-from shared.models import Bar, ExitReason, Intent, Side
-from tests.support.factories import bar
+from shared.models import Bar, ExitReason, Intent, OrderEvent, OrderStatus, Side
+from tests.support.factories import T0, bar
 
 D = Decimal
 PARAMS = DonchianParams(entry_bars=3, exit_bars=2, atr_bars=2, stop_atr=D(2), target_atr=D(4))
@@ -26,22 +29,34 @@ def run(strategy: DonchianBreakout, candles: list[tuple[str, str, str]]) -> list
 FLAT = [("99", "101", "100")] * 3  # a channel up to 101, true ranges of 2: ATR 2
 
 
-def test_breakout_buys_with_an_atr_stop_sized_by_risk() -> None:
-    """A close over the 3-bar high buys with no quantity (risk sizes it) and a stop 2 ATR under the
-    close; nothing is signalled before the channel has its bars."""
+def test_breakout_buys_with_an_atr_stop_and_target_sized_by_risk() -> None:
+    """A close over the 3-bar high buys with no quantity (risk sizes it), a stop 2 ATR under the
+    close and a take-profit 4 ATR over it; nothing is signalled before the channel has its bars."""
     strategy = DonchianBreakout("AAPL", PARAMS, DonchianState())
     [(n, entry)] = run(strategy, [*FLAT, ("100", "103", "102")])
     assert n == 3 and entry.side is Side.BUY and entry.quantity is None
-    assert entry.stop_loss == D(98)  # 102 - 2 x ATR(2)
-    assert strategy.state.target == D(110)
+    assert (entry.stop_loss, entry.take_profit) == (D(98), D(110))  # 102 -/+ 2 and 4 x ATR(2)
+    assert (strategy.state.stop, strategy.state.target) == (D(98), D(110))
 
 
-def test_target_exit_is_a_take_profit() -> None:
-    """Reaching entry + 4 ATR sells the whole position with exit reason take_profit."""
+def sold(entry: Intent, cid: str) -> OrderEvent:
+    """The executor's event that exit ``cid`` protecting ``entry`` sold the position."""
+    return OrderEvent(time=T0, client_order_id=cid, intent_id=entry.id, symbol="AAPL", side=Side.SELL,
+                      status=OrderStatus.FILLED, filled_quantity=D(10), filled_avg_price=D(110))
+
+
+@pytest.mark.parametrize("exit_cid", ["bst-x-tp1", "3f1c-stop-leg"])
+def test_target_or_stop_is_the_brokers_and_its_fill_ends_the_entry(exit_cid: str) -> None:
+    """A bar through the target (or the stop) signals nothing: the broker's OCO pair sells. Until
+    its fill is heard the breakout holds (no second entry); after it, the next breakout enters."""
     strategy = DonchianBreakout("AAPL", PARAMS, DonchianState())
-    signals = run(strategy, [*FLAT, ("100", "103", "102"), ("105", "111", "110")])
-    [(_, exit_)] = [(n, i) for n, i in signals if i.side is Side.SELL]
-    assert (exit_.quantity, exit_.exit_reason) == (None, ExitReason.TAKE_PROFIT)
+    [(_, entry)] = run(strategy, [*FLAT, ("100", "103", "102")])
+    assert strategy.on_bar(candle(4, "105", "111", "110")) == []  # through the target
+    assert strategy.on_bar(candle(5, "109", "113", "112")) == []  # a new high, still holding
+    assert strategy.on_order_event(sold(entry, exit_cid)) == []
+    assert (strategy.state.holding, strategy.state.stop, strategy.state.target) == (False, None, None)
+    [again] = strategy.on_bar(candle(6, "112", "116", "115"))
+    assert again.side is Side.BUY and again.id != entry.id
 
 
 def test_channel_exit_is_a_signal() -> None:
@@ -50,15 +65,6 @@ def test_channel_exit_is_a_signal() -> None:
     signals = run(strategy, [*FLAT, ("100", "103", "102"), ("101", "104", "103"), ("99.5", "101", "99.8")])
     assert [(n, i.side, i.exit_reason) for n, i in signals] == [(3, Side.BUY, ExitReason.SIGNAL),
                                                                (5, Side.SELL, ExitReason.SIGNAL)]
-
-
-def test_stop_touched_is_not_sold_again() -> None:
-    """A bar through the stop means the executor's protective stop sold: no exit intent follows,
-    and the next breakout can enter again."""
-    strategy = DonchianBreakout("AAPL", PARAMS, DonchianState())
-    signals = run(strategy, [*FLAT, ("100", "103", "102"), ("97", "102", "97.5"), ("97", "99", "98"),
-                             ("98", "106", "105")])
-    assert [(n, i.side) for n, i in signals] == [(3, Side.BUY), (6, Side.BUY)]
 
 
 def test_sma_entry_carries_its_stop_and_no_quantity() -> None:

@@ -10,7 +10,7 @@ import pytest
 from shared.config import LimitSettings, RiskSettings
 from shared.models import Side
 from shared.safety.limits import AccountSnapshot, Refusal, Rule
-from shared.safety.sizing import Sized, check_stop_loss, size_order
+from shared.safety.sizing import Sized, check_exits, size_order
 from tests.support.factories import T0
 
 D = Decimal
@@ -121,17 +121,24 @@ class TestExits:
         assert quantity(size(Side.BUY, positions={"AAPL": D(-25)}, free="-25")) == D(25)
 
 
-@pytest.mark.parametrize(("side", "stop", "word"), [
-    (Side.BUY, "100", "stop_loss 100 is not below"),
-    (Side.SELL, "99", "stop_loss 99 is not above"),
+@pytest.mark.parametrize(("side", "stop", "target", "word"), [
+    (Side.BUY, "100", None, "stop_loss 100 is not below"),
+    (Side.SELL, "99", None, "stop_loss 99 is not above"),
+    (Side.BUY, "95", "100", "take_profit 100 is not above"),
+    (Side.SELL, "105", "101", "take_profit 101 is not below"),
 ])
-def test_stop_loss_on_the_wrong_side(side: Side, stop: str, word: str) -> None:
-    """A stop-loss at or beyond the entry price is refused with the reason."""
-    refusal = check_stop_loss(side, D(100), D(stop))
+def test_exits_on_the_wrong_side(side: Side, stop: str, target: str | None, word: str) -> None:
+    """A stop-loss at or beyond the entry price, or a take-profit at or short of it, is refused
+    with the reason."""
+    refusal = check_exits(side, D(100), D(stop), None if target is None else D(target))
     assert refusal is not None and word in refusal.reason
 
 
-@pytest.mark.parametrize(("side", "stop"), [(Side.BUY, "95"), (Side.SELL, "105"), (Side.BUY, None)])
-def test_stop_loss_on_the_losing_side_passes(side: Side, stop: str | None) -> None:
-    """A long's stop below the price, a short's above, or none, pass."""
-    assert check_stop_loss(side, D(100), None if stop is None else D(stop)) is None
+@pytest.mark.parametrize(("side", "stop", "target"), [
+    (Side.BUY, "95", None), (Side.SELL, "105", None), (Side.BUY, None, None),
+    (Side.BUY, "95", "110"), (Side.SELL, "105", "90"),
+])
+def test_exits_on_their_sides_pass(side: Side, stop: str | None, target: str | None) -> None:
+    """A long's stop below the price and target above, a short's the other way round, or none, pass."""
+    assert check_exits(side, D(100), None if stop is None else D(stop),
+                       None if target is None else D(target)) is None
