@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -102,14 +103,81 @@ class Desk:
 
 
 def placed(request: OrderRequest) -> BrokerOrder:
-    """The broker's acknowledgement of ``request`` (new, nothing filled)."""
+    """The broker's acknowledgement of ``request`` (new, nothing filled); an OCO's stop-loss leg is
+    named ``<client_order_id>-leg`` (a broker-made id in life)."""
     cid = request.client_order_id
+    leg = replace(request, client_order_id=f"{cid}-leg", oco=False)
+    legs = (replace(placed(leg), order_type=OrderType.STOP, limit_price=None, stop_price=request.stop_loss),
+            ) if request.oco else ()
     return BrokerOrder(broker_order_id=f"b-{cid}", client_order_id=cid, symbol=request.symbol,
                        side=request.side, order_type=request.order_type,
                        time_in_force=request.time_in_force.value, quantity=request.quantity,
                        filled_quantity=D(0), filled_avg_price=None, limit_price=request.limit_price,
                        stop_price=request.stop_price, status=OrderStatus.NEW, broker_status="new",
-                       submitted_at=T0)
+                       submitted_at=T0, order_class="oco" if request.oco else "simple", legs=legs)
+
+
+class TestOcoPair:
+    """An entry with a take-profit is covered by one OCO pair whose leg the broker names."""
+
+    TP, LEG = "bst-i1-tp1", "bst-i1-tp1-leg"
+
+    def protected(self) -> Desk:
+        desk = Desk()
+        desk.entry = desk.entry.model_copy(update={"take_profit": D("160.004")})
+        desk.submit_entry()
+        desk.report("bst-i1", Side.BUY, OrderStatus.FILLED, "10")
+        return desk
+
+    def reserved(self, desk: Desk) -> Decimal:
+        return desk.executor.portfolio.snapshot().positions["AAPL"].reserved
+
+    def test_one_pair_covers_the_fill_and_its_leg_is_recorded(self) -> None:
+        """The fill places one OCO sell: a GTC limit at the target and a stop leg at the stop-loss
+        (both rounded up to the tick); the leg is recorded from the reply with the pair's
+        reservation, which holds the 10 shares once; a pass finds the entry covered."""
+        desk = self.protected()
+        [pair] = [c.args[0] for c in desk.broker.calls if c.method == "submit" and c.args[0].oco]
+        assert (pair.client_order_id, pair.order_type, pair.limit_price, pair.take_profit, pair.stop_loss,
+                pair.time_in_force.value) == (self.TP, OrderType.LIMIT, D("160.01"), D("160.01"), D("140.01"),
+                                              "gtc")
+        assert desk.stops() == []
+        leg = desk.record(self.LEG)
+        assert (leg["oco_parent"], leg["protects"], leg["reservation_id"], leg["exit_reason"],
+                leg["status"]) == (self.TP, "bst-i1", self.TP, "stop_loss", "new")
+        assert desk.record(self.TP)["legs"] == self.LEG
+        assert self.reserved(desk) == D(10)
+        desk.executor.protect_pending()
+        assert len([c for c in desk.broker.calls if c.method == "submit"]) == 2  # the entry and the pair
+
+    def test_the_target_cancelled_before_the_legs_fill_is_heard_keeps_the_shares_held(self) -> None:
+        """The broker cancels the take-profit because its stop leg filled, and that cancel is heard
+        first: the pair's reservation stays (its leg is open), nothing is placed again; the leg's
+        fill then books against it -- flat, nothing reserved, no fill beyond a reservation, the
+        round trip a stop_loss exit."""
+        desk = self.protected()
+        desk.report(self.TP, Side.SELL, OrderStatus.CANCELED, "0")
+        assert self.reserved(desk) == D(10)
+        desk.executor.protect_pending()
+        assert len([c for c in desk.broker.calls if c.method == "submit"]) == 2
+        desk.report(self.LEG, Side.SELL, OrderStatus.FILLED, "10", "139")
+        snap = desk.executor.portfolio.snapshot()
+        assert "AAPL" not in snap.positions or snap.positions["AAPL"].empty
+        assert not snap.reservations and snap.reserved == 0
+        assert [a.kind for a in desk.alerts()] == ["protection_lock"]  # StoplossGuard's, at 1 stop-out
+        [member] = desk.client.zrange(KEYS.closed_trades, 0, -1)
+        assert b'"exit_reason": "stop_loss"' in member and b'"pnl": "-110' in member
+
+    def test_a_pair_cancelled_on_both_sides_gives_its_shares_back_once_both_ended(self) -> None:
+        """Both orders of the pair cancelled, not by a fill: the reservation is given back when the
+        second ends, not the first, and the entry is covered again by a new pair."""
+        desk = self.protected()
+        desk.report(self.LEG, Side.SELL, OrderStatus.CANCELED, "0")
+        assert self.reserved(desk) == D(10)
+        desk.report(self.TP, Side.SELL, OrderStatus.CANCELED, "0")
+        desk.executor.protect_pending()
+        assert desk.record("bst-i1-tp2")["status"] == "new"  # replaced: the shares were free again
+        assert self.reserved(desk) == D(10)
 
 
 class TestPlacement:
