@@ -313,3 +313,26 @@ def test_kill_switch_flatten_sells_a_protected_position(desk: Desk) -> None:
     [trade] = wait_for(desk.closed_trades, message="the round trip closed")
     assert trade.exit_reason is ExitReason.FLATTEN
     desk.stop()
+
+
+@pytest.mark.parametrize("server_url", SERVER_BACKENDS, indirect=True)
+def test_kill_switch_flatten_sells_a_position_an_oco_pair_holds(desk: Desk) -> None:
+    """As above with an OCO pair holding the shares: both of its orders are cancelled on purpose
+    (neither replaced), the pair's reservation given back once both ended, then the position is
+    sold at market on the next bar."""
+    desk.enter(TAKE_PROFIT)
+    desk.exchange.bar("AAPL", "100", "101", "99", "100")
+    desk.wait_status(ENTRY, "filled")
+    leg_cid = wait_for(lambda: desk.record(f"{ENTRY}-tp1").get("legs"), message="the pair's leg recorded")
+    KillSwitch(desk.client, desk.keys).engage(TradingState.HALTED, "test", "drill", cancel_open_orders=True,
+                                              flatten_positions=True)
+    for cid in (f"{ENTRY}-tp1", leg_cid):
+        assert desk.wait_status(cid, "canceled")["cancel_reason"] == "kill switch 1"
+    desk.wait_status("bst-flat-1-AAPL", "new")
+    desk.exchange.bar("AAPL", "98", "99", "97", "98")  # the flatten's fill bar
+    desk.wait_flat()
+    assert desk.at_exchange("open") == {}
+    [trade] = wait_for(desk.closed_trades, message="the round trip closed")
+    assert trade.exit_reason is ExitReason.FLATTEN
+    assert desk.record(f"{ENTRY}-tp2") == {}
+    desk.stop()
