@@ -30,25 +30,10 @@ from pydantic_settings import (
 from shared.errors import ConfigError
 
 __all__ = [
-    "BrokerSettings",
-    "BusSettings",
-    "EmbeddedRedisSettings",
-    "ExecutorSettings",
-    "IngesterSettings",
-    "LimitSettings",
-    "LockSettings",
-    "LogSettings",
-    "MonitorSettings",
-    "PaperExchangeSettings",
-    "PortfolioSettings",
-    "ProtectionSettings",
-    "ReconcilerSettings",
-    "RiskSettings",
-    "ServiceSettings",
-    "Settings",
-    "StrategySettings",
-    "load_settings",
-    "settings_or_exit",
+    "ApiSettings", "BrokerSettings", "BusSettings", "EmbeddedRedisSettings", "ExecutorSettings",
+    "IngesterSettings", "LimitSettings", "LockSettings", "LogSettings", "MonitorSettings",
+    "PaperExchangeSettings", "PortfolioSettings", "ProtectionSettings", "ReconcilerSettings", "RiskSettings",
+    "ServiceSettings", "Settings", "StrategySettings", "load_settings", "settings_or_exit",
 ]
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -323,6 +308,16 @@ class MonitorSettings(_Section):
     failed_keep: PositiveInt = 1_000  # failed webhook deliveries kept in the list
 
 
+class ApiSettings(_Section):
+    """The HTTP API (docs/API.md): where it listens, and the files under ``embedded_redis.data_dir``
+    (an absolute path is taken as it is) that keep its bearer tokens, generated at first start."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(gt=0, lt=65536)] = 8791
+    read_token_file: Annotated[str, Field(min_length=1)] = "api-read-token"
+    operator_token_file: Annotated[str, Field(min_length=1)] = "api-operator-token"
+
+
 class Settings(BaseSettings):
     """Everything a Bastion process can be configured with."""
 
@@ -355,6 +350,7 @@ class Settings(BaseSettings):
     executor: ExecutorSettings = ExecutorSettings()
     reconciler: ReconcilerSettings = ReconcilerSettings()
     monitor: MonitorSettings = MonitorSettings()
+    api: ApiSettings = ApiSettings()
 
     @classmethod
     def settings_customise_sources(

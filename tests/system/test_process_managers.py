@@ -23,13 +23,14 @@ from tests.support.processes import REPO_ROOT, free_port, wait_for
 
 pytestmark = pytest.mark.multiprocess
 SERVICES = {"paper-exchange", "ingester", "strategy", "risk", "executor", "reconciler", "monitor",
-            "rq-worker"}
+            "rq-worker", "api"}
 
 
 def managed_env(url: str, keys: Keys) -> dict[str, str]:
     """The environment both process managers pass to every service: this one's, the venv's bin
-    first on PATH, a free port for the desk's own paper exchange, synthetic bars 20 times as fast."""
-    return desk_env(url, keys, inherit=True, paper_exchange__port=free_port(), ingester__speed=20,
+    first on PATH, free ports for the desk's own paper exchange and API, synthetic bars 20 times as fast."""
+    return desk_env(url, keys, inherit=True, paper_exchange__port=free_port(), api__port=free_port(),
+                    ingester__speed=20,
                     bus__block_ms=200,
                     strategy__params={"sma_crossover": {"fast": "2", "slow": "4", "quantity": "1"}})
 

@@ -5,22 +5,25 @@ limits, the portfolio lock); ``--override-locks`` lets an entry past the locks (
 risk with its reason.
 With ``--wait`` the command waits for risk's decision: exit 0 when approved (the order is on
 its way to the broker), 1 when refused (the reason is printed), 4 when no decision came in time.
+:func:`manual_intent`, :func:`send` and :func:`decision` are that path, which the HTTP API's
+``POST /api/v1/orders`` (services/api) takes too.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+import redis
+
 from services.cli._context import Context
 from shared.bus import codec, publish
-from shared.clock import LiveClock
-from shared.keys import INTENTS, ORDERS, REJECTIONS
+from shared.clock import Clock, LiveClock
+from shared.keys import INTENTS, ORDERS, REJECTIONS, Keys
 from shared.models import Intent, IntentRejected, Order, OrderType, Side
 
-__all__ = ["register"]
+__all__ = ["decision", "manual_intent", "register", "send"]
 
 EXIT_NO_DECISION = 4
 
@@ -50,30 +53,53 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
+def manual_intent(clock: Clock, side: Side, symbol: str, quantity: Decimal, *, limit: Decimal | None = None,
+                  override_locks: str | None = None, reason: str = "bastion order") -> Intent:
+    """A manual intent: at market, or limit ``limit`` (pydantic's ValidationError if malformed)."""
+    return Intent(time=clock.now(), source="manual", symbol=symbol, side=side, quantity=quantity,
+                  order_type=OrderType.LIMIT if limit else OrderType.MARKET, limit_price=limit, reason=reason,
+                  override_locks=override_locks)
+
+
+def send(client: redis.Redis, keys: Keys, intent: Intent) -> dict[Any, Any]:
+    """Publish ``intent`` for risk; return the cursors :func:`decision` reads the decision after
+    (the decision streams' ends, taken before the intent exists: no decision is missed)."""
+    cursors: dict[Any, Any] = {}
+    for key in (keys.stream(ORDERS), keys.stream(REJECTIONS)):
+        newest: Any = client.xrevrange(key, count=1)
+        cursors[key] = newest[0][0] if newest else "0-0"
+    publish(client, keys, INTENTS, intent)
+    return cursors
+
+
+def decision(client: redis.Redis, cursors: dict[Any, Any], intent_id: str, wait_s: float,
+             clock: Clock) -> Order | IntentRejected | None:
+    """Risk's decision on intent ``intent_id`` (the approved order or the refusal), waiting at most
+    ``wait_s``; None if none came in that time."""
+    deadline = clock.monotonic() + wait_s
+    while clock.monotonic() < deadline:
+        reply: Any = client.xread(cursors, block=200, count=200)
+        for key, batch in reply or []:
+            cursors[key.decode()] = batch[-1][0]
+            found = _find(batch, intent_id)
+            if found is not None:
+                return found
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     ctx = Context.load()
     clock = LiveClock()
-    intent = Intent(time=clock.now(), source="manual", symbol=args.symbol, side=Side(args.side),
-                    quantity=args.quantity, order_type=OrderType.LIMIT if args.limit else OrderType.MARKET,
-                    limit_price=args.limit, reason="bastion order", override_locks=args.override_locks)
-    # read decisions from the streams' current ends, taken before the intent exists: none is missed
-    cursors: Any = {}
-    for key in (ctx.keys.stream(ORDERS), ctx.keys.stream(REJECTIONS)):
-        newest: Any = ctx.redis.xrevrange(key, count=1)
-        cursors[key] = newest[0][0] if newest else "0-0"
-    publish(ctx.redis, ctx.keys, INTENTS, intent)
+    intent = manual_intent(clock, Side(args.side), args.symbol, args.quantity, limit=args.limit,
+                           override_locks=args.override_locks)
+    cursors = send(ctx.redis, ctx.keys, intent)
     print(f"intent {intent.id}: {args.side} {args.quantity} {args.symbol}"
           + (f" limit {args.limit}" if args.limit else ""))
     if args.wait <= 0:
         return 0
-    deadline = time.monotonic() + args.wait
-    while time.monotonic() < deadline:
-        reply: Any = ctx.redis.xread(cursors, block=200, count=200)
-        for key, batch in reply or []:
-            cursors[key.decode()] = batch[-1][0]
-            decision = _find(batch, intent.id)
-            if decision is not None:
-                return _report(decision)
+    found = decision(ctx.redis, cursors, intent.id, args.wait, clock)
+    if found is not None:
+        return _report(found)
     print("no decision yet (is the risk service running?)")
     return EXIT_NO_DECISION
 

@@ -7,18 +7,24 @@ problems and alert deliveries (counters, failed deliveries, rq's failed registry
 stream's length with each consumer group's pending count and lag. Read-only (expired locks and
 deferred entries are hidden, not swept), and nothing but the report on stdout. A section that
 cannot be read (rq unreachable, a malformed report) shows its error instead of stopping.
+
+:func:`collect` (and :func:`open_orders`, :func:`streams`) read from any :class:`Source`: the
+CLI's context, or the HTTP API's (services/api), which serves the same report.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from functools import partial
+from typing import Any, Protocol
 
+import redis
 from rq.registry import FailedJobRegistry
 
 from services.cli._context import Context
-from shared.clock import LiveClock
+from shared.clock import Clock, LiveClock
+from shared.config import Settings
 from shared.heartbeat import alive_instances
 from shared.keys import Keys
 from shared.portfolio import Portfolio
@@ -27,7 +33,20 @@ from shared.safety.deferred import DeferredIntent
 from shared.safety.protections import ProtectionLock
 from shared.safety.trading_state import KillSwitch
 
-__all__ = ["collect", "register"]
+__all__ = ["Source", "collect", "open_orders", "register", "streams"]
+
+
+class Source(Protocol):
+    """Where the report is read from: settings, a Redis client and the key names."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def redis(self) -> redis.Redis: ...
+
+    @property
+    def keys(self) -> Keys: ...
 
 
 def register(subparsers: Any) -> None:
@@ -37,8 +56,8 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-
-def _streams(ctx: Context) -> dict[str, Any]:
+def streams(ctx: Source) -> dict[str, Any]:
+    """Every stream under the prefix (short name) -> its length and each group's pending, consumers, lag."""
     result: dict[str, Any] = {}
     for raw in sorted(ctx.redis.scan_iter(match=ctx.keys.stream("*"), count=500, _type="stream")):
         key = reply_text(raw)
@@ -53,18 +72,19 @@ def _streams(ctx: Context) -> dict[str, Any]:
     return result
 
 
-def _open_orders(ctx: Context, keys: Keys) -> list[dict[str, str]]:
+def open_orders(ctx: Source) -> list[dict[str, str]]:
+    """The executor's open orders, by client_order_id: status, side, quantity, symbol, applied_qty."""
     orders = []
-    members: Any = ctx.redis.smembers(keys.open_orders)
+    members: Any = ctx.redis.smembers(ctx.keys.open_orders)
     for cid in sorted(reply_text(m) for m in members):
-        raw: Any = ctx.redis.hgetall(keys.order(cid))
+        raw: Any = ctx.redis.hgetall(ctx.keys.order(cid))
         record = {reply_text(k): reply_text(v) for k, v in raw.items()}
         orders.append({"client_order_id": cid, **{k: record.get(k, "") for k in
                                                   ("status", "side", "quantity", "symbol", "applied_qty")}})
     return orders
 
 
-def _trading_state(ctx: Context) -> dict[str, Any]:
+def _trading_state(ctx: Source) -> dict[str, Any]:
     switch = KillSwitch(ctx.redis, ctx.keys)
     status = switch.current()
     return {"state": status.state.value, "by": status.by, "reason": status.reason,
@@ -74,9 +94,9 @@ def _trading_state(ctx: Context) -> dict[str, Any]:
             "history": switch.history(5)}
 
 
-def _locks(ctx: Context) -> list[dict[str, str]]:
+def _locks(ctx: Source, clock: Clock) -> list[dict[str, str]]:
     """Active protection locks, longest first (read as they are: expired ones are left to risk)."""
-    now = LiveClock().now()
+    now = clock.now()
     raw: Any = ctx.redis.hgetall(ctx.keys.protection_locks)
     stored = (ProtectionLock.decode(reply_text(v)) for v in raw.values())
     locks = [lock for lock in stored if lock.active(now)]
@@ -85,9 +105,9 @@ def _locks(ctx: Context) -> list[dict[str, str]]:
             for lock in sorted(locks, key=lambda lock: lock.until, reverse=True)]
 
 
-def _deferred(ctx: Context) -> list[dict[str, Any]]:
+def _deferred(ctx: Source, clock: Clock) -> list[dict[str, Any]]:
     """Live deferred intents, oldest deferral first (expired ones are left to risk's sweep)."""
-    now = LiveClock().now()
+    now = clock.now()
     raw: Any = ctx.redis.hgetall(ctx.keys.deferred)
     live = [e for e in (DeferredIntent.decode(reply_text(v)) for v in raw.values()) if now < e.expires_at]
     return [{"symbol": e.intent.symbol, "side": e.intent.side.value, "intent_id": e.intent.id,
@@ -95,7 +115,7 @@ def _deferred(ctx: Context) -> list[dict[str, Any]]:
              "expires_at": e.expires_at.isoformat()} for e in sorted(live, key=lambda e: e.deferred_at)]
 
 
-def _reconciliation(ctx: Context) -> dict[str, Any] | None:
+def _reconciliation(ctx: Source) -> dict[str, Any] | None:
     raw: Any = ctx.redis.hgetall(ctx.keys.reconciliation)
     fields = {reply_text(k): reply_text(v) for k, v in raw.items()}
     if not fields:
@@ -108,7 +128,7 @@ def _reconciliation(ctx: Context) -> dict[str, Any] | None:
             "differences": differences}
 
 
-def _monitor(ctx: Context) -> dict[str, Any]:
+def _monitor(ctx: Source) -> dict[str, Any]:
     raw_problems: Any = ctx.redis.hgetall(ctx.keys.monitor("problems"))
     problems = {}
     for name, value in sorted(raw_problems.items()):
@@ -131,7 +151,7 @@ def _monitor(ctx: Context) -> dict[str, Any]:
             "rq_failed_jobs": _rq_failed(ctx)}
 
 
-def _rq_failed(ctx: Context) -> dict[str, Any]:
+def _rq_failed(ctx: Source) -> dict[str, Any]:
     """rq's failed registry of the monitor's queue (same name rule as the monitor: its setting,
     else the key prefix); an error is reported, never raised."""
     queue = ctx.settings.monitor.queue or ctx.settings.key_prefix
@@ -141,23 +161,25 @@ def _rq_failed(ctx: Context) -> dict[str, Any]:
         return {"queue": queue, "error": f"{type(exc).__name__}: {exc}"}
 
 
-def _section(read: Any, ctx: Context) -> Any:
+def _section(read: Any, ctx: Source) -> Any:
     try:
         return read(ctx)
     except (ValueError, KeyError, TypeError) as exc:  # a malformed record: show it, keep going
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
-def collect(ctx: Context) -> dict[str, Any]:
-    """Everything ``status`` shows, as one JSON-ready dict."""
+def collect(ctx: Source, clock: Clock | None = None) -> dict[str, Any]:
+    """Everything ``status`` shows, as one JSON-ready dict (``clock``: what hides expired locks and
+    deferred intents; the host's by default)."""
     keys = ctx.keys
+    clock = clock or LiveClock()
     portfolio = Portfolio(ctx.redis, keys, ctx.settings.portfolio.account, settings=ctx.settings.portfolio)
     snap = portfolio.snapshot()
     return {
         "services": alive_instances(ctx.redis, keys),
         "trading_state": _section(_trading_state, ctx),
-        "protection_locks": _section(_locks, ctx),
-        "deferred": _section(_deferred, ctx),
+        "protection_locks": _section(partial(_locks, clock=clock), ctx),
+        "deferred": _section(partial(_deferred, clock=clock), ctx),
         "reconciliation": _section(_reconciliation, ctx),
         "monitor": _section(_monitor, ctx),
         "account": {"account": snap.account, "opened": snap.opened, "cash": str(snap.cash),
@@ -165,8 +187,8 @@ def collect(ctx: Context) -> dict[str, Any]:
                     "equity": str(snap.equity(portfolio.marks())), "realized_pnl": str(snap.realized_pnl)},
         "positions": {s: {"quantity": str(p.qty), "avg_cost": str(p.avg_cost)}
                       for s, p in sorted(snap.positions.items()) if p.qty},
-        "open_orders": _open_orders(ctx, keys),
-        "streams": _streams(ctx),
+        "open_orders": open_orders(ctx),
+        "streams": streams(ctx),
     }
 
 

@@ -15,7 +15,7 @@ from services.cli._context import Context
 from shared.bus import codec
 from shared.errors import CodecError
 
-__all__ = ["register"]
+__all__ = ["entry", "register", "render"]
 
 
 def register(subparsers: Any) -> None:
@@ -27,15 +27,20 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def render(entry_id: bytes | str, fields: dict[bytes, bytes]) -> str:
-    """One entry as a JSON line: the decoded message, or the raw fields if it is not a message."""
+def entry(entry_id: bytes | str, fields: dict[bytes, bytes]) -> dict[str, Any]:
+    """One entry, JSON-ready: the decoded message, or the raw fields if it is not a message."""
     ident = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     try:
         message = codec.decode(fields)
-        return json.dumps({"entry_id": ident, "type": message.TYPE, **message.model_dump(mode="json")})
+        return {"entry_id": ident, "type": message.TYPE, **message.model_dump(mode="json")}
     except CodecError:
         raw = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()}
-        return json.dumps({"entry_id": ident, **raw})
+        return {"entry_id": ident, **raw}
+
+
+def render(entry_id: bytes | str, fields: dict[bytes, bytes]) -> str:
+    """One entry as a JSON line (:func:`entry`)."""
+    return json.dumps(entry(entry_id, fields))
 
 
 def run(args: argparse.Namespace) -> int:
