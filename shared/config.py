@@ -97,10 +97,12 @@ class PortfolioSettings(_Section):
 
 class RiskSettings(_Section):
     """How risk sizes an intent without quantity or notional (docs/RISK.md, "Sizing"): equity x
-    ``max_risk_fraction`` at risk to its stop-loss, else ``position_fraction`` of equity."""
+    ``max_risk_fraction`` at risk to its stop-loss, else ``position_fraction`` of equity; and how
+    many of its equity samples (one a minute) the API's history keeps."""
 
     max_risk_fraction: Fraction = Decimal("0.01")
     position_fraction: Fraction = Decimal("0.05")
+    equity_history_keep: PositiveInt = 10_080  # a week of samples
 
 
 class ProtectionSettings(_Section):

@@ -32,6 +32,7 @@ Read this module to learn what to type into ``redis-cli``. With the default pref
 ``bastion:protection-locks``        active protection locks with their expiry (hash)
 ``bastion:protection-locks:trades`` closed round trips for the protections (sorted set, score µs)
 ``bastion:protection-locks:equity`` equity samples for the drawdown protection (sorted set, score µs)
+``bastion:equity-history``          equity and cash sampled by risk, kept for the API (stream, bounded)
 ``bastion:ratelimit:<name>``        a shared token bucket
 ``bastion:deferred``                intents waiting to be executed (hash, one per symbol and side)
 ``bastion:reconciliation``          the reconciler's latest report (hash; history on stream:reconciliation)
@@ -208,6 +209,12 @@ class Keys:
     def closed_trades(self) -> str:
         """Sorted set: closed round trips the protections count (score: µs since epoch)."""
         return f"{self.protection_locks}:trades"
+
+    @property
+    def equity_history(self) -> str:
+        """Stream: risk's equity samples (``time``, ``equity``, ``cash``), the newest
+        ``risk.equity_history_keep`` kept, for the API's chart."""
+        return f"{self.prefix}:equity-history"
 
     @property
     def equity_samples(self) -> str:

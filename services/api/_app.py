@@ -58,6 +58,7 @@ def build_app(desk: Desk, tokens: Tokens) -> web.Application:
     r.add_post(f"{PREFIX}/orders/{{client_order_id}}/cancel", _cancel)
     r.add_get(f"{PREFIX}/fills", _fills)
     r.add_get(f"{PREFIX}/alerts", _alerts)
+    r.add_get(f"{PREFIX}/equity", _equity)
     r.add_get(f"{PREFIX}/reconciliation", _reconciliation)
     r.add_get(f"{PREFIX}/streams", _streams)
     r.add_post(f"{PREFIX}/kill-switch", _kill_switch)
@@ -189,6 +190,11 @@ async def _fills(request: web.Request) -> web.Response:
 async def _alerts(request: web.Request) -> web.Response:
     desk, limit = request.app[DESK], _limit(request)
     return web.json_response({"alerts": await _blocking(lambda: reads.alerts(desk, limit))})
+
+
+async def _equity(request: web.Request) -> web.Response:
+    desk, limit = request.app[DESK], _limit(request)
+    return web.json_response({"equity": await _blocking(lambda: reads.equity(desk, limit))})
 
 
 async def _reconciliation(request: web.Request) -> web.Response:

@@ -18,7 +18,7 @@ from services.reconciler.service import REPORT_STREAM
 from shared.keys import ALERTS, ORDER_EVENTS
 from shared.redis.client import reply_text
 
-__all__ = ["alerts", "fills", "portfolio", "recent_orders", "reconciliation"]
+__all__ = ["alerts", "equity", "fills", "portfolio", "recent_orders", "reconciliation"]
 
 PAGE = 500  # stream entries read per round trip while looking for fills
 SCAN_LIMIT = 20_000  # order events looked at for one fills request, at most
@@ -76,6 +76,12 @@ def alerts(desk: Desk, limit: int) -> list[dict[str, Any]]:
     """The newest ``limit`` entries of the ``alerts`` stream, decoded, newest first."""
     page: Any = desk.redis.xrevrange(desk.keys.stream(ALERTS), count=limit)
     return [entry(entry_id, fields) for entry_id, fields in page]
+
+
+def equity(desk: Desk, limit: int) -> list[dict[str, str]]:
+    """The newest ``limit`` of risk's equity samples (time, equity, cash), newest first."""
+    page: Any = desk.redis.xrevrange(desk.keys.equity_history, count=limit)
+    return [{reply_text(k): reply_text(v) for k, v in fields.items()} for _, fields in page]
 
 
 def reconciliation(desk: Desk, limit: int) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import redis
 from services.risk._account import Reads
 from shared.bus import publish
 from shared.clock import Clock
+from shared.config import Settings
 from shared.keys import ALERTS, Keys
 from shared.logging import get_logger
 from shared.models import Alert, AlertSeverity, Intent, Side
@@ -47,6 +48,7 @@ class DeferredTicks:
 
     client: redis.Redis
     keys: Keys
+    settings: Settings
     clock: Clock
     portfolio: Portfolio
     kill_switch: KillSwitch
@@ -133,7 +135,8 @@ class DeferredTicks:
                 delay = TICK_S
 
     def sample_equity(self, *, force: bool = False) -> list[ProtectionLock]:
-        """Record portfolio equity at marks for MaxDrawdown, at most every EQUITY_SAMPLE_S seconds."""
+        """Record portfolio equity at marks for MaxDrawdown and the equity history (the newest
+        ``risk.equity_history_keep`` samples), at most every EQUITY_SAMPLE_S seconds."""
         now = self.clock.now()
         with self._sample_lock:
             last = self._last_equity_sample
@@ -143,7 +146,11 @@ class DeferredTicks:
         book = self.portfolio.snapshot()
         if not book.opened:
             return []
-        locks = self.protections.record_equity(book.equity(self.portfolio.marks()), now)
+        equity = book.equity(self.portfolio.marks())
+        self.client.xadd(self.keys.equity_history, {"time": now.isoformat(), "equity": str(equity),
+                                                    "cash": str(book.cash)},
+                         maxlen=self.settings.risk.equity_history_keep, approximate=False)
+        locks = self.protections.record_equity(equity, now)
         self._alert_locks(locks)
         return locks
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -15,9 +16,10 @@ from structlog.testing import capture_logs
 from services.api import Desk
 from services.api import _reads as reads
 from services.cli.commands.status import collect
+from services.risk.service import RiskService
 from shared.brokers import BrokerCall, FakeBroker
 from shared.bus import codec, publish
-from shared.clock import LiveClock
+from shared.clock import LiveClock, SimulatedClock
 from shared.config import Settings
 from shared.errors import BrokerUnavailable, OrderNotFound
 from shared.keys import ALERTS, INTENTS, ORDER_EVENTS, ORDERS, REJECTIONS, Keys
@@ -29,7 +31,7 @@ from tests.support.factories import T0, fill, order
 from tests.support.processes import free_port
 
 GETS = ["/api/v1/status", "/api/v1/portfolio", "/api/v1/orders", "/api/v1/fills", "/api/v1/alerts",
-        "/api/v1/reconciliation", "/api/v1/streams"]
+        "/api/v1/equity", "/api/v1/reconciliation", "/api/v1/streams"]
 ACTIONS = [("/api/v1/kill-switch", {"engaged": True, "reason": "r"}), ("/api/v1/flatten", {"reason": "r"}),
            ("/api/v1/orders", {"side": "buy", "symbol": "AAPL", "quantity": "1", "reason": "r"}),
            ("/api/v1/orders/c-1/cancel", {"reason": "r"})]
@@ -170,6 +172,26 @@ class TestReads:
         alerts = api.get("/api/v1/alerts").body["alerts"]
         assert alerts[0]["note"] == "not a message"
         assert [(a["kind"], a["severity"]) for a in alerts[1:]] == [("b", "warning"), ("a", "warning")]
+
+    def test_equity_history_is_risks_samples_bounded_newest_first(self, api: Api, desk: Desk) -> None:
+        """GET /equity: risk's equity samples (a minute apart), the newest ``risk.equity_history_keep``
+        kept, newest first, with the cash beside the equity at marks."""
+        settings = Settings(key_prefix=desk.keys.prefix, risk={"equity_history_keep": 2})
+        clock = SimulatedClock(T0)
+        risk = RiskService(desk.redis, desk.keys, settings, clock, broker=FakeBroker(lambda call: None))
+        risk.portfolio.open()
+        desk.redis.hset(desk.keys.last_price, "AAPL", "150")
+        for minute in range(3):
+            if minute == 2:  # 10 AAPL bought at 100, marked at 150: equity 100,500, cash 99,000
+                risk.portfolio.reserve("r1", "AAPL", Side.BUY, Decimal(10), Decimal(100))
+                risk.portfolio.apply_fill("r1", fill("r1:1", "10", "100"))
+            risk.sample_equity(force=True)
+            clock.advance(timedelta(minutes=1))
+        samples = api.get("/api/v1/equity").body["equity"]
+        assert [(s["time"], s["equity"], s["cash"]) for s in samples] == [
+            ((T0 + timedelta(minutes=2)).isoformat(), "100500", "99000"),
+            ((T0 + timedelta(minutes=1)).isoformat(), "100000", "100000")]
+        assert len(api.get("/api/v1/equity?limit=1").body["equity"]) == 1
 
     def test_reconciliation_none_then_reports(self, api: Api, desk: Desk) -> None:
         """GET /reconciliation: no report before the reconciler's first pass; then the latest and
