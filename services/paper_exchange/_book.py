@@ -242,7 +242,7 @@ class Book:
         execution_id = str(uuid.uuid5(uuid.NAMESPACE_URL, fill_id))
         change = self.store.change()
         change.orders[record["id"]] = record
-        if not complete and record["order_class"] == "oco":
+        if not complete:
             self._shrink_group(record, change)
         change.events.append({
             **self._event("fill" if complete else "partial_fill", record, now),
@@ -290,12 +290,12 @@ class Book:
                 self._close(other, "canceled", change)
 
     def _shrink_group(self, record: dict[str, Any], change: Change) -> None:
-        """A partly filled member of an oco leaves each other open member only what it has left
-        to trade, so the two never sell more than the position together. Alpaca documents this for
-        a bracket's take-profit ("the stop-loss order will be adjusted to the remaining quantity")
-        and says an oco's orders work as a bracket's legs do; it names no trade update for it, so
-        none is sent: the order keeps its id, its ``qty`` shrinks and ``updated_at`` moves.
-        (Bracket legs are left as they were: a partly filled one does not shrink its sibling.)"""
+        """A partly filled member of an OCO group (an oco's pair, a bracket's two exit legs)
+        leaves each other open member only what it has left to trade, so the two never sell more
+        than the position together. Alpaca documents this for a bracket's take-profit ("the
+        stop-loss order will be adjusted to the remaining quantity") and says an oco's orders work
+        as a bracket's legs do; it names no trade update for it, so none is sent: the order keeps
+        its id, its ``qty`` shrinks and ``updated_at`` moves. An entry is in no group."""
         left = bp.remaining(record)
         for other_id in self._oco_group(record):
             other = self.store.load(other_id)

@@ -203,6 +203,25 @@ class TestBuyingPower:
         assert [e["event"] for e in events] == ["new", "rejected", "canceled", "canceled"]
         assert exchange.account()["cash"] == "100000" and exchange.positions() == []
 
+    def test_a_partly_filled_bracket_take_profit_shrinks_its_stop_loss(self) -> None:
+        """4 of a bracket's 10 sold at its take-profit leave its stop-loss leg 6 (Alpaca: "adjusted
+        to the remaining quantity"); the stop then sells those 6, never more than is held."""
+        exchange, clock, _ = make(max_volume_fraction=Decimal("0.5"))
+        parent = exchange.submit(order("10", order_class="bracket", take_profit={"limit_price": "110"},
+                                       stop_loss={"stop_price": "95"}))
+        exchange.on_bar(bar(price="100", time=clock.now()))
+        clock.advance(timedelta(minutes=1))
+        exchange.on_bar(bar(open="110", high="111", low="109", close="110", volume="8", time=clock.now()))
+        take_profit, stop_loss = exchange.get(parent["id"])["legs"]
+        assert (take_profit["status"], take_profit["filled_qty"]) == ("partially_filled", "4")
+        assert (stop_loss["qty"], stop_loss["status"]) == ("6", "new")
+        clock.advance(timedelta(minutes=1))
+        exchange.on_bar(bar(price="90", volume="100", time=clock.now()))
+        take_profit, stop_loss = exchange.get(parent["id"])["legs"]
+        assert (take_profit["status"], stop_loss["status"], stop_loss["filled_qty"]) == (
+            "canceled", "filled", "6")
+        assert exchange.positions() == []
+
     def test_exit_legs_hold_the_position_once(self) -> None:
         """A bracket's two active exit legs hold its shares once: another sell is refused, replacing one
         leg does not count the other against it, and closing orders reserve no buying power."""
