@@ -65,19 +65,25 @@ class DeferredTicks:
 
     def _defer(self, intent: Intent, reason: str, queued: DeferredIntent | None) -> None:
         if queued is None:
-            self.deferred.defer(intent, reason)
-            return
+            stored = self.deferred.defer(intent, reason)
+        else:
+            stored = self._defer_again(intent, reason, queued)
+        if not stored:  # a newer intent for the symbol and side waits in its place
+            self._reject(intent, f"{reason}; a newer {intent.side} {intent.symbol} intent is deferred")
+
+    def _defer_again(self, intent: Intent, reason: str, queued: DeferredIntent) -> bool:
+        """Queue a drained intent again with its first deferral's times (rejected once expired);
+        False when a newer intent took its place meanwhile."""
         if self.clock.now() >= queued.expires_at:
             self._reject(intent, f"deferred since {queued.deferred_at.isoformat()} and expired: {reason}")
-            return
+            return True
         again = DeferredIntent(intent, reason, queued.deferred_at, queued.expires_at, queued.score)
-        self.deferred.put(again)
         log.info("risk.deferred_again", reason=reason, expires_at=queued.expires_at.isoformat())
+        return self.deferred.put(again)
 
-    def _expired(self, entry: DeferredIntent) -> None:
-        """A deferred intent swept as expired is rejected (its strategy hears of it)."""
-        self._reject(entry.intent,
-                     f"deferred since {entry.deferred_at.isoformat()} and expired: {entry.reason}")
+    def _dropped(self, entry: DeferredIntent, why: str) -> None:
+        """A deferred intent that expired or was replaced is rejected (its strategy hears of it)."""
+        self._reject(entry.intent, why)
 
     def _cancel_opposite(self, intent: Intent, reads: Reads) -> None:
         other = Side.SELL if intent.side is Side.BUY else Side.BUY

@@ -102,7 +102,7 @@ class RiskService(DeferredTicks):
         self.protections = Protections(client, keys, settings.protections, clock)
         self.submissions = OrderSubmissions(client, keys, settings.limits, clock)
         self.deferred = DeferredQueue(client, keys, clock, settings.limits.deferred_max_age_s,
-                                      on_expired=self._expired)
+                                      on_dropped=self._dropped)
         factory = broker_factory if broker is None else (lambda: broker)
         self.account = AccountView(client, keys, self.portfolio, settings.limits, clock, factory)
         self._last_equity_sample: datetime | None = None

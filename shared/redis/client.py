@@ -37,7 +37,8 @@ return 0
 # KEYS[1] = a hash whose values are "<stamp> <text>" (stamp an integer, e.g. epoch µs)
 # ARGV[1] = field; ARGV[2] = the new stamp; ARGV[3] = the new text; ARGV[4] = "1" if an entry with
 # the same stamp is replaced, "0" if it is kept
-# returns 1 if "<ARGV[2]> <ARGV[3]>" was written, 0 if the entry there is newer (or as new, and kept)
+# returns 0 if the entry there is newer (or as new, and kept), else writes "<ARGV[2]> <ARGV[3]>" and
+# returns the value it replaced, or 1 if the field was empty
 HSET_IF_NEWER_SCRIPT = """
 local current = redis.call('hget', KEYS[1], ARGV[1])
 if current then
@@ -46,7 +47,7 @@ if current then
     if stamp and (stamp > new or (stamp == new and ARGV[4] ~= '1')) then return 0 end
 end
 redis.call('hset', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
-return 1
+return current or 1
 """
 
 

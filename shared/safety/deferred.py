@@ -39,7 +39,7 @@ from shared.keys import Keys
 from shared.logging import get_logger
 from shared.models import Intent, Side
 from shared.redis.boundary import redis_errors
-from shared.redis.client import HDEL_IF_UNCHANGED_SCRIPT, HSET_IF_NEWER_SCRIPT, script
+from shared.redis.client import HDEL_IF_UNCHANGED_SCRIPT, HSET_IF_NEWER_SCRIPT, reply_text, script
 
 __all__ = ["DeferredIntent", "DeferredQueue", "Revalidate"]
 
@@ -85,16 +85,17 @@ class DeferredQueue:
     """The deferred-intent queue of one installation (one key prefix)."""
 
     def __init__(self, client: redis.Redis, keys: Keys, clock: Clock | None = None, max_age_s: float = 900.0,
-                 on_expired: Callable[[DeferredIntent], None] | None = None) -> None:
-        """``on_expired`` is told of each entry this queue sweeps as expired (once: the sweep that
-        removes it), so its intent can be reported."""
+                 on_dropped: Callable[[DeferredIntent, str], None] | None = None) -> None:
+        """``on_dropped`` is told, with why, of each entry that leaves the queue unexecuted: swept as
+        expired (once: by the sweep that removes it) or replaced by a newer intent (by the write
+        that replaced it), so its intent can be reported."""
         if not max_age_s > 0:
             raise ValueError("max_age_s must be positive")
         self.client = client
         self.keys = keys
         self.clock = clock or LiveClock()
         self.max_age = timedelta(seconds=max_age_s)
-        self.on_expired = on_expired
+        self.on_dropped = on_dropped
 
     def defer(self, intent: Intent, reason: str, *, score: Decimal | None = None) -> bool:
         """Queue ``intent`` (replacing an older one for its symbol and side); False if a newer one
@@ -107,10 +108,14 @@ class DeferredQueue:
         was kept). The same intent time replaces: a redelivery stores its own entry again."""
         intent = entry.intent
         args = [entry.field, epoch_micros(intent.time), entry.encode(), "1"]
-        stored = bool(self._run(HSET_IF_NEWER_SCRIPT, args))
-        log.info("deferred.queued" if stored else "deferred.kept_newer", symbol=intent.symbol,
+        replaced = self._run(HSET_IF_NEWER_SCRIPT, args)
+        log.info("deferred.queued" if replaced else "deferred.kept_newer", symbol=intent.symbol,
                  side=intent.side.value, intent_id=intent.id, reason=entry.reason)
-        return stored
+        if isinstance(replaced, bytes | str) and self.on_dropped is not None:
+            older = DeferredIntent.decode(reply_text(replaced))
+            if older.intent.id != intent.id:  # not a redelivery storing its own entry again
+                self.on_dropped(older, f"replaced while deferred by the newer intent {intent.id}")
+        return bool(replaced)
 
     def entries(self) -> list[DeferredIntent]:
         """Live entries, oldest deferral first (``bastion status``); expired ones are swept."""
@@ -167,8 +172,9 @@ class DeferredQueue:
             elif self._run(HDEL_IF_UNCHANGED_SCRIPT, [field, text]):
                 log.info("deferred.expired", symbol=entry.intent.symbol, side=entry.intent.side.value,
                          intent_id=entry.intent.id)
-                if self.on_expired is not None:
-                    self.on_expired(entry)
+                if self.on_dropped is not None:
+                    self.on_dropped(entry, f"deferred since {entry.deferred_at.isoformat()} and expired: "
+                                           f"{entry.reason}")
         return sorted(live, key=lambda item: item[2].deferred_at)
 
     def _run(self, text: str, args: list[Any]) -> Any:

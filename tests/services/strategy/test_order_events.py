@@ -481,6 +481,23 @@ class TestRiskRoutes:
         assert published.intent_id == buy.id and "expired" in published.reason
         assert messages(desk.client, risk_feed(desk)) == [published]
 
+    def test_a_deferred_entry_replaced_by_a_newer_one_reaches_the_feed_once(self, desk: RiskDesk) -> None:
+        """A deferred strategy buy replaced by the strategy's newer buy is rejected once, naming the
+        newer one; an older buy arriving after the newer is rejected too (never queued); the newer
+        one waits."""
+        desk.risk.portfolio.reserve("p1", "AAPL", Side.BUY, D(40), D(150))
+        late = risk_intent(quantity=D(40), source=STRATEGY, time=T0 - timedelta(seconds=2))
+        first = risk_intent(quantity=D(40), source=STRATEGY, time=T0 - timedelta(seconds=1))
+        newer = risk_intent(quantity=D(41), source=STRATEGY)
+        for wish in (first, newer, newer, late):
+            desk.send(wish)
+        published = desk.stream(REJECTIONS)
+        assert [r.intent_id for r in published] == [first.id, late.id]
+        assert f"replaced while deferred by the newer intent {newer.id}" in published[0].reason
+        assert "a newer buy AAPL intent is deferred" in published[1].reason
+        assert [e.intent.id for e in desk.risk.deferred.entries()] == [newer.id]
+        assert messages(desk.client, risk_feed(desk)) == published
+
     def test_a_rejection_copy_never_trims_bars_the_strategy_group_has_not_read(self, desk: RiskDesk) -> None:
         """Copying a rejection to a partition keeps every entry the strategy group still needs (as the
         ingester's trim does): with bus.maxlen 5 and 300 undelivered entries, all 301 remain."""

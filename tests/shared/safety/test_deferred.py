@@ -32,6 +32,24 @@ class TestDeferredQueue:
         entry = queue.get("AAPL", Side.BUY)
         assert entry is not None and entry.intent == newer and entry.score == D("0.9")
 
+    def test_a_replaced_entry_is_reported_dropped_and_a_redelivery_is_not(self, redis_client: redis.Redis,
+                                                                         keys: Keys) -> None:
+        """``on_dropped`` hears of the older entry a newer intent replaced, with why; the same intent
+        stored again (a redelivery) and a late older intent (refused) report nothing."""
+        clock = SimulatedClock()
+        dropped: list[tuple[str, str]] = []
+        queue = DeferredQueue(redis_client, keys, clock,
+                              on_dropped=lambda entry, why: dropped.append((entry.intent.id, why)))
+        old = intent(quantity=D("10"), time=clock.now())
+        queue.defer(old, "closed")
+        queue.defer(old, "closed")
+        assert dropped == []
+        clock.advance(timedelta(seconds=1))
+        new = intent(quantity=D("20"), time=clock.now())
+        assert queue.defer(new, "closed")
+        assert not queue.defer(old, "closed")
+        assert dropped == [(old.id, f"replaced while deferred by the newer intent {new.id}")]
+
     def test_an_older_intent_arriving_late_never_replaces_a_newer(self, redis_client: redis.Redis,
                                                                   keys: Keys) -> None:
         """A redelivered older intent is refused and the newer one stays queued."""
