@@ -308,6 +308,7 @@ class MonitorSettings(_Section):
     queue: Annotated[str, Field(min_length=1)] | None = None  # rq queue name; None: the key prefix
     require_worker: bool = True  # alert when no rq worker listens on the queue
     failed_keep: PositiveInt = 1_000  # failed webhook deliveries kept in the list
+    extra_jobs: list[Annotated[str, Field(min_length=1)]] = []  # more "module.function"s the rq worker runs
 
 
 class ApiSettings(_Section):

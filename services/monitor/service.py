@@ -31,12 +31,12 @@ from typing import Any
 
 import redis
 from redis.client import Pipeline
-from rq import Queue, Retry
+from rq import Retry
 from rq.job import Job
 
 import services.monitor.jobs as jobs
 from services.monitor._checks import Checker, Health, Problem
-from services.monitor._names import job_id, queue_name
+from services.monitor._names import job_id, job_queue
 from shared.bus import Delivery, Idempotency, Publisher
 from shared.clock import Clock
 from shared.config import Settings
@@ -70,7 +70,7 @@ class Monitor:
         self.clock = clock
         self.publisher = publisher
         self.names = MonitorKeys(keys)
-        self.queue = Queue(queue_name(settings), connection=client)
+        self.queue = job_queue(settings, client)
         self.checker = Checker(client, keys, settings, clock, self.queue.name)
         self.once = Idempotency(client, keys, GROUP, settings.bus.idempotency_ttl_s)
         self.active: dict[str, Problem] = self._load_problems()

@@ -1,9 +1,11 @@
 """``python -m services.monitor.worker``: an rq worker for the monitor's queue, on Bastion's Redis.
 
-The same as ``rq worker --with-scheduler -u <url> <queue>``, except that the URL is resolved the
-way every service resolves it (``REDIS_URL``, else the embedded server's URL with its generated
-password: :func:`shared.redis.client.resolve_url`), waiting for Redis to come up, and the queue
-is ``monitor.queue`` (default: the key prefix, ``bastion``). The scheduler runs alongside, so
+Like ``rq worker --with-scheduler -u <url> <queue>``, except that jobs are JSON and only the
+functions of :func:`~services.monitor._names.allowed_jobs` run (any other job, a pickled one
+included, is refused: ``rq_job.refused``), and the URL is resolved the way every service
+resolves it (``REDIS_URL``, else the embedded server's URL with its generated password:
+:func:`shared.redis.client.resolve_url`), waiting for Redis to come up, and the queue is
+``monitor.queue`` (default: the key prefix, ``bastion``). The scheduler runs alongside, so
 retries with an interval (``monitor.webhook_retry_intervals_s``) are enqueued when due.
 
 It beats a heartbeat like every service (``rq-worker:<name>``: ``bastion status`` lists it, and
@@ -29,8 +31,9 @@ from typing import Any
 from rq import Queue, Worker
 from rq.exceptions import DeserializationError
 from rq.job import Job
+from rq.serializers import JSONSerializer
 
-from services.monitor._names import queue_name
+from services.monitor._names import allowed_jobs, job_queue
 from shared.clock import LiveClock
 from shared.config import settings_or_exit
 from shared.errors import BastionError, RedisUnavailable
@@ -45,7 +48,26 @@ log = get_logger(component="rq_worker")
 
 
 class _Worker(Worker):
-    """rq's Worker, logging a failed job through structlog instead of rq's traceback text."""
+    """rq's Worker on JSON jobs, running only ``allowed`` functions, and logging a failed job
+    through structlog instead of rq's traceback text."""
+
+    allowed: frozenset[str] = frozenset()
+
+    def perform_job(self, job: Job, queue: Queue) -> bool:
+        """Run ``job`` if it names an allowed function; else refuse it (logged ``rq_job.refused``,
+        put in the failed registry, never run): a job that is not JSON (a pickle) cannot name one."""
+        try:
+            name: str | None = job.func_name
+        except DeserializationError:
+            name = None
+        if name in self.allowed:
+            return super().perform_job(job, queue)
+        why = ("not a JSON job (pickled, or written by something else)" if name is None
+               else f"{name} is not an allowed job (monitor.extra_jobs)")
+        log.error("rq_job.refused", job_id=job.id, queue=job.origin, func=name or "<cannot be deserialized>",
+                  reason=why)
+        self.handle_job_failure(job, queue, exc_string=f"refused: {why}")
+        return False
 
     def handle_exception(self, job: Job, *exc_info: Any) -> None:
         exc_type, exc, _ = exc_info
@@ -74,9 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RedisUnavailable as exc:
         log.error("service.redis_unavailable", error=str(exc))
         return 1
-    queue = Queue(queue_name(settings), connection=client)
+    queue = job_queue(settings, client)
     name = args.name or f"rq-{socket.gethostname()}-{os.getpid()}"
-    worker = _Worker([queue], connection=client, name=name)
+    worker = _Worker([queue], connection=client, name=name, serializer=JSONSerializer)
+    worker.allowed = allowed_jobs(settings)
     heartbeat = Heartbeat(client, Keys(settings.key_prefix), "rq-worker", name, LiveClock(),
                           settings.service.heartbeat_interval_s, settings.service.heartbeat_ttl_s)
     heartbeat.start()

@@ -22,6 +22,7 @@ import redis
 from rq import Queue, SimpleWorker
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
+from rq.serializers import JSONSerializer
 from structlog.testing import capture_logs
 
 from services.monitor._checks import expected_services
@@ -37,6 +38,8 @@ from shared.keys import ALERTS, Keys, MonitorKeys
 from shared.models import Alert, AlertSeverity
 from shared.redis.connection import connect_url
 from tests.support.processes import spawn
+
+FAILING_JOBS = ["tests.procs.failing_jobs.broker_down", "tests.procs.failing_jobs.bug"]  # monitor.extra_jobs
 
 T0 = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)
 Real = tuple[redis.Redis, Keys]
@@ -248,7 +251,7 @@ def real(real_redis_url: str) -> Iterator[tuple[redis.Redis, Keys]]:
 
 def run_worker(client: redis.Redis, queue: Queue) -> None:
     """Run every queued job in this process (rq's SimpleWorker in burst mode)."""
-    SimpleWorker([queue], connection=client).work(burst=True)
+    SimpleWorker([queue], connection=client, serializer=queue.serializer).work(burst=True)
 
 
 class TestWebhookDelivery:
@@ -346,11 +349,12 @@ class TestWorker:
         """A job failing with a Bastion error is logged as rq_job.failed with its message only; one
         failing with anything else, with its traceback; both end in rq's failed registry."""
         client, keys = real
-        queue = Queue(keys.prefix, connection=client)
+        queue = Queue(keys.prefix, connection=client, serializer=JSONSerializer)
         queue.enqueue("tests.procs.failing_jobs.broker_down", job_id=f"{keys.prefix}-down")
         queue.enqueue("tests.procs.failing_jobs.bug", job_id=f"{keys.prefix}-bug")
         proc = spawn("services.monitor.worker", "--burst",
-                     env={"REDIS_URL": real_redis_url, "BASTION_KEY_PREFIX": keys.prefix})
+                     env={"REDIS_URL": real_redis_url, "BASTION_KEY_PREFIX": keys.prefix,
+                          "BASTION_MONITOR__EXTRA_JOBS": json.dumps(FAILING_JOBS)})
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err.decode()
         failed = [json.loads(line) for line in out.decode().splitlines()
@@ -362,6 +366,33 @@ class TestWorker:
         assert "ValueError" in str(failed[1]["exception"])
         assert sorted(FailedJobRegistry(queue=queue).get_job_ids()) == sorted(
             [f"{keys.prefix}-down", f"{keys.prefix}-bug"])
+
+    def test_a_pickled_or_unknown_job_is_refused_never_run(self, real: Real, real_redis_url: str) -> None:
+        """A pickled job (rq's default serializer: whoever writes to Redis could run code by it) and
+        a JSON job naming a function off the allow-list are refused: logged rq_job.refused with why,
+        put in the failed registry, and the function never runs; an allowed job beside them runs."""
+        client, keys = real
+        marker = f"{keys.prefix}:ran"
+        Queue(keys.prefix, connection=client).enqueue("tests.procs.failing_jobs.write", marker,
+                                                      job_id=f"{keys.prefix}-pickled")
+        queue = Queue(keys.prefix, connection=client, serializer=JSONSerializer)
+        queue.enqueue("tests.procs.failing_jobs.write", marker, job_id=f"{keys.prefix}-unknown")
+        queue.enqueue("services.monitor.jobs.daily_summary", keys.prefix, "paper", job_id=f"{keys.prefix}-ok")
+        proc = spawn("services.monitor.worker", "--burst",
+                     env={"REDIS_URL": real_redis_url, "BASTION_KEY_PREFIX": keys.prefix})
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.decode()
+        refused = [json.loads(line) for line in out.decode().splitlines()
+                   if line.startswith("{") and '"rq_job.refused"' in line]
+        assert [(r["job_id"], r["func"]) for r in refused] == [
+            (f"{keys.prefix}-pickled", "<cannot be deserialized>"),
+            (f"{keys.prefix}-unknown", "tests.procs.failing_jobs.write")]
+        assert "not a JSON job" in refused[0]["reason"] and "not an allowed job" in refused[1]["reason"]
+        assert not client.exists(marker)
+        assert sorted(FailedJobRegistry(queue=queue).get_job_ids()) == [f"{keys.prefix}-pickled",
+                                                                         f"{keys.prefix}-unknown"]
+        assert Job.fetch(f"{keys.prefix}-ok", connection=client,
+                         serializer=JSONSerializer).get_status() == JobStatus.FINISHED
 
     def test_no_worker_on_the_queue_is_a_problem(self, real: Real) -> None:
         """With require_worker, an rq queue nobody listens on is reported; a registered worker clears it."""
