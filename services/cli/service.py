@@ -3,8 +3,9 @@
 Each public module of :mod:`services.cli.commands` defines ``register(subparsers)``, which adds its
 subcommand and sets ``func`` -- a callable taking the parsed arguments and returning the exit
 status. Exit statuses: 0 success, 1 a check failed or the request was refused, 2 bad usage or
-configuration, 3 Redis unreachable or refusing writes (memory full, a failing disk, a replica), or
-(``verify --broker``) the broker unreachable.
+configuration (an argument a message refuses included: an empty symbol), 3 Redis unreachable or
+refusing writes (memory full, a failing disk, a replica), or (``verify --broker``) the broker
+unreachable.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import importlib
 import pkgutil
 import sys
 from collections.abc import Sequence
+
+from pydantic import ValidationError
 
 from services.cli import commands
 from services.cli._context import EXIT_UNAVAILABLE, EXIT_USAGE
@@ -41,6 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args.func(args))
     except ConfigError as exc:
         print(f"bastion: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValidationError as exc:  # an argument the message it builds refuses (an empty symbol...)
+        problems = "; ".join(f"{'.'.join(str(part) for part in e['loc']) or 'value'}: {e['msg']}"
+                             for e in exc.errors())
+        print(f"bastion {args.command}: error: {problems}", file=sys.stderr)
         return EXIT_USAGE
     except RedisUnavailable as exc:
         if exc.__cause__ is not None and refusing_writes(exc.__cause__):

@@ -85,6 +85,15 @@ class TestUsage:
         assert result.returncode == 0
         assert "Watch and steer a Bastion deployment." in result.stdout
 
+    @pytest.mark.parametrize("symbol", ["", "A A", "$$$"])
+    def test_an_argument_the_message_refuses_exits_2_without_a_traceback(
+            self, capsys: pytest.CaptureFixture[str], clean_environment: None, symbol: str) -> None:
+        """``bastion order buy '' 1`` (or a symbol the Intent refuses) exits 2 with the field and
+        why, before it connects to anything, and prints no traceback."""
+        assert main(["order", "buy", symbol, "1"]) == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert err.startswith("bastion order: error: symbol: ") and "Traceback" not in err
+
     def test_unknown_subcommand_exits_2(self, capsys: pytest.CaptureFixture[str]) -> None:
         """An unknown subcommand is a usage error (status 2) naming it."""
         with pytest.raises(SystemExit) as info:
